@@ -1,0 +1,1 @@
+"""hpc_rlhf.ops."""

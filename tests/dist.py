@@ -1,0 +1,69 @@
+"""Spawn small gloo worlds for distributed tests.
+
+``run_world(fn, world_size, *args)`` starts ``world_size`` processes, initialises a gloo
+process group in each, calls ``fn(rank, world_size, *args)`` and returns the per-rank
+return values (anything ``torch.save`` can write), in rank order. An exception in any rank
+is re-raised in the parent with that rank's traceback. ``fn`` must be importable (a
+module-level function) so that spawned processes can find it.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import tempfile
+import traceback
+from collections.abc import Callable
+from typing import Any
+
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+
+
+def free_port() -> int:
+    """Return a TCP port on the loopback interface that is free right now."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def _worker(rank: int, world_size: int, port: int, out_dir: str, fn: Callable, args: tuple):
+    os.environ.update(
+        MASTER_ADDR="127.0.0.1",
+        MASTER_PORT=str(port),
+        RANK=str(rank),
+        LOCAL_RANK=str(rank),
+        WORLD_SIZE=str(world_size),
+        OMP_NUM_THREADS="1",
+    )
+    torch.set_num_threads(1)
+    path = os.path.join(out_dir, f"rank{rank}.pt")
+    try:
+        dist.init_process_group("gloo", rank=rank, world_size=world_size)
+        result = fn(rank, world_size, *args)
+        torch.save({"ok": True, "value": result}, path)
+    except BaseException:  # noqa: BLE001 - reported to the parent with the traceback
+        torch.save({"ok": False, "error": traceback.format_exc()}, path)
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()
+
+
+def run_world(fn: Callable[..., Any], world_size: int, *args: Any) -> list[Any]:
+    """Run ``fn(rank, world_size, *args)`` on ``world_size`` gloo ranks; return results."""
+    with tempfile.TemporaryDirectory() as out_dir:
+        mp.start_processes(
+            _worker,
+            args=(world_size, free_port(), out_dir, fn, args),
+            nprocs=world_size,
+            join=True,
+            start_method="spawn",
+        )
+        results = []
+        for rank in range(world_size):
+            record = torch.load(os.path.join(out_dir, f"rank{rank}.pt"), weights_only=False)
+            if not record["ok"]:
+                raise RuntimeError(f"rank {rank} of {world_size} failed:\n{record['error']}")
+            results.append(record["value"])
+        return results
