@@ -1,0 +1,302 @@
+"""One frozen configuration tree, loaded from YAML with dotted command-line overrides.
+
+Every section is a frozen dataclass. ``load_config(path, overrides)`` reads a YAML file,
+applies overrides such as ``model.num_layers=4`` and builds the tree; unknown keys, values
+of the wrong type and impossible layouts raise ``ConfigError`` naming the key. Values that
+follow from others are properties, never mutated fields.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import types
+import typing
+from dataclasses import dataclass, field
+from typing import Any
+
+import yaml
+
+
+class ConfigError(ValueError):
+    """A configuration value is unknown, of the wrong type, or impossible."""
+
+
+DTYPES = ("fp32", "bf16", "fp16")
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    """A Llama-style decoder: RMSNorm, SwiGLU, RoPE, grouped-query attention."""
+
+    num_layers: int = 2
+    hidden_size: int = 64
+    num_attention_heads: int = 4
+    num_query_groups: int | None = None  # None: as many as heads (multi-head attention)
+    ffn_hidden_size: int = 176
+    vocab_size: int = 256
+    max_position_embeddings: int = 512
+    rotary_base: float = 10000.0
+    norm_epsilon: float = 1e-5
+    tie_word_embeddings: bool = False
+    params_dtype: str = "fp32"
+    init_method_std: float = 0.02
+    transformer_impl: str = "local"  # "local" (torch) or "transformer_engine" (GPU, when installed)
+
+    @property
+    def query_groups(self) -> int:
+        return self.num_query_groups or self.num_attention_heads
+
+    @property
+    def head_dim(self) -> int:
+        return self.hidden_size // self.num_attention_heads
+
+    def validate(self) -> None:
+        """Raise ``ConfigError`` for shapes no model can have."""
+        if self.hidden_size % self.num_attention_heads:
+            raise ConfigError(
+                f"model.hidden_size={self.hidden_size} is not divisible by "
+                f"model.num_attention_heads={self.num_attention_heads}"
+            )
+        if self.num_attention_heads % self.query_groups:
+            raise ConfigError(
+                f"model.num_attention_heads={self.num_attention_heads} is not divisible by "
+                f"model.num_query_groups={self.query_groups}"
+            )
+        if self.params_dtype not in DTYPES:
+            raise ConfigError(f"model.params_dtype={self.params_dtype!r}: expected one of {DTYPES}")
+        if self.transformer_impl not in ("local", "transformer_engine"):
+            raise ConfigError(
+                f"model.transformer_impl={self.transformer_impl!r}: expected 'local' or "
+                "'transformer_engine'"
+            )
+        for name in ("num_layers", "hidden_size", "num_attention_heads", "ffn_hidden_size"):
+            if getattr(self, name) <= 0:
+                raise ConfigError(f"model.{name} must be positive, got {getattr(self, name)}")
+
+
+@dataclass(frozen=True)
+class ParallelConfig:
+    """How ranks are laid out: TP x PP (x virtual stages) x DP = world size."""
+
+    tensor_model_parallel_size: int = 1
+    pipeline_model_parallel_size: int = 1
+    virtual_pipeline_model_parallel_size: int | None = None
+    sequence_parallel: bool = False
+    use_distributed_optimizer: bool = False
+
+    @property
+    def model_parallel_size(self) -> int:
+        return self.tensor_model_parallel_size * self.pipeline_model_parallel_size
+
+    def data_parallel_size(self, world_size: int) -> int:
+        """The data-parallel size for ``world_size`` ranks (raises if it does not divide)."""
+        if world_size % self.model_parallel_size:
+            raise ConfigError(
+                f"world size {world_size} is not divisible by tensor_model_parallel_size x "
+                f"pipeline_model_parallel_size = {self.tensor_model_parallel_size} x "
+                f"{self.pipeline_model_parallel_size}"
+            )
+        return world_size // self.model_parallel_size
+
+    def validate(self, model: ModelConfig, world_size: int | None = None) -> None:
+        """Raise ``ConfigError`` naming the key when ``model`` cannot be laid out this way."""
+        tp, pp = self.tensor_model_parallel_size, self.pipeline_model_parallel_size
+        vpp = self.virtual_pipeline_model_parallel_size or 1
+        if tp < 1 or pp < 1 or vpp < 1:
+            raise ConfigError("parallel sizes must be >= 1")
+        checks = [
+            (
+                model.num_attention_heads,
+                tp,
+                "model.num_attention_heads",
+                "parallel.tensor_model_parallel_size",
+            ),
+            (
+                model.query_groups,
+                tp,
+                "model.num_query_groups",
+                "parallel.tensor_model_parallel_size",
+            ),
+            (
+                model.ffn_hidden_size,
+                tp,
+                "model.ffn_hidden_size",
+                "parallel.tensor_model_parallel_size",
+            ),
+            (model.vocab_size, tp, "model.vocab_size", "parallel.tensor_model_parallel_size"),
+            (
+                model.num_layers,
+                pp * vpp,
+                "model.num_layers",
+                "parallel.pipeline_model_parallel_size x virtual_pipeline_model_parallel_size",
+            ),
+        ]
+        for value, divisor, key, by in checks:
+            if value % divisor:
+                raise ConfigError(f"{key}={value} is not divisible by {by}={divisor}")
+        if self.virtual_pipeline_model_parallel_size is not None and pp < 2:
+            raise ConfigError(
+                "parallel.virtual_pipeline_model_parallel_size needs "
+                "pipeline_model_parallel_size >= 2"
+            )
+        if self.sequence_parallel and tp < 2:
+            raise ConfigError("parallel.sequence_parallel needs tensor_model_parallel_size >= 2")
+        if world_size is not None:
+            self.data_parallel_size(world_size)
+
+
+@dataclass(frozen=True)
+class OptimizerConfig:
+    """Adam with decoupled weight decay, warmup then cosine (or constant) learning rate."""
+
+    lr: float = 1e-3
+    min_lr: float = 0.0
+    weight_decay: float = 0.0
+    adam_beta1: float = 0.9
+    adam_beta2: float = 0.95
+    adam_eps: float = 1e-8
+    clip_grad: float = 1.0
+    warmup_steps: int = 0
+    lr_decay_style: str = "cosine"  # "cosine" | "constant" | "linear"
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """A supervised/pre-training run (the foundation demo; SFT later)."""
+
+    steps: int = 20
+    seq_length: int = 32
+    micro_batch_size_per_rank: int = 2
+    global_batch_size: int = 8
+    seed: int = 1234
+    log_interval: int = 1
+    save_dir: str | None = None
+    save_interval: int = 0
+
+
+@dataclass(frozen=True)
+class Config:
+    """The whole tree. Sections are added here as stages land (PPO, generation, data)."""
+
+    model: ModelConfig = field(default_factory=ModelConfig)
+    parallel: ParallelConfig = field(default_factory=ParallelConfig)
+    optimizer: OptimizerConfig = field(default_factory=OptimizerConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+
+    def validate(self, world_size: int | None = None) -> Config:
+        """Check every section and the layout; return self for chaining."""
+        self.model.validate()
+        self.parallel.validate(self.model, world_size)
+        if world_size is not None:
+            dp = self.parallel.data_parallel_size(world_size)
+            per_step = self.train.micro_batch_size_per_rank * dp
+            if self.train.global_batch_size % per_step:
+                raise ConfigError(
+                    f"train.global_batch_size={self.train.global_batch_size} is not divisible "
+                    f"by micro_batch_size_per_rank x data-parallel size = {per_step}"
+                )
+        return self
+
+
+# ----------------------------------------------------------------------------- loading
+
+
+def _type_name(tp: Any) -> str:
+    return getattr(tp, "__name__", str(tp))
+
+
+def _coerce(value: Any, tp: Any, key: str) -> Any:
+    """Check ``value`` against the annotation ``tp``; build nested dataclasses."""
+    origin = typing.get_origin(tp)
+    if origin in (typing.Union, types.UnionType):
+        options = typing.get_args(tp)
+        if value is None and type(None) in options:
+            return None
+        errors = []
+        for option in options:
+            if option is type(None):
+                continue
+            try:
+                return _coerce(value, option, key)
+            except ConfigError as err:
+                errors.append(str(err))
+        raise ConfigError(errors[0] if errors else f"{key}: bad value {value!r}")
+    if dataclasses.is_dataclass(tp):
+        if not isinstance(value, dict):
+            raise ConfigError(f"{key}: expected a mapping, got {type(value).__name__}")
+        return _build(tp, value, key + ".")
+    if origin in (list, tuple):
+        if not isinstance(value, list | tuple):
+            raise ConfigError(f"{key}: expected a list, got {type(value).__name__}")
+        (item_tp, *_) = typing.get_args(tp) or (Any,)
+        items = [_coerce(v, item_tp, f"{key}[{i}]") for i, v in enumerate(value)]
+        return tuple(items) if origin is tuple else items
+    if tp is Any:
+        return value
+    if tp is float and isinstance(value, int) and not isinstance(value, bool):
+        return float(value)
+    if tp in (int, float) and isinstance(value, bool):
+        raise ConfigError(f"{key}: expected {tp.__name__}, got bool {value!r}")
+    if isinstance(tp, type) and not isinstance(value, tp):
+        raise ConfigError(f"{key}: expected {_type_name(tp)}, got {type(value).__name__} {value!r}")
+    return value
+
+
+def _build(cls: type, data: dict, prefix: str = "") -> Any:
+    hints = typing.get_type_hints(cls)
+    names = {f.name for f in dataclasses.fields(cls)}
+    for key in data:
+        if key not in names:
+            raise ConfigError(
+                f"unknown config key '{prefix}{key}' (known: {', '.join(sorted(names))})"
+            )
+    kwargs = {k: _coerce(v, hints[k], prefix + k) for k, v in data.items()}
+    return cls(**kwargs)
+
+
+def apply_overrides(data: dict, overrides: list[str]) -> dict:
+    """Apply ``a.b.c=value`` overrides (values parsed as YAML) to a nested dict, in place."""
+    for item in overrides:
+        if "=" not in item:
+            raise ConfigError(f"override {item!r} is not of the form dotted.key=value")
+        dotted, raw = item.split("=", 1)
+        parts = dotted.strip().split(".")
+        node = data
+        for part in parts[:-1]:
+            node = node.setdefault(part, {})
+            if not isinstance(node, dict):
+                raise ConfigError(f"override {dotted!r}: '{part}' is not a section")
+        node[parts[-1]] = yaml.safe_load(raw)
+    return data
+
+
+def config_from_dict(data: dict | None, cls: type = Config) -> Any:
+    """Build a config tree of type ``cls`` from a nested dict (unknown keys raise)."""
+    return _build(cls, data or {})
+
+
+def load_config(path: str | None, overrides: list[str] | None = None, cls: type = Config) -> Any:
+    """Read ``path`` (YAML; None for defaults), apply dotted overrides, build and validate."""
+    data: dict = {}
+    if path is not None:
+        if not os.path.exists(path):
+            raise ConfigError(f"config file not found: {path}")
+        with open(path) as fh:
+            try:
+                loaded = yaml.safe_load(fh)
+            except yaml.YAMLError as err:
+                raise ConfigError(f"config file {path} is not valid YAML: {err}") from err
+        if loaded is not None and not isinstance(loaded, dict):
+            raise ConfigError(f"config file {path} must hold a mapping at the top level")
+        data = loaded or {}
+    apply_overrides(data, overrides or [])
+    config = config_from_dict(data, cls)
+    if hasattr(config, "validate"):
+        config.validate()
+    return config
+
+
+def config_to_dict(config: Any) -> dict:
+    """The plain-dict form of a config tree (for logs and checkpoints)."""
+    return dataclasses.asdict(config)
