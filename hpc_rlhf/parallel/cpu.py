@@ -204,6 +204,9 @@ class _CpuTorch(types.ModuleType):
 def _cuda_type_names():
     """Report CPU tensor type names as CUDA ones (``torch.FloatTensor`` -> ``torch.cuda...``)."""
     original = torch.Tensor.type
+    if getattr(original, "_hpc_rlhf_cuda_names", False):  # already inside: re-entrant
+        yield
+        return
 
     def type_as_cuda(self, dtype=None, non_blocking=False, **kwargs):
         if dtype is None:
@@ -211,6 +214,7 @@ def _cuda_type_names():
             return name.replace("torch.", "torch.cuda.", 1) if self.device.type == "cpu" else name
         return original(self, dtype, non_blocking, **kwargs)
 
+    type_as_cuda._hpc_rlhf_cuda_names = True  # type: ignore[attr-defined]
     torch.Tensor.type = type_as_cuda
     try:
         yield

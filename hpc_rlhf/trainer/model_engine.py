@@ -1,0 +1,273 @@
+"""A trainable megatron-core model: chunks + Megatron DDP + optimizer + LR schedule.
+
+``TrainableModel`` is what the actor, the critic and the SFT/RM stages train. It runs
+microbatches through megatron-core's pipeline schedules (no pipelining, 1F1B, or
+interleaved 1F1B with virtual stages) with gradient accumulation, reduces gradients over
+data-parallel ranks and takes an optimizer step.
+
+Loss convention (``calculate_per_token_loss``): a loss function returns
+``(loss_sum, count, metrics)`` per microbatch, where ``count`` is an integer tensor (tokens,
+or sequences for a per-sequence mean). The gradient is that of
+``sum(loss_sum) / sum(count)`` over every microbatch of every data-parallel rank: a true
+global mean, whatever the split into microbatches and ranks.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from functools import partial
+from typing import Any
+
+import torch
+
+from hpc_rlhf.config import ModelConfig, OptimizerConfig
+from hpc_rlhf.models.build import (
+    build_model_chunks,
+    causal_padding_mask,
+    position_ids_from_mask,
+)
+from hpc_rlhf.parallel.state import ParallelState
+
+logger = logging.getLogger(__name__)
+
+# (batch, model output on the last stage) -> (loss_sum, count, metrics)
+LossFn = Callable[[dict, torch.Tensor], tuple[torch.Tensor, torch.Tensor, dict]]
+
+
+class NonFiniteLossError(RuntimeError):
+    """A loss or gradient norm became NaN/inf; the step was not applied."""
+
+
+@dataclass
+class StepResult:
+    """What one optimizer step reports (metrics are global means over DP ranks)."""
+
+    metrics: dict[str, float]
+    grad_norm: float | None
+    lr: float
+    skipped: bool
+
+
+def model_forward(model: torch.nn.Module, batch: dict) -> torch.Tensor:
+    """Run one chunk on a batch with ``input_ids`` ``[B, S]`` and ``attention_mask`` ``[B, S]``.
+
+    Returns the chunk's output: hidden states ``[S, B, H]`` on non-last stages, vocab-parallel
+    logits ``[B, S, V/tp]`` (actor) or scores ``[B, S, 1]`` (critic/reward) on the last one.
+    """
+    input_ids_BS = batch["input_ids"]
+    mask_BS = batch.get("attention_mask")
+    if mask_BS is None:
+        mask_BS = torch.ones_like(input_ids_BS, dtype=torch.bool)
+    return model(
+        input_ids_BS, position_ids_from_mask(mask_BS), causal_padding_mask(mask_BS)
+    )
+
+
+class TrainableModel:
+    """Model chunks of one role, wrapped for training (or frozen for inference)."""
+
+    def __init__(
+        self,
+        model_cfg: ModelConfig,
+        optim_cfg: OptimizerConfig | None,
+        state: ParallelState,
+        role: str,
+        total_steps: int = 1,
+    ):
+        self.model_cfg = model_cfg
+        self.optim_cfg = optim_cfg
+        self.state = state
+        self.role = role
+        chunks = build_model_chunks(model_cfg, state, role)
+        self.config = chunks[0].config
+        self.config.calculate_per_token_loss = True
+        self.trainable = optim_cfg is not None
+        if self.trainable:
+            self.model = self._wrap_ddp(chunks)
+            self.optimizer = self._build_optimizer(optim_cfg)
+            self.scheduler = self._build_scheduler(optim_cfg, total_steps)
+        else:
+            self.model = chunks
+            for chunk in chunks:
+                chunk.requires_grad_(False)
+            self.optimizer = None
+            self.scheduler = None
+
+    # ------------------------------------------------------------------ construction
+    def _wrap_ddp(self, chunks: list) -> list:
+        from megatron.core.distributed import (
+            DistributedDataParallel,
+            DistributedDataParallelConfig,
+            finalize_model_grads,
+        )
+
+        ddp_config = DistributedDataParallelConfig(
+            grad_reduce_in_fp32=True,
+            overlap_grad_reduce=False,
+            use_distributed_optimizer=self.state.config.use_distributed_optimizer,
+            check_for_nan_in_grad=False,
+        )
+        wrapped = [
+            DistributedDataParallel(
+                config=self.config,
+                ddp_config=ddp_config,
+                module=chunk,
+                disable_bucketing=index > 0,
+            )
+            for index, chunk in enumerate(chunks)
+        ]
+        self.config.finalize_model_grads_func = finalize_model_grads
+        no_sync = [m.no_sync for m in wrapped]
+        self.config.no_sync_func = no_sync[0] if len(no_sync) == 1 else no_sync
+        return wrapped
+
+    def _build_optimizer(self, cfg: OptimizerConfig):
+        from megatron.core.optimizer import OptimizerConfig as McoreOptimizerConfig
+        from megatron.core.optimizer import get_megatron_optimizer
+
+        mcfg = McoreOptimizerConfig(
+            optimizer="adam",
+            lr=cfg.lr,
+            min_lr=cfg.min_lr,
+            weight_decay=cfg.weight_decay,
+            adam_beta1=cfg.adam_beta1,
+            adam_beta2=cfg.adam_beta2,
+            adam_eps=cfg.adam_eps,
+            clip_grad=cfg.clip_grad,
+            bf16=self.config.bf16,
+            fp16=self.config.fp16,
+            params_dtype=self.config.params_dtype,
+            use_distributed_optimizer=self.state.config.use_distributed_optimizer,
+        )
+        optimizer = get_megatron_optimizer(mcfg, self.model, use_gloo_process_groups=False)
+        self.config.grad_scale_func = optimizer.scale_loss if self.config.fp16 else None
+        return optimizer
+
+    def _build_scheduler(self, cfg: OptimizerConfig, total_steps: int):
+        from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
+
+        decay_steps = max(total_steps, cfg.warmup_steps + 1)
+        return OptimizerParamScheduler(
+            self.optimizer,
+            init_lr=0.0 if cfg.warmup_steps else cfg.lr,
+            max_lr=cfg.lr,
+            min_lr=cfg.min_lr,
+            lr_warmup_steps=cfg.warmup_steps,
+            lr_decay_steps=decay_steps,
+            lr_decay_style=cfg.lr_decay_style,
+            start_wd=cfg.weight_decay,
+            end_wd=cfg.weight_decay,
+            wd_incr_steps=decay_steps,
+            wd_incr_style="constant",
+        )
+
+    # ------------------------------------------------------------------ running
+    def forward_backward(
+        self, microbatches: Sequence[dict], loss_fn: LossFn, forward_only: bool = False
+    ) -> list[dict]:
+        """Run all microbatches through the pipeline schedule; return per-microbatch metrics.
+
+        Metrics dicts come back on the last pipeline stage only (an empty list elsewhere).
+        Every microbatch must have the same ``[B, S]`` shape.
+        """
+        from megatron.core.pipeline_parallel import get_forward_backward_func
+
+        if not microbatches:
+            raise ValueError("forward_backward needs at least one microbatch")
+        B, S = microbatches[0]["input_ids"].shape
+
+        def forward_step(data_iterator, model):
+            batch = next(data_iterator)
+            output = model_forward(model, batch)
+            return output, partial(_loss_adapter, loss_fn, batch)
+
+        n_chunks = len(self.model)
+        iterators = [iter(microbatches) for _ in range(n_chunks)]
+        with torch.set_grad_enabled(not forward_only):
+            outputs = get_forward_backward_func()(
+                forward_step_func=forward_step,
+                data_iterator=iterators if n_chunks > 1 else iterators[0],
+                model=self.model if n_chunks > 1 else self.model[0],
+                num_microbatches=len(microbatches),
+                seq_length=S,
+                micro_batch_size=B,
+                forward_only=forward_only,
+            )
+        return list(outputs)
+
+    def train_step(self, microbatches: Sequence[dict], loss_fn: LossFn) -> StepResult:
+        """Zero grads, accumulate over ``microbatches``, step optimizer and LR schedule."""
+        if not self.trainable:
+            raise RuntimeError(f"the {self.role} model is frozen; it has no optimizer")
+        for chunk in self.model:
+            chunk.zero_grad_buffer()
+        self.optimizer.zero_grad()
+        outputs = self.forward_backward(microbatches, loss_fn)
+        metrics = self.reduce_metrics(outputs)
+        loss = metrics.get("loss")
+        if loss is not None and not torch.isfinite(torch.tensor(loss)):
+            raise NonFiniteLossError(
+                f"{self.role}: loss is {loss} - stopping before the optimizer step"
+            )
+        updated, grad_norm, _ = self.optimizer.step()
+        if grad_norm is not None and not torch.isfinite(torch.tensor(grad_norm)):
+            raise NonFiniteLossError(f"{self.role}: gradient norm is {grad_norm}")
+        if updated:
+            self.scheduler.step(increment=1)
+        lr = self.optimizer.param_groups[0]["lr"]
+        return StepResult(metrics, grad_norm, lr, skipped=not updated)
+
+    def reduce_metrics(self, outputs: list[dict]) -> dict[str, float]:
+        """Global means of the metrics: sums and counts all-reduced over PP and DP ranks."""
+        names = sorted({k for out in outputs for k in out if k != "_count"})
+        names = _broadcast_names(names, self.state)
+        sums = torch.zeros(len(names) + 1, dtype=torch.float64)
+        for out in outputs:
+            count = float(out["_count"])
+            for i, name in enumerate(names):
+                sums[i] += float(out[name]) * count
+            sums[-1] += count
+        group_sum(sums, self.state.pp_group)
+        group_sum(sums, self.state.dp_group)
+        total = max(float(sums[-1]), 1.0)
+        return {name: float(sums[i]) / total for i, name in enumerate(names)}
+
+    def parameters_by_chunk(self) -> list[torch.nn.Module]:
+        """The unwrapped model chunks (``GPTModel``s)."""
+        return [getattr(m, "module", m) for m in self.model]
+
+    def set_train(self, training: bool) -> None:
+        for chunk in self.model:
+            chunk.train(training)
+
+
+def _loss_adapter(loss_fn: LossFn, batch: dict, output: torch.Tensor):
+    """megatron's loss-function protocol: ``(loss_sum, num_tokens, reduced dict)``."""
+    loss_sum, count, metrics = loss_fn(batch, output)
+    count = torch.as_tensor(count, dtype=torch.int)
+    reduced = {k: float(v) for k, v in metrics.items()}
+    reduced["_count"] = int(count)
+    return loss_sum, count, reduced
+
+
+def group_sum(tensor: torch.Tensor, group: Any) -> torch.Tensor:
+    """All-reduce SUM over ``group`` in place (a group of one is a no-op)."""
+    import torch.distributed as dist
+
+    if group is not None and dist.get_world_size(group) > 1:
+        dist.all_reduce(tensor, group=group)
+    return tensor
+
+
+def _broadcast_names(names: list[str], state: ParallelState) -> list[str]:
+    """Metric names are known on the last stage only; share them along the pipeline."""
+    import torch.distributed as dist
+
+    if state.pp_size == 1:
+        return names
+    holder = [names if state.is_last_stage else None]
+    src = dist.get_global_rank(state.pp_group, state.pp_size - 1)
+    dist.broadcast_object_list(holder, src=src, group=state.pp_group)
+    return holder[0]
