@@ -1,0 +1,74 @@
+// CPU kernels of hpc_rlhf._C (torch tensors in, torch tensors out) and their shared helpers.
+#pragma once
+
+#include <ATen/ATen.h>
+#include <ATen/Parallel.h>
+
+#include <cmath>
+#include <cstdint>
+#include <cstring>
+#include <optional>
+#include <tuple>
+#include <type_traits>
+
+// Hot loops are compiled for AVX-512, AVX2+FMA and baseline x86-64 and picked at load time
+// (GCC function multiversioning), so the wheel stays portable without -march=native.
+#if defined(__GNUC__) && !defined(__clang__) && defined(__x86_64__)
+#define HPC_SIMD_CLONES \
+  __attribute__((target_clones("arch=x86-64-v4", "arch=x86-64-v3", "default")))
+#else
+#define HPC_SIMD_CLONES
+#endif
+
+namespace hpc_rlhf {
+
+// exp(x) for x <= 0 in fp32 (about 1 ulp; 0 below -87), written with plain float/int
+// arithmetic so that `#pragma omp simd` loops calling it vectorise.
+static inline __attribute__((always_inline)) float fast_exp(float x) {
+  const float xc = x < -87.0f ? -87.0f : x;
+  const float shifted = xc * 1.44269504088896341f + 12582912.0f;  // 1.5 * 2^23: round to int
+  const float n = shifted - 12582912.0f;
+  const float r = (xc - n * 0.693359375f) + n * 2.12194440e-4f;  // x - n * ln2 (Cody-Waite)
+  float p = 1.9875691500e-4f;
+  p = p * r + 1.3981999507e-3f;
+  p = p * r + 8.3334519073e-3f;
+  p = p * r + 4.1665795894e-2f;
+  p = p * r + 1.6666665459e-1f;
+  p = p * r + 5.0000001201e-1f;
+  p = p * r * r + r + 1.0f;
+  uint32_t bits;
+  std::memcpy(&bits, &shifted, 4);
+  const uint32_t scale_bits = (bits + 127u) << 23;  // 2^n: low mantissa bits of `shifted` hold n
+  float scale;
+  std::memcpy(&scale, &scale_bits, 4);
+  return x < -87.0f ? 0.0f : p * scale;
+}
+
+inline void check_cpu(const at::Tensor& t, const char* name) {
+  TORCH_CHECK(t.device().is_cpu(), name, " must be a CPU tensor");
+  TORCH_CHECK(t.is_contiguous(), name, " must be contiguous");
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> logprobs_fwd_cpu(
+    const at::Tensor& logits, const at::Tensor& labels, int64_t vocab_start, bool entropy);
+
+at::Tensor logprobs_bwd_cpu(const at::Tensor& logits, const at::Tensor& labels,
+                            int64_t vocab_start, const at::Tensor& lse,
+                            const std::optional<at::Tensor>& ent, const at::Tensor& g_lp,
+                            const std::optional<at::Tensor>& g_ent);
+
+std::tuple<at::Tensor, at::Tensor> gae_cpu(const at::Tensor& rewards, const at::Tensor& values,
+                                           const at::Tensor& mask, double gamma, double lam);
+
+std::tuple<at::Tensor, at::Tensor> ppo_rows_cpu(const at::Tensor& logp, const at::Tensor& old_logp,
+                                                const at::Tensor& adv, const at::Tensor& mask,
+                                                double clip_low, double clip_high,
+                                                double dual_clip, bool need_grad);
+
+std::tuple<at::Tensor, at::Tensor> value_rows_cpu(const at::Tensor& values,
+                                                  const at::Tensor& old_values,
+                                                  const at::Tensor& returns,
+                                                  const at::Tensor& mask, double clip,
+                                                  bool need_grad);
+
+}  // namespace hpc_rlhf
