@@ -185,10 +185,12 @@ class Layout:
 
     @property
     def num_chunks(self) -> int:
+        """Model chunks per rank: the virtual stages, or 1."""
         return self.vpp or 1
 
     @property
     def layers_per_chunk(self) -> int:
+        """Transformer layers in every chunk (uniform split)."""
         return self.model.num_layers // (self.pp * self.num_chunks)
 
     def layer_offset(self, pp_rank: int, chunk: int) -> int:
@@ -196,9 +198,11 @@ class Layout:
         return chunk * (self.model.num_layers // self.num_chunks) + pp_rank * self.layers_per_chunk
 
     def is_first(self, pp_rank: int, chunk: int) -> bool:
+        """Whether this chunk holds the word embeddings (megatron's ``pre_process``)."""
         return pp_rank == 0 and chunk == 0
 
     def is_last(self, pp_rank: int, chunk: int) -> bool:
+        """Whether this chunk holds the final norm and head (megatron's ``post_process``)."""
         return pp_rank == self.pp - 1 and chunk == self.num_chunks - 1
 
     def has_output_weight(self, pp_rank: int, chunk: int, head: str) -> bool:
@@ -209,6 +213,7 @@ class Layout:
         return not (tied and self.is_first(pp_rank, chunk))
 
     def ranks(self) -> Iterator[tuple[int, int]]:
+        """Every ``(pp_rank, tp_rank)`` of the layout, pipeline-major."""
         for pp_rank in range(self.pp):
             for tp_rank in range(self.tp):
                 yield pp_rank, tp_rank
@@ -732,8 +737,12 @@ def load_hf_state_into_rank(
 ) -> None:
     """Load this rank's shard of a full HF state (present on every rank) into ``chunks``.
 
-    ``state`` is this rank's ``ParallelState``; no communication happens.
+    ``state`` is this rank's ``ParallelState``; no communication happens. A critic or reward
+    model (``ScalarHead``) loaded from a causal-LM state (no ``score.weight``) gets the
+    decoder from it and keeps its own head (the usual critic initialisation from an SFT
+    model); the LM head is not used.
     """
+    head = head or detect_head(hf_state)
     shard = hf_to_megatron_rank(
         hf_state,
         model_cfg,
@@ -744,6 +753,17 @@ def load_hf_state_into_rank(
         state.tp_rank,
         head,
     )
+    last_own = shard[-1]
+    model_head = {
+        n: t.detach().clone()
+        for n, t in chunks[-1].state_dict().items()
+        if n.startswith("output_layer.linear.")
+    }
+    if head == HEAD_LM and model_head:
+        last_own.pop("output_layer.weight", None)
+        last_own.update(model_head)
+        if state.tp_rank == 0 and state.dp_rank == 0:
+            logger.info("scalar-head model from a causal-LM state: head kept as initialised")
     load_into_model_chunks(chunks, shard)
 
 
