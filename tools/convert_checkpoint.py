@@ -12,6 +12,8 @@ safetensors. Pure tensor resharding on CPU: no torch.distributed, no GPU.
 from __future__ import annotations
 
 import argparse
+import json
+import os
 import sys
 
 
@@ -46,8 +48,12 @@ def hf_to_mcore(args: argparse.Namespace) -> None:
     model_cfg, hf_state = convert.load_hf_checkpoint(
         args.hf, transformer_impl=args.transformer_impl
     )
+    with open(os.path.join(args.hf, convert.CONFIG_NAME)) as fh:
+        token_fields = convert.hf_token_fields(json.load(fh))
     shards = convert.hf_to_megatron(hf_state, model_cfg, args.tp, args.pp, args.vpp)
-    convert.save_mcore_checkpoint(args.out, shards, model_cfg, args.tp, args.pp, args.vpp)
+    convert.save_mcore_checkpoint(
+        args.out, shards, model_cfg, args.tp, args.pp, args.vpp, hf_extra=token_fields
+    )
     print(
         f"wrote {len(shards)} rank file(s) (tp={args.tp} pp={args.pp} vpp={args.vpp}) to {args.out}"
     )
@@ -62,7 +68,9 @@ def mcore_to_hf(args: argparse.Namespace) -> None:
         shards, model_cfg, meta["tp"], meta["pp"], meta["vpp"], meta.get("head")
     )
     max_bytes = int(args.max_shard_gb * 1024**3)
-    convert.save_hf_checkpoint(args.out, model_cfg, hf_state, max_shard_bytes=max_bytes)
+    convert.save_hf_checkpoint(
+        args.out, model_cfg, hf_state, max_shard_bytes=max_bytes, extra_config=meta.get("hf_extra")
+    )
     print(f"wrote HF checkpoint ({len(hf_state)} tensors) to {args.out}")
 
 

@@ -591,6 +591,7 @@ def megatron_to_hf(
 CONFIG_NAME = "config.json"
 INDEX_NAME = "model.safetensors.index.json"
 DEFAULT_MAX_SHARD_BYTES = 5 * 1024**3
+TOKEN_FIELDS = ("bos_token_id", "eos_token_id", "pad_token_id")
 
 
 def load_hf_checkpoint(path: str, **overrides) -> tuple[ModelConfig, dict[str, torch.Tensor]]:
@@ -641,17 +642,25 @@ def _shard_groups(state: dict, max_shard_bytes: int) -> list[list[str]]:
     return groups
 
 
+def hf_token_fields(hf_config: dict) -> dict:
+    """The tokenizer-related fields of an HF config (``ModelConfig`` does not hold them)."""
+    return {k: hf_config[k] for k in TOKEN_FIELDS if hf_config.get(k) is not None}
+
+
 def save_hf_checkpoint(
     path: str,
     model_cfg: ModelConfig,
     state: dict[str, torch.Tensor],
     max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES,
+    extra_config: dict | None = None,
 ) -> None:
     """Write ``config.json`` and the safetensors file(s) of an HF Llama checkpoint.
 
     One ``model.safetensors`` when everything fits in ``max_shard_bytes``, else
     ``model-0000i-of-0000n.safetensors`` plus ``model.safetensors.index.json``. With tied
     embeddings ``lm_head.weight`` is left out (as ``save_pretrained`` does).
+    ``extra_config`` is merged into ``config.json`` (e.g. ``hf_token_fields`` of the source
+    checkpoint: a sequence-classification model needs ``pad_token_id`` to pool).
     """
     from safetensors.torch import save_file
 
@@ -664,7 +673,7 @@ def save_hf_checkpoint(
     check_hf_state(state, model_cfg, head)
     os.makedirs(path, exist_ok=True)
     with open(os.path.join(path, CONFIG_NAME), "w") as fh:
-        json.dump(hf_config_from_model(model_cfg, head), fh, indent=2)
+        json.dump({**hf_config_from_model(model_cfg, head), **(extra_config or {})}, fh, indent=2)
     groups = _shard_groups(state, max_shard_bytes)
     if len(groups) == 1:
         save_file(state, os.path.join(path, "model.safetensors"), metadata={"format": "pt"})
@@ -807,10 +816,17 @@ def mcore_rank_dir(tp_rank: int, pp_rank: int, pp: int) -> str:
 
 
 def save_mcore_checkpoint(
-    path: str, shards: dict, model_cfg: ModelConfig, tp: int, pp: int, vpp: int | None = None
+    path: str,
+    shards: dict,
+    model_cfg: ModelConfig,
+    tp: int,
+    pp: int,
+    vpp: int | None = None,
+    hf_extra: dict | None = None,
 ) -> None:
     """Write one ``model.pt`` per (pp, tp) rank (``model`` or ``model0..`` with vpp) plus
-    ``layout.json`` (sizes, head, ModelConfig)."""
+    ``layout.json`` (sizes, head, ModelConfig, and ``hf_extra`` HF config fields to restore
+    on export)."""
     layout = Layout(model_cfg, tp, pp, vpp)
     head = detect_shards_head(shards)
     check_shards(shards, layout, head)
@@ -825,6 +841,7 @@ def save_mcore_checkpoint(
         torch.save(payload, os.path.join(rank_dir, "model.pt"))
     meta = {"format": "hpc_rlhf.mcore", "tp": tp, "pp": pp, "vpp": vpp, "head": head}
     meta["model_config"] = dataclasses.asdict(model_cfg)
+    meta["hf_extra"] = hf_extra or {}
     with open(os.path.join(path, LAYOUT_NAME), "w") as fh:
         json.dump(meta, fh, indent=2)
 

@@ -285,7 +285,7 @@ def test_cli_round_trip(tmp_path, tp, pp, vpp):
     model_cfg = dataclasses.replace(TINY, tie_word_embeddings=vpp is not None)
     hf = random_hf_state(model_cfg)
     src, mcore, out = tmp_path / "hf", tmp_path / "mcore", tmp_path / "out"
-    convert.save_hf_checkpoint(str(src), model_cfg, hf)
+    convert.save_hf_checkpoint(str(src), model_cfg, hf, extra_config={"pad_token_id": 0})
     argv = ["hf-to-mcore", "--hf", str(src), "--out", str(mcore), "--tp", str(tp)]
     argv += ["--pp", str(pp)] + (["--vpp", str(vpp)] if vpp else [])
     assert cli.main(argv) == 0
@@ -299,6 +299,7 @@ def test_cli_round_trip(tmp_path, tp, pp, vpp):
     model_cfg_back, state = convert.load_hf_checkpoint(str(out))
     assert model_cfg_back == model_cfg
     assert_states_equal(state, hf)
+    assert json.loads((out / "config.json").read_text())["pad_token_id"] == 0
 
 
 def test_cli_reports_bad_input(tmp_path, capsys):
