@@ -210,6 +210,9 @@ def _tp2_pp2_world(rank, world_size, refs):
         "actor_tied": check_role(refs["tied_cfg"], par, "actor", refs["tied"]),
         "actor_vpp2": check_role(CFG, vpp, "actor", refs["lm"]),
         "reward": check_role(CFG, par, "reward", refs["score"]),
+        "actor_tp2_dp2": check_role(
+            CFG, ParallelConfig(tensor_model_parallel_size=2), "actor", refs["lm"]
+        ),
     }
 
 
@@ -247,4 +250,4 @@ def test_parity_tp1(refs):
 def test_parity_tp2_pp2(refs):
     results = run_world(_tp2_pp2_world, 4, refs)
     assert all(r == results[0] for r in results)
-    _assert_close(results[0], ["actor", "actor_tied", "actor_vpp2", "reward"])
+    _assert_close(results[0], ["actor", "actor_tied", "actor_vpp2", "reward", "actor_tp2_dp2"])
