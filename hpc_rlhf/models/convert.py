@@ -21,7 +21,12 @@ inside the following linear layers, see ``_NORM_NAMES``):
 
 Layer ``i`` of chunk ``c`` on stage ``p`` is global layer ``c * L/vpp + p * L/(pp vpp) + i``,
 as megatron-core's ``get_transformer_layer_offset`` (uniform split, no embedding/loss
-accounting).
+accounting; uneven first/last stages are not supported, ``build.py`` does not use them).
+
+Both sides apply RoPE rotate-half style, so q/k rows need no permutation (pinned by
+``tests/models/test_hf_parity.py`` against ``transformers``). HF has no bias on the
+reward/critic ``score`` layer: export drops the ``ScalarHead`` bias when it is zero and
+refuses otherwise.
 """
 
 from __future__ import annotations
