@@ -32,14 +32,19 @@ def _extensions():
             define_macros=[("HPC_RLHF_WITH_CUDA", "1")],
             extra_compile_args={
                 "cxx": cxx_flags,
-                "nvcc": ["-O3", "-gencode=arch=compute_80,code=sm_80",
-                         "-gencode=arch=compute_90,code=sm_90"],
+                "nvcc": [
+                    "-O3",
+                    "-gencode=arch=compute_80,code=sm_80",
+                    "-gencode=arch=compute_90,code=sm_90",
+                ],
             },
             extra_link_args=["-fopenmp"],
         )
     else:
         ext = cpp_extension.CppExtension(
-            "hpc_rlhf._C", cpp_sources, extra_compile_args=cxx_flags,
+            "hpc_rlhf._C",
+            cpp_sources,
+            extra_compile_args=cxx_flags,
             extra_link_args=["-fopenmp"],
         )
     return [ext], {"build_ext": cpp_extension.BuildExtension}

@@ -152,7 +152,7 @@ def build_model(
         parallel_output=True,
         share_embeddings_and_output_weights=model.tie_word_embeddings and lm_head,
         position_embedding_type="rope",
-        rotary_base=int(model.rotary_base),
+        rotary_base=model.rotary_base,
         vp_stage=vp_stage,
     )
     if post and not lm_head:

@@ -60,9 +60,7 @@ def model_forward(model: torch.nn.Module, batch: dict) -> torch.Tensor:
     mask_BS = batch.get("attention_mask")
     if mask_BS is None:
         mask_BS = torch.ones_like(input_ids_BS, dtype=torch.bool)
-    return model(
-        input_ids_BS, position_ids_from_mask(mask_BS), causal_padding_mask(mask_BS)
-    )
+    return model(input_ids_BS, position_ids_from_mask(mask_BS), causal_padding_mask(mask_BS))
 
 
 class TrainableModel:
@@ -233,6 +231,20 @@ class TrainableModel:
         group_sum(sums, self.state.dp_group)
         total = max(float(sums[-1]), 1.0)
         return {name: float(sums[i]) / total for i, name in enumerate(names)}
+
+    def load_hf_state(self, hf_state: dict[str, torch.Tensor]) -> None:
+        """Load this rank's shard of a full HF-format state (present on every rank)."""
+        from hpc_rlhf.models.convert import load_hf_state_into_rank
+
+        load_hf_state_into_rank(self.parameters_by_chunk(), self.state, self.model_cfg, hf_state)
+        if self.optimizer is not None and hasattr(self.optimizer, "reload_model_params"):
+            self.optimizer.reload_model_params()
+
+    def gather_hf_state(self, dst: int = 0) -> dict[str, torch.Tensor] | None:
+        """The full HF-format state on global rank ``dst`` (None elsewhere); collective."""
+        from hpc_rlhf.models.convert import gather_hf_state
+
+        return gather_hf_state(self.parameters_by_chunk(), self.state, self.model_cfg, dst)
 
     def parameters_by_chunk(self) -> list[torch.nn.Module]:
         """The unwrapped model chunks (``GPTModel``s)."""

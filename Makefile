@@ -1,0 +1,37 @@
+# hpc_rlhf: every target sets itself up (creates .venv and installs on first use).
+#   make demo   - the main job on CPU (4 gloo processes, TP=2 x PP=2)
+#   make test   - style checks + the test suite
+#   make bench  - kernel benchmark against the eager torch way
+VENV      ?= .venv
+PY        := $(VENV)/bin/python
+TORCH_PIN ?= torch==2.13.0
+STAMP     := $(VENV)/.installed
+NPROC     ?= 4
+
+.PHONY: setup demo test lint bench clean
+
+$(STAMP): setup.py pyproject.toml $(wildcard csrc/*.cpp csrc/*.h)
+	test -x $(PY) || python3 -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q "$(TORCH_PIN)"
+	$(PY) -m pip install -q --no-build-isolation -e ".[test]"
+	touch $(STAMP)
+
+setup: $(STAMP)
+
+demo: $(STAMP)
+	OMP_NUM_THREADS=1 $(VENV)/bin/torchrun --standalone --nproc_per_node=$(NPROC) \
+		-m hpc_rlhf.cli pretrain --config examples/configs/tiny_cpu.yaml
+
+lint: $(STAMP)
+	$(VENV)/bin/ruff format --check .
+	$(VENV)/bin/ruff check .
+
+test: lint
+	$(PY) -m pytest -q -p no:cacheprovider tests
+
+bench: $(STAMP)
+	$(PY) tools/bench_kernels.py
+
+clean:
+	rm -rf build *.egg-info hpc_rlhf/_C*.so

@@ -1,0 +1,54 @@
+"""``hpc-rlhf`` command line: ``hpc-rlhf <stage> --config FILE [dotted.key=value ...]``.
+
+Run it under torchrun for several processes, e.g.
+``torchrun --nproc_per_node=4 -m hpc_rlhf.cli pretrain --config examples/configs/tiny_cpu.yaml``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from hpc_rlhf.config import ConfigError, load_config
+
+
+def _pretrain(args: argparse.Namespace) -> int:
+    import torch.distributed as dist
+
+    from hpc_rlhf.trainer.pretrain import print_loss_table, run_pretrain
+
+    cfg = load_config(args.config, args.overrides)
+    history = run_pretrain(
+        cfg, corpus=args.data, tokenizer_path=args.tokenizer, out_dir=args.out_dir
+    )
+    if dist.get_rank() == 0:
+        print("\n" + print_loss_table(history))
+        first, last = history[0][1], history[-1][1]
+        print(
+            f"\nloss {first:.4f} -> {last:.4f} over {len(history)} steps "
+            f"({'falling' if last < first else 'NOT falling'})"
+        )
+    dist.destroy_process_group()
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="hpc-rlhf", description=__doc__)
+    sub = parser.add_subparsers(dest="stage", required=True)
+    pre = sub.add_parser("pretrain", help="language-model training of the actor")
+    pre.add_argument("--config", required=True, help="YAML config file")
+    pre.add_argument("--data", default=None, help="text file (default: shipped tiny corpus)")
+    pre.add_argument("--tokenizer", default=None, help="sentencepiece .model or tokenizer.json")
+    pre.add_argument("--out-dir", default="outputs/pretrain", help="metrics JSONL/TensorBoard")
+    pre.add_argument("overrides", nargs="*", help="dotted.key=value overrides")
+    pre.set_defaults(func=_pretrain)
+    args = parser.parse_args(argv)
+    try:
+        return args.func(args)
+    except (ConfigError, FileNotFoundError) as err:
+        print(f"hpc-rlhf: error: {err}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,65 @@
+"""Language-modelling data: a text file tokenized into fixed-length training windows.
+
+Deterministic and resumable: the window order is a seeded permutation, each data-parallel
+rank reads a disjoint slice of every global batch, and ``position`` (microbatches consumed)
+is all a checkpoint needs to continue where it stopped.
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+
+from hpc_rlhf.data.tokenizer import ASSETS_DIR
+
+
+def default_corpus_path() -> str:
+    """The tiny corpus shipped with the package."""
+    return os.path.join(ASSETS_DIR, "tiny_corpus.txt")
+
+
+class LMWindows:
+    """All ``seq_length + 1``-token windows of a tokenized text file, in a seeded order."""
+
+    def __init__(self, path: str, tokenizer, seq_length: int, seed: int = 0):
+        if not os.path.exists(path):
+            raise FileNotFoundError(f"training text not found: {path}")
+        ids: list[int] = []
+        with open(path) as fh:
+            for line in fh:
+                if line.strip():
+                    ids.extend(tokenizer.encode(line.strip()))
+                    ids.append(tokenizer.eos_id)
+        n_windows = (len(ids) - 1) // seq_length
+        if n_windows < 1:
+            raise ValueError(f"{path}: {len(ids)} tokens is shorter than one window")
+        tokens_NS = torch.tensor(ids[: n_windows * seq_length + 1])
+        self.windows_NS1 = torch.stack(
+            [tokens_NS[i * seq_length : (i + 1) * seq_length + 1] for i in range(n_windows)]
+        )
+        self.order = torch.randperm(n_windows, generator=torch.Generator().manual_seed(seed))
+
+    def __len__(self) -> int:
+        return len(self.order)
+
+    def microbatch(self, index: int, micro_batch_size: int) -> dict:
+        """Microbatch number ``index`` (wrapping around the data): inputs, labels, mask."""
+        rows = [
+            self.order[(index * micro_batch_size + i) % len(self)] for i in range(micro_batch_size)
+        ]
+        window_BS1 = self.windows_NS1[torch.stack(rows)]
+        return {
+            "input_ids": window_BS1[:, :-1],
+            "labels": window_BS1[:, 1:],
+            "loss_mask": torch.ones(window_BS1.shape[0], window_BS1.shape[1] - 1),
+        }
+
+    def step_microbatches(
+        self, step: int, n_micro: int, micro_batch_size: int, dp_rank: int, dp_size: int
+    ) -> list[dict]:
+        """The microbatches of ``dp_rank`` for global step ``step``."""
+        base = step * n_micro * dp_size
+        return [
+            self.microbatch(base + m * dp_size + dp_rank, micro_batch_size) for m in range(n_micro)
+        ]

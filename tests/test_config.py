@@ -1,0 +1,114 @@
+"""The config tree: YAML + dotted overrides; unknown keys, wrong types and impossible
+layouts raise errors that name the key."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import pytest
+
+from hpc_rlhf.config import (
+    Config,
+    ConfigError,
+    ModelConfig,
+    ParallelConfig,
+    config_to_dict,
+    load_config,
+)
+
+
+def write(tmp_path, text: str):
+    path = tmp_path / "c.yaml"
+    path.write_text(text)
+    return str(path)
+
+
+def test_yaml_and_overrides_build_a_frozen_tree(tmp_path):
+    path = write(tmp_path, "model:\n  num_layers: 2\n  hidden_size: 64\noptimizer:\n  lr: 1\n")
+    cfg = load_config(path, ["model.num_layers=4", "parallel.tensor_model_parallel_size=2"])
+    assert cfg.model.num_layers == 4 and cfg.model.hidden_size == 64
+    assert cfg.optimizer.lr == 1.0 and isinstance(cfg.optimizer.lr, float)
+    assert cfg.parallel.tensor_model_parallel_size == 2
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        cfg.model.num_layers = 3  # type: ignore[misc]
+    assert config_to_dict(cfg)["model"]["num_layers"] == 4
+
+
+def test_shipped_example_configs_load():
+    import glob
+
+    paths = glob.glob("examples/configs/*.yaml")
+    assert paths, "no example configs found"
+    for path in paths:
+        assert isinstance(load_config(path), Config)
+
+
+@pytest.mark.parametrize(
+    "text,overrides,match",
+    [
+        ("model:\n  num_layerz: 2\n", [], r"unknown config key 'model.num_layerz'"),
+        ("modle: {}\n", [], r"unknown config key 'modle'"),
+        ("", ["train.stepz=3"], r"unknown config key 'train.stepz'"),
+        ("model:\n  num_layers: two\n", [], r"model.num_layers: expected int, got str"),
+        ("model:\n  tie_word_embeddings: 3\n", [], r"model.tie_word_embeddings: expected bool"),
+        ("model:\n  num_layers: true\n", [], r"model.num_layers: expected int, got bool"),
+        ("model: 3\n", [], r"model: expected a mapping"),
+        ("- 1\n- 2\n", [], r"must hold a mapping"),
+        ("model: [unclosed\n", [], r"not valid YAML"),
+        ("", ["model.num_layers"], r"not of the form dotted.key=value"),
+        (
+            "",
+            ["model.hidden_size=65"],
+            r"model.hidden_size=65 is not divisible by model.num_attention_heads",
+        ),
+        ("", ["model.params_dtype=fp8"], r"model.params_dtype='fp8'"),
+        (
+            "",
+            [
+                "model.num_attention_heads=6",
+                "parallel.tensor_model_parallel_size=4",
+                "model.hidden_size=96",
+            ],
+            r"model.num_attention_heads=6 is not divisible by parallel.tensor_model_parallel_size=4",
+        ),
+        (
+            "",
+            ["model.num_layers=3", "parallel.pipeline_model_parallel_size=2"],
+            r"model.num_layers=3 is not divisible by parallel.pipeline_model_parallel_size",
+        ),
+        (
+            "",
+            ["parallel.virtual_pipeline_model_parallel_size=2"],
+            r"needs pipeline_model_parallel_size >= 2",
+        ),
+        (
+            "",
+            ["parallel.sequence_parallel=true"],
+            r"sequence_parallel needs tensor_model_parallel_size >= 2",
+        ),
+    ],
+)
+def test_bad_configs_name_the_key(tmp_path, text, overrides, match):
+    with pytest.raises(ConfigError, match=match):
+        load_config(write(tmp_path, text), overrides)
+
+
+def test_missing_file_is_named(tmp_path):
+    with pytest.raises(ConfigError, match="config file not found: .*nope.yaml"):
+        load_config(str(tmp_path / "nope.yaml"))
+
+
+def test_layout_checks_against_world_size():
+    model = ModelConfig(num_attention_heads=4, num_query_groups=2, hidden_size=64)
+    with pytest.raises(ConfigError, match="world size 6 is not divisible"):
+        ParallelConfig(tensor_model_parallel_size=2, pipeline_model_parallel_size=2).validate(
+            model, 6
+        )
+    with pytest.raises(ConfigError, match="model.num_query_groups=2 is not divisible"):
+        ParallelConfig(tensor_model_parallel_size=4).validate(model, 4)
+    assert ParallelConfig(tensor_model_parallel_size=2).data_parallel_size(8) == 4
+    cfg = Config(model=model, parallel=ParallelConfig(tensor_model_parallel_size=2))
+    with pytest.raises(ConfigError, match="train.global_batch_size=8 is not divisible"):
+        dataclasses.replace(
+            cfg, train=dataclasses.replace(cfg.train, micro_batch_size_per_rank=3)
+        ).validate(4)
