@@ -54,17 +54,20 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> logprobs_fwd_cuda(
 }
 
 at::Tensor logprobs_bwd_cuda(const at::Tensor& logits, const at::Tensor& labels,
-                             int64_t vocab_start, const at::Tensor& lse,
+                             int64_t vocab_start, const at::Tensor& m,
+                             const at::Tensor& log_s,
                              const std::optional<at::Tensor>& ent, const at::Tensor& g_lp,
                              const std::optional<at::Tensor>& g_ent) {
   check_cuda(logits, "logits");
-  check_cuda(lse, "lse");
+  check_cuda(m, "m");
+  check_cuda(log_s, "log_s");
   check_cuda(g_lp, "g_lp");
   c10::cuda::CUDAGuard guard(logits.device());
   at::Tensor grad = at::empty_like(logits);
   check_launch(hpc_logprobs_bwd_cuda(
                    logits.data_ptr(), dtype_code(logits), labels.data_ptr<int64_t>(),
-                   logits.size(0), logits.size(1), vocab_start, lse.data_ptr<float>(),
+                   logits.size(0), logits.size(1), vocab_start, m.data_ptr<float>(),
+                   log_s.data_ptr<float>(),
                    ent ? ent->data_ptr<float>() : nullptr, g_lp.data_ptr<float>(),
                    g_ent ? g_ent->data_ptr<float>() : nullptr, grad.data_ptr(), stream_of(logits)),
                "logprobs_bwd_cuda");

@@ -53,7 +53,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> logprobs_fwd_cpu(
     const at::Tensor& logits, const at::Tensor& labels, int64_t vocab_start, bool entropy);
 
 at::Tensor logprobs_bwd_cpu(const at::Tensor& logits, const at::Tensor& labels,
-                            int64_t vocab_start, const at::Tensor& lse,
+                            int64_t vocab_start, const at::Tensor& m,
+                            const at::Tensor& log_s,
                             const std::optional<at::Tensor>& ent, const at::Tensor& g_lp,
                             const std::optional<at::Tensor>& g_ent);
 

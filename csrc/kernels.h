@@ -20,11 +20,12 @@ int hpc_logprobs_fwd_cuda(const void* logits, int dtype, const int64_t* labels, 
                           int64_t vocab, int64_t vocab_start, int entropy, float* m, float* s,
                           float* t, float* xl, void* stream);
 
-/* grad [rows, vocab] (logits' dtype) = -p (g_lp + g_ent (x - lse + ent)) + g_lp onehot,
- * p = exp(x - lse). ent and g_ent may be NULL (no entropy term). */
+/* grad [rows, vocab] (logits' dtype) = -p (g_lp + g_ent (log p + ent)) + g_lp onehot,
+ * log p = (x - m) - log_s. ent and g_ent may be NULL (no entropy term). */
 int hpc_logprobs_bwd_cuda(const void* logits, int dtype, const int64_t* labels, int64_t rows,
-                          int64_t vocab, int64_t vocab_start, const float* lse, const float* ent,
-                          const float* g_lp, const float* g_ent, void* grad, void* stream);
+                          int64_t vocab, int64_t vocab_start, const float* m, const float* log_s,
+                          const float* ent, const float* g_lp, const float* g_ent, void* grad,
+                          void* stream);
 
 /* Masked GAE over [batch, steps]; one thread per sequence scans time backwards. */
 int hpc_gae_cuda(const float* rewards, const float* values, const uint8_t* mask, int64_t batch,

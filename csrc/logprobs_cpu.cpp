@@ -46,12 +46,12 @@ HPC_SIMD_CLONES void chunk_stats(const float* __restrict x, int64_t n, int entro
   *t_io = t + ct;
 }
 
-// grad[i] = -p_i * (g + ge * (x_i - lse + ent)), p_i = exp(x_i - lse); fp32 out.
-HPC_SIMD_CLONES void chunk_grad(const float* __restrict x, int64_t n, float lse, float ent,
-                                float g, float ge, float* __restrict out) {
+// grad[i] = -p_i * (g + ge * (log p_i + ent)), log p_i = (x_i - m) - log_s; fp32 out.
+HPC_SIMD_CLONES void chunk_grad(const float* __restrict x, int64_t n, float m, float log_s,
+                                float ent, float g, float ge, float* __restrict out) {
 #pragma omp simd
   for (int64_t i = 0; i < n; ++i) {
-    const float lp = std::max(x[i] - lse, -88.0f);
+    const float lp = std::max((x[i] - m) - log_s, -88.0f);
     out[i] = -fast_exp(lp) * (g + ge * (lp + ent));
   }
 }
@@ -110,7 +110,7 @@ void fwd_rows(const T* x, const int64_t* labels, int64_t rows, int64_t vocab, in
 
 template <typename T>
 void bwd_rows(const T* x, const int64_t* labels, int64_t rows, int64_t vocab, int64_t start,
-              const float* lse, const float* ent, const float* g_lp, const float* g_ent, T* grad) {
+              const float* m, const float* log_s, const float* ent, const float* g_lp, const float* g_ent, T* grad) {
 #pragma omp parallel for schedule(static) num_threads(at::get_num_threads())
   for (int64_t r = 0; r < rows; ++r) {
     alignas(64) float in_buf[kChunk];
@@ -122,7 +122,7 @@ void bwd_rows(const T* x, const int64_t* labels, int64_t rows, int64_t vocab, in
     for (int64_t c0 = 0; c0 < vocab; c0 += kChunk) {
       const int64_t n = std::min(kChunk, vocab - c0);
       float* out = std::is_same_v<T, float> ? reinterpret_cast<float*>(grow + c0) : out_buf;
-      chunk_grad(as_float(row, c0, n, in_buf), n, lse[r], h, g, ge, out);
+      chunk_grad(as_float(row, c0, n, in_buf), n, m[r], log_s[r], h, g, ge, out);
       if (local >= c0 && local < c0 + n) out[local - c0] += g;
       if constexpr (std::is_same_v<T, at::BFloat16>) {
         float_to_bf16(out_buf, n, reinterpret_cast<uint16_t*>(grow + c0));
@@ -162,12 +162,13 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> logprobs_fwd_cpu(
 }
 
 at::Tensor logprobs_bwd_cpu(const at::Tensor& logits, const at::Tensor& labels,
-                            int64_t vocab_start, const at::Tensor& lse,
+                            int64_t vocab_start, const at::Tensor& m,
+                            const at::Tensor& log_s,
                             const std::optional<at::Tensor>& ent, const at::Tensor& g_lp,
                             const std::optional<at::Tensor>& g_ent) {
   check_inputs(logits, labels);
   const int64_t rows = logits.size(0), vocab = logits.size(1);
-  for (const at::Tensor* v : {&lse, &g_lp}) {
+  for (const at::Tensor* v : {&m, &log_s, &g_lp}) {
     check_cpu(*v, "row vector");
     TORCH_CHECK(v->scalar_type() == at::kFloat && v->numel() == rows, "row vectors: fp32 [N]");
   }
@@ -179,7 +180,8 @@ at::Tensor logprobs_bwd_cpu(const at::Tensor& logits, const at::Tensor& labels,
                                   [&] {
                                     bwd_rows<scalar_t>(logits.data_ptr<scalar_t>(),
                                                        labels.data_ptr<int64_t>(), rows, vocab,
-                                                       vocab_start, lse.data_ptr<float>(), ent_p,
+                                                       vocab_start, m.data_ptr<float>(),
+                                                       log_s.data_ptr<float>(), ent_p,
                                                        g_lp.data_ptr<float>(), g_ent_p,
                                                        grad.data_ptr<scalar_t>());
                                   });

@@ -8,11 +8,12 @@ Every backend reduces one row of logits to four fp32 numbers in a single pass:
 and ``xl`` (the label's logit when this rank owns it, else 0). ``_combine`` merges them
 across the tensor-parallel group (all_reduce MAX of m, then SUM of the rescaled s, t, xl),
 so no rank ever holds a [N, V_global] log-softmax. Then
-``lse = m + log s``, ``logp = xl - lse``, ``entropy = log s - t / s``.
+``logp = (xl - m) - log s`` and ``entropy = log s - t / s``; m and log s stay separate (never
+``lse = m + log s``) so that logits of magnitude 1e4 keep fp32 accuracy.
 
-Backward recomputes ``p = exp(x - lse)`` from the saved per-row ``lse`` (and entropy):
-``dx = -p * (g_logp + g_ent * (x - lse + H)) + g_logp * onehot(label)``; no collective is
-needed because lse and H are already global.
+Backward recomputes ``log p = (x - m) - log s`` from the saved per-row m and log s (and the
+entropy H): ``dx = -p * (g_logp + g_ent * (log p + H)) + g_logp * onehot(label)``; no
+collective is needed because m, log s and H are already global.
 """
 
 from __future__ import annotations
@@ -58,15 +59,15 @@ def _fwd_torch(x, labels, vocab_start: int, entropy: bool):
     return m, s, t, xl
 
 
-def _bwd_torch(x, labels, vocab_start: int, lse, ent, g_lp, g_ent):
-    """Reference gradient w.r.t. x [N, V] (x's dtype) from per-row lse, entropy and grads."""
+def _bwd_torch(x, labels, vocab_start: int, m, log_s, ent, g_lp, g_ent):
+    """Reference gradient w.r.t. x [N, V] (x's dtype) from per-row m, log s, entropy, grads."""
     n, v = x.shape
     grad = torch.empty_like(x)
     local = labels - vocab_start
     owned = (local >= 0) & (local < v)
     for r0, r1 in _row_chunks(n, v):
         xf = x[r0:r1].float()  # [n_chunk, V]
-        shifted = xf - lse[r0:r1, None]  # log p
+        shifted = (xf - m[r0:r1, None]) - log_s[r0:r1, None]  # log p
         p = shifted.exp()
         coef = g_lp[r0:r1, None].expand_as(p)
         if g_ent is not None:
@@ -101,7 +102,7 @@ def _wrap_ext(fn):
 
 
 def _combine(m, s, t, xl, tp_group):
-    """Merge per-rank row statistics -> (logp, lse, entropy|None), all fp32 [N]."""
+    """Merge per-rank row statistics -> (logp, m, log s, entropy|None), all fp32 [N]."""
     if tp_group is not None and dist.get_world_size(tp_group) > 1:
         gm = m.clone()
         dist.all_reduce(gm, op=dist.ReduceOp.MAX, group=tp_group)
@@ -114,9 +115,8 @@ def _combine(m, s, t, xl, tp_group):
         m, s, xl = gm, stacked[0], stacked[1]
         t = stacked[2] if t is not None else None
     log_s = torch.log(s)
-    lse = m + log_s
     ent = log_s - t / s if t is not None else None
-    return xl - lse, lse, ent
+    return (xl - m) - log_s, m, log_s, ent
 
 
 class _TokenLogprobs(torch.autograd.Function):
@@ -128,8 +128,8 @@ class _TokenLogprobs(torch.autograd.Function):
         rank, _ = _group_rank_size(tp_group)
         fwd, bwd = _impl(backend)
         m, s, t, xl = fwd(x, lab, rank * v, entropy)
-        logp, lse, ent = _combine(m, s, t, xl, tp_group)
-        ctx.save_for_backward(x, lab, lse, ent)
+        logp, m, log_s, ent = _combine(m, s, t, xl, tp_group)
+        ctx.save_for_backward(x, lab, m, log_s, ent)
         ctx.meta = (bwd, rank * v, logits.shape)
         ctx.set_materialize_grads(False)
         out_shape = labels.shape
@@ -139,14 +139,15 @@ class _TokenLogprobs(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, g_lp, g_ent=None):
-        x, lab, lse, ent = ctx.saved_tensors
+        x, lab, m, log_s, ent = ctx.saved_tensors
         bwd, vocab_start, shape = ctx.meta
         if g_lp is None and g_ent is None:
             return None, None, None, None, None
-        g_lp = torch.zeros_like(lse) if g_lp is None else g_lp.reshape(-1).float().contiguous()
+        g_lp = torch.zeros_like(m) if g_lp is None else g_lp.reshape(-1).float().contiguous()
         if g_ent is not None:
             g_ent = g_ent.reshape(-1).float().contiguous()
-        grad = bwd(x, lab, vocab_start, lse, ent if g_ent is not None else None, g_lp, g_ent)
+        ent = ent if g_ent is not None else None
+        grad = bwd(x, lab, vocab_start, m, log_s, ent, g_lp, g_ent)
         return grad.view(shape), None, None, None, None
 
 
