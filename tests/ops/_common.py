@@ -1,0 +1,87 @@
+"""Shared helpers of the fused-op tests: which backends run here, and float64 oracles."""
+
+from __future__ import annotations
+
+import os
+
+import torch
+
+from hpc_rlhf.ops import _backend
+
+INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
+
+
+def cpu_backends() -> list[str]:
+    """Backends that run on CPU tensors in this process (triton only under the interpreter)."""
+    out = ["torch"]
+    if _backend.extension() is not None:
+        out.append("cpp")
+    if INTERPRET and _backend.triton_installed():
+        out.append("triton")
+    return out
+
+
+BACKENDS = cpu_backends()
+
+# (forward atol, gradient atol/rtol) per logits dtype, against float64 math on the same values
+TOL = {
+    torch.float32: dict(fwd=3e-5, grad_atol=1e-6, grad_rtol=1e-4),
+    torch.bfloat16: dict(fwd=1e-4, grad_atol=1e-4, grad_rtol=1.6e-2),
+    torch.float16: dict(fwd=1e-4, grad_atol=1e-5, grad_rtol=2e-3),
+}
+
+
+def oracle_logprobs(logits, labels, g_lp, g_ent):
+    """float64 log_softmax + gather and entropy, and d(sum g_lp*logp + g_ent*H)/d logits."""
+    x = logits.detach().double().requires_grad_(True)
+    logsm = torch.log_softmax(x, dim=-1)
+    logp = logsm.gather(-1, labels[..., None])[..., 0]
+    ent = -(logsm.exp() * logsm).sum(-1)
+    ((logp * g_lp.double()).sum() + (ent * g_ent.double()).sum()).backward()
+    return logp.detach(), ent.detach(), x.grad
+
+
+def oracle_gae(rewards, values, mask, gamma, lam):
+    """Plain Python loop over the valid positions of each row, in float64."""
+    b, t_len = rewards.shape
+    adv = [[0.0] * t_len for _ in range(b)]
+    ret = [[0.0] * t_len for _ in range(b)]
+    r, v, m = rewards.double().tolist(), values.double().tolist(), mask.bool().tolist()
+    for i in range(b):
+        valid = [t for t in range(t_len) if m[i][t]]
+        next_v = next_a = 0.0
+        for t in reversed(valid):
+            delta = r[i][t] + gamma * next_v - v[i][t]
+            next_a = delta + gamma * lam * next_a
+            next_v = v[i][t]
+            adv[i][t], ret[i][t] = next_a, next_a + v[i][t]
+    return torch.tensor(adv, dtype=torch.float64), torch.tensor(ret, dtype=torch.float64)
+
+
+def masked_mean64(per_token, mask, reduction):
+    """token_mean / seq_mean of a float64 [B, T] tensor over mask (0 when nothing is valid)."""
+    m = mask.double()
+    if reduction == "token_mean":
+        return (per_token * m).sum() / m.sum().clamp(min=1)
+    rows = m.sum(1)
+    keep = rows > 0
+    if not keep.any():
+        return (per_token * m).sum() * 0
+    return ((per_token * m).sum(1)[keep] / rows[keep]).mean()
+
+
+def random_mask(b, t, gen, kind):
+    """[B, T] bool masks: holes, left/right padding, a fully masked row, all valid."""
+    if kind == "holes":
+        mask = torch.rand(b, t, generator=gen) > 0.3
+    elif kind == "left_pad":
+        starts = torch.randint(0, t, (b,), generator=gen)
+        mask = torch.arange(t)[None, :] >= starts[:, None]
+    elif kind == "right_pad":
+        ends = torch.randint(1, t + 1, (b,), generator=gen)
+        mask = torch.arange(t)[None, :] < ends[:, None]
+    else:
+        mask = torch.ones(b, t, dtype=torch.bool)
+    if b > 1:
+        mask[1] = False  # one fully masked row
+    return mask

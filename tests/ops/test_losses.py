@@ -1,0 +1,156 @@
+"""ppo_policy_loss and value_loss of every CPU backend vs float64 autograd and vs "torch"."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from hpc_rlhf.ops import ppo_policy_loss, value_loss
+from tests.ops._common import BACKENDS, masked_mean64, random_mask
+
+MASKS = ["holes", "left_pad", "right_pad", "full"]
+REDUCTIONS = ["token_mean", "seq_mean"]
+
+
+def _ppo64(logp, old, adv, mask, clip_low, clip_high, dual_clip, reduction):
+    lp = logp.detach().double().requires_grad_(True)
+    ratio = torch.exp(lp - old.double())
+    a = adv.double()
+    per = -torch.min(ratio * a, torch.clamp(ratio, 1 - clip_low, 1 + clip_high) * a)
+    if dual_clip is not None:
+        per = torch.where(a < 0, torch.min(per, -dual_clip * a), per)
+    loss = masked_mean64(per, mask, reduction)
+    loss.backward()
+    m = mask.bool()
+    clipped = (torch.clamp(ratio, 1 - clip_low, 1 + clip_high) * a < ratio * a)[m]
+    r = ratio.detach()[m]
+    stats = {
+        "clip_frac": clipped.double().mean() if m.any() else torch.tensor(0.0),
+        "approx_kl": (old.double() - lp.detach())[m].mean() if m.any() else torch.tensor(0.0),
+        "ratio_mean": r.mean() if m.any() else torch.tensor(0.0),
+        "ratio_max": r.max() if m.any() else torch.tensor(0.0),
+    }
+    return loss.detach(), lp.grad, stats
+
+
+def _value64(values, old, returns, mask, clip, reduction):
+    v = values.detach().double().requires_grad_(True)
+    r, o = returns.double(), old.double()
+    sq = (v - r) ** 2
+    per = sq
+    if clip is not None:
+        sq_clip = (torch.clamp(v, o - clip, o + clip) - r) ** 2
+        per = torch.max(sq, sq_clip)
+    loss = 0.5 * masked_mean64(per, mask, reduction)
+    loss.backward()
+    m = mask.bool()
+    clipped = (per > sq).detach()[m]
+    stats = {
+        "clip_frac": clipped.double().mean() if m.any() else torch.tensor(0.0),
+        "value_mean": v.detach()[m].mean() if m.any() else torch.tensor(0.0),
+        "value_mse": sq.detach()[m].mean() if m.any() else torch.tensor(0.0),
+    }
+    return loss.detach(), v.grad, stats
+
+
+def _inputs(shape, kind, seed, dtype=torch.float32):
+    gen = torch.Generator().manual_seed(seed)
+    a = torch.randn(shape, generator=gen)
+    b = a + 0.4 * torch.randn(shape, generator=gen)  # ratios spread around 1: many clip
+    c = torch.randn(shape, generator=gen)
+    return a.to(dtype), b.to(dtype), c.to(dtype), random_mask(*shape, gen, kind)
+
+
+def _assert_stats(stats, ref):
+    for key, value in ref.items():
+        assert stats[key].dtype == torch.float32 and stats[key].dim() == 0, key
+        torch.testing.assert_close(stats[key].double(), value.double(), atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("reduction", REDUCTIONS)
+@pytest.mark.parametrize("kind", MASKS)
+@pytest.mark.parametrize("dual_clip", [None, 3.0])
+@pytest.mark.parametrize("shape", [(6, 33), (1, 1), (40, 70)], ids=str)
+def test_ppo_loss(backend, reduction, kind, dual_clip, shape):
+    logp, old, adv, mask = _inputs(shape, kind, seed=hash((kind, shape, reduction)) % 997)
+    args = (0.2, 0.28, dual_clip, reduction)
+    ref_loss, ref_grad, ref_stats = _ppo64(logp, old, adv, mask, *args)
+    x = logp.clone().requires_grad_(True)
+    loss, stats = ppo_policy_loss(
+        x, old, adv, mask, clip_low=0.2, clip_high=0.28, dual_clip=dual_clip,
+        reduction=reduction, backend=backend,
+    )  # fmt: skip
+    loss.backward()
+    assert loss.dtype == torch.float32 and loss.dim() == 0
+    torch.testing.assert_close(loss.double(), ref_loss, atol=1e-6, rtol=1e-5)
+    torch.testing.assert_close(x.grad.double(), ref_grad, atol=1e-7, rtol=1e-5)
+    _assert_stats(stats, ref_stats)
+    if dual_clip is not None:
+        assert "dual_clip_frac" in stats
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("reduction", REDUCTIONS)
+@pytest.mark.parametrize("kind", MASKS)
+@pytest.mark.parametrize("clip", [None, 0.2])
+@pytest.mark.parametrize("shape", [(6, 33), (1, 1), (40, 70)], ids=str)
+def test_value_loss(backend, reduction, kind, clip, shape):
+    values, old, returns, mask = _inputs(shape, kind, seed=hash((kind, shape, clip)) % 991)
+    ref_loss, ref_grad, ref_stats = _value64(values, old, returns, mask, clip, reduction)
+    x = values.clone().requires_grad_(True)
+    loss, stats = value_loss(x, old, returns, mask, clip=clip, reduction=reduction, backend=backend)
+    loss.backward()
+    torch.testing.assert_close(loss.double(), ref_loss, atol=1e-6, rtol=1e-5)
+    torch.testing.assert_close(x.grad.double(), ref_grad, atol=1e-7, rtol=1e-5)
+    _assert_stats(stats, ref_stats)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_fully_masked_batch_gives_zero(backend):
+    logp = torch.randn(3, 5, requires_grad=True)
+    values = torch.randn(3, 5, requires_grad=True)
+    mask = torch.zeros(3, 5, dtype=torch.bool)
+    for reduction in REDUCTIONS:
+        loss, stats = ppo_policy_loss(
+            logp,
+            logp.detach() + 1,
+            torch.randn(3, 5),
+            mask,
+            dual_clip=2.0,
+            reduction=reduction,
+            backend=backend,
+        )
+        v_loss, v_stats = value_loss(
+            values, torch.randn(3, 5), torch.randn(3, 5), mask, reduction=reduction, backend=backend
+        )
+        (loss + v_loss).backward()
+        assert loss.item() == 0.0 and v_loss.item() == 0.0
+        assert (logp.grad == 0).all() and (values.grad == 0).all()
+        assert all(torch.isfinite(s) for s in [*stats.values(), *v_stats.values()])
+        logp.grad = values.grad = None
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_bf16_logp_gets_bf16_grad(backend):
+    logp, old, adv, mask = _inputs((4, 12), "holes", seed=11, dtype=torch.bfloat16)
+    ref_loss, ref_grad, _ = _ppo64(logp, old, adv, mask, 0.2, 0.2, None, "token_mean")
+    x = logp.clone().requires_grad_(True)
+    loss, _ = ppo_policy_loss(x, old, adv, mask, backend=backend)
+    loss.backward()
+    assert x.grad.dtype == torch.bfloat16
+    torch.testing.assert_close(loss.double(), ref_loss, atol=1e-6, rtol=1e-5)
+    torch.testing.assert_close(x.grad.double(), ref_grad.bfloat16().double(), atol=1e-6, rtol=1e-2)
+
+
+def test_argument_errors():
+    t = torch.zeros(2, 3)
+    m = torch.ones(2, 3, dtype=torch.bool)
+    with pytest.raises(ValueError, match="dual_clip must be > 1"):
+        ppo_policy_loss(t, t, t, m, dual_clip=1.0, backend="torch")
+    with pytest.raises(ValueError, match="reduction"):
+        ppo_policy_loss(t, t, t, m, reduction="sum", backend="torch")
+    with pytest.raises(ValueError, match="clip must be >= 0"):
+        value_loss(t, t, t, m, clip=-0.1, backend="torch")
+    with pytest.raises(ValueError, match=r"\[B, T\]"):
+        value_loss(t, t, torch.zeros(3, 2), m, backend="torch")
