@@ -78,11 +78,14 @@ def model_checkpoint_state(model) -> dict:
     if model.optimizer is not None:
         out["optimizer"] = model.optimizer.state_dict()
         if model.state.config.use_distributed_optimizer:
-            out["optimizer_param_state"] = model.optimizer.get_parameter_state_dp_reshardable()
+            out["optimizer_param_state"] = [
+                opt.get_parameter_state_dp_reshardable() for opt in _sub_optimizers(model)
+            ]
         out["scheduler"] = model.scheduler.state_dict()
     return out
 
 
+@torch.no_grad()
 def load_model_checkpoint_state(model, saved: Mapping) -> None:
     """Inverse of ``model_checkpoint_state`` (same layout)."""
     chunks = model.parameters_by_chunk()
@@ -97,14 +100,37 @@ def load_model_checkpoint_state(model, saved: Mapping) -> None:
     if "optimizer" not in saved:
         raise CheckpointError(f"checkpoint of {model.role} has no optimizer state")
     model.optimizer.load_state_dict(saved["optimizer"])
+    _unshare_adam_steps(model)
     if "optimizer_param_state" in saved:
-        param_state = saved["optimizer_param_state"]
-        _mark_no_padding(param_state)
-        model.optimizer.load_parameter_state_from_dp_reshardable(param_state)
+        subs = _sub_optimizers(model)
+        if len(subs) != len(saved["optimizer_param_state"]):
+            raise CheckpointError("checkpoint and run have different optimizer groupings")
+        for opt, param_state in zip(subs, saved["optimizer_param_state"]):
+            _mark_no_padding(param_state)
+            opt.load_parameter_state_from_dp_reshardable(param_state)
+    model.scheduler.num_steps = 0  # megatron's loader adds the saved count to the current one
     model.scheduler.load_state_dict(saved["scheduler"])
     # Megatron's optimizers keep fp32 main params: make the model params follow them.
     if hasattr(model.optimizer, "reload_model_params"):
         model.optimizer.reload_model_params()
+
+
+def _unshare_adam_steps(model) -> None:
+    """megatron's DistributedOptimizer.load_state_dict gives every parameter's torch-Adam
+    state the *same* ``step`` tensor; torch Adam increments it in place once per parameter,
+    so the bias correction drifts after a resume (seen with megatron-core 0.16.1 without
+    apex/TE). Give each parameter its own copy."""
+    for opt in _sub_optimizers(model):
+        inner = getattr(opt, "optimizer", None)
+        for param_state in getattr(inner, "state", {}).values():
+            step = param_state.get("step")
+            if isinstance(step, torch.Tensor):
+                param_state["step"] = step.clone()
+
+
+def _sub_optimizers(model) -> list:
+    """The per-group optimizers inside megatron's ``ChainedOptimizer`` (or the one)."""
+    return list(getattr(model.optimizer, "chained_optimizers", [model.optimizer]))
 
 
 def _mark_no_padding(param_state: dict) -> None:

@@ -7,9 +7,15 @@ data-parallel ranks and takes an optimizer step.
 
 Loss convention (``calculate_per_token_loss``): a loss function returns
 ``(loss_sum, count, metrics)`` per microbatch, where ``count`` is an integer tensor (tokens,
-or sequences for a per-sequence mean). The gradient is that of
-``sum(loss_sum) / sum(count)`` over every microbatch of every data-parallel rank: a true
-global mean, whatever the split into microbatches and ranks.
+or sequences for a per-sequence mean). With ``normalize="count"`` (default) the gradient is
+that of ``sum(loss_sum) / sum(count)`` over every microbatch of every data-parallel rank: a
+true global mean, whatever the split into microbatches and ranks. With
+``normalize="none"`` the gradient is that of ``sum(loss_sum)``: for losses the caller has
+already divided by global counts (e.g. a PPO loss plus a ptx loss, each a mean over its own
+tokens); ``count`` then only weights the reported metrics.
+
+``infer`` runs forward-only and returns per-microbatch tensors (e.g. log-probs, values),
+available on every pipeline stage.
 """
 
 from __future__ import annotations
@@ -163,7 +169,12 @@ class TrainableModel:
 
     # ------------------------------------------------------------------ running
     def forward_backward(
-        self, microbatches: Sequence[dict], loss_fn: LossFn, forward_only: bool = False
+        self,
+        microbatches: Sequence[dict],
+        loss_fn: LossFn,
+        forward_only: bool = False,
+        normalize: str = "count",
+        keep_tensors: bool = False,
     ) -> list[dict]:
         """Run all microbatches through the pipeline schedule; return per-microbatch metrics.
 
@@ -174,12 +185,14 @@ class TrainableModel:
 
         if not microbatches:
             raise ValueError("forward_backward needs at least one microbatch")
+        if normalize not in ("count", "none"):
+            raise ValueError(f"normalize must be 'count' or 'none', got {normalize!r}")
         B, S = microbatches[0]["input_ids"].shape
 
         def forward_step(data_iterator, model):
             batch = next(data_iterator)
             output = model_forward(model, batch)
-            return output, partial(_loss_adapter, loss_fn, batch)
+            return output, partial(_loss_adapter, loss_fn, batch, normalize, keep_tensors)
 
         n_chunks = len(self.model)
         iterators = [iter(microbatches) for _ in range(n_chunks)]
@@ -195,14 +208,38 @@ class TrainableModel:
             )
         return list(outputs)
 
-    def train_step(self, microbatches: Sequence[dict], loss_fn: LossFn) -> StepResult:
+    def infer(self, microbatches: Sequence[dict], fn) -> list[dict[str, torch.Tensor]]:
+        """Forward-only: ``fn(batch, output) -> {name: tensor}`` per microbatch, on every rank.
+
+        The outputs are computed on the last pipeline stage and broadcast along the
+        pipeline group, so every rank of the model-parallel group gets them.
+        """
+
+        def loss_fn(batch, output):
+            return torch.zeros(()), 0, fn(batch, output)
+
+        was_training = [chunk.training for chunk in self.model]
+        self.set_train(False)
+        try:
+            outputs = self.forward_backward(
+                microbatches, loss_fn, forward_only=True, keep_tensors=True
+            )
+        finally:
+            for chunk, mode in zip(self.model, was_training):
+                chunk.train(mode)
+        tensors = [{k: v for k, v in out.items() if k != "_count"} for out in outputs]
+        return _broadcast_from_last_stage(tensors, self.state)
+
+    def train_step(
+        self, microbatches: Sequence[dict], loss_fn: LossFn, normalize: str = "count"
+    ) -> StepResult:
         """Zero grads, accumulate over ``microbatches``, step optimizer and LR schedule."""
         if not self.trainable:
             raise RuntimeError(f"the {self.role} model is frozen; it has no optimizer")
         for chunk in self.model:
             chunk.zero_grad_buffer()
         self.optimizer.zero_grad()
-        outputs = self.forward_backward(microbatches, loss_fn)
+        outputs = self.forward_backward(microbatches, loss_fn, normalize=normalize)
         metrics = self.reduce_metrics(outputs)
         loss = metrics.get("loss")
         if loss is not None and not torch.isfinite(torch.tensor(loss)):
@@ -255,13 +292,34 @@ class TrainableModel:
             chunk.train(training)
 
 
-def _loss_adapter(loss_fn: LossFn, batch: dict, output: torch.Tensor):
-    """megatron's loss-function protocol: ``(loss_sum, num_tokens, reduced dict)``."""
+def _loss_adapter(
+    loss_fn: LossFn, batch: dict, normalize: str, keep_tensors: bool, output: torch.Tensor
+):
+    """megatron's loss-function protocol: ``(loss_sum, num_tokens, reduced dict)``.
+
+    With ``normalize="none"`` megatron is told 0 tokens, so it does not rescale gradients.
+    """
     loss_sum, count, metrics = loss_fn(batch, output)
     count = torch.as_tensor(count, dtype=torch.int)
-    reduced = {k: float(v) for k, v in metrics.items()}
+    if keep_tensors:
+        reduced = {k: v.detach() for k, v in metrics.items()}
+    else:
+        reduced = {k: float(v) for k, v in metrics.items()}
     reduced["_count"] = int(count)
-    return loss_sum, count, reduced
+    megatron_count = count if normalize == "count" else torch.zeros((), dtype=torch.int)
+    return loss_sum, megatron_count, reduced
+
+
+def _broadcast_from_last_stage(items: list, state: ParallelState) -> list:
+    """Send the last pipeline stage's ``items`` to every stage of the pipeline group."""
+    import torch.distributed as dist
+
+    if state.pp_size == 1:
+        return items
+    holder = [items if state.is_last_stage else None]
+    src = dist.get_global_rank(state.pp_group, state.pp_size - 1)
+    dist.broadcast_object_list(holder, src=src, group=state.pp_group)
+    return holder[0]
 
 
 def group_sum(tensor: torch.Tensor, group: Any) -> torch.Tensor:

@@ -1,0 +1,92 @@
+"""Token-level rewards for PPO (Safe-RLHF / DeepSpeed-Chat style), and reward combination.
+
+``token_rewards``: every response token gets ``-kl_coef * KL_t``; the last response token of
+each sequence also gets the (clipped) sequence score. Scores of several reward models are
+combined linearly first (e.g. Llama-2's helpfulness + safety).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+
+from hpc_rlhf.algorithms.kl import kl_estimate
+
+
+def combine_scores(scores: Sequence[torch.Tensor], weights: Sequence[float]) -> torch.Tensor:
+    """``sum_i w_i * score_i`` over reward models; each score is ``[B]``."""
+    if len(scores) != len(weights) or not scores:
+        raise ValueError(f"{len(scores)} reward scores for {len(weights)} weights")
+    total_B = torch.zeros_like(scores[0], dtype=torch.float32)
+    for score_B, weight in zip(scores, weights):
+        total_B = total_B + weight * score_B.float()
+    return total_B
+
+
+def last_token_index(mask_BT: torch.Tensor) -> torch.Tensor:
+    """Index ``[B]`` of each row's last valid position (-1 for an empty row)."""
+    T = mask_BT.shape[1]
+    positions_BT = torch.arange(T, device=mask_BT.device).expand_as(mask_BT)
+    return torch.where(mask_BT.bool(), positions_BT, -1).max(dim=1).values
+
+
+def token_rewards(
+    score_B: torch.Tensor,
+    logp_BT: torch.Tensor,
+    ref_logp_BT: torch.Tensor,
+    mask_BT: torch.Tensor,
+    kl_coef: float,
+    estimator: str = "k1",
+    score_clip: float | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(rewards_BT, kl_BT)``: KL penalty on every valid token, the score on the last one.
+
+    Positions where ``mask_BT`` is false get 0. ``score_clip`` clamps the score to
+    ``[-clip, clip]`` before it is added.
+    """
+    mask_BT = mask_BT.bool()
+    kl_BT = kl_estimate(logp_BT, ref_logp_BT, estimator) * mask_BT
+    rewards_BT = -kl_coef * kl_BT
+    score_B = score_B.float()
+    if score_clip is not None:
+        score_B = score_B.clamp(-score_clip, score_clip)
+    last_B = last_token_index(mask_BT)
+    has_tokens_B = last_B >= 0
+    rows_B = torch.arange(score_B.shape[0], device=score_B.device)[has_tokens_B]
+    rewards_BT[rows_B, last_B[has_tokens_B]] += score_B[has_tokens_B]
+    return rewards_BT, kl_BT
+
+
+class RunningMoments:
+    """Running mean/std of scalar rewards (Chan et al.'s parallel update), for normalisation."""
+
+    def __init__(self):
+        self.mean, self.var, self.count = 0.0, 1.0, 1e-8
+
+    def update(self, values_N: torch.Tensor) -> None:
+        values_N = values_N.double().flatten()
+        n = values_N.numel()
+        if n == 0:
+            return
+        batch_mean, batch_var = float(values_N.mean()), float(values_N.var(unbiased=False))
+        total = self.count + n
+        delta = batch_mean - self.mean
+        self.mean += delta * n / total
+        self.var = (
+            self.var * self.count + batch_var * n + delta**2 * self.count * n / total
+        ) / total
+        self.count = total
+
+    @property
+    def std(self) -> float:
+        return max(self.var, 1e-12) ** 0.5
+
+    def normalize(self, values: torch.Tensor) -> torch.Tensor:
+        return (values - self.mean) / self.std
+
+    def state_dict(self) -> dict:
+        return {"mean": self.mean, "var": self.var, "count": self.count}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.mean, self.var, self.count = state["mean"], state["var"], state["count"]
