@@ -1,0 +1,230 @@
+"""Attention for generation: packed (varlen) causal prefill and paged-KV decode.
+
+Legend: ``B`` decoding sequences, ``T`` packed prefill tokens, ``Hq`` query heads and ``G``
+KV heads of this TP rank (``g = Hq / G`` queries per KV head), ``D`` head dim, ``N`` pool
+blocks in use, ``S`` block size, ``J`` most blocks of one sequence, ``O`` most owners of one
+block (``n`` samples sharing a prompt block).
+
+Two backends, chosen explicitly (``select_backend``) and logged once:
+
+* ``"flash_attn"`` (CUDA, flash-attn installed): ``flash_attn_varlen_func`` for prefill and
+  ``flash_attn_with_kvcache(..., block_table=...)`` for decode on the ``"NSGD"`` pool. Not
+  testable on this CPU-only machine.
+* ``"torch"`` (everywhere; the tested path). Prefill runs ``scaled_dot_product_attention``
+  per packed sequence (a loop over sequences, never over tokens). Decode never gathers the
+  history: scores and outputs are batched matmuls of each pool block *in place* (``[S, D]``
+  matrices of the ``"NGSD"`` pool) with the queries of the sequences owning it; only the
+  small ``[B, Hq, J*S]`` score matrix is gathered per sequence for an exact softmax, and
+  the per-block outputs are summed back per sequence. A block shared by several samples is
+  read once for all of them.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import logging
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+logger = logging.getLogger(__name__)
+
+BACKENDS = ("auto", "torch", "flash_attn")
+_LOGGED: set[str] = set()
+
+
+def flash_attn_available(device: torch.device) -> bool:
+    """flash-attn importable and a CUDA device of compute capability >= 8.0."""
+    if device.type != "cuda" or importlib.util.find_spec("flash_attn") is None:
+        return False
+    return torch.cuda.get_device_capability(device)[0] >= 8
+
+
+def select_backend(requested: str, device: torch.device, block_size: int) -> str:
+    """Resolve ``"auto"`` to ``"flash_attn"`` or ``"torch"``; refuse an unusable request."""
+    if requested not in BACKENDS:
+        raise ValueError(f"attention backend {requested!r}: expected one of {BACKENDS}")
+    flash_ok = flash_attn_available(device)
+    if requested == "flash_attn" and not flash_ok:
+        raise RuntimeError(
+            "attention_backend='flash_attn' needs flash-attn installed and a CUDA device of "
+            f"compute capability >= 8.0 (device: {device}); use 'torch' or 'auto'"
+        )
+    chosen = (
+        "flash_attn" if requested == "flash_attn" or (requested == "auto" and flash_ok) else "torch"
+    )
+    if chosen == "flash_attn" and block_size % 256:
+        raise ValueError(f"flash-attn's paged KV needs block_size % 256 == 0, got {block_size}")
+    if chosen not in _LOGGED:
+        _LOGGED.add(chosen)
+        why = (
+            "requested"
+            if requested != "auto"
+            else "auto: flash-attn usable"
+            if flash_ok
+            else "auto: no CUDA flash-attn"
+        )
+        logger.info("generation attention backend: %s (%s)", chosen, why)
+    return chosen
+
+
+def kv_layout(backend: str) -> str:
+    """The KV pool layout a backend reads (see ``kv_cache``)."""
+    return "NSGD" if backend == "flash_attn" else "NGSD"
+
+
+# ----------------------------------------------------------------------------- prefill
+
+
+def prefill_attention_torch(
+    q_THD: torch.Tensor, k_TGD: torch.Tensor, v_TGD: torch.Tensor, seq_lens: list[int]
+) -> torch.Tensor:
+    """Causal attention within each packed sequence: ``[T, Hq*D]``."""
+    T, Hq, D = q_THD.shape
+    out_THD = torch.empty_like(q_THD)
+    start = 0
+    for n in seq_lens:
+        q_1HSD = q_THD[start : start + n].transpose(0, 1)[None]
+        k_1GSD = k_TGD[start : start + n].transpose(0, 1)[None]
+        v_1GSD = v_TGD[start : start + n].transpose(0, 1)[None]
+        o_1HSD = F.scaled_dot_product_attention(
+            q_1HSD, k_1GSD, v_1GSD, is_causal=True, enable_gqa=Hq != k_TGD.shape[1]
+        )
+        out_THD[start : start + n] = o_1HSD[0].transpose(0, 1)
+        start += n
+    return out_THD.reshape(T, Hq * D)
+
+
+def prefill_attention_flash(q_THD, k_TGD, v_TGD, seq_lens: list[int]) -> torch.Tensor:
+    """flash-attn varlen causal attention over packed sequences (GPU only)."""
+    from flash_attn import flash_attn_varlen_func
+
+    cu = torch.tensor([0, *seq_lens], device=q_THD.device).cumsum(0).to(torch.int32)
+    out_THD = flash_attn_varlen_func(
+        q_THD, k_TGD, v_TGD, cu, cu, max(seq_lens), max(seq_lens), causal=True
+    )
+    return out_THD.reshape(q_THD.shape[0], -1)
+
+
+# ----------------------------------------------------------------------------- decode
+
+
+@dataclass
+class DecodeMeta:
+    """Per-step indexing shared by every layer (built once per decode step)."""
+
+    num_blocks_used: int  # N: pool prefix [0, N) that holds every running block
+    max_owners: int  # O
+    max_blocks: int  # J
+    q_source_NO: torch.Tensor  # [N*O] row of q feeding (block, owner slot); B = zero row
+    pair_BJ: torch.Tensor  # [B, J] flat (block * O + owner slot); N*O = the zero row
+    valid_flat: torch.Tensor  # [P] flat positions (b*J + j) of real (sequence, block) pairs
+    mask_BL: torch.Tensor  # [B, J*S] True where the position holds a token
+    # flash-attn inputs
+    block_table_BJ: torch.Tensor  # [B, J] int32 (padding 0)
+    context_lens_B: torch.Tensor  # [B] int32
+
+
+def build_decode_meta(
+    tables: list[list[int]], context_lens: list[int], block_size: int, device=None
+) -> DecodeMeta:
+    """Index tensors for one decode step of sequences with these block tables/lengths."""
+    B = len(tables)
+    J = max(len(t) for t in tables)
+    N = max(max(t) for t in tables) + 1
+    owners: dict[int, int] = {}
+    slot_BJ = []
+    for table in tables:
+        row = []
+        for block in table:
+            row.append(owners.get(block, 0))
+            owners[block] = row[-1] + 1
+        slot_BJ.append(row)
+    Ow = max(owners.values())
+    q_source = [B] * (N * Ow)
+    pair = [[N * Ow] * J for _ in range(B)]
+    valid = []
+    for b, table in enumerate(tables):
+        for j, block in enumerate(table):
+            flat = block * Ow + slot_BJ[b][j]
+            q_source[flat] = b
+            pair[b][j] = flat
+            valid.append(b * J + j)
+    lens_B = torch.tensor(context_lens)
+    mask_BL = torch.arange(J * block_size)[None, :] < lens_B[:, None]
+    padded = [t + [0] * (J - len(t)) for t in tables]
+    return DecodeMeta(
+        num_blocks_used=N,
+        max_owners=Ow,
+        max_blocks=J,
+        q_source_NO=torch.tensor(q_source, device=device),
+        pair_BJ=torch.tensor(pair, device=device),
+        valid_flat=torch.tensor(valid, device=device),
+        mask_BL=mask_BL.to(device),
+        block_table_BJ=torch.tensor(padded, dtype=torch.int32, device=device),
+        context_lens_B=lens_B.to(device=device, dtype=torch.int32),
+    )
+
+
+def _to_blocks(x_BGgX: torch.Tensor, meta: DecodeMeta) -> torch.Tensor:
+    """Per-sequence rows ``[B, G, g, X]`` -> per-(block, owner) rows ``[N, G, O*g, X]``."""
+    B, G, g, X = x_BGgX.shape
+    N, Ow = meta.num_blocks_used, meta.max_owners
+    padded = torch.cat([x_BGgX, x_BGgX.new_zeros(1, G, g, X)])
+    rows_NO = padded[meta.q_source_NO].view(N, Ow, G, g, X)
+    return rows_NO.transpose(1, 2).reshape(N, G, Ow * g, X)
+
+
+def _from_blocks(x_NGOX: torch.Tensor, meta: DecodeMeta, g: int) -> torch.Tensor:
+    """Per-(block, owner) rows ``[N, G, O*g, X]`` -> per (sequence, block) ``[B, J, G, g, X]``."""
+    N, G, _, X = x_NGOX.shape
+    Ow = meta.max_owners
+    flat = x_NGOX.view(N, G, Ow, g, X).transpose(1, 2).reshape(N * Ow, G, g, X)
+    flat = torch.cat([flat, flat.new_zeros(1, G, g, X)])
+    return flat[meta.pair_BJ]
+
+
+def decode_attention_torch(
+    q_BHD: torch.Tensor, k_NGSD: torch.Tensor, v_NGSD: torch.Tensor, meta: DecodeMeta
+) -> torch.Tensor:
+    """One query per sequence against its paged history (``"NGSD"`` pool of one layer).
+
+    The new token's K/V must already be in the pool. Returns ``[B, Hq*D]``.
+    """
+    B, Hq, D = q_BHD.shape
+    G, S = k_NGSD.shape[1], k_NGSD.shape[2]
+    N = meta.num_blocks_used
+    g, J, Ow = Hq // G, meta.max_blocks, meta.max_owners
+    q_NGOD = _to_blocks(q_BHD.view(B, G, g, D) * (1.0 / math.sqrt(D)), meta)
+    k_NGSD, v_NGSD = k_NGSD[:N], v_NGSD[:N]
+    scores_NGOS = torch.matmul(q_NGOD, k_NGSD.transpose(-1, -2))
+    scores_BJGgS = _from_blocks(scores_NGOS, meta, g)
+    scores_BGgL = scores_BJGgS.permute(0, 2, 3, 1, 4).reshape(B, G, g, J * S)
+    scores_BGgL = scores_BGgL.float().masked_fill(~meta.mask_BL[:, None, None, :], float("-inf"))
+    probs_BGgL = torch.softmax(scores_BGgL, dim=-1).to(q_BHD.dtype)
+    # Back to (block, owner) rows: each real (sequence, block) pair owns one row.
+    probs_PGgS = probs_BGgL.view(B, G, g, J, S).permute(0, 3, 1, 2, 4).reshape(B * J, G, g, S)
+    probs_flat = probs_BGgL.new_zeros(N * Ow + 1, G, g, S)
+    pair_P = meta.pair_BJ.view(-1)[meta.valid_flat]
+    probs_flat[pair_P] = probs_PGgS[meta.valid_flat]
+    probs_NGOS = probs_flat[: N * Ow].view(N, Ow, G, g, S).transpose(1, 2).reshape(N, G, Ow * g, S)
+    out_NGOD = torch.matmul(probs_NGOS, v_NGSD)
+    out_BGgD = _from_blocks(out_NGOD, meta, g).sum(dim=1)
+    return out_BGgD.reshape(B, Hq * D)
+
+
+def decode_attention_flash(q_BHD, k_NSGD, v_NSGD, meta: DecodeMeta) -> torch.Tensor:
+    """flash-attn paged decode (GPU only): the new K/V are already in the pool."""
+    from flash_attn import flash_attn_with_kvcache
+
+    out_B1HD = flash_attn_with_kvcache(
+        q_BHD[:, None],
+        k_NSGD,
+        v_NSGD,
+        cache_seqlens=meta.context_lens_B,
+        block_table=meta.block_table_BJ,
+        causal=True,
+    )
+    return out_B1HD.reshape(q_BHD.shape[0], -1)

@@ -1,0 +1,145 @@
+"""The decoder's math for generation on this TP rank, reading ``GenerationWeights``.
+
+Legend: ``T`` tokens (packed prefill tokens or one per decoding sequence), ``H`` hidden,
+``Hq``/``G`` query/KV heads of this TP rank, ``g = Hq / G``, ``D`` head dim, ``V``/``v`` full
+vocabulary / this rank's share.
+
+Llama-style, as megatron-core's local spec computes it: RMSNorm (``torch.nn.RMSNorm``),
+fused QKV whose rows are grouped per query group ``[q of the group's heads; k; v]``, RoPE
+rotate-half at each token's *real* position (megatron's GPTModel ignores position ids for
+RoPE; here a prompt starts at 0 and generated token ``i`` sits at ``prompt_len + i``),
+SwiGLU with ``fc1 = [gate; up]``, no biases. Tensor parallelism as megatron: column-parallel
+QKV / fc1 shards, row-parallel proj / fc2 followed by an all-reduce over the TP group, a
+vocab-parallel embedding (masked lookup + all-reduce) and LM head (``[T, v]`` shards
+all-gathered to ``[T, V]``: small, since only one position per sequence gets logits).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+
+from hpc_rlhf.config import ModelConfig
+from hpc_rlhf.inference.weights import GenerationWeights, LayerWeights
+
+
+@dataclass(frozen=True)
+class TPComm:
+    """The tensor-parallel group of this rank (size 1: no communication)."""
+
+    group: Any
+    size: int
+    rank: int
+
+    def all_reduce(self, x: torch.Tensor) -> torch.Tensor:
+        if self.size > 1:
+            dist.all_reduce(x, group=self.group)
+        return x
+
+    def all_gather_last(self, x_Tv: torch.Tensor) -> torch.Tensor:
+        """``[T, v]`` shards -> ``[T, V]`` in TP-rank order."""
+        if self.size == 1:
+            return x_Tv
+        parts = [torch.empty_like(x_Tv) for _ in range(self.size)]
+        dist.all_gather(parts, x_Tv.contiguous(), group=self.group)
+        return torch.cat(parts, dim=-1)
+
+
+class Rope:
+    """cos/sin tables of rotate-half RoPE (megatron's/HF's formula), grown on demand."""
+
+    def __init__(self, head_dim: int, base: float, device=None):
+        exponent = torch.arange(0, head_dim, 2, dtype=torch.float32) / head_dim
+        self.inv_freq = 1.0 / (base**exponent)
+        self.device = device
+        self.cos_PD = self.sin_PD = torch.empty(0, head_dim)
+        self._grow(512)
+
+    def _grow(self, length: int) -> None:
+        pos = torch.arange(length, dtype=torch.float32)
+        freqs = torch.outer(pos, self.inv_freq)
+        emb = torch.cat([freqs, freqs], dim=-1)
+        self.cos_PD, self.sin_PD = emb.cos().to(self.device), emb.sin().to(self.device)
+
+    def tables(self, positions_T: torch.Tensor, dtype) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(cos, sin)`` ``[T, 1, D]`` at these positions."""
+        need = int(positions_T.max()) + 1
+        if need > self.cos_PD.shape[0]:
+            self._grow(max(need, 2 * self.cos_PD.shape[0]))
+        cos = self.cos_PD[positions_T].to(dtype)[:, None]
+        sin = self.sin_PD[positions_T].to(dtype)[:, None]
+        return cos, sin
+
+
+def apply_rope(x_TND: torch.Tensor, cos_T1D: torch.Tensor, sin_T1D: torch.Tensor) -> torch.Tensor:
+    """Rotate-half RoPE: ``x cos + rotate_half(x) sin``."""
+    half = x_TND.shape[-1] // 2
+    rotated = torch.cat([-x_TND[..., half:], x_TND[..., :half]], dim=-1)
+    return x_TND * cos_T1D + rotated * sin_T1D
+
+
+# attention(layer, q [T, Hq, D], k [T, G, D], v [T, G, D]) -> [T, Hq*D]; it stores k/v too
+AttentionFn = Callable[[int, torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
+
+
+class DecoderRunner:
+    """Runs embeddings, layers and the LM head of this TP shard on packed tokens."""
+
+    def __init__(self, weights: GenerationWeights, model_cfg: ModelConfig, comm: TPComm):
+        self.weights = weights
+        self.cfg = model_cfg
+        self.comm = comm
+        self.heads = model_cfg.num_attention_heads // comm.size
+        self.groups = model_cfg.query_groups // comm.size
+        self.head_dim = model_cfg.head_dim
+        device = weights.embedding_vH.device
+        self.rope = Rope(model_cfg.head_dim, model_cfg.rotary_base, device)
+
+    def embed(self, ids_T: torch.Tensor) -> torch.Tensor:
+        """Vocab-parallel embedding lookup ``[T, H]``."""
+        table_vH = self.weights.embedding_vH
+        if self.comm.size == 1:
+            return F.embedding(ids_T, table_vH)
+        v = table_vH.shape[0]
+        local_T = ids_T - self.comm.rank * v
+        outside_T = (local_T < 0) | (local_T >= v)
+        x_TH = F.embedding(local_T.masked_fill(outside_T, 0), table_vH)
+        x_TH = x_TH.masked_fill(outside_T[:, None], 0.0)
+        return self.comm.all_reduce(x_TH)
+
+    def layer(self, index: int, w: LayerWeights, x_TH, rope_cs, attention: AttentionFn):
+        """One decoder layer (attention + MLP, residuals), in place of nothing."""
+        eps = self.cfg.norm_epsilon
+        T, H = x_TH.shape
+        g, G, D = self.heads // self.groups, self.groups, self.head_dim
+        h_TH = F.rms_norm(x_TH, (H,), w.in_norm_H, eps)
+        qkv_TGRD = F.linear(h_TH, w.qkv_RH).view(T, G, g + 2, D)
+        q_THD = apply_rope(qkv_TGRD[:, :, :g].reshape(T, G * g, D), *rope_cs)
+        k_TGD = apply_rope(qkv_TGRD[:, :, g], *rope_cs)
+        v_TGD = qkv_TGRD[:, :, g + 1]
+        attn_TQ = attention(index, q_THD, k_TGD, v_TGD)
+        x_TH = x_TH + self.comm.all_reduce(F.linear(attn_TQ, w.proj_HQ))
+        h_TH = F.rms_norm(x_TH, (H,), w.mlp_norm_H, eps)
+        gate_TF, up_TF = F.linear(h_TH, w.fc1_FH).chunk(2, dim=-1)
+        mlp_TH = F.linear(F.silu(gate_TF) * up_TF, w.fc2_HF)
+        return x_TH + self.comm.all_reduce(mlp_TH)
+
+    def forward(
+        self, ids_T: torch.Tensor, positions_T: torch.Tensor, attention: AttentionFn, logit_rows
+    ) -> torch.Tensor:
+        """Full-vocabulary fp32 logits ``[R, V]`` at token rows ``logit_rows`` only."""
+        x_TH = self.embed(ids_T)
+        rope_cs = self.rope.tables(positions_T, x_TH.dtype)
+        for index, w in enumerate(self.weights.layers):
+            x_TH = self.layer(index, w, x_TH, rope_cs, attention)
+        last_RH = x_TH[logit_rows]
+        h_RH = F.rms_norm(
+            last_RH, (last_RH.shape[-1],), self.weights.final_norm_H, self.cfg.norm_epsilon
+        )
+        logits_Rv = F.linear(h_RH, self.weights.output_vH)
+        return self.comm.all_gather_last(logits_Rv).float()

@@ -1,0 +1,164 @@
+"""Paged KV cache: a fixed pool of fixed-size blocks, reference-counted for prefix sharing.
+
+Legend: ``L`` layers, ``N`` blocks in the pool, ``G`` KV heads (query groups) of this TP
+rank, ``S`` block size (tokens), ``D`` head dim, ``T`` tokens written at once.
+
+One K and one V tensor per engine hold every layer's blocks. Two layouts:
+
+* ``"NGSD"`` (torch attention): ``[L, N, G, S, D]``, so a block of one head is a contiguous
+  ``[S, D]`` matrix that decode attention multiplies in place (no gather of the history);
+* ``"NSGD"`` (flash-attn's paged layout): ``[L, N, S, G, D]``.
+
+A sequence owns a block table (list of block ids); block ``j`` holds its tokens
+``j*S .. j*S+S-1``. Blocks are handed out lowest id first (a heap), which keeps the used
+blocks packed at the start of the pool so decode attention touches a short prefix of it.
+``n`` samples of a prompt share the prompt's blocks by reference count; the first write into
+a shared block copies it (copy-on-write, ``BlockAllocator.copy_on_write``).
+"""
+
+from __future__ import annotations
+
+import heapq
+import logging
+from dataclasses import dataclass
+
+import torch
+
+logger = logging.getLogger(__name__)
+
+
+class CacheTooSmallError(RuntimeError):
+    """The KV-cache budget cannot hold even one sequence of the request."""
+
+
+@dataclass(frozen=True)
+class CacheShape:
+    """Geometry of the pool of one TP rank."""
+
+    num_layers: int
+    num_kv_heads: int  # of this TP rank
+    head_dim: int
+    block_size: int
+    dtype: torch.dtype
+
+    @property
+    def bytes_per_block(self) -> int:
+        """K and V of one block over all layers."""
+        elem = torch.empty((), dtype=self.dtype).element_size()
+        return 2 * self.num_layers * self.num_kv_heads * self.block_size * self.head_dim * elem
+
+    def blocks_for_budget(self, budget_bytes: int) -> int:
+        """How many blocks fit in ``budget_bytes``."""
+        return budget_bytes // self.bytes_per_block
+
+    def blocks_for_tokens(self, tokens: int) -> int:
+        """Blocks needed to hold ``tokens`` tokens of one sequence."""
+        return -(-tokens // self.block_size)
+
+
+class BlockAllocator:
+    """Free list (lowest id first) and reference counts of ``num_blocks`` blocks."""
+
+    def __init__(self, num_blocks: int):
+        self.num_blocks = num_blocks
+        self._free = list(range(num_blocks))  # already a heap
+        self._refs = [0] * num_blocks
+
+    @property
+    def num_free(self) -> int:
+        return len(self._free)
+
+    def allocate(self) -> int:
+        """A fresh block with reference count 1 (``IndexError`` when none is free)."""
+        if not self._free:
+            raise IndexError("no free KV-cache block")
+        block = heapq.heappop(self._free)
+        self._refs[block] = 1
+        return block
+
+    def share(self, block: int) -> int:
+        """One more owner of ``block`` (prefix sharing)."""
+        self._refs[block] += 1
+        return block
+
+    def free(self, block: int) -> None:
+        """Drop one owner; the block returns to the free list with its last owner."""
+        self._refs[block] -= 1
+        if self._refs[block] == 0:
+            heapq.heappush(self._free, block)
+        elif self._refs[block] < 0:
+            raise RuntimeError(f"KV block {block} freed more often than allocated")
+
+    def refcount(self, block: int) -> int:
+        return self._refs[block]
+
+    def free_table(self, table: list[int]) -> None:
+        """Release every block of a block table."""
+        for block in table:
+            self.free(block)
+
+    def used_range(self) -> int:
+        """One past the highest block id in use (0 when the pool is empty)."""
+        for block in range(self.num_blocks - 1, -1, -1):
+            if self._refs[block]:
+                return block + 1
+        return 0
+
+
+class PagedKVCache:
+    """The K/V pools of one engine plus their allocator."""
+
+    def __init__(self, shape: CacheShape, num_blocks: int, layout: str, device=None):
+        if layout not in ("NGSD", "NSGD"):
+            raise ValueError(f"unknown KV layout {layout!r}")
+        self.shape = shape
+        self.layout = layout
+        self.num_blocks = num_blocks
+        s = shape
+        if layout == "NGSD":
+            dims = (s.num_layers, num_blocks, s.num_kv_heads, s.block_size, s.head_dim)
+        else:
+            dims = (s.num_layers, num_blocks, s.block_size, s.num_kv_heads, s.head_dim)
+        # Zeros, not empty: attention multiplies unused slots by a zero probability, and
+        # 0 * NaN garbage would poison the sum.
+        self.k_LN = torch.zeros(dims, dtype=s.dtype, device=device)
+        self.v_LN = torch.zeros(dims, dtype=s.dtype, device=device)
+        self.allocator = BlockAllocator(num_blocks)
+        self.cow_copies = 0
+
+    @property
+    def nbytes(self) -> int:
+        return 2 * self.k_LN.numel() * self.k_LN.element_size()
+
+    def slots(self, table: list[int], start: int, end: int) -> tuple[list[int], list[int]]:
+        """(block id, offset in block) of token positions ``start .. end-1`` of a sequence."""
+        S = self.shape.block_size
+        return [table[p // S] for p in range(start, end)], [p % S for p in range(start, end)]
+
+    def write(self, layer: int, blocks_T, offsets_T, k_TGD, v_TGD) -> None:
+        """Store the K/V of ``T`` tokens at their (block, offset) slots of ``layer``."""
+        if self.layout == "NGSD":
+            self.k_LN[layer][blocks_T, :, offsets_T] = k_TGD
+            self.v_LN[layer][blocks_T, :, offsets_T] = v_TGD
+        else:
+            self.k_LN[layer][blocks_T, offsets_T] = k_TGD
+            self.v_LN[layer][blocks_T, offsets_T] = v_TGD
+
+    def copy_on_write(self, table: list[int], index: int) -> bool:
+        """Give the sequence its own copy of ``table[index]`` if it is shared. Returns
+        whether a copy was made; raises ``IndexError`` when no block is free."""
+        block = table[index]
+        if self.allocator.refcount(block) == 1:
+            return False
+        fresh = self.allocator.allocate()
+        self.k_LN[:, fresh] = self.k_LN[:, block]
+        self.v_LN[:, fresh] = self.v_LN[:, block]
+        self.allocator.free(block)
+        table[index] = fresh
+        self.cow_copies += 1
+        return True
+
+    def release(self) -> None:
+        """Free the pool's memory (the cache is unusable afterwards)."""
+        self.k_LN = torch.empty(0)
+        self.v_LN = torch.empty(0)

@@ -1,0 +1,147 @@
+"""Sampling parameters, completions and the batched, per-sequence-seeded token sampler.
+
+Legend: ``B`` running sequences, ``V`` full vocabulary, ``C`` candidate tokens (the top-k, the
+whole vocabulary sorted for top-p, or the whole vocabulary in id order).
+
+What the two log-probs of a ``Completion`` mean (``T`` = temperature, 1 for greedy):
+
+* ``logprobs[t]`` = ``log_softmax(logits_t / T)[token_t]``: the log-prob of the sampled token
+  under the *policy* (the model's full softmax at temperature ``T``), whatever top-k / top-p
+  did. This is what PPO's importance ratio and KL need; it matches a teacher-forced forward of
+  the actor (``log_softmax(logits / T)``) on the same tokens.
+* ``sampling_logprobs[t]``: the log-prob under the distribution actually sampled from: the
+  softmax at temperature ``T`` restricted to the top-k tokens, then to the top-p nucleus of
+  that, renormalised. It equals ``logprobs[t]`` when neither top-k nor top-p is active, is
+  ``>= logprobs[t]`` otherwise, and is 0 for greedy decoding (a point mass).
+
+Top-k keeps the ``k`` largest logits (ties at the boundary broken by ``torch.topk``). Top-p is
+applied after top-k, on the renormalised top-k distribution: tokens sorted by probability are
+kept while the probability mass *before* them is ``< top_p`` (so the most likely token is
+always kept and the kept mass is the smallest prefix reaching ``top_p``).
+
+Reproducibility: every sequence owns a ``torch.Generator`` seeded from
+``(seed, prompt index, sample index)``; it is advanced exactly once per sampled token (one
+uniform draw, inverse-CDF sampling), so a sequence's tokens do not depend on which other
+sequences share its batch or on preemption (up to floating-point rounding differences of the
+logits between batch shapes, which only matter on exact probability ties).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+
+FINISH_STOP = "stop"
+FINISH_LENGTH = "length"
+
+
+@dataclass(frozen=True)
+class SamplingParams:
+    """How to pick tokens. ``greedy=True`` ignores temperature/top-k/top-p/seed."""
+
+    greedy: bool = False
+    temperature: float = 1.0
+    top_k: int = 0  # 0: off
+    top_p: float = 1.0  # 1.0: off
+    max_new_tokens: int = 64
+    stop_token_ids: tuple[int, ...] = ()
+    n: int = 1  # samples per prompt (share the prompt's prefill and KV blocks)
+    seed: int = 0
+
+    def validate(self) -> None:
+        """Raise ``ValueError`` naming the field for impossible values."""
+        if not self.greedy and not self.temperature > 0:
+            raise ValueError(f"SamplingParams.temperature={self.temperature} must be > 0")
+        if self.top_k < 0:
+            raise ValueError(f"SamplingParams.top_k={self.top_k} must be >= 0 (0 = off)")
+        if not 0 < self.top_p <= 1:
+            raise ValueError(f"SamplingParams.top_p={self.top_p} must be in (0, 1]")
+        if self.max_new_tokens < 1:
+            raise ValueError(f"SamplingParams.max_new_tokens={self.max_new_tokens} must be >= 1")
+        if self.n < 1:
+            raise ValueError(f"SamplingParams.n={self.n} must be >= 1")
+
+    @property
+    def effective_temperature(self) -> float:
+        """The temperature the policy log-probs are computed at (1 for greedy)."""
+        return 1.0 if self.greedy else float(self.temperature)
+
+
+@dataclass
+class Completion:
+    """One generated sample: new tokens, their log-probs and why generation stopped."""
+
+    prompt_index: int
+    sample_index: int
+    token_ids: list[int] = field(default_factory=list)
+    logprobs: list[float] = field(default_factory=list)  # policy: log_softmax(logits / T)
+    sampling_logprobs: list[float] = field(default_factory=list)  # truncated distribution
+    finish_reason: str | None = None  # "stop" | "length"
+
+
+def sequence_generator(seed: int, prompt_index: int, sample_index: int) -> torch.Generator:
+    """The CPU generator of one sequence, seeded from ``(seed, prompt, sample)`` only."""
+    mixed = (seed * 1_000_003 + prompt_index) * 1_000_033 + sample_index
+    return torch.Generator().manual_seed(mixed % (2**63 - 1))
+
+
+def draw_uniforms(generators: list[torch.Generator]) -> torch.Tensor:
+    """One uniform in [0, 1) per sequence, each from its own generator (float64) [B]."""
+    return torch.cat([torch.rand(1, generator=g, dtype=torch.float64) for g in generators])
+
+
+def candidate_distribution(
+    scaled_BV: torch.Tensor, top_k: int, top_p: float
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """The truncated sampling distribution: (probs ``[B, C]``, token ids ``[B, C]`` or None).
+
+    ``None`` ids mean the candidates are the whole vocabulary in id order (no truncation, so
+    no sort is needed). Probabilities are renormalised over the kept tokens.
+    """
+    V = scaled_BV.shape[-1]
+    if top_k and top_k < V:
+        vals_BC, ids_BC = torch.topk(scaled_BV, top_k, dim=-1)  # sorted, descending
+    elif top_p < 1.0:
+        vals_BC, ids_BC = torch.sort(scaled_BV, dim=-1, descending=True)
+    else:
+        return torch.softmax(scaled_BV, dim=-1), None
+    probs_BC = torch.softmax(vals_BC, dim=-1)
+    if top_p < 1.0:
+        mass_before_BC = torch.cumsum(probs_BC, dim=-1) - probs_BC
+        probs_BC = probs_BC * (mass_before_BC < top_p)
+        probs_BC = probs_BC / probs_BC.sum(dim=-1, keepdim=True)
+    return probs_BC, ids_BC
+
+
+def inverse_cdf(probs_BC: torch.Tensor, u_B: torch.Tensor) -> torch.Tensor:
+    """Index ``i`` of each row with ``cdf[i-1] <= u * total < cdf[i]`` (never a zero prob)."""
+    cdf_BC = torch.cumsum(probs_BC.double(), dim=-1)
+    threshold_B1 = (u_B * cdf_BC[:, -1]).unsqueeze(-1)
+    choice_B = torch.searchsorted(cdf_BC, threshold_B1, right=True).squeeze(-1)
+    # Rounding can put the threshold at the very end: take the last token with mass.
+    C = probs_BC.shape[-1]
+    last_B = torch.where(probs_BC > 0, torch.arange(C), -1).amax(dim=-1)
+    return torch.minimum(choice_B, last_B)
+
+
+def sample_tokens(
+    logits_BV: torch.Tensor, params: SamplingParams, generators: list[torch.Generator]
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Pick one token per row: (tokens ``[B]``, policy log-probs ``[B]``, sampling log-probs).
+
+    ``logits_BV`` are the full-vocabulary logits (fp32). See the module docstring for what
+    the two log-probs mean. Every non-greedy row consumes exactly one draw of its generator.
+    """
+    logits_BV = logits_BV.float()
+    if params.greedy:
+        tokens_B = logits_BV.argmax(dim=-1)
+        logp_B = torch.log_softmax(logits_BV, dim=-1).gather(1, tokens_B[:, None])[:, 0]
+        return tokens_B, logp_B, torch.zeros_like(logp_B)
+    scaled_BV = logits_BV / params.temperature
+    probs_BC, ids_BC = candidate_distribution(scaled_BV, params.top_k, params.top_p)
+    choice_B = inverse_cdf(probs_BC, draw_uniforms(generators))
+    sampling_logp_B = probs_BC.gather(1, choice_B[:, None])[:, 0].log()
+    tokens_B = choice_B if ids_BC is None else ids_BC.gather(1, choice_B[:, None])[:, 0]
+    logp_B = torch.log_softmax(scaled_BV, dim=-1).gather(1, tokens_B[:, None])[:, 0]
+    return tokens_B, logp_B, sampling_logp_B

@@ -1,0 +1,188 @@
+"""Training layout -> generation layout of the actor's weights, stamped with a policy version.
+
+The engine runs the whole decoder on every rank of a TP group (no pipeline stages):
+
+* training PP = 1: the generation weights *are* the training parameters (the same tensors,
+  no copy; ``data_ptr()`` equal), so an optimizer step is visible to the next generation
+  without any hand-off;
+* training PP > 1: every rank all-gathers, over its pipeline group, the layer shards of its
+  TP rank, so each rank holds all layers of its TP shard (TP=2 x PP=2 training -> TP=2
+  generation on each pipeline stage). Embeddings come from the first stage, the final norm
+  and LM head from the last. This is a copy, refreshed by every ``sync``.
+
+Each sync stamps a policy version; ``GenerationEngine.generate(..., policy_version=v)``
+refuses to run on weights of another version (``StaleWeightsError``).
+
+Megatron names (local spec; the transformer-engine spec keeps the norms in the linears).
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+
+from hpc_rlhf.config import ModelConfig
+
+logger = logging.getLogger(__name__)
+
+ROLES = ("in_norm", "qkv", "proj", "mlp_norm", "fc1", "fc2")
+
+_LAYER_NAMES = {
+    "local": {
+        "in_norm": "input_layernorm.weight",
+        "mlp_norm": "pre_mlp_layernorm.weight",
+    },
+    "transformer_engine": {
+        "in_norm": "self_attention.linear_qkv.layer_norm_weight",
+        "mlp_norm": "mlp.linear_fc1.layer_norm_weight",
+    },
+}
+_LINEAR_NAMES = {
+    "qkv": "self_attention.linear_qkv.weight",
+    "proj": "self_attention.linear_proj.weight",
+    "fc1": "mlp.linear_fc1.weight",
+    "fc2": "mlp.linear_fc2.weight",
+}
+
+
+class StaleWeightsError(RuntimeError):
+    """The engine's weights are not of the policy version the caller asked for."""
+
+
+@dataclass
+class LayerWeights:
+    """One decoder layer of this TP rank (megatron layouts, see ``models/convert.py``)."""
+
+    in_norm_H: torch.Tensor
+    qkv_RH: torch.Tensor  # [(nh + 2 ng)/tp * d, H], rows per local group [q..; k; v]
+    proj_HQ: torch.Tensor  # [H, nh d / tp]
+    mlp_norm_H: torch.Tensor
+    fc1_FH: torch.Tensor  # [2 F/tp, H] = [gate shard; up shard]
+    fc2_HF: torch.Tensor  # [H, F/tp]
+
+
+@dataclass
+class GenerationWeights:
+    """All layers of this TP rank's shard, plus embeddings, final norm and LM head."""
+
+    embedding_vH: torch.Tensor  # [V/tp, H] rows of this TP rank's vocabulary range
+    layers: list[LayerWeights]
+    final_norm_H: torch.Tensor
+    output_vH: torch.Tensor  # [V/tp, H] (the embeddings when tied)
+    version: int | None
+    in_place: bool  # True: the training parameters themselves
+
+    def tensors(self) -> list[torch.Tensor]:
+        """Every tensor (with repeats for tied weights)."""
+        out = [self.embedding_vH, self.final_norm_H, self.output_vH]
+        for layer in self.layers:
+            out += [getattr(layer, f) for f in LayerWeights.__dataclass_fields__]
+        return out
+
+
+def _layer_tensors(chunk, index: int, model_cfg: ModelConfig) -> dict[str, torch.Tensor]:
+    params = dict(chunk.named_parameters())
+    names = {**_LAYER_NAMES[model_cfg.transformer_impl], **_LINEAR_NAMES}
+    prefix = f"decoder.layers.{index}."
+    return {role: params[prefix + names[role]] for role in ROLES}
+
+
+def _make_layer(t: dict[str, torch.Tensor]) -> LayerWeights:
+    return LayerWeights(t["in_norm"], t["qkv"], t["proj"], t["mlp_norm"], t["fc1"], t["fc2"])
+
+
+def _output_weight(chunk, model_cfg: ModelConfig) -> torch.Tensor:
+    if model_cfg.tie_word_embeddings:
+        return chunk.shared_embedding_or_output_weight()
+    return chunk.output_layer.weight
+
+
+def weights_in_place(
+    chunks: list, model_cfg: ModelConfig, version: int | None
+) -> GenerationWeights:
+    """The training parameters of a single-stage model, used as they are (no copy)."""
+    if len(chunks) != 1:
+        raise ValueError("in-place generation weights need one model chunk (no pipeline)")
+    chunk = chunks[0]
+    layers = [
+        _make_layer(_layer_tensors(chunk, i, model_cfg)) for i in range(len(chunk.decoder.layers))
+    ]
+    return GenerationWeights(
+        embedding_vH=chunk.embedding.word_embeddings.weight,
+        layers=layers,
+        final_norm_H=chunk.decoder.final_layernorm.weight,
+        output_vH=_output_weight(chunk, model_cfg),
+        version=version,
+        in_place=True,
+    )
+
+
+def _pp_broadcast(tensor: torch.Tensor | None, shape, dtype, src_stage: int, state) -> torch.Tensor:
+    """``tensor`` of pipeline stage ``src_stage`` on every rank of the pipeline group."""
+    buf = tensor.detach().clone() if tensor is not None else torch.empty(shape, dtype=dtype)
+    dist.broadcast(buf, src=dist.get_global_rank(state.pp_group, src_stage), group=state.pp_group)
+    return buf
+
+
+def gather_pipeline_weights(
+    chunks: list, state, model_cfg: ModelConfig, version: int | None
+) -> GenerationWeights:
+    """All layers of this TP shard on every pipeline rank (collective over the PP group)."""
+    from hpc_rlhf.models.convert import Layout
+
+    layout = Layout(model_cfg, state.tp_size, state.pp_size, state.vpp_size)
+    local: list[dict[str, torch.Tensor]] = []
+    index_l: list[int] = []
+    for c, chunk in enumerate(chunks):
+        offset = layout.layer_offset(state.pp_rank, c)
+        for i in range(len(chunk.decoder.layers)):
+            local.append(_layer_tensors(chunk, i, model_cfg))
+            index_l.append(offset + i)
+    pp = state.pp_size
+    indices = [torch.empty(len(index_l), dtype=torch.long) for _ in range(pp)]
+    dist.all_gather(indices, torch.tensor(index_l), group=state.pp_group)
+    order = torch.cat(indices).argsort().tolist()  # gathered position of global layer i
+    gathered: dict[str, list[torch.Tensor]] = {}
+    for role in ROLES:
+        mine = torch.stack([t[role].detach() for t in local])
+        parts = [torch.empty_like(mine) for _ in range(pp)]
+        dist.all_gather(parts, mine, group=state.pp_group)
+        flat = [layer for part in parts for layer in part.unbind(0)]
+        gathered[role] = [flat[k].clone() for k in order]
+    layers = [_make_layer({r: gathered[r][i] for r in ROLES}) for i in range(len(order))]
+    H, v = model_cfg.hidden_size, model_cfg.vocab_size // state.tp_size
+    dtype = layers[0].qkv_RH.dtype
+    first, last = chunks[0], chunks[-1]
+    emb = first.embedding.word_embeddings.weight if state.is_first_stage else None
+    embedding = _pp_broadcast(emb, (v, H), dtype, 0, state)
+    norm = last.decoder.final_layernorm.weight if state.is_last_stage else None
+    final_norm = _pp_broadcast(norm, (H,), dtype, pp - 1, state)
+    if model_cfg.tie_word_embeddings:
+        output = embedding
+    else:
+        out = last.output_layer.weight if state.is_last_stage else None
+        output = _pp_broadcast(out, (v, H), dtype, pp - 1, state)
+    return GenerationWeights(embedding, layers, final_norm, output, version, in_place=False)
+
+
+def generation_weights(
+    chunks: list, state, model_cfg: ModelConfig, version: int | None
+) -> GenerationWeights:
+    """In place for PP = 1, gathered along the pipeline group otherwise."""
+    if state.pp_size == 1:
+        return weights_in_place(chunks, model_cfg, version)
+    weights = gather_pipeline_weights(chunks, state, model_cfg, version)
+    nbytes = sum(
+        t.numel() * t.element_size() for layer in weights.layers for t in vars(layer).values()
+    )
+    if state.rank == 0:
+        logger.info(
+            "generation weights: gathered %d layers over PP=%d (%.1f MB of layer copies per rank)",
+            len(weights.layers),
+            state.pp_size,
+            nbytes / 2**20,
+        )
+    return weights
