@@ -32,6 +32,25 @@ def _pretrain(args: argparse.Namespace) -> int:
     return 0
 
 
+def _ppo(args: argparse.Namespace) -> int:
+    import torch.distributed as dist
+
+    from hpc_rlhf.config import PPORunConfig
+    from hpc_rlhf.trainer.ppo_run import reward_table, run_ppo
+
+    cfg = load_config(args.config, args.overrides, cls=PPORunConfig)
+    history = run_ppo(cfg, out_dir=args.out_dir)
+    if dist.get_rank() == 0 and history:
+        print("\n" + reward_table(history))
+        first, last = history[0]["reward_mean"], history[-1]["reward_mean"]
+        print(
+            f"\nmean reward {first:.4f} -> {last:.4f} over {len(history)} PPO steps "
+            f"({'rising' if last > first else 'NOT rising'})"
+        )
+    dist.destroy_process_group()
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="hpc-rlhf", description=__doc__)
     sub = parser.add_subparsers(dest="stage", required=True)
@@ -42,6 +61,11 @@ def main(argv: list[str] | None = None) -> int:
     pre.add_argument("--out-dir", default="outputs/pretrain", help="metrics JSONL/TensorBoard")
     pre.add_argument("overrides", nargs="*", help="dotted.key=value overrides")
     pre.set_defaults(func=_pretrain)
+    ppo = sub.add_parser("ppo", help="PPO (GRPO / RLOO) with the colocated generation engine")
+    ppo.add_argument("--config", required=True, help="YAML config file")
+    ppo.add_argument("--out-dir", default="outputs/ppo", help="metrics JSONL/TensorBoard")
+    ppo.add_argument("overrides", nargs="*", help="dotted.key=value overrides")
+    ppo.set_defaults(func=_ppo)
     args = parser.parse_args(argv)
     try:
         return args.func(args)

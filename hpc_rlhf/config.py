@@ -199,6 +199,158 @@ class Config:
         return self
 
 
+@dataclass(frozen=True)
+class RolloutConfig:
+    """Sampling for rollouts, and the generation engine's memory budget."""
+
+    max_new_tokens: int = 32
+    temperature: float = 1.0
+    top_k: int = 0
+    top_p: float = 1.0
+    stop_at_eos: bool = True
+    kv_cache_bytes: int = 256 * 1024**2
+    block_size: int = 16
+    offload_training_state: bool = True  # release optimizer state/grads while generating
+
+
+@dataclass(frozen=True)
+class RewardModelSpec:
+    """A reward model (HF checkpoint directory with a score head) and its weight."""
+
+    path: str
+    weight: float = 1.0
+
+
+@dataclass(frozen=True)
+class RuleRewardSpec:
+    """A rule-based reward: ``module:function(prompt_ids, response_ids, tokenizer) -> float``."""
+
+    function: str
+    weight: float = 1.0
+    kwargs: dict = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class RewardConfig:
+    """Reward models and rule-based rewards, combined linearly."""
+
+    models: tuple[RewardModelSpec, ...] = ()
+    rules: tuple[RuleRewardSpec, ...] = ()
+    score_clip: float | None = None
+    normalize: bool = False  # running mean/std of the combined score
+
+    def validate(self) -> None:
+        if not self.models and not self.rules:
+            raise ConfigError("reward: give at least one of reward.models or reward.rules")
+
+
+@dataclass(frozen=True)
+class DataConfig:
+    """Prompt data (JSONL ``{"prompt": ...}``), tokenizer, chat template, optional ptx text."""
+
+    prompts: str | None = None  # None: the shipped tiny prompt set
+    tokenizer: str | None = None  # None: the shipped tiny sentencepiece model
+    chat_template: str | None = "<|user|> {prompt} <|assistant|>"
+    max_prompt_length: int = 64
+    ptx_data: str | None = None  # text file for the ptx (pre-training) loss
+    shuffle: bool = True
+
+
+@dataclass(frozen=True)
+class PPOConfig:
+    """PPO (and its GRPO / RLOO variants) hyper-parameters."""
+
+    steps: int = 10
+    rollout_batch_size: int = 16  # prompts per step, over all data-parallel ranks
+    n_samples_per_prompt: int = 1
+    micro_batch_size_per_rank: int = 8
+    mini_batches_per_rollout: int = 1
+    ppo_epochs: int = 1
+    advantage: str = "gae"  # "gae" | "grpo" | "rloo"
+    gamma: float = 1.0
+    lam: float = 0.95
+    kl_coef: float = 0.05
+    kl_estimator: str = "k1"
+    kl_target: float | None = None  # set for the adaptive controller
+    kl_horizon: int = 10000
+    clip_low: float = 0.2
+    clip_high: float = 0.2
+    dual_clip: float | None = None
+    value_clip: float | None = 0.2
+    entropy_coef: float = 0.0
+    ptx_coef: float = 0.0
+    loss_reduction: str = "token_mean"
+    whiten_advantages: bool = True
+    critic_init: str = "actor"  # "actor" | "reward" (the first reward model) | "random"
+    recompute_old_logprobs: bool = False  # else reuse the engine's (identical) log-probs
+    seed: int = 1234
+    log_interval: int = 1
+    save_dir: str | None = None
+    save_interval: int = 0
+    hf_export_dir: str | None = None  # write the final actor in HF format here
+
+    def validate(self) -> None:
+        if self.advantage not in ("gae", "grpo", "rloo"):
+            raise ConfigError(f"ppo.advantage={self.advantage!r}: expected gae, grpo or rloo")
+        if self.advantage in ("grpo", "rloo") and self.n_samples_per_prompt < 2:
+            raise ConfigError(f"ppo.advantage={self.advantage} needs ppo.n_samples_per_prompt >= 2")
+        if self.kl_estimator not in ("k1", "k2", "k3"):
+            raise ConfigError(f"ppo.kl_estimator={self.kl_estimator!r}: expected k1, k2 or k3")
+        if self.loss_reduction not in ("token_mean", "seq_mean"):
+            raise ConfigError(f"ppo.loss_reduction={self.loss_reduction!r}")
+        if self.critic_init not in ("actor", "reward", "random"):
+            raise ConfigError(f"ppo.critic_init={self.critic_init!r}")
+        if self.dual_clip is not None and self.dual_clip <= 1:
+            raise ConfigError(f"ppo.dual_clip={self.dual_clip} must be > 1")
+
+    @property
+    def uses_critic(self) -> bool:
+        return self.advantage == "gae"
+
+
+@dataclass(frozen=True)
+class PPORunConfig:
+    """Everything a PPO run needs (``hpc-rlhf ppo --config FILE``)."""
+
+    model: ModelConfig = field(default_factory=ModelConfig)
+    parallel: ParallelConfig = field(default_factory=ParallelConfig)
+    actor_optimizer: OptimizerConfig = field(default_factory=OptimizerConfig)
+    critic_optimizer: OptimizerConfig = field(default_factory=OptimizerConfig)
+    ppo: PPOConfig = field(default_factory=PPOConfig)
+    generation: RolloutConfig = field(default_factory=RolloutConfig)
+    reward: RewardConfig = field(default_factory=RewardConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    actor_init: str | None = None  # HF checkpoint directory; None: random weights
+
+    def validate(self, world_size: int | None = None) -> PPORunConfig:
+        """Check every section and the layout; return self for chaining."""
+        self.model.validate()
+        self.parallel.validate(self.model, world_size)
+        self.ppo.validate()
+        self.reward.validate()
+        if self.ppo.critic_init == "reward" and not self.reward.models:
+            raise ConfigError("ppo.critic_init='reward' needs at least one reward.models entry")
+        if world_size is not None:
+            dp = self.parallel.data_parallel_size(world_size)
+            if self.ppo.rollout_batch_size % dp:
+                raise ConfigError(
+                    f"ppo.rollout_batch_size={self.ppo.rollout_batch_size} is not divisible by "
+                    f"the data-parallel size {dp}"
+                )
+            samples = self.ppo.rollout_batch_size * self.ppo.n_samples_per_prompt // dp
+            per_mini = samples // self.ppo.mini_batches_per_rollout
+            if (
+                samples % self.ppo.mini_batches_per_rollout
+                or per_mini % self.ppo.micro_batch_size_per_rank
+            ):
+                raise ConfigError(
+                    f"{samples} samples per rank do not split into ppo.mini_batches_per_rollout="
+                    f"{self.ppo.mini_batches_per_rollout} mini-batches of whole "
+                    f"ppo.micro_batch_size_per_rank={self.ppo.micro_batch_size_per_rank} micro-batches"
+                )
+        return self
+
+
 # ----------------------------------------------------------------------------- loading
 
 

@@ -1,0 +1,42 @@
+"""Rule-based rewards, importable by name as ``hpc_rlhf.algorithms.rule_rewards:<name>``.
+
+A rule reward is ``fn(prompt_ids, response_ids, tokenizer, **kwargs) -> float``.
+"""
+
+from __future__ import annotations
+
+import importlib
+from collections.abc import Callable
+
+
+def target_token_fraction(prompt_ids, response_ids, tokenizer, target: str = "the") -> float:
+    """Fraction of response tokens equal to the token of ``target`` (a toy task with a known
+    optimum: 1.0, reached by emitting only that token)."""
+    if not response_ids:
+        return 0.0
+    target_id = tokenizer.token_id(target) if hasattr(tokenizer, "token_id") else int(target)
+    if target_id < 0:
+        raise ValueError(f"target token {target!r} is not in the tokenizer's vocabulary")
+    return sum(1 for t in response_ids if t == target_id) / len(response_ids)
+
+
+def target_id_fraction(prompt_ids, response_ids, tokenizer=None, target_id: int = 5) -> float:
+    """Fraction of response tokens equal to ``target_id``."""
+    if not response_ids:
+        return 0.0
+    return sum(1 for t in response_ids if t == target_id) / len(response_ids)
+
+
+def load_rule(spec: str) -> Callable:
+    """Import ``module:function``; errors name what could not be found."""
+    if ":" not in spec:
+        raise ValueError(f"rule reward {spec!r} must be 'module:function'")
+    module_name, fn_name = spec.split(":", 1)
+    try:
+        module = importlib.import_module(module_name)
+    except ImportError as err:
+        raise ValueError(f"rule reward {spec!r}: cannot import {module_name!r} ({err})") from err
+    fn = getattr(module, fn_name, None)
+    if not callable(fn):
+        raise ValueError(f"rule reward {spec!r}: {module_name} has no function {fn_name!r}")
+    return fn

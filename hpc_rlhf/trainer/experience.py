@@ -1,0 +1,105 @@
+"""Typed rollout/experience batches.
+
+Legend:
+  B   samples (prompt x sample) on this data-parallel rank
+  S   sequence positions: prompt + response, right-padded to a common length
+  Per-token RL quantities live on *action positions*: index ``t`` holds the quantity of
+  emitting token ``t + 1`` (log-probs of ``labels_BS[:, t]``, the critic's value of the
+  state before it, its reward). ``action_mask_BS`` marks the positions whose label is a
+  response token.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+
+import torch
+
+
+@dataclass
+class Rollout:
+    """Generated samples of one step: prompt and response token ids, engine log-probs."""
+
+    prompt_ids: list[list[int]]
+    response_ids: list[list[int]]
+    response_logprobs: list[list[float]]
+    finish_reasons: list[str]
+    prompt_index: list[int]  # which prompt of this rank's batch each sample answers
+
+    def __len__(self) -> int:
+        return len(self.response_ids)
+
+
+@dataclass
+class ExperienceBatch:
+    """Everything the PPO update needs, one row per sample (see the legend above)."""
+
+    input_ids_BS: torch.Tensor
+    attention_mask_BS: torch.Tensor
+    labels_BS: torch.Tensor
+    action_mask_BS: torch.Tensor
+    old_logp_BS: torch.Tensor
+    ref_logp_BS: torch.Tensor | None = None
+    values_BS: torch.Tensor | None = None
+    score_B: torch.Tensor | None = None
+    rewards_BS: torch.Tensor | None = None
+    kl_BS: torch.Tensor | None = None
+    advantages_BS: torch.Tensor | None = None
+    returns_BS: torch.Tensor | None = None
+    extras: dict = field(default_factory=dict)
+
+    @property
+    def size(self) -> int:
+        return self.input_ids_BS.shape[0]
+
+    def rows(self, index: torch.Tensor) -> ExperienceBatch:
+        """The samples at ``index`` (a 1-D index tensor)."""
+        values = {}
+        for f in dataclasses.fields(self):
+            value = getattr(self, f.name)
+            values[f.name] = value[index] if isinstance(value, torch.Tensor) else value
+        return ExperienceBatch(**values)
+
+    def microbatches(self, size: int) -> list[dict]:
+        """Consecutive microbatches of ``size`` rows as dicts for ``TrainableModel``."""
+        out = []
+        for start in range(0, self.size, size):
+            sl = slice(start, start + size)
+            out.append(
+                {
+                    f.name.removesuffix("_BS").removesuffix("_B"): getattr(self, f.name)[sl]
+                    for f in dataclasses.fields(self)
+                    if isinstance(getattr(self, f.name), torch.Tensor)
+                }
+            )
+        return out
+
+
+def build_experience(rollout: Rollout, pad_id: int, multiple_of: int = 1) -> ExperienceBatch:
+    """Right-padded sequences and action masks from a rollout, with the engine's log-probs
+    placed on the action positions. ``S`` is rounded up to ``multiple_of`` (sequence
+    parallelism needs ``S`` divisible by TP)."""
+    lengths = [len(p) + len(r) for p, r in zip(rollout.prompt_ids, rollout.response_ids)]
+    S = -(-max(lengths) // multiple_of) * multiple_of
+    B = len(rollout)
+    input_ids_BS = torch.full((B, S), pad_id, dtype=torch.long)
+    attention_mask_BS = torch.zeros(B, S, dtype=torch.bool)
+    action_mask_BS = torch.zeros(B, S, dtype=torch.bool)
+    old_logp_BS = torch.zeros(B, S)
+    for b, (prompt, response) in enumerate(zip(rollout.prompt_ids, rollout.response_ids)):
+        P, R = len(prompt), len(response)
+        input_ids_BS[b, : P + R] = torch.tensor(prompt + response, dtype=torch.long)
+        attention_mask_BS[b, : P + R] = True
+        action_mask_BS[b, P - 1 : P + R - 1] = True
+        if R:
+            old_logp_BS[b, P - 1 : P + R - 1] = torch.tensor(rollout.response_logprobs[b])
+    labels_BS = torch.full_like(input_ids_BS, pad_id)
+    labels_BS[:, :-1] = input_ids_BS[:, 1:]
+    return ExperienceBatch(
+        input_ids_BS=input_ids_BS,
+        attention_mask_BS=attention_mask_BS,
+        labels_BS=labels_BS,
+        action_mask_BS=action_mask_BS,
+        old_logp_BS=old_logp_BS,
+    )

@@ -1,0 +1,354 @@
+"""PPO over an actor, a critic, a frozen reference and reward models (+ rule rewards).
+
+``PPOTrainer.step()`` is the six stages of one iteration, in order, each timed:
+
+1. ``prompts``     this data-parallel rank's prompts;
+2. ``generate``    the colocated engine samples responses with the actor's current weights
+                   (optimizer state and gradients released meanwhile);
+3. ``score``       reward models' end scores, rule rewards; reference log-probs and critic
+                   values (fused vocab-parallel log-probs); the actor's log-probs come from
+                   the engine (or are recomputed, ``ppo.recompute_old_logprobs``);
+4. ``advantages``  KL-penalised token rewards, GAE (or GRPO / RLOO), whitening across DP;
+5. ``train``       critic then actor updates over epochs x mini-batches x micro-batches;
+6. ``handoff``     the updated weights go to the engine, stamped with a new policy version.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from contextlib import contextmanager
+
+import torch
+import torch.distributed as dist
+
+from hpc_rlhf.algorithms.advantages import compute_advantages, masked_mean_var, whiten
+from hpc_rlhf.algorithms.kl import make_kl_controller
+from hpc_rlhf.algorithms.rewards import RunningMoments, combine_scores, token_rewards
+from hpc_rlhf.algorithms.rule_rewards import load_rule
+from hpc_rlhf.config import PPORunConfig
+from hpc_rlhf.parallel.state import ParallelState
+from hpc_rlhf.trainer.actor import GlobalCounts, actor_loss_fn, logprobs_fn
+from hpc_rlhf.trainer.critic import critic_loss_fn, end_score_fn, values_fn
+from hpc_rlhf.trainer.experience import ExperienceBatch, Rollout, build_experience
+from hpc_rlhf.trainer.model_engine import TrainableModel
+
+logger = logging.getLogger(__name__)
+
+
+class StageTimer:
+    """Wall-clock seconds per named stage of one step."""
+
+    def __init__(self):
+        self.seconds: dict[str, float] = {}
+
+    @contextmanager
+    def __call__(self, name: str):
+        start = time.perf_counter()
+        try:
+            yield
+        finally:
+            self.seconds[name] = self.seconds.get(name, 0.0) + time.perf_counter() - start
+
+
+class PPOTrainer:
+    """Holds the models, the engine, the data and the RL state of a PPO run."""
+
+    def __init__(self, cfg: PPORunConfig, state: ParallelState, tokenizer, prompts, ptx=None):
+        from hpc_rlhf.trainer.ppo_setup import build_models
+
+        self.cfg = cfg
+        self.state = state
+        self.tokenizer = tokenizer
+        self.prompts = prompts
+        self.ptx = ptx
+        models = build_models(cfg, state)
+        self.actor, self.reference, self.critic = models.actor, models.reference, models.critic
+        self.reward_models, self.engine = models.reward_models, models.engine
+        self.rules = [(load_rule(r.function), r.weight, dict(r.kwargs)) for r in cfg.reward.rules]
+        self.kl_ctl = make_kl_controller(cfg.ppo.kl_coef, cfg.ppo.kl_target, cfg.ppo.kl_horizon)
+        self.reward_moments = RunningMoments()
+        self.step_count = 0
+        self.policy_version = 0
+        self.engine.sync_weights(self.policy_version)
+
+    # ------------------------------------------------------------------ the iteration
+    def step(self) -> dict[str, float]:
+        """One PPO iteration; returns its metrics (identical on every rank)."""
+        timer = StageTimer()
+        with timer("prompts"):
+            prompt_ids = self.prompts.next_batch(
+                self.cfg.ppo.rollout_batch_size, self.state.dp_rank, self.state.dp_size
+            )
+        with timer("generate"):
+            rollout = self.generate(prompt_ids)
+        with timer("score"):
+            exp = self.score(rollout)
+        with timer("advantages"):
+            exp, adv_metrics = self.compute_advantages(exp)
+        with timer("train"):
+            train_metrics = self.update(exp)
+        with timer("handoff"):
+            self.policy_version += 1
+            self.engine.sync_weights(self.policy_version)
+        self.step_count += 1
+        return self._step_metrics(rollout, exp, adv_metrics, train_metrics, timer)
+
+    # ------------------------------------------------------------------ stage 2
+    def generate(self, prompt_ids: list[list[int]]) -> Rollout:
+        """Sample ``n`` responses per prompt with the engine (seeded per step and DP rank)."""
+        from hpc_rlhf.inference.sampling import SamplingParams
+
+        g = self.cfg.generation
+        stop = (self.tokenizer.eos_id,) if g.stop_at_eos else ()
+        sampling = SamplingParams(
+            temperature=g.temperature,
+            top_k=g.top_k,
+            top_p=g.top_p,
+            max_new_tokens=g.max_new_tokens,
+            stop_token_ids=stop,
+            n=self.cfg.ppo.n_samples_per_prompt,
+            seed=self.cfg.ppo.seed * 1_000_003 + self.step_count * 1009 + self.state.dp_rank,
+        )
+        with self._training_memory_released():
+            completions = self.engine.generate(prompt_ids, sampling, self.policy_version)
+        completions = sorted(completions, key=lambda c: (c.prompt_index, c.sample_index))
+        return Rollout(
+            prompt_ids=[prompt_ids[c.prompt_index] for c in completions],
+            response_ids=[list(c.token_ids) for c in completions],
+            response_logprobs=[list(c.logprobs) for c in completions],
+            finish_reasons=[c.finish_reason for c in completions],
+            prompt_index=[c.prompt_index for c in completions],
+        )
+
+    @contextmanager
+    def _training_memory_released(self):
+        """Optimizer state and gradient buffers off the accelerator while generating."""
+        if not self.cfg.generation.offload_training_state:
+            yield
+            return
+        from hpc_rlhf.inference.memory import TrainingMemory
+
+        trainables = [m for m in (self.actor, self.critic) if m is not None]
+        memory = TrainingMemory(trainables)
+        memory.release()
+        try:
+            yield
+        finally:
+            memory.restore()
+
+    # ------------------------------------------------------------------ stage 3
+    def score(self, rollout: Rollout) -> ExperienceBatch:
+        """Reward scores, reference log-probs, critic values (and old log-probs if asked)."""
+        multiple = self.state.tp_size if self.state.sequence_parallel else 1
+        exp = build_experience(rollout, self.tokenizer.pad_id, multiple_of=multiple)
+        mbs = exp.microbatches(self.cfg.ppo.micro_batch_size_per_rank)
+        temperature = self.cfg.generation.temperature
+        ref = self.reference.infer(mbs, logprobs_fn(self.state.tp_group, temperature))
+        exp.ref_logp_BS = torch.cat([o["logp"] for o in ref]) * exp.action_mask_BS
+        if self.cfg.ppo.recompute_old_logprobs:
+            old = self.actor.infer(mbs, logprobs_fn(self.state.tp_group, temperature))
+            exp.old_logp_BS = torch.cat([o["logp"] for o in old]) * exp.action_mask_BS
+        if self.critic is not None:
+            values = self.critic.infer(mbs, values_fn)
+            exp.values_BS = torch.cat([o["values"] for o in values]) * exp.action_mask_BS
+        exp.score_B = self._scores(rollout, mbs)
+        return exp
+
+    def _scores(self, rollout: Rollout, mbs: list[dict]) -> torch.Tensor:
+        scores, weights = [], []
+        for model, spec in zip(self.reward_models, self.cfg.reward.models):
+            outs = model.infer(mbs, end_score_fn)
+            scores.append(torch.cat([o["score"] for o in outs]))
+            weights.append(spec.weight)
+        for fn, weight, kwargs in self.rules:
+            values = [
+                float(fn(p, r, self.tokenizer, **kwargs))
+                for p, r in zip(rollout.prompt_ids, rollout.response_ids)
+            ]
+            scores.append(torch.tensor(values))
+            weights.append(weight)
+        return combine_scores(scores, weights)
+
+    # ------------------------------------------------------------------ stage 4
+    def compute_advantages(self, exp: ExperienceBatch) -> tuple[ExperienceBatch, dict]:
+        """Token rewards (KL penalty + score), advantages and returns; whitened across DP."""
+        p = self.cfg.ppo
+        raw_score_B = exp.score_B
+        score_B = raw_score_B
+        if self.cfg.reward.normalize:
+            self.reward_moments.update(_all_gather_cat(raw_score_B, self.state.dp_group))
+            score_B = self.reward_moments.normalize(raw_score_B)
+        mask_BS = exp.action_mask_BS
+        exp.rewards_BS, exp.kl_BS = token_rewards(
+            score_B,
+            exp.old_logp_BS,
+            exp.ref_logp_BS,
+            mask_BS,
+            self.kl_ctl.value,
+            p.kl_estimator,
+            self.cfg.reward.score_clip,
+        )
+        if p.advantage == "gae":
+            adv_BS, ret_BS = compute_advantages(
+                "gae",
+                rewards_BT=exp.rewards_BS,
+                values_BT=exp.values_BS,
+                mask_BT=mask_BS,
+                gamma=p.gamma,
+                lam=p.lam,
+            )
+        else:
+            total_B = exp.rewards_BS.sum(dim=1)  # score - kl_coef * sum_t KL_t
+            adv_BS, ret_BS = compute_advantages(
+                p.advantage, score_B=total_B, mask_BT=mask_BS, group_size=p.n_samples_per_prompt
+            )
+        exp.returns_BS = ret_BS
+        exp.advantages_BS = (
+            whiten(adv_BS, mask_BS, self.state.dp_group) if p.whiten_advantages else adv_BS
+        )
+        kl_mean, _ = masked_mean_var(exp.kl_BS, mask_BS, self.state.dp_group)
+        adv_mean, adv_var = masked_mean_var(adv_BS, mask_BS, self.state.dp_group)
+        n_samples = p.rollout_batch_size * p.n_samples_per_prompt
+        self.kl_ctl.update(
+            float(kl_mean) * exp.action_mask_BS.sum(1).float().mean().item(), n_samples
+        )
+        return exp, {
+            "kl": float(kl_mean),
+            "advantage_mean": float(adv_mean),
+            "advantage_std": float(adv_var.sqrt()),
+        }
+
+    # ------------------------------------------------------------------ stage 5
+    def update(self, exp: ExperienceBatch) -> dict[str, float]:
+        """Critic and actor updates over PPO epochs x mini-batches (micro-batches inside)."""
+        p = self.cfg.ppo
+        gen = torch.Generator().manual_seed(p.seed + 7919 * self.step_count + self.state.dp_rank)
+        per_mini = exp.size // p.mini_batches_per_rollout
+        sums: dict[str, float] = {}
+        n_updates = 0
+        for _ in range(p.ppo_epochs):
+            order = torch.randperm(exp.size, generator=gen)
+            for m in range(p.mini_batches_per_rollout):
+                mini = exp.rows(order[m * per_mini : (m + 1) * per_mini])
+                for key, value in self._update_minibatch(mini).items():
+                    sums[key] = sums.get(key, 0.0) + value
+                n_updates += 1
+        return {key: value / n_updates for key, value in sums.items()}
+
+    def _update_minibatch(self, mini: ExperienceBatch) -> dict[str, float]:
+        p = self.cfg.ppo
+        mbs = mini.microbatches(p.micro_batch_size_per_rank)
+        counts = self._global_counts(mini)
+        metrics: dict[str, float] = {}
+        if self.critic is not None:
+            result = self.critic.train_step(mbs, critic_loss_fn(p, counts), normalize="none")
+            metrics.update(result.metrics)
+            metrics["critic_grad_norm"] = result.grad_norm or 0.0
+        ptx_mbs = self._ptx_microbatches(len(mbs), mini.input_ids_BS.shape[1])
+        if ptx_mbs:
+            counts = GlobalCounts(
+                counts.tokens,
+                counts.sequences,
+                _dp_sum(sum(float(b["loss_mask"].sum()) for b in ptx_mbs), self.state),
+            )
+        loss_fn = actor_loss_fn(p, self.state.tp_group, counts, self.cfg.generation.temperature)
+        result = self.actor.train_step(mbs + ptx_mbs, loss_fn, normalize="none")
+        metrics.update(result.metrics)
+        metrics["actor_grad_norm"] = result.grad_norm or 0.0
+        metrics["actor_lr"] = result.lr
+        return metrics
+
+    def _global_counts(self, mini: ExperienceBatch) -> GlobalCounts:
+        tokens = float(mini.action_mask_BS.sum())
+        sequences = float(mini.action_mask_BS.any(dim=1).sum())
+        both = torch.tensor([tokens, sequences], dtype=torch.float64)
+        if self.state.dp_size > 1:
+            dist.all_reduce(both, group=self.state.dp_group)
+        return GlobalCounts(max(float(both[0]), 1.0), max(float(both[1]), 1.0))
+
+    def _ptx_microbatches(self, n_micro: int, seq_len: int) -> list[dict]:
+        """As many ptx microbatches as PPO ones, cut/padded to the same sequence length."""
+        if self.ptx is None or not self.cfg.ppo.ptx_coef:
+            return []
+        out = []
+        b = self.cfg.ppo.micro_batch_size_per_rank
+        base = self.step_count * n_micro * self.state.dp_size
+        for i in range(n_micro):
+            mb = self.ptx.microbatch(base + i * self.state.dp_size + self.state.dp_rank, b)
+            out.append({"kind": "ptx", **_fit_length(mb, seq_len, self.tokenizer.pad_id)})
+        return out
+
+    # ------------------------------------------------------------------ metrics
+    def _step_metrics(self, rollout, exp, adv_metrics, train_metrics, timer) -> dict[str, float]:
+        lengths = torch.tensor([len(r) for r in rollout.response_ids], dtype=torch.float64)
+        score = _all_gather_cat(exp.score_B.double(), self.state.dp_group)
+        length_all = _all_gather_cat(lengths, self.state.dp_group)
+        total = sum(timer.seconds.values())
+        metrics = {
+            "reward_mean": float(score.mean()),
+            "reward_std": float(score.std()) if score.numel() > 1 else 0.0,
+            "response_length": float(length_all.mean()),
+            "kl_coef": float(self.kl_ctl.value),
+            **adv_metrics,
+            **train_metrics,
+            **{f"time_{k}": v for k, v in timer.seconds.items()},
+            "time_step": total,
+            "tokens_per_s": float(length_all.sum()) / max(total, 1e-9),
+        }
+        return metrics
+
+    # ------------------------------------------------------------------ state
+    def trainer_state(self) -> dict:
+        """What a checkpoint needs beyond models and optimizers."""
+        return {
+            "step": self.step_count,
+            "policy_version": self.policy_version,
+            "prompts": self.prompts.state_dict(),
+            "kl_ctl": self.kl_ctl.state_dict(),
+            "reward_moments": self.reward_moments.state_dict(),
+        }
+
+    def load_trainer_state(self, saved: dict) -> None:
+        self.step_count = saved["step"]
+        self.policy_version = saved["policy_version"]
+        self.prompts.load_state_dict(saved["prompts"])
+        self.kl_ctl.load_state_dict(saved["kl_ctl"])
+        self.reward_moments.load_state_dict(saved["reward_moments"])
+        self.engine.sync_weights(self.policy_version)
+
+    def trainable_models(self) -> dict[str, TrainableModel]:
+        models = {"actor": self.actor}
+        if self.critic is not None:
+            models["critic"] = self.critic
+        return models
+
+
+def _fit_length(mb: dict, seq_len: int, pad_id: int) -> dict:
+    """Cut or right-pad an LM microbatch to ``seq_len`` positions."""
+    out = {}
+    for key, value in mb.items():
+        value = value[:, :seq_len]
+        if value.shape[1] < seq_len:
+            fill = pad_id if key in ("input_ids", "labels") else 0
+            pad = torch.full((value.shape[0], seq_len - value.shape[1]), fill, dtype=value.dtype)
+            value = torch.cat([value, pad], dim=1)
+        out[key] = value
+    out["attention_mask"] = torch.ones_like(out["input_ids"], dtype=torch.bool)
+    return out
+
+
+def _dp_sum(value: float, state: ParallelState) -> float:
+    t = torch.tensor([value], dtype=torch.float64)
+    if state.dp_size > 1:
+        dist.all_reduce(t, group=state.dp_group)
+    return float(t)
+
+
+def _all_gather_cat(x_N: torch.Tensor, group) -> torch.Tensor:
+    """Concatenate a 1-D tensor of possibly different lengths across ``group``."""
+    if group is None or dist.get_world_size(group) == 1:
+        return x_N
+    parts = [None] * dist.get_world_size(group)
+    dist.all_gather_object(parts, x_N.cpu(), group=group)
+    return torch.cat(parts)

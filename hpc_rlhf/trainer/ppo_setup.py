@@ -1,0 +1,108 @@
+"""Build what a PPO run needs: models (with their initial weights) and the engine."""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+from dataclasses import dataclass
+
+from hpc_rlhf.config import PPORunConfig, RolloutConfig
+from hpc_rlhf.parallel.state import ParallelState
+from hpc_rlhf.trainer.model_engine import TrainableModel
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class PPOModels:
+    actor: TrainableModel
+    reference: TrainableModel
+    critic: TrainableModel | None
+    reward_models: list[TrainableModel]
+    engine: object
+
+
+def initial_actor_state(cfg: PPORunConfig) -> dict:
+    """HF-format actor weights: the ``actor_init`` checkpoint, or seeded random weights."""
+    if cfg.actor_init:
+        from hpc_rlhf.models.convert import load_hf_checkpoint, model_config_from_hf  # noqa: F401
+
+        hf_cfg, state = load_hf_checkpoint(cfg.actor_init)
+        _check_same_architecture(cfg, hf_cfg, cfg.actor_init)
+        return state
+    from hpc_rlhf.models.init import random_hf_state
+
+    return random_hf_state(cfg.model, seed=cfg.ppo.seed)
+
+
+def _check_same_architecture(cfg: PPORunConfig, hf_cfg, path: str) -> None:
+    fields = (
+        "num_layers",
+        "hidden_size",
+        "num_attention_heads",
+        "query_groups",
+        "ffn_hidden_size",
+        "vocab_size",
+        "tie_word_embeddings",
+    )
+    for name in fields:
+        ours, theirs = getattr(cfg.model, name), getattr(hf_cfg, name)
+        if ours != theirs:
+            raise ValueError(f"{path}: {name}={theirs} but the config says model.{name}={ours}")
+
+
+def _total_updates(cfg: PPORunConfig) -> int:
+    p = cfg.ppo
+    return max(1, p.steps * p.ppo_epochs * p.mini_batches_per_rollout)
+
+
+def build_models(cfg: PPORunConfig, state: ParallelState) -> PPOModels:
+    """Actor, reference (frozen copy), critic, reward models and the generation engine."""
+    actor_state = initial_actor_state(cfg)
+    updates = _total_updates(cfg)
+    actor = TrainableModel(cfg.model, cfg.actor_optimizer, state, "actor", updates)
+    actor.load_hf_state(actor_state)
+    reference = TrainableModel(cfg.model, None, state, "reference")
+    reference.load_hf_state(actor_state)
+    reward_models, reward_states = [], []
+    for spec in cfg.reward.models:
+        model, hf_state = _load_reward_model(spec.path, cfg, state)
+        reward_models.append(model)
+        reward_states.append(hf_state)
+    critic = None
+    if cfg.ppo.uses_critic:
+        critic = TrainableModel(cfg.model, cfg.critic_optimizer, state, "critic", updates)
+        if cfg.ppo.critic_init == "actor":
+            critic.load_hf_state(actor_state)  # decoder from the actor, value head zero
+        elif cfg.ppo.critic_init == "reward":
+            critic.load_hf_state(reward_states[0])
+    engine = build_engine(actor, cfg, state)
+    return PPOModels(actor, reference, critic, reward_models, engine)
+
+
+def _load_reward_model(path: str, cfg: PPORunConfig, state: ParallelState):
+    from hpc_rlhf.models.convert import load_hf_checkpoint
+
+    rm_cfg, hf_state = load_hf_checkpoint(path)
+    if "score.weight" not in hf_state:
+        raise ValueError(f"reward model {path} has no score head (score.weight)")
+    rm_cfg = dataclasses.replace(
+        rm_cfg, params_dtype=cfg.model.params_dtype, transformer_impl=cfg.model.transformer_impl
+    )
+    cfg.parallel.validate(rm_cfg)
+    model = TrainableModel(rm_cfg, None, state, "reward")
+    model.load_hf_state(hf_state)
+    return model, hf_state
+
+
+def build_engine(actor: TrainableModel, cfg: PPORunConfig, state: ParallelState):
+    """The colocated generation engine over the actor's weights."""
+    from hpc_rlhf.inference.engine import GenerationConfig, GenerationEngine
+
+    g: RolloutConfig = cfg.generation
+    return GenerationEngine(
+        actor,
+        cfg.model,
+        state,
+        GenerationConfig(block_size=g.block_size, cache_budget_bytes=g.kv_cache_bytes),
+    )
