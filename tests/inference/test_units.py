@@ -1,0 +1,82 @@
+"""Pieces of the engine without a process group: decode attention, allocator, sampler."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from hpc_rlhf.inference.attention import build_decode_meta, decode_attention_torch
+from hpc_rlhf.inference.kv_cache import BlockAllocator
+from hpc_rlhf.inference.sampling import SamplingParams, candidate_distribution, sample_tokens
+
+
+def _dense_reference(q_BHD, k_pool, v_pool, tables, lens, S):
+    """Gather each sequence's history and attend with plain softmax (fp64)."""
+    out = []
+    B, Hq, D = q_BHD.shape
+    G = k_pool.shape[1]
+    for b, (table, n) in enumerate(zip(tables, lens)):
+        k_GLD = torch.cat([k_pool[blk] for blk in table], dim=1)[:, :n].double()
+        v_GLD = torch.cat([v_pool[blk] for blk in table], dim=1)[:, :n].double()
+        k_HLD = k_GLD.repeat_interleave(Hq // G, dim=0)
+        v_HLD = v_GLD.repeat_interleave(Hq // G, dim=0)
+        q_H1D = q_BHD[b].double()[:, None]
+        p_H1L = torch.softmax(q_H1D @ k_HLD.transpose(-1, -2) / math.sqrt(D), dim=-1)
+        out.append((p_H1L @ v_HLD)[:, 0].reshape(-1))
+    return torch.stack(out)
+
+
+@pytest.mark.parametrize("G,g", [(2, 1), (2, 3)])
+def test_decode_attention_matches_dense_with_shared_blocks(G, g):
+    torch.manual_seed(0)
+    S, D, N = 4, 8, 12
+    k_pool = torch.randn(N, G, S, D)
+    v_pool = torch.randn(N, G, S, D)
+    # Sequences 0-2 share blocks 0 and 1 (a prompt's samples); 3 is alone, out of order.
+    tables = [[0, 1, 2], [0, 1, 5], [0, 1], [9, 3, 7, 4]]
+    lens = [11, 9, 6, 14]
+    q_BHD = torch.randn(len(tables), G * g, D)
+    meta = build_decode_meta(tables, lens, S)
+    assert meta.max_owners == 3 and meta.num_blocks_used == 10
+    got = decode_attention_torch(q_BHD, k_pool, v_pool, meta)
+    want = _dense_reference(q_BHD, k_pool, v_pool, tables, lens, S)
+    assert torch.allclose(got.double(), want, atol=1e-5), (got.double() - want).abs().max()
+
+
+def test_allocator_lowest_first_refcounts():
+    alloc = BlockAllocator(4)
+    a, b = alloc.allocate(), alloc.allocate()
+    assert (a, b) == (0, 1)
+    alloc.share(a)
+    alloc.free(a)
+    assert alloc.refcount(a) == 1 and alloc.num_free == 2
+    alloc.free(a)
+    assert alloc.allocate() == 0 and alloc.used_range() == 2
+    with pytest.raises(RuntimeError):
+        alloc.free(3)
+
+
+def test_top_k_top_p_candidates_and_logprobs():
+    logits = torch.tensor([[2.0, 1.0, 0.5, 0.0, -1.0, 3.0]])
+    probs, ids = candidate_distribution(logits, top_k=3, top_p=1.0)
+    assert ids[0].tolist() == [5, 0, 1]
+    assert torch.allclose(probs.sum(-1), torch.ones(1))
+    probs, ids = candidate_distribution(logits, top_k=0, top_p=0.5)
+    kept = ids[0][probs[0] > 0].tolist()
+    assert kept == [5]  # p(5) = 0.63 >= 0.5 on its own
+    params = SamplingParams(temperature=0.7, top_k=3, seed=1)
+    gens = [torch.Generator().manual_seed(i) for i in range(200)]
+    tokens, logp, slogp = sample_tokens(logits.expand(200, -1), params, gens)
+    assert set(tokens.tolist()) <= {5, 0, 1} and len(set(tokens.tolist())) == 3
+    assert torch.allclose(logp, torch.log_softmax(logits[0] / 0.7, -1)[tokens])
+    assert bool((slogp > logp).all())
+
+
+def test_sampling_params_validation():
+    with pytest.raises(ValueError, match="top_p"):
+        SamplingParams(top_p=0.0).validate()
+    with pytest.raises(ValueError, match="temperature"):
+        SamplingParams(temperature=0.0).validate()
+    SamplingParams(greedy=True, temperature=0.0).validate()
