@@ -1,0 +1,91 @@
+"""Time-sharing round trip: release training state, generate, restore, train - bit-exact.
+
+Two identical actors in one world take the same two train steps; between them the first
+releases its optimizer state and gradient buffers, generates with its own weights in a
+KV cache and restores. Every parameter after the second step must be ``torch.equal``.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from tests.dist import run_world
+from tests.inference.common import CFG, build_actor, hf_causal_lm, hf_state, make_prompts
+
+
+def _batches(seed: int) -> list[dict]:
+    gen = torch.Generator().manual_seed(seed)
+    tokens = torch.randint(0, CFG.vocab_size, (2, 17), generator=gen)
+    return [
+        {
+            "input_ids": tokens[:, :-1],
+            "labels": tokens[:, 1:],
+            "loss_mask": torch.ones(2, 16),
+        }
+    ]
+
+
+def _world(rank, world_size, hf_weights, prompts):
+    from hpc_rlhf.algorithms.lm import lm_loss
+    from hpc_rlhf.config import ParallelConfig
+    from hpc_rlhf.inference.engine import GenerationConfig, GenerationEngine
+    from hpc_rlhf.inference.memory import TrainingMemory, optimizer_state_tensors
+    from hpc_rlhf.inference.sampling import SamplingParams
+
+    state, shared = build_actor(CFG, ParallelConfig(), hf_weights, trainable=True)
+    _, plain = build_actor(CFG, ParallelConfig(), hf_weights, trainable=True)
+
+    def loss(batch, out):
+        return lm_loss(batch, out, state.tp_group)
+
+    for actor in (shared, plain):  # step 1 creates the optimizer state
+        actor.train_step(_batches(0), loss)
+    n_params = sum(p.numel() for p in shared.parameters_by_chunk()[0].parameters())
+    memory = TrainingMemory(shared)
+    report = memory.release()
+    res = {"optimizer_bytes": report.optimizer_bytes, "grad_bytes": report.grad_bytes}
+    res["n_params"] = n_params
+    res["state_sizes_during"] = sorted(
+        {t.untyped_storage().nbytes() for t in optimizer_state_tensors(shared.optimizer)}
+    )
+    res["grad_sizes_during"] = sorted(
+        {b.grad_data.untyped_storage().nbytes() for b in shared.model[0].buffers}
+    )
+    engine = GenerationEngine(shared, CFG, state, GenerationConfig(block_size=8))
+    engine.sync_weights(1)
+    outs = engine.generate(prompts, SamplingParams(temperature=1.0, max_new_tokens=8, seed=3))
+    res["generated"] = sum(len(o.token_ids) for o in outs)
+    memory.restore()
+    for actor in (shared, plain):
+        actor.train_step(_batches(1), loss)
+    pairs = zip(
+        shared.parameters_by_chunk()[0].parameters(), plain.parameters_by_chunk()[0].parameters()
+    )
+    res["params_equal"] = all(torch.equal(a, b) for a, b in pairs)
+    states = zip(
+        optimizer_state_tensors(shared.optimizer), optimizer_state_tensors(plain.optimizer)
+    )
+    res["optimizer_equal"] = all(torch.equal(a, b) for a, b in states)
+    res["moved"] = not all(
+        torch.equal(a, b)
+        for a, b in zip(
+            shared.parameters_by_chunk()[0].parameters(),
+            build_actor(CFG, ParallelConfig(), hf_weights)[1].parameters_by_chunk()[0].parameters(),
+        )
+    )
+    return res
+
+
+def test_time_sharing_round_trip_is_exact():
+    model = hf_causal_lm(CFG, seed=5)
+    (res,) = run_world(_world, 1, hf_state(model), make_prompts(seed=6))
+    n = res["n_params"]
+    # Adam's two fp32 moments per parameter (+ its step counters); fp32 grad buffer.
+    assert 8 * n <= res["optimizer_bytes"] <= 8 * n + 4096
+    assert 4 * n <= res["grad_bytes"] <= 4 * n + 4096
+    assert res["state_sizes_during"] == [0]
+    assert res["grad_sizes_during"] == [0]
+    assert res["generated"] == 6 * 8
+    assert res["params_equal"] is True
+    assert res["optimizer_equal"] is True
+    assert res["moved"] is True  # the steps did change the weights
