@@ -1,5 +1,5 @@
 # hpc_rlhf: every target sets itself up (creates .venv and installs on first use).
-#   make demo   - the main job on CPU (4 gloo processes, TP=2 x PP=2)
+#   make demo   - the main job: tiny PPO on CPU (4 gloo processes, TP=2 x DP=2)
 #   make test   - style checks + the test suite
 #   make bench  - kernel benchmark against the eager torch way
 VENV      ?= .venv
@@ -8,7 +8,7 @@ TORCH_PIN ?= torch==2.13.0
 STAMP     := $(VENV)/.installed
 NPROC     ?= 4
 
-.PHONY: setup demo test lint bench clean
+.PHONY: setup demo demo-pretrain test lint bench clean
 
 $(STAMP): setup.py pyproject.toml $(wildcard csrc/*.cpp csrc/*.h)
 	test -x $(PY) || python3 -m venv $(VENV)
@@ -20,6 +20,10 @@ $(STAMP): setup.py pyproject.toml $(wildcard csrc/*.cpp csrc/*.h)
 setup: $(STAMP)
 
 demo: $(STAMP)
+	OMP_NUM_THREADS=1 $(VENV)/bin/torchrun --standalone --nproc_per_node=$(NPROC) \
+		-m hpc_rlhf.cli ppo --config examples/configs/ppo_tiny_cpu.yaml
+
+demo-pretrain: $(STAMP)
 	OMP_NUM_THREADS=1 $(VENV)/bin/torchrun --standalone --nproc_per_node=$(NPROC) \
 		-m hpc_rlhf.cli pretrain --config examples/configs/tiny_cpu.yaml
 

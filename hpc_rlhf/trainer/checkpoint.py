@@ -100,7 +100,7 @@ def load_model_checkpoint_state(model, saved: Mapping) -> None:
     if "optimizer" not in saved:
         raise CheckpointError(f"checkpoint of {model.role} has no optimizer state")
     model.optimizer.load_state_dict(saved["optimizer"])
-    _unshare_adam_steps(model)
+    _own_optimizer_state(model)
     if "optimizer_param_state" in saved:
         subs = _sub_optimizers(model)
         if len(subs) != len(saved["optimizer_param_state"]):
@@ -115,17 +115,21 @@ def load_model_checkpoint_state(model, saved: Mapping) -> None:
         model.optimizer.reload_model_params()
 
 
-def _unshare_adam_steps(model) -> None:
-    """megatron's DistributedOptimizer.load_state_dict gives every parameter's torch-Adam
-    state the *same* ``step`` tensor; torch Adam increments it in place once per parameter,
-    so the bias correction drifts after a resume (seen with megatron-core 0.16.1 without
-    apex/TE). Give each parameter its own copy."""
+def _own_optimizer_state(model) -> None:
+    """Give every optimizer-state tensor its own fresh storage after a load.
+
+    megatron's DistributedOptimizer.load_state_dict gives every parameter's torch-Adam state
+    the *same* ``step`` tensor, which torch Adam then increments once per parameter, so the
+    bias correction drifts after a resume (megatron-core 0.16.1 without apex/TE). And
+    tensors that come out of ``torch.load`` sit in storages that cannot be resized, which
+    the generation time-sharing (``inference.memory``) needs to release them.
+    """
     for opt in _sub_optimizers(model):
         inner = getattr(opt, "optimizer", None)
         for param_state in getattr(inner, "state", {}).values():
-            step = param_state.get("step")
-            if isinstance(step, torch.Tensor):
-                param_state["step"] = step.clone()
+            for key, value in list(param_state.items()):
+                if isinstance(value, torch.Tensor):
+                    param_state[key] = value.clone()
 
 
 def _sub_optimizers(model) -> list:

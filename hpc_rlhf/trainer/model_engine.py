@@ -21,6 +21,7 @@ available on every pipeline stage.
 from __future__ import annotations
 
 import logging
+import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from functools import partial
@@ -241,10 +242,10 @@ class TrainableModel:
         self.optimizer.zero_grad()
         outputs = self.forward_backward(microbatches, loss_fn, normalize=normalize)
         metrics = self.reduce_metrics(outputs)
-        loss = metrics.get("loss")
-        if loss is not None and not torch.isfinite(torch.tensor(loss)):
+        bad = [f"{k} is {v}" for k, v in metrics.items() if "loss" in k and not math.isfinite(v)]
+        if bad:
             raise NonFiniteLossError(
-                f"{self.role}: loss is {loss} - stopping before the optimizer step"
+                f"{self.role}: {', '.join(bad)} - stopping before the optimizer step"
             )
         updated, grad_norm, _ = self.optimizer.step()
         if grad_norm is not None and not torch.isfinite(torch.tensor(grad_norm)):

@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import logging
 import time
-from contextlib import contextmanager
+from contextlib import ExitStack, contextmanager
 
 import torch
 import torch.distributed as dist
@@ -127,15 +127,13 @@ class PPOTrainer:
         if not self.cfg.generation.offload_training_state:
             yield
             return
-        from hpc_rlhf.inference.memory import TrainingMemory
+        from hpc_rlhf.inference.memory import training_memory_released
 
-        trainables = [m for m in (self.actor, self.critic) if m is not None]
-        memory = TrainingMemory(trainables)
-        memory.release()
-        try:
+        with ExitStack() as stack:
+            for model in (self.actor, self.critic):
+                if model is not None:
+                    stack.enter_context(training_memory_released(model))
             yield
-        finally:
-            memory.restore()
 
     # ------------------------------------------------------------------ stage 3
     def score(self, rollout: Rollout) -> ExperienceBatch:

@@ -1,0 +1,200 @@
+"""PPO end to end on the tiny model: it learns a toy task with a known optimum (1 process
+and TP=2 x DP=2), GRPO learns too, resuming reproduces the uninterrupted run's metrics, a
+NaN loss stops the run with the last checkpoint intact, and reward models + rule rewards
+combine with their weights."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+
+from hpc_rlhf.config import PPORunConfig, config_from_dict
+from tests.dist import run_world
+
+BASE = {
+    "model": {
+        "num_layers": 2,
+        "hidden_size": 64,
+        "num_attention_heads": 4,
+        "num_query_groups": 2,
+        "ffn_hidden_size": 176,
+        "vocab_size": 512,
+        "max_position_embeddings": 256,
+    },
+    "actor_optimizer": {"lr": 1e-2, "lr_decay_style": "constant"},
+    "critic_optimizer": {"lr": 5e-3, "lr_decay_style": "constant"},
+    "ppo": {
+        "steps": 16,
+        "rollout_batch_size": 8,
+        "n_samples_per_prompt": 4,
+        "micro_batch_size_per_rank": 8,
+        "mini_batches_per_rollout": 4,
+        "kl_coef": 0.01,
+    },
+    "generation": {"max_new_tokens": 12, "stop_at_eos": False, "kv_cache_bytes": 8 << 20},
+    "reward": {
+        "rules": [
+            {
+                "function": "hpc_rlhf.algorithms.rule_rewards:target_token_fraction",
+                "kwargs": {"target": "\u2581the"},
+            }
+        ]
+    },
+    "data": {"max_prompt_length": 24},
+}
+
+
+def make_cfg(**sections) -> PPORunConfig:
+    data = {k: dict(v) if isinstance(v, dict) else v for k, v in BASE.items()}
+    for key, value in sections.items():
+        data[key] = {**data.get(key, {}), **value} if isinstance(value, dict) else value
+    return config_from_dict(data, PPORunConfig)
+
+
+def _run(rank, world, cfg):
+    from hpc_rlhf.trainer.ppo_run import run_ppo
+
+    return run_ppo(cfg)
+
+
+def _learned(history) -> tuple[float, float]:
+    rewards = [m["reward_mean"] for m in history]
+    return sum(rewards[:2]) / 2, sum(rewards[-2:]) / 2
+
+
+@pytest.mark.parametrize(
+    "world,sections",
+    [
+        (1, {}),
+        (
+            4,
+            {
+                "parallel": {"tensor_model_parallel_size": 2},
+                "ppo": {"micro_batch_size_per_rank": 4},
+            },
+        ),
+        (1, {"ppo": {"advantage": "grpo", "whiten_advantages": False}}),
+    ],
+    ids=["gae_1proc", "gae_tp2_dp2", "grpo_1proc"],
+)
+def test_mean_reward_rises_on_the_toy_task(world, sections):
+    history = run_world(_run, world, make_cfg(**sections))[0]
+    start, end = _learned(history)
+    assert end > start + 0.05 and end > 3 * start, f"reward {start:.3f} -> {end:.3f}"
+    assert all(h["response_length"] == 12 for h in history)
+    for key in ("kl", "entropy", "clip_frac", "advantage_mean", "time_generate", "tokens_per_s"):
+        assert key in history[-1]
+
+
+def test_resume_reproduces_the_uninterrupted_run(tmp_path):
+    full_dir, half_dir = str(tmp_path / "full"), str(tmp_path / "half")
+    ppo = {"steps": 4, "save_interval": 2}
+    cfg_full = make_cfg(ppo={**ppo, "save_dir": full_dir})
+    cfg_half = make_cfg(ppo={**ppo, "steps": 2, "save_dir": half_dir})
+    cfg_resume = make_cfg(ppo={**ppo, "save_dir": half_dir})
+    full, first, resumed = run_world(_resume2, 1, cfg_full, cfg_half, cfg_resume, half_dir)[0]
+    assert len(resumed) == 2
+    for ours, theirs in zip(first + resumed, full):
+        for key, value in theirs.items():
+            if not key.startswith("time_") and key != "tokens_per_s":
+                assert ours[key] == value, f"{key}: {ours[key]} != {value}"
+    assert os.path.exists(os.path.join(full_dir, "step_000004", "meta.json"))
+
+
+def _resume2(rank, world, cfg_full, cfg_half, cfg_resume, half_dir):
+    from hpc_rlhf.trainer.checkpoint import latest_checkpoint
+    from hpc_rlhf.trainer.ppo_run import run_ppo
+
+    full = run_ppo(cfg_full)
+    first = run_ppo(cfg_half)
+    assert latest_checkpoint(half_dir).endswith("step_000002")
+    resumed = run_ppo(cfg_resume)
+    return full, first, resumed
+
+
+def _nan_run(rank, world, cfg, root):
+    from hpc_rlhf.trainer.checkpoint import latest_checkpoint
+    from hpc_rlhf.trainer.model_engine import NonFiniteLossError
+    from hpc_rlhf.trainer.ppo_run import run_ppo
+
+    try:
+        run_ppo(cfg)
+    except NonFiniteLossError as err:
+        return str(err), latest_checkpoint(root)
+    return None, latest_checkpoint(root)
+
+
+def test_nan_loss_stops_with_a_clear_error_and_keeps_the_checkpoint(tmp_path):
+    root = str(tmp_path / "ckpt")
+    per_step = 8 * 4  # samples scored per step on the single rank
+    cfg = make_cfg(
+        ppo={"steps": 3, "save_interval": 1, "save_dir": root},
+        reward={
+            "rules": [
+                {"function": "tests.trainer.rules:nan_after", "kwargs": {"after_calls": per_step}}
+            ]
+        },
+    )
+    message, latest = run_world(_nan_run, 1, cfg, root)[0]
+    assert message is not None and "value_loss is nan" in message and "PPO step 2" in message
+    assert latest.endswith("step_000001")
+    assert os.path.exists(os.path.join(latest, "actor", "tp00_pp000_dp000.pt"))
+    assert not [p for p in os.listdir(root) if ".tmp-" in p]
+
+
+def _reward_scores(rank, world, cfg, rm_dir):
+    from hpc_rlhf.trainer.ppo_run import build_trainer
+
+    trainer = build_trainer(cfg)
+    prompts = trainer.prompts.next_batch(4, 0, 1)
+    rollout = trainer.generate(prompts)
+    exp = trainer.score(rollout)
+    return rollout.prompt_ids, rollout.response_ids, exp.score_B
+
+
+def test_reward_models_and_rules_combine_with_their_weights(tmp_path):
+    from transformers import LlamaConfig, LlamaForSequenceClassification
+
+    from hpc_rlhf.models.convert import hf_config_from_model, save_hf_checkpoint
+    from hpc_rlhf.models.init import random_hf_state
+
+    cfg0 = make_cfg()
+    rm_state = random_hf_state(cfg0.model, seed=5)
+    rm_state.pop("lm_head.weight")
+    rm_state["score.weight"] = 0.5 * torch.randn(
+        1, cfg0.model.hidden_size, generator=torch.Generator().manual_seed(6)
+    )
+    rm_dir = str(tmp_path / "rm")
+    save_hf_checkpoint(rm_dir, cfg0.model, rm_state)
+    cfg = make_cfg(
+        ppo={
+            "rollout_batch_size": 4,
+            "n_samples_per_prompt": 2,
+            "micro_batch_size_per_rank": 4,
+            "mini_batches_per_rollout": 1,
+        },
+        reward={
+            "models": [{"path": rm_dir, "weight": 0.7}],
+            "rules": [{"function": "tests.trainer.rules:response_length", "weight": 0.1}],
+        },
+        generation={"stop_at_eos": True},
+    )
+    prompts, responses, scores = run_world(_reward_scores, 1, cfg, rm_dir)[0]
+    hf_cfg = LlamaConfig(
+        **{
+            k: v
+            for k, v in hf_config_from_model(cfg0.model, "score").items()
+            if k != "architectures"
+        }
+    )
+    hf = LlamaForSequenceClassification(hf_cfg).eval()
+    hf.load_state_dict(rm_state, strict=True)
+    for p, r, score in zip(prompts, responses, scores):
+        with torch.no_grad():
+            per_token = (
+                hf.model(torch.tensor([p + r])).last_hidden_state @ rm_state["score.weight"].T
+            )
+        expected = 0.7 * float(per_token[0, -1, 0]) + 0.1 * len(r)
+        assert float(score) == pytest.approx(expected, rel=1e-4, abs=1e-5)
