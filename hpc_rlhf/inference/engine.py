@@ -234,6 +234,7 @@ class GenerationEngine:
             b, o = cache.slots(item.seqs[0].block_table, 0, len(item.tokens))
             blocks += b
             offsets += o
+        cache.zero_fresh_blocks([item.seqs[0].block_table for item in items])
         blocks_T = torch.tensor(blocks, device=self.device)
         offsets_T = torch.tensor(offsets, device=self.device)
         prefill_fn = (
@@ -265,6 +266,7 @@ class GenerationEngine:
             [s.block_table[p // S] for s, p in zip(seqs, pos)], device=self.device
         )
         offsets_B = pos_B % S
+        cache.zero_fresh_blocks([s.block_table for s in seqs])
         meta = attn.build_decode_meta(
             [s.block_table for s in seqs], [p + 1 for p in pos], S, self.device
         )

@@ -119,16 +119,29 @@ class PagedKVCache:
             dims = (s.num_layers, num_blocks, s.num_kv_heads, s.block_size, s.head_dim)
         else:
             dims = (s.num_layers, num_blocks, s.block_size, s.num_kv_heads, s.head_dim)
-        # Zeros, not empty: attention multiplies unused slots by a zero probability, and
-        # 0 * NaN garbage would poison the sum.
-        self.k_LN = torch.zeros(dims, dtype=s.dtype, device=device)
-        self.v_LN = torch.zeros(dims, dtype=s.dtype, device=device)
+        # Uninitialised (no page is touched before use); a block is zeroed when first handed
+        # out (``zero_fresh_blocks``): attention multiplies a block's unwritten slots by a
+        # zero probability, and 0 * NaN garbage would poison the sum.
+        self.k_LN = torch.empty(dims, dtype=s.dtype, device=device)
+        self.v_LN = torch.empty(dims, dtype=s.dtype, device=device)
         self.allocator = BlockAllocator(num_blocks)
+        self._zeroed = torch.zeros(num_blocks, dtype=torch.bool)
         self.cow_copies = 0
 
     @property
     def nbytes(self) -> int:
         return 2 * self.k_LN.numel() * self.k_LN.element_size()
+
+    def zero_fresh_blocks(self, tables: list[list[int]]) -> None:
+        """Zero the blocks of ``tables`` never used since the pool was allocated."""
+        blocks = torch.tensor(sorted({b for t in tables for b in t}), dtype=torch.long)
+        if blocks.numel() == 0:
+            return
+        fresh = blocks[~self._zeroed[blocks]]
+        if fresh.numel():
+            self.k_LN[:, fresh.to(self.k_LN.device)] = 0
+            self.v_LN[:, fresh.to(self.v_LN.device)] = 0
+            self._zeroed[fresh] = True
 
     def slots(self, table: list[int], start: int, end: int) -> tuple[list[int], list[int]]:
         """(block id, offset in block) of token positions ``start .. end-1`` of a sequence."""
@@ -153,6 +166,7 @@ class PagedKVCache:
         fresh = self.allocator.allocate()
         self.k_LN[:, fresh] = self.k_LN[:, block]
         self.v_LN[:, fresh] = self.v_LN[:, block]
+        self._zeroed[fresh] = True  # fully written by the copy: no zeroing later
         self.allocator.free(block)
         table[index] = fresh
         self.cow_copies += 1
