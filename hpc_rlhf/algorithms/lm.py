@@ -12,9 +12,9 @@ def lm_loss(batch: dict, logits_BSV: torch.Tensor, tp_group=None):
     ``batch["loss_mask"]`` ``[B, S]`` which positions count. ``logits_BSV`` is this rank's
     vocabulary shard; the log-probs are reduced across ``tp_group``.
     """
-    from hpc_rlhf.ops import token_logprobs
+    from hpc_rlhf.models.selective_head import logprobs_from_output
 
-    logp_BS = token_logprobs(logits_BSV, batch["labels"], tp_group=tp_group)
+    logp_BS = logprobs_from_output(batch, logits_BSV, tp_group)
     mask_BS = batch["loss_mask"].to(logp_BS.dtype)
     count = mask_BS.sum()
     loss_sum = -(logp_BS * mask_BS).sum()

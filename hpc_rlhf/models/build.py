@@ -19,6 +19,7 @@ import torch.nn.functional as F
 
 from hpc_rlhf.config import ModelConfig, ParallelConfig
 from hpc_rlhf.models.heads import ScalarHead
+from hpc_rlhf.models.selective_head import install_selective_head
 from hpc_rlhf.parallel.state import ParallelState
 
 logger = logging.getLogger(__name__)
@@ -159,6 +160,8 @@ def build_model(
         gpt.output_layer = ScalarHead(model.hidden_size, state.sequence_parallel).to(
             config.params_dtype
         )
+    elif post:
+        install_selective_head(gpt.output_layer, state.sequence_parallel)
     gpt.hpc_role = role
     if role == "reference":
         gpt.requires_grad_(False)

@@ -16,7 +16,8 @@ from dataclasses import dataclass
 import torch
 
 from hpc_rlhf.config import PPOConfig
-from hpc_rlhf.ops import ppo_policy_loss, token_logprobs
+from hpc_rlhf.models.selective_head import logprobs_from_output
+from hpc_rlhf.ops import ppo_policy_loss
 
 
 def scaled_logits(logits_BSV: torch.Tensor, temperature: float) -> torch.Tensor:
@@ -27,13 +28,8 @@ def scaled_logits(logits_BSV: torch.Tensor, temperature: float) -> torch.Tensor:
 def logprobs_fn(tp_group, temperature: float = 1.0, entropy: bool = False) -> Callable:
     """Scoring function for ``TrainableModel.infer``: ``{"logp": [B,S]}`` (+ ``"entropy"``)."""
 
-    def fn(batch: dict, logits_BSV: torch.Tensor) -> dict:
-        out = token_logprobs(
-            scaled_logits(logits_BSV, temperature),
-            batch["labels"],
-            tp_group=tp_group,
-            return_entropy=entropy,
-        )
+    def fn(batch: dict, logits: torch.Tensor) -> dict:
+        out = logprobs_from_output(batch, scaled_logits(logits, temperature), tp_group, entropy)
         if entropy:
             return {"logp": out[0], "entropy": out[1]}
         return {"logp": out}
@@ -58,9 +54,7 @@ def actor_loss_fn(cfg: PPOConfig, tp_group, counts: GlobalCounts, temperature: f
         if batch.get("kind") == "ptx":
             return _ptx_loss(batch, logits_BSV, tp_group, cfg.ptx_coef, counts)
         mask_BS = batch["action_mask"]
-        logp_BS, entropy_BS = token_logprobs(
-            logits_BSV, batch["labels"], tp_group=tp_group, return_entropy=True
-        )
+        logp_BS, entropy_BS = logprobs_from_output(batch, logits_BSV, tp_group, entropy=True)
         loss, stats = ppo_policy_loss(
             logp_BS,
             batch["old_logp"],
@@ -90,7 +84,7 @@ def actor_loss_fn(cfg: PPOConfig, tp_group, counts: GlobalCounts, temperature: f
 
 
 def _ptx_loss(batch, logits_BSV, tp_group, coef: float, counts: GlobalCounts):
-    logp_BS = token_logprobs(logits_BSV, batch["labels"], tp_group=tp_group)
+    logp_BS = logprobs_from_output(batch, logits_BSV, tp_group)
     mask_BS = batch["loss_mask"].float()
     nll_sum = -(logp_BS * mask_BS).sum()
     n = mask_BS.sum()

@@ -66,13 +66,13 @@ class ExperienceBatch:
         out = []
         for start in range(0, self.size, size):
             sl = slice(start, start + size)
-            out.append(
-                {
-                    f.name.removesuffix("_BS").removesuffix("_B"): getattr(self, f.name)[sl]
-                    for f in dataclasses.fields(self)
-                    if isinstance(getattr(self, f.name), torch.Tensor)
-                }
-            )
+            mb = {
+                f.name.removesuffix("_BS").removesuffix("_B"): getattr(self, f.name)[sl]
+                for f in dataclasses.fields(self)
+                if isinstance(getattr(self, f.name), torch.Tensor)
+            }
+            mb["head_mask"] = mb["action_mask"]  # LM head over response positions only
+            out.append(mb)
         return out
 
 

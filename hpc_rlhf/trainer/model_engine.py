@@ -35,6 +35,7 @@ from hpc_rlhf.models.build import (
     causal_padding_mask,
     position_ids_from_mask,
 )
+from hpc_rlhf.models.selective_head import head_selection
 from hpc_rlhf.parallel.state import ParallelState
 
 logger = logging.getLogger(__name__)
@@ -62,12 +63,15 @@ def model_forward(model: torch.nn.Module, batch: dict) -> torch.Tensor:
 
     Returns the chunk's output: hidden states ``[S, B, H]`` on non-last stages, vocab-parallel
     logits ``[B, S, V/tp]`` (actor) or scores ``[B, S, 1]`` (critic/reward) on the last one.
+    With ``batch["head_mask"]`` ``[B, S]`` the LM head runs on those positions only and the
+    logits are ``[1, N, V/tp]`` (see ``models.selective_head``).
     """
     input_ids_BS = batch["input_ids"]
     mask_BS = batch.get("attention_mask")
     if mask_BS is None:
         mask_BS = torch.ones_like(input_ids_BS, dtype=torch.bool)
-    return model(input_ids_BS, position_ids_from_mask(mask_BS), causal_padding_mask(mask_BS))
+    with head_selection(model, batch.get("head_mask")):
+        return model(input_ids_BS, position_ids_from_mask(mask_BS), causal_padding_mask(mask_BS))
 
 
 class TrainableModel:

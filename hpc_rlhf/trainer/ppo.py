@@ -333,6 +333,7 @@ def _fit_length(mb: dict, seq_len: int, pad_id: int) -> dict:
             value = torch.cat([value, pad], dim=1)
         out[key] = value
     out["attention_mask"] = torch.ones_like(out["input_ids"], dtype=torch.bool)
+    out["head_mask"] = out["loss_mask"].bool()
     return out
 
 
