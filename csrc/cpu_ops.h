@@ -7,6 +7,7 @@
 #include <cmath>
 #include <cstdint>
 #include <cstring>
+#include <limits>
 #include <optional>
 #include <tuple>
 #include <type_traits>
@@ -22,10 +23,15 @@
 
 namespace hpc_rlhf {
 
-// exp(x) for x <= 0 in fp32 (about 1 ulp; 0 below -87), written with plain float/int
+// Below this many elements an op runs on one thread: an OpenMP fork/join costs more than the
+// work, and much more when the cores are oversubscribed.
+constexpr int64_t kParallelMinWork = int64_t{1} << 16;
+
+// exp(x) in fp32 (about 1 ulp; 0 below -87, inf above 88.7), written with plain float/int
 // arithmetic so that `#pragma omp simd` loops calling it vectorise.
 static inline __attribute__((always_inline)) float fast_exp(float x) {
-  const float xc = x < -87.0f ? -87.0f : x;
+  float xc = x < -87.0f ? -87.0f : x;
+  xc = xc > 88.0f ? 88.0f : xc;
   const float shifted = xc * 1.44269504088896341f + 12582912.0f;  // 1.5 * 2^23: round to int
   const float n = shifted - 12582912.0f;
   const float r = (xc - n * 0.693359375f) + n * 2.12194440e-4f;  // x - n * ln2 (Cody-Waite)
@@ -41,7 +47,8 @@ static inline __attribute__((always_inline)) float fast_exp(float x) {
   const uint32_t scale_bits = (bits + 127u) << 23;  // 2^n: low mantissa bits of `shifted` hold n
   float scale;
   std::memcpy(&scale, &scale_bits, 4);
-  return x < -87.0f ? 0.0f : p * scale;
+  const float y = x > 88.72f ? std::numeric_limits<float>::infinity() : p * scale;
+  return x < -87.0f ? 0.0f : y;
 }
 
 inline void check_cpu(const at::Tensor& t, const char* name) {

@@ -22,7 +22,8 @@ std::tuple<at::Tensor, at::Tensor> gae_cpu(const at::Tensor& rewards, const at::
   float* a_out = adv.data_ptr<float>();
   float* r_out = ret.data_ptr<float>();
   const float g = static_cast<float>(gamma), gl = static_cast<float>(gamma * lam);
-#pragma omp parallel for schedule(static) num_threads(at::get_num_threads())
+#pragma omp parallel for schedule(dynamic, 4) num_threads(at::get_num_threads()) \
+    if (batch * steps >= kParallelMinWork)
   for (int64_t b = 0; b < batch; ++b) {
     const int64_t o = b * steps;
     float next_v = 0.0f, next_a = 0.0f;

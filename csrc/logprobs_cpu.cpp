@@ -91,7 +91,8 @@ inline const float* as_float(const T* row, int64_t c0, int64_t n, float* buf) {
 template <typename T>
 void fwd_rows(const T* x, const int64_t* labels, int64_t rows, int64_t vocab, int64_t start,
               bool entropy, float* m, float* s, float* t, float* xl) {
-#pragma omp parallel for schedule(static) num_threads(at::get_num_threads())
+#pragma omp parallel for schedule(dynamic, 8) num_threads(at::get_num_threads()) \
+    if (rows * vocab >= kParallelMinWork)
   for (int64_t r = 0; r < rows; ++r) {
     alignas(64) float buf[kChunk];
     const T* row = x + r * vocab;
@@ -111,7 +112,8 @@ void fwd_rows(const T* x, const int64_t* labels, int64_t rows, int64_t vocab, in
 template <typename T>
 void bwd_rows(const T* x, const int64_t* labels, int64_t rows, int64_t vocab, int64_t start,
               const float* m, const float* log_s, const float* ent, const float* g_lp, const float* g_ent, T* grad) {
-#pragma omp parallel for schedule(static) num_threads(at::get_num_threads())
+#pragma omp parallel for schedule(dynamic, 8) num_threads(at::get_num_threads()) \
+    if (rows * vocab >= kParallelMinWork)
   for (int64_t r = 0; r < rows; ++r) {
     alignas(64) float in_buf[kChunk];
     alignas(64) float out_buf[kChunk];

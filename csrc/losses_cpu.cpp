@@ -1,6 +1,7 @@
 // PPO policy loss and value loss on CPU: per-row partial sums and the per-token derivative
-// of the unreduced loss in one pass; rows split over OpenMP threads. The reduction over rows
-// (token_mean / seq_mean) is done by hpc_rlhf/ops/_loss_common.py on [B, K] sums.
+// of the unreduced loss in one branch-free (vectorised) pass per row; rows are split over
+// OpenMP threads. The reduction over rows (token_mean / seq_mean) is done by
+// hpc_rlhf/ops/_loss_common.py on the [B, K] sums.
 #include <algorithm>
 
 #include "cpu_ops.h"
@@ -19,9 +20,70 @@ void check_rows_inputs(std::initializer_list<const at::Tensor*> floats, const at
   }
 }
 
+struct PpoParams {
+  float lo, hi, dual;  // dual <= 0: no dual clip
+};
+
+// One row of T tokens -> out[7] = loss sum, count, clipped, sum(old - logp), ratio sum,
+// ratio max, dual-clipped; dc[t] = d loss_t / d logp_t (kGrad only).
+template <bool kGrad>
+void ppo_row(const float* __restrict lp, const float* __restrict old, const float* __restrict a,
+             const uint8_t* __restrict m, int64_t steps, PpoParams p, float* __restrict dc,
+             float* out) {
+  float loss_sum = 0, count = 0, clipped_n = 0, kl = 0, ratio_sum = 0, ratio_max = 0, dual_n = 0;
+  const bool use_dual = p.dual > 0.0f;
+#pragma omp simd reduction(+ : loss_sum, count, clipped_n, kl, ratio_sum, dual_n) \
+    reduction(max : ratio_max)
+  for (int64_t t = 0; t < steps; ++t) {
+    const bool valid = m[t] != 0;
+    const float diff = lp[t] - old[t], ratio = fast_exp(diff), at = a[t];
+    const float unclipped = ratio * at;
+    const float clipped_term = std::min(std::max(ratio, p.lo), p.hi) * at;
+    const bool clipped = clipped_term < unclipped;
+    float l = -std::min(unclipped, clipped_term);
+    float d = clipped ? 0.0f : -ratio * at;
+    const bool dual_on = use_dual && at < 0.0f && l > -p.dual * at;
+    l = dual_on ? -p.dual * at : l;
+    d = dual_on ? 0.0f : d;
+    loss_sum += valid ? l : 0.0f;
+    count += valid ? 1.0f : 0.0f;
+    clipped_n += (valid && clipped) ? 1.0f : 0.0f;
+    kl += valid ? -diff : 0.0f;
+    ratio_sum += valid ? ratio : 0.0f;
+    ratio_max = std::max(ratio_max, valid ? ratio : 0.0f);
+    dual_n += (valid && dual_on) ? 1.0f : 0.0f;
+    if constexpr (kGrad) dc[t] = valid ? d : 0.0f;
+  }
+  out[0] = loss_sum, out[1] = count, out[2] = clipped_n, out[3] = kl, out[4] = ratio_sum;
+  out[5] = ratio_max, out[6] = dual_n;
+}
+
+// One row -> out[5] = loss sum, count, clipped, value sum, squared-error sum; dc = d loss / dv.
+template <bool kGrad>
+void value_row(const float* __restrict v, const float* __restrict old,
+               const float* __restrict ret, const uint8_t* __restrict m, int64_t steps,
+               float clip, float* __restrict dc, float* out) {
+  float loss_sum = 0, count = 0, clipped_n = 0, v_sum = 0, sq_sum = 0;
+  const bool use_clip = clip >= 0.0f;
+#pragma omp simd reduction(+ : loss_sum, count, clipped_n, v_sum, sq_sum)
+  for (int64_t t = 0; t < steps; ++t) {
+    const bool valid = m[t] != 0;
+    const float err = v[t] - ret[t], sq = err * err;
+    const float vc = std::min(std::max(v[t], old[t] - clip), old[t] + clip);
+    const float sq_clip = use_clip ? (vc - ret[t]) * (vc - ret[t]) : sq;
+    const bool clipped = sq_clip > sq;
+    loss_sum += valid ? 0.5f * std::max(sq, sq_clip) : 0.0f;
+    count += valid ? 1.0f : 0.0f;
+    clipped_n += (valid && clipped) ? 1.0f : 0.0f;
+    v_sum += valid ? v[t] : 0.0f;
+    sq_sum += valid ? sq : 0.0f;
+    if constexpr (kGrad) dc[t] = (valid && !clipped) ? err : 0.0f;
+  }
+  out[0] = loss_sum, out[1] = count, out[2] = clipped_n, out[3] = v_sum, out[4] = sq_sum;
+}
+
 }  // namespace
 
-// rows [B, 7]: loss sum, count, clipped count, sum(old - logp), ratio sum, ratio max, dual count
 std::tuple<at::Tensor, at::Tensor> ppo_rows_cpu(const at::Tensor& logp, const at::Tensor& old_logp,
                                                 const at::Tensor& adv, const at::Tensor& mask,
                                                 double clip_low, double clip_high,
@@ -35,42 +97,21 @@ std::tuple<at::Tensor, at::Tensor> ppo_rows_cpu(const at::Tensor& logp, const at
   const uint8_t* m = mask.data_ptr<uint8_t>();
   float* out = rows.data_ptr<float>();
   float* dc = need_grad ? dcoef.data_ptr<float>() : nullptr;
-  const float lo = 1.0f - static_cast<float>(clip_low), hi = 1.0f + static_cast<float>(clip_high);
-  const float dual = static_cast<float>(dual_clip);
-#pragma omp parallel for schedule(static) num_threads(at::get_num_threads())
+  const PpoParams p{1.0f - static_cast<float>(clip_low), 1.0f + static_cast<float>(clip_high),
+                    static_cast<float>(dual_clip)};
+#pragma omp parallel for schedule(dynamic, 4) num_threads(at::get_num_threads()) \
+    if (batch * steps >= kParallelMinWork)
   for (int64_t b = 0; b < batch; ++b) {
-    float loss_sum = 0, count = 0, clipped_n = 0, kl = 0, ratio_sum = 0, ratio_max = 0, dual_n = 0;
-    for (int64_t t = b * steps; t < (b + 1) * steps; ++t) {
-      float d = 0.0f;
-      if (m[t]) {
-        const float ratio = std::exp(lp[t] - old[t]);
-        const float unclipped = ratio * a[t];
-        const float clipped_term = std::min(std::max(ratio, lo), hi) * a[t];
-        const bool clipped = clipped_term < unclipped;
-        float l = -std::min(unclipped, clipped_term);
-        d = clipped ? 0.0f : -ratio * a[t];
-        if (dual > 0.0f && a[t] < 0.0f && l > -dual * a[t]) {
-          l = -dual * a[t];
-          d = 0.0f;
-          dual_n += 1.0f;
-        }
-        loss_sum += l;
-        count += 1.0f;
-        clipped_n += clipped ? 1.0f : 0.0f;
-        kl += old[t] - lp[t];
-        ratio_sum += ratio;
-        ratio_max = std::max(ratio_max, ratio);
-      }
-      if (dc) dc[t] = d;
+    const int64_t o = b * steps;
+    if (dc) {
+      ppo_row<true>(lp + o, old + o, a + o, m + o, steps, p, dc + o, out + b * 7);
+    } else {
+      ppo_row<false>(lp + o, old + o, a + o, m + o, steps, p, nullptr, out + b * 7);
     }
-    float* o = out + b * 7;
-    o[0] = loss_sum, o[1] = count, o[2] = clipped_n, o[3] = kl, o[4] = ratio_sum;
-    o[5] = ratio_max, o[6] = dual_n;
   }
   return {rows, dcoef};
 }
 
-// rows [B, 5]: loss sum, count, clipped count, value sum, squared-error sum
 std::tuple<at::Tensor, at::Tensor> value_rows_cpu(const at::Tensor& values,
                                                   const at::Tensor& old_values,
                                                   const at::Tensor& returns,
@@ -86,28 +127,15 @@ std::tuple<at::Tensor, at::Tensor> value_rows_cpu(const at::Tensor& values,
   float* out = rows.data_ptr<float>();
   float* dc = need_grad ? dcoef.data_ptr<float>() : nullptr;
   const float c = static_cast<float>(clip);
-  const bool use_clip = clip >= 0.0;
-#pragma omp parallel for schedule(static) num_threads(at::get_num_threads())
+#pragma omp parallel for schedule(dynamic, 4) num_threads(at::get_num_threads()) \
+    if (batch * steps >= kParallelMinWork)
   for (int64_t b = 0; b < batch; ++b) {
-    float loss_sum = 0, count = 0, clipped_n = 0, v_sum = 0, sq_sum = 0;
-#pragma omp simd reduction(+ : loss_sum, count, clipped_n, v_sum, sq_sum)
-    for (int64_t t = b * steps; t < (b + 1) * steps; ++t) {
-      const float err = v[t] - ret[t], sq = err * err;
-      float sq_clip = sq;
-      if (use_clip) {
-        const float vc = std::min(std::max(v[t], old[t] - c), old[t] + c);
-        sq_clip = (vc - ret[t]) * (vc - ret[t]);
-      }
-      const bool valid = m[t] != 0, clipped = sq_clip > sq;
-      loss_sum += valid ? 0.5f * std::max(sq, sq_clip) : 0.0f;
-      count += valid ? 1.0f : 0.0f;
-      clipped_n += (valid && clipped) ? 1.0f : 0.0f;
-      v_sum += valid ? v[t] : 0.0f;
-      sq_sum += valid ? sq : 0.0f;
-      if (dc) dc[t] = (valid && !clipped) ? err : 0.0f;
+    const int64_t o = b * steps;
+    if (dc) {
+      value_row<true>(v + o, old + o, ret + o, m + o, steps, c, dc + o, out + b * 5);
+    } else {
+      value_row<false>(v + o, old + o, ret + o, m + o, steps, c, nullptr, out + b * 5);
     }
-    float* o = out + b * 5;
-    o[0] = loss_sum, o[1] = count, o[2] = clipped_n, o[3] = v_sum, o[4] = sq_sum;
   }
   return {rows, dcoef};
 }

@@ -59,3 +59,15 @@ def test_bf16_inputs_and_int_mask(backend):
 def test_shape_error():
     with pytest.raises(ValueError, match=r"\[B, T\]"):
         masked_gae(torch.zeros(2, 3), torch.zeros(2, 4), torch.ones(2, 3), backend="torch")
+
+
+@pytest.mark.parametrize("backend", [b for b in BACKENDS if b != "triton"])
+def test_large_enough_for_threads(backend):
+    """300 x 300: above the C++ single-thread threshold, so sequences go to OpenMP."""
+    gen = torch.Generator().manual_seed(8)
+    rewards, values = torch.randn(300, 300, generator=gen), torch.randn(300, 300, generator=gen)
+    mask = random_mask(300, 300, gen, "holes")
+    adv, ret = masked_gae(rewards, values, mask, gamma=0.9, lam=0.8, backend=backend)
+    ref_adv, ref_ret = oracle_gae(rewards, values, mask, 0.9, 0.8)
+    torch.testing.assert_close(adv.double(), ref_adv, atol=2e-5, rtol=1e-5)
+    torch.testing.assert_close(ret.double(), ref_ret, atol=2e-5, rtol=1e-5)

@@ -109,3 +109,11 @@ def test_shape_and_dtype_errors():
         token_logprobs(logits, torch.zeros(2, 4, dtype=torch.long), backend="torch")
     with pytest.raises(TypeError, match="fp32, bf16 or fp16"):
         token_logprobs(logits.double(), torch.zeros(2, 3, dtype=torch.long), backend="torch")
+
+
+@pytest.mark.parametrize("backend", [b for b in BACKENDS if b != "triton"])
+def test_large_enough_for_threads(backend):
+    """64 x 2050 logits: above the C++ single-thread threshold, so rows go to OpenMP."""
+    logits, labels, g_lp, g_ent = _inputs((64, 2050), torch.float32, seed=9)
+    oracle = oracle_logprobs(logits, labels, g_lp, g_ent)
+    _check_vs_oracle(torch.float32, *_run(backend, logits, labels, g_lp, g_ent), oracle)

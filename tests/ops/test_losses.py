@@ -154,3 +154,22 @@ def test_argument_errors():
         value_loss(t, t, t, m, clip=-0.1, backend="torch")
     with pytest.raises(ValueError, match=r"\[B, T\]"):
         value_loss(t, t, torch.zeros(3, 2), m, backend="torch")
+
+
+@pytest.mark.parametrize("backend", [b for b in BACKENDS if b != "triton"])
+@pytest.mark.parametrize("reduction", REDUCTIONS)
+def test_large_enough_for_threads(backend, reduction):
+    """300 x 300: above the C++ single-thread threshold, so rows go to OpenMP."""
+    a, b, c, mask = _inputs((300, 300), "holes", seed=4)
+    ref_loss, ref_grad, _ = _ppo64(a, b, c, mask, 0.2, 0.2, 2.5, reduction)
+    x = a.clone().requires_grad_(True)
+    loss, _ = ppo_policy_loss(x, b, c, mask, dual_clip=2.5, reduction=reduction, backend=backend)
+    loss.backward()
+    torch.testing.assert_close(loss.double(), ref_loss, atol=1e-6, rtol=1e-5)
+    torch.testing.assert_close(x.grad.double(), ref_grad, atol=1e-8, rtol=1e-5)
+    ref_loss, ref_grad, _ = _value64(a, b, c, mask, 0.2, reduction)
+    x = a.clone().requires_grad_(True)
+    loss, _ = value_loss(x, b, c, mask, reduction=reduction, backend=backend)
+    loss.backward()
+    torch.testing.assert_close(loss.double(), ref_loss, atol=1e-6, rtol=1e-5)
+    torch.testing.assert_close(x.grad.double(), ref_grad, atol=1e-8, rtol=1e-5)
