@@ -34,13 +34,28 @@ def test_yaml_and_overrides_build_a_frozen_tree(tmp_path):
     assert config_to_dict(cfg)["model"]["num_layers"] == 4
 
 
-def test_shipped_example_configs_load():
-    import glob
+WORLD_SIZES = {  # the cluster each shipped config is written for
+    "ppo_tiny_cpu.yaml": 4,
+    "ppo_llama2_7b_a100_2x8.yaml": 16,
+    "ppo_llama2_13b_h100_2x8.yaml": 16,
+    "ppo_llama2_70b_h100_8x8.yaml": 64,
+    "tiny_cpu.yaml": 4,
+}
 
-    paths = glob.glob("examples/configs/*.yaml")
-    assert paths, "no example configs found"
+
+def test_shipped_example_configs_load_and_fit_their_clusters():
+    import glob
+    import os
+
+    from hpc_rlhf.config import PPORunConfig
+
+    paths = sorted(glob.glob("examples/configs/*.yaml"))
+    assert {os.path.basename(p) for p in paths} == set(WORLD_SIZES)
     for path in paths:
-        assert isinstance(load_config(path), Config)
+        name = os.path.basename(path)
+        cls = PPORunConfig if name.startswith("ppo_") else Config
+        cfg = load_config(path, cls=cls)
+        cfg.validate(WORLD_SIZES[name])
 
 
 @pytest.mark.parametrize(
