@@ -132,7 +132,13 @@ class GenerationEngine:
         """Allocate the KV pool (done by ``generate`` when needed)."""
         if self.cache is None:
             layout = attn.kv_layout(self.backend)
-            self.cache = PagedKVCache(self.cache_shape, self.num_blocks, layout, self.device)
+            self.cache = PagedKVCache(
+                self.cache_shape,
+                self.num_blocks,
+                layout,
+                self.device,
+                scratch=self.config.cuda_graphs,
+            )
             if self.state.rank == 0:
                 logger.info(
                     "KV cache: %d blocks of %d tokens, %.1f MB",
@@ -144,6 +150,7 @@ class GenerationEngine:
 
     def free_cache(self) -> None:
         """Release the KV pool's memory."""
+        self._graphs = None  # captured graphs point into the pool
         if self.cache is not None:
             self.cache.release()
             self.cache = None
@@ -200,9 +207,10 @@ class GenerationEngine:
             raise ValueError("generate() needs non-empty prompts")
         longest = max(len(p) for p in prompts) + sampling.max_new_tokens
         need = self.cache_shape.blocks_for_tokens(longest)
-        if need > self.num_blocks:
+        usable = self.num_blocks - (1 if self.config.cuda_graphs else 0)  # scratch block
+        if need > usable:
             raise CacheTooSmallError(
-                f"KV-cache budget of {self.num_blocks} blocks ({self.config.block_size} tokens "
+                f"KV-cache budget of {usable} blocks ({self.config.block_size} tokens "
                 f"each, {self.cache_shape.bytes_per_block} bytes per block) cannot hold one "
                 f"sequence of {longest} tokens (longest prompt + max_new_tokens = {need} blocks)"
             )
@@ -235,8 +243,9 @@ class GenerationEngine:
             blocks += b
             offsets += o
         cache.zero_fresh_blocks([item.seqs[0].block_table for item in items])
-        blocks_T = torch.tensor(blocks, device=self.device)
-        offsets_T = torch.tensor(offsets, device=self.device)
+        rows = cache.slot_rows(
+            torch.tensor(blocks, device=self.device), torch.tensor(offsets, device=self.device)
+        )
         prefill_fn = (
             attn.prefill_attention_flash
             if self.backend == "flash_attn"
@@ -244,7 +253,7 @@ class GenerationEngine:
         )
 
         def attention(layer, q_THD, k_TGD, v_TGD):
-            cache.write(layer, blocks_T, offsets_T, k_TGD, v_TGD)
+            cache.write(layer, rows, k_TGD, v_TGD)
             return prefill_fn(q_THD, k_TGD, v_TGD, lens)
 
         last_I = torch.tensor(lens, device=self.device).cumsum(0) - 1
@@ -266,6 +275,7 @@ class GenerationEngine:
             [s.block_table[p // S] for s, p in zip(seqs, pos)], device=self.device
         )
         offsets_B = pos_B % S
+        rows = cache.slot_rows(blocks_B, offsets_B)
         cache.zero_fresh_blocks([s.block_table for s in seqs])
         meta = attn.build_decode_meta(
             [s.block_table for s in seqs], [p + 1 for p in pos], S, self.device
@@ -277,10 +287,13 @@ class GenerationEngine:
         )
 
         def attention(layer, q_BHD, k_BGD, v_BGD):
-            cache.write(layer, blocks_B, offsets_B, k_BGD, v_BGD)
+            cache.write(layer, rows, k_BGD, v_BGD)
             return decode_fn(q_BHD, cache.k_LN[layer], cache.v_LN[layer], meta)
 
-        logits_BV = self.runner.forward(ids_B, pos_B, attention, slice(None))
+        if self.config.cuda_graphs:
+            logits_BV = self._graph_decoder().run(ids_B, pos_B, blocks_B, offsets_B, meta)
+        else:
+            logits_BV = self.runner.forward(ids_B, pos_B, attention, slice(None))
         for s in seqs:
             s.num_cached += 1
         self.stats.decode_steps += 1

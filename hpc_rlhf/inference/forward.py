@@ -66,11 +66,18 @@ class Rope:
         emb = torch.cat([freqs, freqs], dim=-1)
         self.cos_PD, self.sin_PD = emb.cos().to(self.device), emb.sin().to(self.device)
 
-    def tables(self, positions_T: torch.Tensor, dtype) -> tuple[torch.Tensor, torch.Tensor]:
-        """``(cos, sin)`` ``[T, 1, D]`` at these positions."""
-        need = int(positions_T.max()) + 1
-        if need > self.cos_PD.shape[0]:
-            self._grow(max(need, 2 * self.cos_PD.shape[0]))
+    def ensure(self, length: int) -> None:
+        """Make the tables cover positions ``0 .. length-1``."""
+        if length > self.cos_PD.shape[0]:
+            self._grow(max(length, 2 * self.cos_PD.shape[0]))
+
+    def tables(
+        self, positions_T: torch.Tensor, dtype, check: bool = True
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(cos, sin)`` ``[T, 1, D]`` at these positions (``check=False``: no host sync,
+        the caller has ``ensure``d the length, e.g. inside a CUDA graph)."""
+        if check:
+            self.ensure(int(positions_T.max()) + 1)
         cos = self.cos_PD[positions_T].to(dtype)[:, None]
         sin = self.sin_PD[positions_T].to(dtype)[:, None]
         return cos, sin
@@ -130,11 +137,16 @@ class DecoderRunner:
         return x_TH + self.comm.all_reduce(mlp_TH)
 
     def forward(
-        self, ids_T: torch.Tensor, positions_T: torch.Tensor, attention: AttentionFn, logit_rows
+        self,
+        ids_T: torch.Tensor,
+        positions_T: torch.Tensor,
+        attention: AttentionFn,
+        logit_rows,
+        sync_free: bool = False,
     ) -> torch.Tensor:
         """Full-vocabulary fp32 logits ``[R, V]`` at token rows ``logit_rows`` only."""
         x_TH = self.embed(ids_T)
-        rope_cs = self.rope.tables(positions_T, x_TH.dtype)
+        rope_cs = self.rope.tables(positions_T, x_TH.dtype, check=not sync_free)
         for index, w in enumerate(self.weights.layers):
             x_TH = self.layer(index, w, x_TH, rope_cs, attention)
         last_RH = x_TH[logit_rows]

@@ -108,7 +108,9 @@ class BlockAllocator:
 class PagedKVCache:
     """The K/V pools of one engine plus their allocator."""
 
-    def __init__(self, shape: CacheShape, num_blocks: int, layout: str, device=None):
+    def __init__(
+        self, shape: CacheShape, num_blocks: int, layout: str, device=None, scratch: bool = False
+    ):
         if layout not in ("NGSD", "NSGD"):
             raise ValueError(f"unknown KV layout {layout!r}")
         self.shape = shape
@@ -124,7 +126,9 @@ class PagedKVCache:
         # zero probability, and 0 * NaN garbage would poison the sum.
         self.k_LN = torch.empty(dims, dtype=s.dtype, device=device)
         self.v_LN = torch.empty(dims, dtype=s.dtype, device=device)
-        self.allocator = BlockAllocator(num_blocks)
+        # ``scratch``: the last block is kept out of the allocator (CUDA-graph padding rows).
+        self.allocator = BlockAllocator(num_blocks - 1 if scratch else num_blocks)
+        self.scratch_block = num_blocks - 1 if scratch else None
         self._zeroed = torch.zeros(num_blocks, dtype=torch.bool)
         self.cow_copies = 0
 
@@ -139,8 +143,8 @@ class PagedKVCache:
             return
         fresh = blocks[~self._zeroed[blocks]]
         if fresh.numel():
-            self.k_LN[:, fresh.to(self.k_LN.device)] = 0
-            self.v_LN[:, fresh.to(self.v_LN.device)] = 0
+            self.k_LN.index_fill_(1, fresh.to(self.k_LN.device), 0)
+            self.v_LN.index_fill_(1, fresh.to(self.v_LN.device), 0)
             self._zeroed[fresh] = True
 
     def slots(self, table: list[int], start: int, end: int) -> tuple[list[int], list[int]]:
@@ -148,14 +152,24 @@ class PagedKVCache:
         S = self.shape.block_size
         return [table[p // S] for p in range(start, end)], [p % S for p in range(start, end)]
 
-    def write(self, layer: int, blocks_T, offsets_T, k_TGD, v_TGD) -> None:
-        """Store the K/V of ``T`` tokens at their (block, offset) slots of ``layer``."""
-        if self.layout == "NGSD":
-            self.k_LN[layer][blocks_T, :, offsets_T] = k_TGD
-            self.v_LN[layer][blocks_T, :, offsets_T] = v_TGD
-        else:
-            self.k_LN[layer][blocks_T, offsets_T] = k_TGD
-            self.v_LN[layer][blocks_T, offsets_T] = v_TGD
+    def slot_rows(self, blocks_T: torch.Tensor, offsets_T: torch.Tensor) -> torch.Tensor:
+        """Row indices of ``T`` token slots in a layer's pool flattened to rows (``[T*G]``
+        rows of ``D`` for ``"NGSD"``, ``[T]`` rows of ``G*D`` for ``"NSGD"``). Computed
+        once per forward and shared by every layer and by K and V."""
+        S, G = self.shape.block_size, self.shape.num_kv_heads
+        if self.layout == "NSGD":
+            return blocks_T * S + offsets_T
+        heads_G = torch.arange(G, device=blocks_T.device)
+        return ((blocks_T[:, None] * G + heads_G[None, :]) * S + offsets_T[:, None]).reshape(-1)
+
+    def write(self, layer: int, rows, k_TGD: torch.Tensor, v_TGD: torch.Tensor) -> None:
+        """Store the K/V of ``T`` tokens at their slot ``rows`` (``slot_rows``) of ``layer``.
+
+        ``index_copy_`` on the flattened pool: advanced-index assignment into the strided
+        ``[N, G, S, D]`` pool takes a slow path (measured ~250x slower on CPU)."""
+        width = self.k_LN.shape[-1] * (self.shape.num_kv_heads if self.layout == "NSGD" else 1)
+        self.k_LN[layer].view(-1, width).index_copy_(0, rows, k_TGD.reshape(-1, width))
+        self.v_LN[layer].view(-1, width).index_copy_(0, rows, v_TGD.reshape(-1, width))
 
     def copy_on_write(self, table: list[int], index: int) -> bool:
         """Give the sequence its own copy of ``table[index]`` if it is shared. Returns

@@ -134,7 +134,9 @@ class TrainingMemory:
             chunk.restore_grad_buffers()
         report, self._released = self._released, None
         if self.trainable.state.rank == 0:
-            logger.info("time-sharing: restored %.1f MB of training state", report.total_bytes / 2**20)
+            logger.info(
+                "time-sharing: restored %.1f MB of training state", report.total_bytes / 2**20
+            )
         return report
 
 
