@@ -11,12 +11,19 @@ share one prefill and its KV blocks), then every running sequence decodes one to
 batched step. Sequences leave as they finish and waiting ones take their place; when the
 cache is full, sequences are preempted and recomputed later, never dropped.
 
-Minimal use (actor = a ``TrainableModel``)::
+Minimal use in a PPO iteration (actor = a ``TrainableModel``)::
 
     engine = GenerationEngine(actor, model_cfg, state, GenerationConfig(cache_budget_bytes=2**30))
+    ...
     engine.sync_weights(version=step)      # after every optimizer step (PP>1: regathers)
-    outs = engine.generate(prompts, SamplingParams(temperature=1.0, top_p=0.9, seed=step),
-                           policy_version=step)
+    with training_memory_released(actor):  # optimizer state + grads out, KV cache in
+        outs = engine.generate(prompts, SamplingParams(temperature=1.0, top_p=0.9, seed=step),
+                               policy_version=step)
+    engine.release_weights()               # PP>1: drop the gathered copy before training
+
+With a pipeline-parallel training layout every pipeline rank of a TP group holds the whole
+model after ``sync_weights``; ranks of one TP group must get the same prompts (they
+generate in lockstep), different pipeline ranks may get the same or different prompts.
 """
 
 from __future__ import annotations
@@ -116,6 +123,14 @@ class GenerationEngine:
         self.weights = generation_weights(self.chunks, self.state, self.model_cfg, version)
         self.runner = DecoderRunner(self.weights, self.model_cfg, self.comm)
         self._graphs = None
+
+    def release_weights(self) -> None:
+        """Drop a gathered (PP>1) weight copy; a no-op for in-place weights (PP=1). The
+        engine needs ``sync_weights`` again before the next ``generate``."""
+        if self.weights is not None and not self.weights.in_place:
+            self.weights = None
+            self.runner = None
+            self._graphs = None
 
     @property
     def weights_version(self) -> int | None:

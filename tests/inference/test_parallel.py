@@ -53,6 +53,8 @@ def _layout_run(tp, pp, hf_weights, prompts):
     out["layers"] = len(engine.weights.layers)
     with pytest.raises(StaleWeightsError):
         engine.generate(prompts, SamplingParams(greedy=True), policy_version=4)
+    engine.release_weights()  # drops a gathered copy (PP>1); keeps in-place weights
+    out["kept_after_release"] = engine.weights is not None
     return out
 
 
@@ -79,6 +81,7 @@ def test_tp2_equals_tp1(reference):
         assert rank_out["greedy"] == ref
         assert rank_out["sampled"] == tp1["sampled"]
         assert rank_out["in_place"] is True
+        assert rank_out["kept_after_release"] is True
         diff = max(
             abs(a - b)
             for xs, ys in zip(rank_out["sampled_logprobs"], tp1["sampled_logprobs"])
@@ -93,5 +96,6 @@ def test_tp2_pp2_training_layout_to_tp2_engine(reference):
     for rank_out in results:
         assert rank_out["greedy"] == ref
         assert rank_out["in_place"] is False
+        assert rank_out["kept_after_release"] is False
         assert rank_out["layers"] == CFG.num_layers
     assert all(r["sampled"] == results[0]["sampled"] for r in results)
