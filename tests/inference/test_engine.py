@@ -7,6 +7,8 @@ from random weights; one spawned world runs every engine check and returns what 
 
 from __future__ import annotations
 
+import dataclasses
+
 import pytest
 import torch
 
@@ -21,6 +23,7 @@ from tests.inference.common import (
 )
 
 MAX_NEW = 12
+TIED = dataclasses.replace(CFG, tie_word_embeddings=True)
 SAMPLING = dict(temperature=0.8, top_k=40, top_p=0.9, max_new_tokens=MAX_NEW, seed=7)
 
 
@@ -65,7 +68,20 @@ def _logprob_checks(actor, prompts, outs, temperature) -> dict:
     return {"logprob_err": worst, "outside_allowed": outside, "steps_checked": steps}
 
 
-def _tp1_world(rank, world_size, hf_weights, prompts, greedy_ref):
+def _tied_greedy(tied_weights, prompts) -> list[list[int]]:
+    """Greedy tokens of an actor with tied input/output embeddings (rebuilds the groups)."""
+    from hpc_rlhf.config import ParallelConfig
+    from hpc_rlhf.inference.engine import GenerationEngine
+    from hpc_rlhf.inference.sampling import SamplingParams
+
+    state, actor = build_actor(TIED, ParallelConfig(), tied_weights)
+    engine = GenerationEngine(actor, TIED, state)
+    engine.sync_weights(0)
+    outs = engine.generate(prompts, SamplingParams(greedy=True, max_new_tokens=MAX_NEW))
+    return [o.token_ids for o in outs]
+
+
+def _tp1_world(rank, world_size, hf_weights, prompts, greedy_ref, tied_weights):
     from hpc_rlhf.config import ParallelConfig
     from hpc_rlhf.inference.engine import GenerationConfig, GenerationEngine
     from hpc_rlhf.inference.kv_cache import CacheTooSmallError
@@ -134,6 +150,7 @@ def _tp1_world(rank, world_size, hf_weights, prompts, greedy_ref):
         engine.generate(prompts, greedy, policy_version=1)
     res["stale_raises"] = True
     res["cache_freed"] = engine.cache is None
+    res["tied_greedy"] = _tied_greedy(tied_weights, prompts)
     return res
 
 
@@ -142,7 +159,10 @@ def tp1():
     model = hf_causal_lm(CFG)
     prompts = make_prompts()
     ref = hf_greedy(model, prompts, MAX_NEW)
-    (res,) = run_world(_tp1_world, 1, hf_state(model), prompts, ref)
+    tied = hf_causal_lm(TIED, seed=2)
+    res_tied = hf_greedy(tied, prompts, MAX_NEW)
+    (res,) = run_world(_tp1_world, 1, hf_state(model), prompts, ref, hf_state(tied))
+    res["tied_ref"] = res_tied
     return prompts, ref, res
 
 
@@ -152,6 +172,7 @@ def test_greedy_matches_transformers_generate(tp1):
     assert res["greedy_reasons"] == {"length"}
     assert res["in_place"] is True
     assert res["cache_freed"] is True
+    assert res["tied_greedy"] == res["tied_ref"]
 
 
 def test_logprobs_match_teacher_forced_forward_and_topk_topp_sets(tp1):
