@@ -3,18 +3,20 @@
 * TP=2 (gloo): greedy tokens equal ``transformers`` (hence TP=1), and a seeded sampling run
   gives the same tokens as the TP=1 engine (vocab-parallel logits are all-gathered, every
   TP rank samples the same token with the same generator).
-* TP=2 x PP=2 training layout, handed to a TP=2 engine: each rank gathers all layers of its
-  TP shard along the pipeline group; greedy tokens equal the unsharded model's on every rank;
-  the policy version stamp is enforced.
+* TP=2 x PP=2 training layout (also with 2 virtual stages), handed to a TP=2 engine: each
+  rank gathers all layers of its TP shard along the pipeline group; greedy tokens equal the
+  unsharded model's on every rank; the policy version stamp is enforced.
 """
 
 from __future__ import annotations
 
+import dataclasses
+
 import pytest
 
 from tests.dist import run_world
+from tests.inference import common
 from tests.inference.common import (
-    CFG,
     build_actor,
     hf_causal_lm,
     hf_greedy,
@@ -22,6 +24,7 @@ from tests.inference.common import (
     make_prompts,
 )
 
+CFG = dataclasses.replace(common.CFG, num_layers=4)  # PP=2 x 2 virtual stages: 1 layer each
 MAX_NEW = 10
 SAMPLING = dict(temperature=0.9, top_k=50, top_p=0.95, max_new_tokens=MAX_NEW, seed=11, n=2)
 
@@ -38,13 +41,17 @@ def _generate_all(engine, prompts):
     }
 
 
-def _layout_run(tp, pp, hf_weights, prompts):
+def _layout_run(tp, pp, hf_weights, prompts, vpp=None):
     from hpc_rlhf.config import ParallelConfig
     from hpc_rlhf.inference.engine import GenerationConfig, GenerationEngine
     from hpc_rlhf.inference.sampling import SamplingParams
     from hpc_rlhf.inference.weights import StaleWeightsError
 
-    parallel = ParallelConfig(tensor_model_parallel_size=tp, pipeline_model_parallel_size=pp)
+    parallel = ParallelConfig(
+        tensor_model_parallel_size=tp,
+        pipeline_model_parallel_size=pp,
+        virtual_pipeline_model_parallel_size=vpp,
+    )
     state, actor = build_actor(CFG, parallel, hf_weights)
     engine = GenerationEngine(actor, CFG, state, GenerationConfig(block_size=8))
     engine.sync_weights(version=5)
@@ -59,8 +66,8 @@ def _layout_run(tp, pp, hf_weights, prompts):
 
 
 def _world(rank, world_size, layouts, hf_weights, prompts):
-    """Run the engine in each (tp, pp) layout in turn (groups are rebuilt each time)."""
-    return [_layout_run(tp, pp, hf_weights, prompts) for tp, pp in layouts]
+    """Run the engine in each (tp, pp[, vpp]) layout in turn (groups are rebuilt each time)."""
+    return [_layout_run(*layout[:2], hf_weights, prompts, *layout[2:]) for layout in layouts]
 
 
 @pytest.fixture(scope="module")
@@ -92,10 +99,12 @@ def test_tp2_equals_tp1(reference):
 
 def test_tp2_pp2_training_layout_to_tp2_engine(reference):
     weights, prompts, ref = reference
-    results = [r[0] for r in run_world(_world, 4, [(2, 2)], weights, prompts)]
-    for rank_out in results:
-        assert rank_out["greedy"] == ref
-        assert rank_out["in_place"] is False
-        assert rank_out["kept_after_release"] is False
-        assert rank_out["layers"] == CFG.num_layers
-    assert all(r["sampled"] == results[0]["sampled"] for r in results)
+    # TP=2 x PP=2, then with two virtual stages per rank (interleaved layer order).
+    per_rank = run_world(_world, 4, [(2, 2), (2, 2, 2)], weights, prompts)
+    for results in zip(*per_rank):
+        for rank_out in results:
+            assert rank_out["greedy"] == ref
+            assert rank_out["in_place"] is False
+            assert rank_out["kept_after_release"] is False
+            assert rank_out["layers"] == CFG.num_layers
+        assert all(r["sampled"] == results[0]["sampled"] for r in results)
