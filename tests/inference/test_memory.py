@@ -7,6 +7,7 @@ KV cache and restores. Every parameter after the second step must be ``torch.equ
 
 from __future__ import annotations
 
+import pytest
 import torch
 
 from tests.dist import run_world
@@ -25,15 +26,16 @@ def _batches(seed: int) -> list[dict]:
     ]
 
 
-def _world(rank, world_size, hf_weights, prompts):
+def _world(rank, world_size, hf_weights, prompts, distributed_optimizer):
     from hpc_rlhf.algorithms.lm import lm_loss
     from hpc_rlhf.config import ParallelConfig
     from hpc_rlhf.inference.engine import GenerationConfig, GenerationEngine
     from hpc_rlhf.inference.memory import TrainingMemory, optimizer_state_tensors
     from hpc_rlhf.inference.sampling import SamplingParams
 
-    state, shared = build_actor(CFG, ParallelConfig(), hf_weights, trainable=True)
-    _, plain = build_actor(CFG, ParallelConfig(), hf_weights, trainable=True)
+    parallel = ParallelConfig(use_distributed_optimizer=distributed_optimizer)
+    state, shared = build_actor(CFG, parallel, hf_weights, trainable=True)
+    _, plain = build_actor(CFG, parallel, hf_weights, trainable=True)
 
     def loss(batch, out):
         return lm_loss(batch, out, state.tp_group)
@@ -70,19 +72,31 @@ def _world(rank, world_size, hf_weights, prompts):
         torch.equal(a, b)
         for a, b in zip(
             shared.parameters_by_chunk()[0].parameters(),
-            build_actor(CFG, ParallelConfig(), hf_weights)[1].parameters_by_chunk()[0].parameters(),
+            build_actor(CFG, parallel, hf_weights)[1].parameters_by_chunk()[0].parameters(),
         )
     )
     return res
 
 
-def test_time_sharing_round_trip_is_exact():
+@pytest.mark.parametrize("world_size,distributed_optimizer", [(1, False), (2, True)])
+def test_time_sharing_round_trip_is_exact(world_size, distributed_optimizer):
     model = hf_causal_lm(CFG, seed=5)
-    (res,) = run_world(_world, 1, hf_state(model), make_prompts(seed=6))
-    n = res["n_params"]
-    # Adam's two fp32 moments per parameter (+ its step counters); fp32 grad buffer.
-    assert 8 * n <= res["optimizer_bytes"] <= 8 * n + 4096
-    assert 4 * n <= res["grad_bytes"] <= 4 * n + 4096
+    results = run_world(
+        _world, world_size, hf_state(model), make_prompts(seed=6), distributed_optimizer
+    )
+    # Adam's two fp32 moments per parameter (+ step counters), sharded over the ranks by
+    # the distributed optimizer; every rank's fp32 grad buffer (padded for sharding).
+    n = results[0]["n_params"]
+    optimizer_bytes = [r["optimizer_bytes"] for r in results]
+    copies = 1 if distributed_optimizer else world_size
+    assert 8 * n * copies <= sum(optimizer_bytes) <= 8 * n * copies + 4096 * world_size
+    assert all(b > 0 for b in optimizer_bytes)
+    for res in results:
+        assert 4 * n <= res["grad_bytes"] <= 4 * n + 65536
+        _check(res)
+
+
+def _check(res: dict) -> None:
     assert res["state_sizes_during"] == [0]
     assert res["grad_sizes_during"] == [0]
     assert res["generated"] == 6 * 8
