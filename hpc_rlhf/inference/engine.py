@@ -174,9 +174,16 @@ class GenerationEngine:
 
     # ------------------------------------------------------------------ generation
     def generate(
-        self, prompts: list[list[int]], sampling: SamplingParams, policy_version: int | None = None
+        self,
+        prompts: list[list[int]],
+        sampling: SamplingParams,
+        policy_version: int | None = None,
+        max_new_tokens: list[int] | None = None,
     ) -> list[Completion]:
         """Complete every prompt ``sampling.n`` times; see ``sampling.py`` for the log-probs.
+
+        ``max_new_tokens`` optionally gives each prompt its own length limit (at most
+        ``sampling.max_new_tokens``), e.g. to replay a workload's response lengths.
 
         Raises ``StaleWeightsError`` when ``policy_version`` is given and differs from the
         synced weights' version, ``CacheTooSmallError`` when the KV budget cannot hold one
@@ -185,11 +192,19 @@ class GenerationEngine:
         sampling.validate()
         self._check_version(policy_version)
         self._check_budget(prompts, sampling)
+        if max_new_tokens is not None and (
+            len(max_new_tokens) != len(prompts)
+            or not all(1 <= n <= sampling.max_new_tokens for n in max_new_tokens)
+        ):
+            raise ValueError(
+                "max_new_tokens must give one limit per prompt, each in "
+                f"[1, sampling.max_new_tokens={sampling.max_new_tokens}]"
+            )
         t0 = time.perf_counter()
         cache = self.allocate_cache()
         sched = Scheduler(cache, self.config.max_running_seqs, self.config.max_prefill_tokens)
         cow_before = cache.cow_copies
-        seqs = self._make_sequences(prompts, sampling, sched)
+        seqs = self._make_sequences(prompts, sampling, sched, max_new_tokens)
         try:
             with torch.no_grad():
                 while sched.has_work():
@@ -231,7 +246,7 @@ class GenerationEngine:
             )
 
     def _make_sequences(
-        self, prompts, sampling: SamplingParams, sched: Scheduler
+        self, prompts, sampling: SamplingParams, sched: Scheduler, limits=None
     ) -> list[Sequence]:
         seqs = []
         for p, prompt in enumerate(prompts):
@@ -239,6 +254,7 @@ class GenerationEngine:
             for k in range(sampling.n):
                 gen = None if sampling.greedy else sequence_generator(sampling.seed, p, k)
                 seq = Sequence(len(seqs), list(prompt), gen, Completion(p, k))
+                seq.max_new_tokens = None if limits is None else limits[p]
                 group.append(seq)
                 seqs.append(seq)
             sched.add(group)
@@ -328,7 +344,7 @@ class GenerationEngine:
             out.sampling_logprobs.append(slp)
             if tok in stops:
                 out.finish_reason = FINISH_STOP
-            elif len(out.token_ids) >= sampling.max_new_tokens:
+            elif len(out.token_ids) >= (seq.max_new_tokens or sampling.max_new_tokens):
                 out.finish_reason = FINISH_LENGTH
             if out.finish_reason is not None:
                 sched.finish(seq)

@@ -38,6 +38,7 @@ class Sequence:
     completion: Completion
     block_table: list[int] = field(default_factory=list)
     num_cached: int = 0  # tokens whose K/V are in the cache
+    max_new_tokens: int | None = None  # this sequence's own limit (else the sampling one)
 
     @property
     def generated(self) -> list[int]:

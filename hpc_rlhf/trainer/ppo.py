@@ -95,8 +95,13 @@ class PPOTrainer:
         return self._step_metrics(rollout, exp, adv_metrics, train_metrics, timer)
 
     # ------------------------------------------------------------------ stage 2
-    def generate(self, prompt_ids: list[list[int]]) -> Rollout:
-        """Sample ``n`` responses per prompt with the engine (seeded per step and DP rank)."""
+    def generate(
+        self, prompt_ids: list[list[int]], max_new_tokens: list[int] | None = None
+    ) -> Rollout:
+        """Sample ``n`` responses per prompt with the engine (seeded per step and DP rank).
+
+        ``max_new_tokens`` optionally limits each prompt's responses (benchmarks replay
+        fixed response lengths this way)."""
         from hpc_rlhf.inference.sampling import SamplingParams
 
         g = self.cfg.generation
@@ -111,7 +116,9 @@ class PPOTrainer:
             seed=self.cfg.ppo.seed * 1_000_003 + self.step_count * 1009 + self.state.dp_rank,
         )
         with self._training_memory_released():
-            completions = self.engine.generate(prompt_ids, sampling, self.policy_version)
+            completions = self.engine.generate(
+                prompt_ids, sampling, self.policy_version, max_new_tokens
+            )
         completions = sorted(completions, key=lambda c: (c.prompt_index, c.sample_index))
         return Rollout(
             prompt_ids=[prompt_ids[c.prompt_index] for c in completions],
