@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import pytest
-
 from hpc_rlhf.config import ParallelConfig
 from tests.dist import run_world
 from tests.inference.common import CFG, build_actor, hf_causal_lm, hf_state, make_prompts
