@@ -91,5 +91,5 @@ def test_selective_lm_head_matches_the_dense_single_process_run(reference, layou
     loss, grads = run_world(_loss_and_grads, world, parallel, TINY, True)[0]
     ref_loss, ref_grads = reference[False]
     assert abs(loss - ref_loss) <= 1e-6 * abs(ref_loss)
-    worst = max(((max_rel_diff(grads[k], ref_grads[k]), k) for k in ref_grads))
+    worst = max((max_rel_diff(grads[k], ref_grads[k]), k) for k in ref_grads)
     assert worst[0] <= 5e-6, f"{layout}: gradient {worst[1]} differs by {worst[0]:.2e} (relative)"

@@ -1,0 +1,185 @@
+"""One PPO iteration two ways, in one run: hpc_rlhf vs a Safe-RLHF-style baseline.
+
+Same weights (random Llama-style actor and reward model, fp32), same prompts, same response
+lengths, same batch and PPO settings. Two shapes:
+
+* ``fixed``: every prompt 128 tokens, exactly 256 new tokens;
+* ``varied``: prompt lengths drawn from 32-256, response lengths from 16-256 (a stop token
+  forced at the drawn length, identically for both systems).
+
+Each system runs in its own subprocess (so peak memory is its own, ``ru_maxrss``). Prints
+per-stage seconds, tokens/s, peak memory, executed model FLOPs, the machine's fp32 matmul
+rate measured in the same run, each system's share of it, and the ratios.
+
+    python tools/bench_ppo.py                  # both shapes, 64 prompts (several minutes)
+    python tools/bench_ppo.py --quick          # 8 prompts, short lengths: a smoke run
+    python tools/bench_ppo.py --plot ppo.png   # also a PNG of per-stage times side by side
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import tempfile
+
+import torch
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+sys.path.insert(0, os.path.join(ROOT, "tools"))
+
+from bench_common import (  # noqa: E402
+    BENCH_MODEL,
+    STAGES,
+    matmul_gflops,
+    ppo_flops,
+    workload,
+    write_checkpoints,
+)
+
+
+def parse_args() -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--shape", choices=["fixed", "varied", "both"], default="both")
+    p.add_argument("--prompts", type=int, default=64)
+    p.add_argument("--micro-batch", type=int, default=16)
+    p.add_argument("--quick", action="store_true", help="8 prompts, lengths / 8")
+    p.add_argument("--plot", default=None, help="write a PNG of per-stage times here")
+    p.add_argument("--system", choices=["ours", "baseline"], help=argparse.SUPPRESS)
+    p.add_argument("--workdir", help=argparse.SUPPRESS)
+    p.add_argument("--out", help=argparse.SUPPRESS)
+    return p.parse_args()
+
+
+def run_child(system: str, shape: str, args, workdir: str) -> dict:
+    """Run one system's iteration in a fresh process; return its JSON report."""
+    out = os.path.join(workdir, f"{system}_{shape}.json")
+    cmd = [
+        sys.executable,
+        __file__,
+        "--system",
+        system,
+        "--shape",
+        shape,
+        "--workdir",
+        workdir,
+        "--out",
+        out,
+        "--prompts",
+        str(args.prompts),
+        "--micro-batch",
+        str(args.micro_batch),
+    ]
+    if args.quick:
+        cmd.append("--quick")
+    env = {**os.environ, "OMP_NUM_THREADS": str(os.cpu_count() or 1)}
+    subprocess.run(cmd, check=True, env=env)
+    with open(out) as fh:
+        return json.load(fh)
+
+
+def child_main(args) -> None:
+    """Inside the subprocess: set up, run one iteration, write the report."""
+    import resource
+
+    from bench_systems import run_baseline, run_ours
+
+    prompts, lengths = workload(args.shape, args.prompts, args.quick)
+    fn = run_ours if args.system == "ours" else run_baseline
+    report = fn(args.workdir, prompts, lengths, args.micro_batch)
+    report["peak_rss_gb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
+    report["flops"] = ppo_flops(args.system, BENCH_MODEL, prompts, lengths, report)
+    with open(args.out, "w") as fh:
+        json.dump(report, fh)
+
+
+def print_shape(shape: str, ours: dict, base: dict, rate: float) -> dict:
+    """The comparison table of one shape; returns its ratios."""
+    print(
+        f"\n=== {shape}: {len(ours['prompt_lengths'])} prompts, "
+        f"{ours['response_tokens']:.0f} response tokens ==="
+    )
+    print(f"{'stage':<12} {'baseline s':>11} {'hpc_rlhf s':>11} {'ratio':>7}")
+    for stage in STAGES:
+        b, o = base["times"].get(stage, 0.0), ours["times"].get(stage, 0.0)
+        ratio = f"{b / o:7.2f}" if o > 0 else "      -"
+        print(f"{stage:<12} {b:11.2f} {o:11.2f} {ratio}")
+    tb, to = base["total"], ours["total"]
+    print(f"{'total':<12} {tb:11.2f} {to:11.2f} {tb / to:7.2f}")
+    tok_b, tok_o = base["response_tokens"] / tb, ours["response_tokens"] / to
+    print(f"tokens/s     {tok_b:11.1f} {tok_o:11.1f} {tok_o / tok_b:7.2f}")
+    mem_b, mem_o = base["peak_rss_gb"], ours["peak_rss_gb"]
+    print(f"peak RSS GB  {mem_b:11.2f} {mem_o:11.2f} {mem_o / mem_b:7.2f} (ours / baseline)")
+    fb, fo = base["flops"] / 1e12, ours["flops"] / 1e12
+    print(f"model TFLOP  {fb:11.2f} {fo:11.2f}   (executed matmul work)")
+    share_b, share_o = fb * 1e3 / tb / rate, fo * 1e3 / to / rate
+    print(f"matmul rate  {share_b:10.0%} {share_o:10.0%}   of {rate:.0f} GFLOP/s measured")
+    return {"speedup": tb / to, "memory_ratio": mem_o / mem_b, "rate_share": share_o}
+
+
+def plot(results: dict, path: str) -> None:
+    """Stacked per-stage seconds, baseline and hpc_rlhf side by side for each shape."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError as err:
+        raise SystemExit(f"--plot needs matplotlib (pip install matplotlib): {err}") from err
+    fig, ax = plt.subplots(figsize=(7, 4))
+    labels, x = [], 0
+    colors = dict(zip(STAGES, ["#4c72b0", "#dd8452", "#55a868", "#c44e52", "#8172b3"]))
+    for shape, pair in results.items():
+        for system in ("baseline", "ours"):
+            bottom = 0.0
+            for stage in STAGES:
+                sec = pair[system]["times"].get(stage, 0.0)
+                ax.bar(x, sec, bottom=bottom, color=colors[stage], label=stage if x == 0 else None)
+                bottom += sec
+            labels.append(f"{shape}\n{'Safe-RLHF-style' if system == 'baseline' else 'hpc_rlhf'}")
+            x += 1
+    ax.set_xticks(range(len(labels)), labels)
+    ax.set_ylabel("seconds per PPO iteration")
+    ax.legend()
+    ax.set_title("One PPO iteration on CPU (4 layers, hidden 512, vocab 32000, fp32)")
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    print(f"\nplot written to {path}")
+
+
+def main() -> None:
+    args = parse_args()
+    if args.system:
+        child_main(args)
+        return
+    torch.set_num_threads(os.cpu_count() or 1)
+    rate = matmul_gflops()
+    print(
+        f"fp32 matmul rate (torch.mm 1024^3, {torch.get_num_threads()} threads): {rate:.0f} GFLOP/s"
+    )
+    shapes = ["fixed", "varied"] if args.shape == "both" else [args.shape]
+    results, ratios = {}, {}
+    with tempfile.TemporaryDirectory() as workdir:
+        write_checkpoints(workdir)
+        for shape in shapes:
+            base = run_child("baseline", shape, args, workdir)
+            ours = run_child("ours", shape, args, workdir)
+            results[shape] = {"baseline": base, "ours": ours}
+            ratios[shape] = print_shape(shape, ours, base, rate)
+    print(
+        "\nsummary: "
+        + "; ".join(
+            f"{s} {r['speedup']:.2f}x faster, {r['memory_ratio']:.2f}x the memory, "
+            f"{r['rate_share']:.0%} of matmul rate"
+            for s, r in ratios.items()
+        )
+    )
+    if args.plot:
+        plot(results, args.plot)
+
+
+if __name__ == "__main__":
+    main()

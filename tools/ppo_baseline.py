@@ -1,0 +1,202 @@
+"""A Safe-RLHF-style PPO iteration, written from its published design, for bench_ppo.py.
+
+What it does, as Safe-RLHF's ``PPOTrainer`` does (transformers models, eager PyTorch):
+
+1. **generate**: ``model.generate`` on the left-padded prompt batch (its KV cache, the LM
+   head over every row every step, finished rows padded until the longest is done);
+2. **experience**: four separate full-batch forwards under ``no_grad``: actor and reference
+   (full ``[B, S, V]`` logits, ``log_softmax`` then ``gather``), reward model (end score at
+   the last real token) and critic (per-token values);
+3. **advantages**: KL-penalised rewards and GAE as a Python loop over time;
+4. **update**: actor then critic over micro-batches (one optimizer step per micro-batch),
+   each a full forward with full logits, ``log_softmax`` + ``gather``, clipped losses.
+
+Response lengths are forced exactly like ours: a stop token at each row's drawn length.
+"""
+
+from __future__ import annotations
+
+import time
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+
+class ScoreModel(nn.Module):
+    """Safe-RLHF's ``AutoModelForScore``: a Llama decoder and a per-token linear score head."""
+
+    def __init__(self, llama_model: nn.Module, score_weight_1H: torch.Tensor):
+        super().__init__()
+        self.model = llama_model
+        self.score_head = nn.Linear(score_weight_1H.shape[1], 1, bias=False)
+        with torch.no_grad():
+            self.score_head.weight.copy_(score_weight_1H)
+
+    def forward(self, input_ids_BS, attention_mask_BS):
+        hidden_BSH = self.model(
+            input_ids=input_ids_BS, attention_mask=attention_mask_BS
+        ).last_hidden_state
+        return self.score_head(hidden_BSH).squeeze(-1)  # [B, S]
+
+
+class ForcedStop:
+    """Logits processor: row ``b`` emits ``eos`` as its ``lengths[b]``-th token, never before."""
+
+    def __init__(self, lengths: list[int], prompt_len: int, eos_id: int):
+        self.lengths = torch.tensor(lengths)
+        self.prompt_len = prompt_len
+        self.eos_id = eos_id
+
+    def __call__(self, input_ids_BS, scores_BV):
+        produced = input_ids_BS.shape[1] - self.prompt_len
+        force = self.lengths - 1 == produced
+        scores_BV[~force, self.eos_id] = float("-inf")  # no early stop: exact lengths
+        if bool(force.any()):
+            scores_BV[force] = float("-inf")
+            scores_BV[force, self.eos_id] = 0.0
+        return scores_BV
+
+
+def gather_logprobs(logits_BSV: torch.Tensor, labels_BS: torch.Tensor) -> torch.Tensor:
+    """The peers' way: materialise the full log-softmax, then read one entry per token."""
+    return torch.gather(F.log_softmax(logits_BSV, dim=-1), 2, labels_BS.unsqueeze(-1)).squeeze(-1)
+
+
+def gae_python_loop(rewards_BT, values_BT, gamma: float, lam: float):
+    """Safe-RLHF's ``get_advantages_and_returns``: a Python loop over time."""
+    last = 0.0
+    reversed_adv = []
+    T = rewards_BT.shape[1]
+    for t in reversed(range(T)):
+        next_values = values_BT[:, t + 1] if t < T - 1 else 0.0
+        delta = rewards_BT[:, t] + gamma * next_values - values_BT[:, t]
+        last = delta + gamma * lam * last
+        reversed_adv.append(last)
+    adv_BT = torch.stack(reversed_adv[::-1], dim=1)
+    return adv_BT, adv_BT + values_BT
+
+
+class BaselinePPO:
+    """The four models and one PPO iteration of the baseline."""
+
+    def __init__(self, actor, reference, reward, critic, settings: dict):
+        self.actor, self.reference, self.reward, self.critic = actor, reference, reward, critic
+        self.s = settings
+        self.actor_opt = torch.optim.AdamW(actor.parameters(), lr=settings["actor_lr"])
+        self.critic_opt = torch.optim.AdamW(critic.parameters(), lr=settings["critic_lr"])
+
+    def generate(self, prompts: list[list[int]], lengths: list[int]):
+        """Left-pad the prompts (as Safe-RLHF's prompt collator) and sample."""
+        pad, eos = self.s["pad_id"], self.s["eos_id"]
+        P = max(len(p) for p in prompts)
+        ids_BP = torch.full((len(prompts), P), pad, dtype=torch.long)
+        mask_BP = torch.zeros(len(prompts), P, dtype=torch.long)
+        for b, p in enumerate(prompts):
+            ids_BP[b, P - len(p) :] = torch.tensor(p)
+            mask_BP[b, P - len(p) :] = 1
+        torch.manual_seed(self.s["seed"])
+        out_BS = self.actor.generate(
+            input_ids=ids_BP,
+            attention_mask=mask_BP,
+            do_sample=True,
+            temperature=self.s["temperature"],
+            top_k=0,
+            top_p=1.0,
+            max_new_tokens=max(lengths),
+            pad_token_id=pad,
+            eos_token_id=eos,
+            logits_processor=[ForcedStop(lengths, P, eos)],
+        )
+        return out_BS, P
+
+    def experience(self, seq_BS, prompt_len: int):
+        """Four full-batch forwards: actor/reference log-probs, reward score, critic values."""
+        pad, eos = self.s["pad_id"], self.s["eos_id"]
+        resp = seq_BS[:, prompt_len:]
+        after_eos = (resp == eos).long().cumsum(1) - (resp == eos).long() > 0  # tokens past eos
+        attn_BS = torch.cat([seq_BS[:, :prompt_len] != pad, ~after_eos], dim=1).long()
+        labels_BS = seq_BS[:, 1:]
+        with torch.no_grad():
+            logp = gather_logprobs(
+                self.actor(seq_BS, attention_mask=attn_BS).logits[:, :-1], labels_BS
+            )
+            ref_logp = gather_logprobs(
+                self.reference(seq_BS, attention_mask=attn_BS).logits[:, :-1], labels_BS
+            )
+            last_B = attn_BS.shape[1] - 1 - attn_BS.flip(1).argmax(1)
+            score_B = self.reward(seq_BS, attn_BS).gather(1, last_B[:, None]).squeeze(1)
+            values_BT = self.critic(seq_BS, attn_BS)[:, :-1]
+        action_mask = attn_BS[:, 1:].clone()
+        action_mask[:, : prompt_len - 1] = 0
+        return {
+            "seq": seq_BS,
+            "attn": attn_BS,
+            "logp": logp,
+            "ref_logp": ref_logp,
+            "score": score_B,
+            "values": values_BT,
+            "mask": action_mask.float(),
+        }
+
+    def advantages(self, exp: dict) -> dict:
+        """KL-penalised rewards (score on the last response token) and Python-loop GAE."""
+        mask = exp["mask"]
+        rewards = -self.s["kl_coef"] * (exp["logp"] - exp["ref_logp"]) * mask
+        last = mask.shape[1] - 1 - mask.flip(1).argmax(1)
+        rewards[torch.arange(mask.shape[0]), last] += exp["score"]
+        adv, ret = gae_python_loop(
+            rewards * mask, exp["values"] * mask, self.s["gamma"], self.s["lam"]
+        )
+        exp["adv"], exp["ret"] = adv * mask, ret
+        return exp
+
+    def update(self, exp: dict) -> None:
+        """Actor then critic, one optimizer step per micro-batch."""
+        n, mb = exp["seq"].shape[0], self.s["micro_batch"]
+        for start in range(0, n, mb):
+            sl = slice(start, start + mb)
+            self._actor_step({k: v[sl] for k, v in exp.items()})
+        for start in range(0, n, mb):
+            sl = slice(start, start + mb)
+            self._critic_step({k: v[sl] for k, v in exp.items()})
+
+    def _actor_step(self, b: dict) -> None:
+        logits = self.actor(b["seq"], attention_mask=b["attn"]).logits[:, :-1]
+        logp = gather_logprobs(logits, b["seq"][:, 1:])
+        ratio = torch.exp(logp - b["logp"])
+        clip = self.s["clip"]
+        loss = -torch.min(ratio * b["adv"], ratio.clamp(1 - clip, 1 + clip) * b["adv"])
+        loss = (loss * b["mask"]).sum() / b["mask"].sum()
+        self.actor_opt.zero_grad()
+        loss.backward()
+        self.actor_opt.step()
+
+    def _critic_step(self, b: dict) -> None:
+        values = self.critic(b["seq"], b["attn"])[:, :-1]
+        clip = self.s["clip"]
+        clipped = b["values"] + (values - b["values"]).clamp(-clip, clip)
+        loss = 0.5 * torch.max((values - b["ret"]) ** 2, (clipped - b["ret"]) ** 2)
+        loss = (loss * b["mask"]).sum() / b["mask"].sum()
+        self.critic_opt.zero_grad()
+        loss.backward()
+        self.critic_opt.step()
+
+    def iteration(self, prompts, lengths) -> dict[str, float]:
+        """One PPO iteration; returns seconds per stage and the response token count."""
+        times = {}
+        t = time.perf_counter()
+        seq_BS, P = self.generate(prompts, lengths)
+        times["generate"] = time.perf_counter() - t
+        t = time.perf_counter()
+        exp = self.experience(seq_BS, P)
+        times["score"] = time.perf_counter() - t
+        t = time.perf_counter()
+        exp = self.advantages(exp)
+        times["advantages"] = time.perf_counter() - t
+        t = time.perf_counter()
+        self.update(exp)
+        times["train"] = time.perf_counter() - t
+        times["response_tokens"] = float(exp["mask"].sum())
+        times["padded_shape"] = tuple(seq_BS.shape)
+        return times
