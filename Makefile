@@ -1,7 +1,7 @@
 # hpc_rlhf: every target sets itself up (creates .venv and installs on first use).
 #   make demo   - the main job: tiny PPO on CPU (4 gloo processes, TP=2 x DP=2)
 #   make test   - style checks + the test suite
-#   make bench  - kernel benchmark against the eager torch way
+#   make bench  - kernels, generation and PPO benchmarks against their baselines
 VENV      ?= .venv
 PY        := $(VENV)/bin/python
 TORCH_PIN ?= torch==2.13.0
@@ -13,7 +13,7 @@ NPROC     ?= 4
 $(STAMP): setup.py pyproject.toml $(wildcard csrc/*.cpp csrc/*.h)
 	test -x $(PY) || python3 -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
-	$(PY) -m pip install -q "$(TORCH_PIN)"
+	$(PY) -m pip install -q "$(TORCH_PIN)" ninja "setuptools>=64" wheel
 	$(PY) -m pip install -q --no-build-isolation -e ".[test]"
 	touch $(STAMP)
 
@@ -35,7 +35,10 @@ test: lint
 	$(PY) -m pytest -q -p no:cacheprovider tests
 
 bench: $(STAMP)
+	$(PY) -m pip install -q matplotlib
 	$(PY) tools/bench_kernels.py
+	$(PY) tools/bench_generate.py
+	$(PY) tools/bench_ppo.py --plot docs/bench_ppo.png
 
 clean:
 	rm -rf build *.egg-info hpc_rlhf/_C*.so

@@ -260,19 +260,24 @@ class TrainableModel:
         return StepResult(metrics, grad_norm, lr, skipped=not updated)
 
     def reduce_metrics(self, outputs: list[dict]) -> dict[str, float]:
-        """Global means of the metrics: sums and counts all-reduced over PP and DP ranks."""
+        """Global means of the metrics: count-weighted sums all-reduced over PP and DP ranks.
+
+        A metric only some microbatches report (e.g. ``ptx_loss``) is averaged over those.
+        """
         names = sorted({k for out in outputs for k in out if k != "_count"})
         names = _broadcast_names(names, self.state)
-        sums = torch.zeros(len(names) + 1, dtype=torch.float64)
+        sums = torch.zeros(2, len(names), dtype=torch.float64)  # [weighted sum, weight]
         for out in outputs:
             count = float(out["_count"])
             for i, name in enumerate(names):
-                sums[i] += float(out[name]) * count
-            sums[-1] += count
+                if name in out:
+                    sums[0, i] += float(out[name]) * count
+                    sums[1, i] += count
         group_sum(sums, self.state.pp_group)
         group_sum(sums, self.state.dp_group)
-        total = max(float(sums[-1]), 1.0)
-        return {name: float(sums[i]) / total for i, name in enumerate(names)}
+        return {
+            name: float(sums[0, i]) / max(float(sums[1, i]), 1.0) for i, name in enumerate(names)
+        }
 
     def load_hf_state(self, hf_state: dict[str, torch.Tensor]) -> None:
         """Load this rank's shard of a full HF-format state (present on every rank)."""

@@ -198,3 +198,49 @@ def test_reward_models_and_rules_combine_with_their_weights(tmp_path):
             )
         expected = 0.7 * float(per_token[0, -1, 0]) + 0.1 * len(r)
         assert float(score) == pytest.approx(expected, rel=1e-4, abs=1e-5)
+
+
+def _options_run(rank, world, cfg):
+    from hpc_rlhf.trainer.ppo_run import build_trainer
+
+    trainer = build_trainer(cfg)
+    prompts = trainer.prompts.next_batch(cfg.ppo.rollout_batch_size, 0, 1)
+    rollout = trainer.generate(prompts)
+    # the engine's log-probs equal a teacher-forced forward (what recompute would give)
+    exp = trainer.score(rollout)
+    from hpc_rlhf.trainer.experience import build_experience
+
+    engine_logp = build_experience(rollout, trainer.tokenizer.pad_id).old_logp_BS
+    gap = float((exp.old_logp_BS - engine_logp).abs().max())
+    kl_before = trainer.kl_ctl.value
+    history = [trainer.step() for _ in range(2)]
+    return gap, kl_before, trainer.kl_ctl.value, history
+
+
+def test_ppo_options_ptx_dual_clip_seq_mean_adaptive_kl_and_recompute():
+    from hpc_rlhf.data.lm import default_corpus_path
+
+    cfg = make_cfg(
+        ppo={
+            "steps": 2,
+            "ptx_coef": 0.5,
+            "dual_clip": 3.0,
+            "entropy_coef": 0.01,
+            "loss_reduction": "seq_mean",
+            "kl_estimator": "k3",
+            "kl_target": 0.001,
+            "kl_horizon": 100,
+            "recompute_old_logprobs": True,
+            "critic_init": "random",
+        },
+        reward={"normalize": True, "score_clip": 0.5},
+        data={"ptx_data": default_corpus_path()},
+        generation={"temperature": 0.7, "top_k": 50},
+    )
+    gap, kl_before, kl_after, history = run_world(_options_run, 1, cfg)[0]
+    assert gap < 1e-4
+    assert kl_after != kl_before  # the adaptive controller moved
+    last = history[-1]
+    for key in ("ptx_loss", "dual_clip_frac", "entropy", "value_loss", "pg_loss"):
+        assert key in last, key
+    assert last["ptx_loss"] > 0 and all(v == v for v in last.values())  # no NaN
