@@ -105,9 +105,12 @@ def layer_spec(model: ModelConfig):
         return get_gpt_layer_with_transformer_engine_spec()
     from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_local_spec
 
+    from hpc_rlhf.models.attention import SDPAttention
+
     spec = get_gpt_layer_local_spec(normalization="RMSNorm")
     spec.submodules.input_layernorm = _TorchRMSNorm
     spec.submodules.pre_mlp_layernorm = _TorchRMSNorm
+    spec.submodules.self_attention.submodules.core_attention = SDPAttention
     return spec
 
 

@@ -91,7 +91,7 @@ def logprobs_from_output(batch: dict, logits: torch.Tensor, tp_group, entropy: b
     if select_BS is None:
         return token_logprobs(logits, batch["labels"], tp_group=tp_group, return_entropy=entropy)
     labels_N = selected(batch["labels"], select_BS)
-    out = token_logprobs(logits[0], labels_N, tp_group=tp_group, return_entropy=entropy)
+    out = token_logprobs(logits.squeeze(0), labels_N, tp_group=tp_group, return_entropy=entropy)
     if entropy:
         return scatter_selected(out[0], select_BS), scatter_selected(out[1], select_BS)
     return scatter_selected(out, select_BS)

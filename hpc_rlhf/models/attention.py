@@ -1,0 +1,49 @@
+"""Core attention for the local (non-transformer-engine) layer spec: torch SDPA.
+
+megatron-core's ``DotProductAttention`` materialises ``[b, n, s, s]`` scores with
+``baddbmm``, masks and soft-maxes them in separate passes, and repeats K/V heads for
+grouped-query attention. ``SDPAttention`` keeps its constructor (partition sizes, softmax
+scale, dropout) and runs ``torch.nn.functional.scaled_dot_product_attention`` instead: a
+fused kernel on CPU and GPU, with grouped-query attention handled inside it.
+"""
+
+from __future__ import annotations
+
+import torch.nn.functional as F
+from megatron.core.transformer.dot_product_attention import DotProductAttention
+
+
+class SDPAttention(DotProductAttention):
+    """Drop-in core attention: same inputs and output layout as ``DotProductAttention``."""
+
+    def forward(
+        self,
+        query,
+        key,
+        value,
+        attention_mask,
+        attn_mask_type=None,
+        attention_bias=None,
+        packed_seq_params=None,
+    ):
+        if packed_seq_params is not None or attention_bias is not None:
+            raise NotImplementedError("SDPAttention: packed sequences / attention bias need TE")
+        sq, b, n_heads, d = query.shape
+        q_BNSD = query.permute(1, 2, 0, 3)
+        k_BGSD = key.permute(1, 2, 0, 3)
+        v_BGSD = value.permute(1, 2, 0, 3)
+        groups = k_BGSD.shape[1]
+        if n_heads != groups:
+            k_BGSD = k_BGSD.repeat_interleave(n_heads // groups, dim=1)
+            v_BGSD = v_BGSD.repeat_interleave(n_heads // groups, dim=1)
+        dropout = self.attention_dropout.p if self.training else 0.0
+        if attention_mask is None:  # plain causal
+            ctx_BNSD = F.scaled_dot_product_attention(
+                q_BNSD, k_BGSD, v_BGSD, dropout_p=dropout, is_causal=True, scale=self.softmax_scale
+            )
+        else:  # megatron's mask: True = masked out; SDPA's boolean mask: True = attend
+            ctx_BNSD = F.scaled_dot_product_attention(
+                q_BNSD, k_BGSD, v_BGSD, attn_mask=~attention_mask, dropout_p=dropout,
+                scale=self.softmax_scale,
+            )
+        return ctx_BNSD.permute(2, 0, 1, 3).reshape(sq, b, n_heads * d)
