@@ -43,7 +43,11 @@ class SDPAttention(DotProductAttention):
             )
         else:  # megatron's mask: True = masked out; SDPA's boolean mask: True = attend
             ctx_BNSD = F.scaled_dot_product_attention(
-                q_BNSD, k_BGSD, v_BGSD, attn_mask=~attention_mask, dropout_p=dropout,
+                q_BNSD,
+                k_BGSD,
+                v_BGSD,
+                attn_mask=~attention_mask,
+                dropout_p=dropout,
                 scale=self.softmax_scale,
             )
         return ctx_BNSD.permute(2, 0, 1, 3).reshape(sq, b, n_heads * d)

@@ -61,19 +61,45 @@ class ExperienceBatch:
             values[f.name] = value[index] if isinstance(value, torch.Tensor) else value
         return ExperienceBatch(**values)
 
-    def microbatches(self, size: int) -> list[dict]:
-        """Consecutive microbatches of ``size`` rows as dicts for ``TrainableModel``."""
+    def length_order(self) -> torch.Tensor:
+        """Row indices sorted by real length (microbatches of similar lengths pad less)."""
+        return torch.argsort(self.attention_mask_BS.sum(dim=1), stable=True)
+
+    def microbatches(
+        self, size: int, order: torch.Tensor | None = None, trim_multiple: int | None = None
+    ) -> list[dict]:
+        """Microbatches of ``size`` rows (taken in ``order``, default as stored) as dicts.
+
+        With ``trim_multiple``, each microbatch drops the padding columns after its longest
+        row (length rounded up to the multiple): the work follows the real lengths.
+        """
+        order = torch.arange(self.size) if order is None else order
+        tensors = {
+            f.name.removesuffix("_BS").removesuffix("_B"): getattr(self, f.name)
+            for f in dataclasses.fields(self)
+            if isinstance(getattr(self, f.name), torch.Tensor)
+        }
         out = []
         for start in range(0, self.size, size):
-            sl = slice(start, start + size)
-            mb = {
-                f.name.removesuffix("_BS").removesuffix("_B"): getattr(self, f.name)[sl]
-                for f in dataclasses.fields(self)
-                if isinstance(getattr(self, f.name), torch.Tensor)
-            }
+            rows = order[start : start + size]
+            mb = {name: t[rows] for name, t in tensors.items()}
+            if trim_multiple:
+                longest = int(mb["attention_mask"].sum(dim=1).max())
+                S = min(-(-longest // trim_multiple) * trim_multiple, self.input_ids_BS.shape[1])
+                mb = {k: v[:, :S] if v.dim() == 2 else v for k, v in mb.items()}
             mb["head_mask"] = mb["action_mask"]  # LM head over response positions only
             out.append(mb)
         return out
+
+    def gather_rows(self, parts: list[torch.Tensor], order: torch.Tensor | None = None):
+        """Inverse of ``microbatches``: per-microbatch ``[b, S_i]`` results -> ``[B, S]``."""
+        order = torch.arange(self.size) if order is None else order
+        out_BS = parts[0].new_zeros(self.input_ids_BS.shape)
+        start = 0
+        for part in parts:
+            out_BS[order[start : start + part.shape[0]], : part.shape[1]] = part
+            start += part.shape[0]
+        return out_BS
 
 
 def build_experience(rollout: Rollout, pad_id: int, multiple_of: int = 1) -> ExperienceBatch:

@@ -145,27 +145,38 @@ class PPOTrainer:
     # ------------------------------------------------------------------ stage 3
     def score(self, rollout: Rollout) -> ExperienceBatch:
         """Reward scores, reference log-probs, critic values (and old log-probs if asked)."""
-        multiple = self.state.tp_size if self.state.sequence_parallel else 1
-        exp = build_experience(rollout, self.tokenizer.pad_id, multiple_of=multiple)
-        mbs = exp.microbatches(self.cfg.ppo.micro_batch_size_per_rank)
+        exp = build_experience(rollout, self.tokenizer.pad_id, multiple_of=self._multiple())
+        order = exp.length_order()
+        mbs = exp.microbatches(self.cfg.ppo.micro_batch_size_per_rank, order, self._trim())
         temperature = self.cfg.generation.temperature
-        ref = self.reference.infer(mbs, logprobs_fn(self.state.tp_group, temperature))
-        exp.ref_logp_BS = torch.cat([o["logp"] for o in ref]) * exp.action_mask_BS
+
+        def run(model, fn, key: str) -> torch.Tensor:
+            parts = [out[key] for out in model.infer(mbs, fn)]
+            if parts[0].dim() == 1:  # one value per row
+                return torch.cat(parts)[torch.argsort(order)]
+            return exp.gather_rows(parts, order) * exp.action_mask_BS
+
+        exp.ref_logp_BS = run(self.reference, logprobs_fn(self.state.tp_group, temperature), "logp")
         if self.cfg.ppo.recompute_old_logprobs:
-            old = self.actor.infer(mbs, logprobs_fn(self.state.tp_group, temperature))
-            exp.old_logp_BS = torch.cat([o["logp"] for o in old]) * exp.action_mask_BS
+            exp.old_logp_BS = run(self.actor, logprobs_fn(self.state.tp_group, temperature), "logp")
         if self.critic is not None:
-            values = self.critic.infer(mbs, values_fn)
-            exp.values_BS = torch.cat([o["values"] for o in values]) * exp.action_mask_BS
-        exp.score_B = self._scores(rollout, mbs)
+            exp.values_BS = run(self.critic, values_fn, "values")
+        scores = [run(model, end_score_fn, "score") for model in self.reward_models]
+        exp.score_B = self._scores(rollout, scores)
         return exp
 
-    def _scores(self, rollout: Rollout, mbs: list[dict]) -> torch.Tensor:
-        scores, weights = [], []
-        for model, spec in zip(self.reward_models, self.cfg.reward.models):
-            outs = model.infer(mbs, end_score_fn)
-            scores.append(torch.cat([o["score"] for o in outs]))
-            weights.append(spec.weight)
+    def _multiple(self) -> int:
+        """Sequence lengths must divide by TP under sequence parallelism."""
+        return self.state.tp_size if self.state.sequence_parallel else 1
+
+    def _trim(self) -> int | None:
+        """Per-microbatch lengths need PP=1 (pipeline p2p shapes are fixed per schedule)."""
+        return self._multiple() if self.state.pp_size == 1 else None
+
+    def _scores(self, rollout: Rollout, model_scores: list[torch.Tensor]) -> torch.Tensor:
+        """Reward models' end scores and rule rewards, combined with their weights."""
+        scores = list(model_scores)
+        weights = [spec.weight for spec in self.cfg.reward.models]
         for fn, weight, kwargs in self.rules:
             values = [
                 float(fn(p, r, self.tokenizer, **kwargs))
@@ -243,7 +254,7 @@ class PPOTrainer:
 
     def _update_minibatch(self, mini: ExperienceBatch) -> dict[str, float]:
         p = self.cfg.ppo
-        mbs = mini.microbatches(p.micro_batch_size_per_rank)
+        mbs = mini.microbatches(p.micro_batch_size_per_rank, mini.length_order(), self._trim())
         counts = self._global_counts(mini)
         metrics: dict[str, float] = {}
         if self.critic is not None:

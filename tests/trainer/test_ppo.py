@@ -75,7 +75,7 @@ def _learned(history) -> tuple[float, float]:
                 "ppo": {"micro_batch_size_per_rank": 4},
             },
         ),
-        (1, {"ppo": {"advantage": "grpo", "whiten_advantages": False}}),
+        (1, {"ppo": {"advantage": "grpo", "whiten_advantages": False, "steps": 24}}),
     ],
     ids=["gae_1proc", "gae_tp2_dp2", "grpo_1proc"],
 )
