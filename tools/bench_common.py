@@ -94,9 +94,12 @@ def ppo_flops(system: str, m: ModelConfig, prompts, lengths, report: dict) -> fl
     gen = 2 * dec * prefill + 2 * head * len(prompts) + sum(attn * len(p) ** 2 / 2 for p in prompts)
     gen += 2 * (dec + head) * (resp - len(prompts))
     gen += sum(attn * sum(len(p) + t for t in range(1, n)) for p, n in zip(prompts, lengths))
-    full = 2 * dec * B * S + attn * B * S * S / 2
-    score = 3 * full + 2 * head * resp  # reference (LM head on responses), reward, critic
-    if report.get("recomputed_old_logprobs"):
-        score += full + 2 * head * resp
-    train = 3 * (full + 2 * head * resp) + 3 * full
+    S_mean = report["mean_padded_length"]  # attention per token ~ S / 2 keys
+    score = train = 0.0
+    for role, work in report["work"].items():
+        lm = role in ("actor", "reference")
+        score += (2 * dec + attn * S_mean / 2) * work["infer_tokens"]
+        score += 2 * head * work["infer_head_rows"] if lm else 0.0
+        train += 3 * (2 * dec + attn * S_mean / 2) * work["train_tokens"]
+        train += 3 * 2 * head * work["train_head_rows"] if lm else 0.0
     return gen + score + train

@@ -23,16 +23,11 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from hpc_rlhf.config import ModelConfig, ParallelConfig  # noqa: E402
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
-BENCH_MODEL = ModelConfig(
-    num_layers=4,
-    hidden_size=512,
-    num_attention_heads=8,
-    ffn_hidden_size=1408,
-    vocab_size=32000,
-    max_position_embeddings=1024,
-)
+from bench_common import BENCH_MODEL, matmul_gflops  # noqa: E402
+
+from hpc_rlhf.config import ParallelConfig  # noqa: E402
 
 
 def parse_args() -> argparse.Namespace:
@@ -60,18 +55,6 @@ def parse_args() -> argparse.Namespace:
     if args.quick:
         args.prompts, args.new_tokens = min(args.prompts, 8), min(args.new_tokens, 32)
     return args
-
-
-def matmul_gflops(n: int = 1024, reps: int = 5) -> float:
-    """Best-of fp32 ``torch.mm`` rate at n^3."""
-    a, b = torch.randn(n, n), torch.randn(n, n)
-    a @ b
-    best = float("inf")
-    for _ in range(reps):
-        t0 = time.perf_counter()
-        a @ b
-        best = min(best, time.perf_counter() - t0)
-    return 2 * n**3 / best / 1e9
 
 
 def make_prompts(args) -> list[list[int]]:

@@ -45,7 +45,18 @@ def parse_args() -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--shape", choices=["fixed", "varied", "both"], default="both")
     p.add_argument("--prompts", type=int, default=64)
-    p.add_argument("--micro-batch", type=int, default=16)
+    p.add_argument(
+        "--mini-batch",
+        type=int,
+        default=16,
+        help="samples per optimizer step, both systems (Safe-RLHF's per-device batch)",
+    )
+    p.add_argument(
+        "--micro-batch",
+        type=int,
+        default=8,
+        help="hpc_rlhf's gradient-accumulation split of a mini-batch",
+    )
     p.add_argument("--quick", action="store_true", help="8 prompts, lengths / 8")
     p.add_argument("--plot", default=None, help="write a PNG of per-stage times here")
     p.add_argument("--system", choices=["ours", "baseline"], help=argparse.SUPPRESS)
@@ -72,6 +83,8 @@ def run_child(system: str, shape: str, args, workdir: str) -> dict:
         str(args.prompts),
         "--micro-batch",
         str(args.micro_batch),
+        "--mini-batch",
+        str(args.mini_batch),
     ]
     if args.quick:
         cmd.append("--quick")
@@ -89,7 +102,7 @@ def child_main(args) -> None:
 
     prompts, lengths = workload(args.shape, args.prompts, args.quick)
     fn = run_ours if args.system == "ours" else run_baseline
-    report = fn(args.workdir, prompts, lengths, args.micro_batch)
+    report = fn(args.workdir, prompts, lengths, args.mini_batch, args.micro_batch)
     report["peak_rss_gb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
     report["flops"] = ppo_flops(args.system, BENCH_MODEL, prompts, lengths, report)
     with open(args.out, "w") as fh:

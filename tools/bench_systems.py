@@ -39,7 +39,7 @@ class _BenchTokenizer:
     eos_id, pad_id, bos_id = EOS_ID, PAD_ID, 1
 
 
-def ours_config(workdir: str, n_prompts: int, micro_batch: int, max_new: int):
+def ours_config(workdir: str, n_prompts: int, mini_batch: int, micro_batch: int, max_new: int):
     from hpc_rlhf.config import PPORunConfig, config_from_dict
 
     s = PPO_SETTINGS
@@ -71,7 +71,7 @@ def ours_config(workdir: str, n_prompts: int, micro_batch: int, max_new: int):
                 "steps": 1,
                 "rollout_batch_size": n_prompts,
                 "micro_batch_size_per_rank": micro_batch,
-                "mini_batches_per_rollout": max(1, n_prompts // micro_batch),
+                "mini_batches_per_rollout": max(1, n_prompts // mini_batch),
                 "ppo_epochs": 1,
                 "kl_coef": s["kl_coef"],
                 "clip_low": s["clip"],
@@ -95,7 +95,7 @@ def ours_config(workdir: str, n_prompts: int, micro_batch: int, max_new: int):
     )
 
 
-def run_ours(workdir: str, prompts, lengths, micro_batch: int) -> dict:
+def run_ours(workdir: str, prompts, lengths, mini_batch: int, micro_batch: int) -> dict:
     """hpc_rlhf's PPO iteration (one process, the six stages of ``PPOTrainer.step``)."""
     from hpc_rlhf.parallel.launch import init_distributed
     from hpc_rlhf.parallel.state import initialize_parallel
@@ -104,7 +104,7 @@ def run_ours(workdir: str, prompts, lengths, micro_batch: int) -> dict:
 
     init_distributed()
     setup_logging(0)
-    cfg = ours_config(workdir, len(prompts), micro_batch, max(lengths))
+    cfg = ours_config(workdir, len(prompts), mini_batch, micro_batch, max(lengths))
     state = initialize_parallel(cfg.parallel, cfg.model, seed=0)
     trainer = PPOTrainer(cfg, state, _BenchTokenizer(), _FixedPrompts(prompts))
     timer = StageTimer()
@@ -119,10 +119,16 @@ def run_ours(workdir: str, prompts, lengths, micro_batch: int) -> dict:
         trainer.update(exp)
     with timer("handoff"):
         trainer.engine.sync_weights(1)
-    return _report(timer.seconds, sum(lengths), tuple(exp.input_ids_BS.shape), prompts)
+    report = _report(timer.seconds, sum(lengths), tuple(exp.input_ids_BS.shape), prompts)
+    models = {"actor": trainer.actor, "reference": trainer.reference, "critic": trainer.critic}
+    models.update({f"reward{i}": m for i, m in enumerate(trainer.reward_models)})
+    report["work"] = {name: dict(m.work) for name, m in models.items()}
+    per_row = [len(p) + n for p, n in zip(prompts, lengths)]
+    report["mean_padded_length"] = sum(per_row) / len(per_row)
+    return report
 
 
-def run_baseline(workdir: str, prompts, lengths, micro_batch: int) -> dict:
+def run_baseline(workdir: str, prompts, lengths, mini_batch: int, micro_batch: int) -> dict:
     """The Safe-RLHF-style iteration on transformers models with the same weights."""
     from ppo_baseline import BaselinePPO, ScoreModel
     from transformers import LlamaForCausalLM, LlamaForSequenceClassification
@@ -142,7 +148,7 @@ def run_baseline(workdir: str, prompts, lengths, micro_batch: int) -> dict:
     )
     reward = ScoreModel(rm.model, rm.score.weight.detach()).eval()
     critic = ScoreModel(critic_rm.model, critic_rm.score.weight.detach())
-    settings = {**PPO_SETTINGS, "pad_id": PAD_ID, "eos_id": EOS_ID, "micro_batch": micro_batch}
+    settings = {**PPO_SETTINGS, "pad_id": PAD_ID, "eos_id": EOS_ID, "micro_batch": mini_batch}
     baseline = BaselinePPO(actor, reference, reward, critic, settings)
     times = baseline.iteration(prompts, lengths)
     shape = times.pop("padded_shape")

@@ -46,6 +46,15 @@ class GlobalCounts:
     ptx_tokens: float = 0.0
 
 
+def to_global_mean(loss, mask_BS, reduction: str, counts: GlobalCounts) -> torch.Tensor:
+    """This microbatch's share of the mini-batch mean: ``loss`` is a mean over its own valid
+    tokens (``token_mean``) or sequences (``seq_mean``); scale by their share of the
+    global count so the sum over microbatches and data-parallel ranks is the global mean."""
+    if reduction == "token_mean":
+        return loss * mask_BS.sum() / counts.tokens
+    return loss * mask_BS.any(dim=1).sum() / counts.sequences
+
+
 def actor_loss_fn(cfg: PPOConfig, tp_group, counts: GlobalCounts, temperature: float) -> Callable:
     """PPO (+ entropy, + ptx) loss for ``train_step(..., normalize="none")``."""
 
@@ -66,10 +75,7 @@ def actor_loss_fn(cfg: PPOConfig, tp_group, counts: GlobalCounts, temperature: f
             reduction=cfg.loss_reduction,
         )
         n_tokens = mask_BS.sum()
-        if cfg.loss_reduction == "token_mean":
-            scaled = loss * n_tokens / counts.tokens
-        else:
-            scaled = loss * mask_BS.any(dim=1).sum() / counts.sequences
+        scaled = to_global_mean(loss, mask_BS, cfg.loss_reduction, counts)
         entropy_sum = (entropy_BS * mask_BS).sum()
         if cfg.entropy_coef:
             scaled = scaled - cfg.entropy_coef * entropy_sum / counts.tokens

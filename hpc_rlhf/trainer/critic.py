@@ -9,7 +9,7 @@ import torch
 from hpc_rlhf.config import PPOConfig
 from hpc_rlhf.models.heads import end_scores
 from hpc_rlhf.ops import value_loss
-from hpc_rlhf.trainer.actor import GlobalCounts
+from hpc_rlhf.trainer.actor import GlobalCounts, to_global_mean
 
 
 def values_fn(batch: dict, values_BS1: torch.Tensor) -> dict:
@@ -37,10 +37,7 @@ def critic_loss_fn(cfg: PPOConfig, counts: GlobalCounts) -> Callable:
             reduction=cfg.loss_reduction,
         )
         n_tokens = mask_BS.sum()
-        if cfg.loss_reduction == "token_mean":
-            scaled = loss * n_tokens / counts.tokens
-        else:
-            scaled = loss * mask_BS.any(dim=1).sum() / counts.sequences
+        scaled = to_global_mean(loss, mask_BS, cfg.loss_reduction, counts)
         metrics = {"value_loss": loss.detach()}
         metrics.update(
             {f"value_{k}" if not k.startswith("value") else k: v.detach() for k, v in stats.items()}

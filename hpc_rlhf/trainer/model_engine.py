@@ -90,6 +90,9 @@ class TrainableModel:
         self.state = state
         self.role = role
         chunks = build_model_chunks(model_cfg, state, role)
+        self.work = dict.fromkeys(
+            ("infer_tokens", "infer_head_rows", "train_tokens", "train_head_rows"), 0
+        )
         self.config = chunks[0].config
         self.config.calculate_per_token_loss = True
         self.trainable = optim_cfg is not None
@@ -190,6 +193,7 @@ class TrainableModel:
 
         if not microbatches:
             raise ValueError("forward_backward needs at least one microbatch")
+        self._count_work(microbatches, "infer" if forward_only else "train")
         if normalize not in ("count", "none"):
             raise ValueError(f"normalize must be 'count' or 'none', got {normalize!r}")
         B, S = microbatches[0]["input_ids"].shape
@@ -212,6 +216,14 @@ class TrainableModel:
                 forward_only=forward_only,
             )
         return list(outputs)
+
+    def _count_work(self, microbatches: Sequence[dict], kind: str) -> None:
+        """Tokens run through the decoder and rows through the LM head (for FLOP counts)."""
+        for mb in microbatches:
+            self.work[f"{kind}_tokens"] += mb["input_ids"].numel()
+            head = mb.get("head_mask")
+            rows = mb["input_ids"].numel() if head is None else int(head.sum())
+            self.work[f"{kind}_head_rows"] += rows
 
     def infer(self, microbatches: Sequence[dict], fn) -> list[dict[str, torch.Tensor]]:
         """Forward-only: ``fn(batch, output) -> {name: tensor}`` per microbatch, on every rank.
