@@ -26,7 +26,7 @@ def random_hf_state(model: ModelConfig, seed: int = 0) -> dict[str, torch.Tensor
         if name.endswith("norm.weight") or "layernorm" in name:
             state[name] = 1.0 + 0.1 * torch.randn(shape, generator=gen)
         else:
-            state[name] = 0.05 * torch.randn(shape, generator=gen)
+            state[name] = 0.02 * torch.randn(shape, generator=gen)  # the usual init scale
     return state
 
 
