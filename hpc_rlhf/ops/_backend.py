@@ -102,3 +102,14 @@ def resolve(op: str, backend: str, device: torch.device) -> str:
 def kernels(module: str) -> ModuleType:
     """Import ``hpc_rlhf.kernels.<module>`` (Triton) lazily, after the capability check."""
     return importlib.import_module(f"hpc_rlhf.kernels.{module}")
+
+
+def implementation(backend: str, torch_fn, kernel_module: str, name: str):
+    """The callable ``name`` of a concrete backend: the torch reference, the Triton launcher
+    ``hpc_rlhf.kernels.<kernel_module>.<name>``, or the extension's ``<name>_cpu`` /
+    ``<name>_cuda``."""
+    if backend == "torch":
+        return torch_fn
+    if backend == "triton":
+        return getattr(kernels(kernel_module), name)
+    return getattr(extension(), f"{name}_{'cpu' if backend == 'cpp' else 'cuda'}")

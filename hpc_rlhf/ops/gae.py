@@ -33,12 +33,9 @@ def _gae_torch(rewards, values, mask, gamma: float, lam: float):
 
 
 def _impl(backend: str):
-    if backend == "torch":
-        return _gae_torch
     if backend == "triton":
         return _backend.kernels("gae").gae_fwd
-    ext = _backend.extension()
-    return ext.gae_cpu if backend == "cpp" else ext.gae_cuda
+    return _backend.implementation(backend, _gae_torch, "gae", "gae")
 
 
 @torch.no_grad()

@@ -51,12 +51,7 @@ def _ppo_rows_torch(logp, old, adv, mask, clip_low, clip_high, dual_clip, need_g
 
 
 def _impl(backend: str):
-    if backend == "torch":
-        return _ppo_rows_torch
-    if backend == "triton":
-        return _backend.kernels("ppo_loss").ppo_rows
-    ext = _backend.extension()
-    return ext.ppo_rows_cpu if backend == "cpp" else ext.ppo_rows_cuda
+    return _backend.implementation(backend, _ppo_rows_torch, "ppo_loss", "ppo_rows")
 
 
 def ppo_policy_loss(

@@ -46,12 +46,7 @@ def _value_rows_torch(values, old_values, returns, mask, clip, need_grad):
 
 
 def _impl(backend: str):
-    if backend == "torch":
-        return _value_rows_torch
-    if backend == "triton":
-        return _backend.kernels("value_loss").value_rows
-    ext = _backend.extension()
-    return ext.value_rows_cpu if backend == "cpp" else ext.value_rows_cuda
+    return _backend.implementation(backend, _value_rows_torch, "value_loss", "value_rows")
 
 
 def value_loss(
