@@ -15,7 +15,7 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
-from hpc_rlhf.config import ConfigError, ModelConfig, ParallelConfig
+from hpc_rlhf.config import ModelConfig, ParallelConfig
 
 logger = logging.getLogger(__name__)
 
@@ -126,12 +126,3 @@ def set_virtual_stage(rank: int | None) -> None:
     from megatron.core import parallel_state as mpu
 
     mpu.set_virtual_pipeline_model_parallel_rank(rank)
-
-
-def check_layout(config: ParallelConfig, model: ModelConfig, world_size: int) -> int:
-    """Validate a layout without creating groups; returns the data-parallel size."""
-    try:
-        config.validate(model, world_size)
-    except ConfigError:
-        raise
-    return config.data_parallel_size(world_size)

@@ -277,7 +277,7 @@ class TrainableModel:
         A metric only some microbatches report (e.g. ``ptx_loss``) is averaged over those.
         """
         names = sorted({k for out in outputs for k in out if k != "_count"})
-        names = _broadcast_names(names, self.state)
+        names = _broadcast_from_last_stage(names, self.state)  # known on the last stage
         sums = torch.zeros(2, len(names), dtype=torch.float64)  # [weighted sum, weight]
         for out in outputs:
             count = float(out["_count"])
@@ -351,15 +351,3 @@ def group_sum(tensor: torch.Tensor, group: Any) -> torch.Tensor:
     if group is not None and dist.get_world_size(group) > 1:
         dist.all_reduce(tensor, group=group)
     return tensor
-
-
-def _broadcast_names(names: list[str], state: ParallelState) -> list[str]:
-    """Metric names are known on the last stage only; share them along the pipeline."""
-    import torch.distributed as dist
-
-    if state.pp_size == 1:
-        return names
-    holder = [names if state.is_last_stage else None]
-    src = dist.get_global_rank(state.pp_group, state.pp_size - 1)
-    dist.broadcast_object_list(holder, src=src, group=state.pp_group)
-    return holder[0]

@@ -31,7 +31,7 @@ from hpc_rlhf.parallel.state import ParallelState
 from hpc_rlhf.trainer.actor import GlobalCounts, actor_loss_fn, logprobs_fn
 from hpc_rlhf.trainer.critic import critic_loss_fn, end_score_fn, values_fn
 from hpc_rlhf.trainer.experience import ExperienceBatch, Rollout, build_experience
-from hpc_rlhf.trainer.model_engine import TrainableModel
+from hpc_rlhf.trainer.model_engine import TrainableModel, group_sum
 
 logger = logging.getLogger(__name__)
 
@@ -255,19 +255,13 @@ class PPOTrainer:
     def _update_minibatch(self, mini: ExperienceBatch) -> dict[str, float]:
         p = self.cfg.ppo
         mbs = mini.microbatches(p.micro_batch_size_per_rank, mini.length_order(), self._trim())
-        counts = self._global_counts(mini)
+        ptx_mbs = self._ptx_microbatches(len(mbs), mini.input_ids_BS.shape[1])
+        counts = self._global_counts(mini, ptx_mbs)
         metrics: dict[str, float] = {}
         if self.critic is not None:
             result = self.critic.train_step(mbs, critic_loss_fn(p, counts), normalize="none")
             metrics.update(result.metrics)
             metrics["critic_grad_norm"] = result.grad_norm or 0.0
-        ptx_mbs = self._ptx_microbatches(len(mbs), mini.input_ids_BS.shape[1])
-        if ptx_mbs:
-            counts = GlobalCounts(
-                counts.tokens,
-                counts.sequences,
-                _dp_sum(sum(float(b["loss_mask"].sum()) for b in ptx_mbs), self.state),
-            )
         loss_fn = actor_loss_fn(p, self.state.tp_group, counts, self.cfg.generation.temperature)
         result = self.actor.train_step(mbs + ptx_mbs, loss_fn, normalize="none")
         metrics.update(result.metrics)
@@ -275,13 +269,20 @@ class PPOTrainer:
         metrics["actor_lr"] = result.lr
         return metrics
 
-    def _global_counts(self, mini: ExperienceBatch) -> GlobalCounts:
-        tokens = float(mini.action_mask_BS.sum())
-        sequences = float(mini.action_mask_BS.any(dim=1).sum())
-        both = torch.tensor([tokens, sequences], dtype=torch.float64)
-        if self.state.dp_size > 1:
-            dist.all_reduce(both, group=self.state.dp_group)
-        return GlobalCounts(max(float(both[0]), 1.0), max(float(both[1]), 1.0))
+    def _global_counts(self, mini: ExperienceBatch, ptx_mbs: list[dict]) -> GlobalCounts:
+        """Valid tokens, sequences and ptx tokens of the mini-batch over all DP ranks."""
+        counts = torch.tensor(
+            [
+                float(mini.action_mask_BS.sum()),
+                float(mini.action_mask_BS.any(dim=1).sum()),
+                sum(float(b["loss_mask"].sum()) for b in ptx_mbs),
+            ],
+            dtype=torch.float64,
+        )
+        group_sum(counts, self.state.dp_group)
+        return GlobalCounts(
+            max(float(counts[0]), 1.0), max(float(counts[1]), 1.0), float(counts[2])
+        )
 
     def _ptx_microbatches(self, n_micro: int, seq_len: int) -> list[dict]:
         """As many ptx microbatches as PPO ones, cut/padded to the same sequence length."""
@@ -353,13 +354,6 @@ def _fit_length(mb: dict, seq_len: int, pad_id: int) -> dict:
     out["attention_mask"] = torch.ones_like(out["input_ids"], dtype=torch.bool)
     out["head_mask"] = out["loss_mask"].bool()
     return out
-
-
-def _dp_sum(value: float, state: ParallelState) -> float:
-    t = torch.tensor([value], dtype=torch.float64)
-    if state.dp_size > 1:
-        dist.all_reduce(t, group=state.dp_group)
-    return float(t)
 
 
 def _all_gather_cat(x_N: torch.Tensor, group) -> torch.Tensor:

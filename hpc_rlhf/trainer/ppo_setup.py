@@ -25,7 +25,7 @@ class PPOModels:
 def initial_actor_state(cfg: PPORunConfig) -> dict:
     """HF-format actor weights: the ``actor_init`` checkpoint, or seeded random weights."""
     if cfg.actor_init:
-        from hpc_rlhf.models.convert import load_hf_checkpoint, model_config_from_hf  # noqa: F401
+        from hpc_rlhf.models.convert import load_hf_checkpoint
 
         hf_cfg, state = load_hf_checkpoint(cfg.actor_init)
         _check_same_architecture(cfg, hf_cfg, cfg.actor_init)
