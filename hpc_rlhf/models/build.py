@@ -20,7 +20,7 @@ import torch.nn.functional as F
 from hpc_rlhf.config import ModelConfig, ParallelConfig
 from hpc_rlhf.models.heads import ScalarHead
 from hpc_rlhf.models.selective_head import install_selective_head
-from hpc_rlhf.parallel.state import ParallelState
+from hpc_rlhf.parallel.state import ParallelState, set_virtual_stage
 
 logger = logging.getLogger(__name__)
 
@@ -137,14 +137,12 @@ def build_model(
     model: ModelConfig, state: ParallelState, role: str, vp_stage: int | None = None
 ) -> torch.nn.Module:
     """One model chunk of ``role`` for this rank (``vp_stage`` with virtual pipelining)."""
-    from megatron.core import parallel_state as mpu
     from megatron.core.models.gpt import GPTModel
 
     if role not in ROLES:
         raise ValueError(f"unknown model role {role!r}; expected one of {ROLES}")
     config = transformer_config(model, state.config)
-    pre = mpu.is_pipeline_first_stage(ignore_virtual=False, vp_stage=vp_stage)
-    post = mpu.is_pipeline_last_stage(ignore_virtual=False, vp_stage=vp_stage)
+    pre, post = state.holds_embedding(vp_stage), state.holds_output_layer(vp_stage)
     lm_head = role in ("actor", "reference")
     gpt = GPTModel(
         config=config,
@@ -174,15 +172,13 @@ def build_model(
 
 def build_model_chunks(model: ModelConfig, state: ParallelState, role: str) -> list:
     """All model chunks of this rank: one, or one per virtual pipeline stage."""
-    from megatron.core import parallel_state as mpu
-
     if not state.vpp_size:
         return [build_model(model, state, role)]
     chunks = []
     for stage in range(state.vpp_size):
-        mpu.set_virtual_pipeline_model_parallel_rank(stage)
+        set_virtual_stage(stage)
         chunks.append(build_model(model, state, role, vp_stage=stage))
-    mpu.set_virtual_pipeline_model_parallel_rank(0)
+    set_virtual_stage(0)
     return chunks
 
 

@@ -48,6 +48,17 @@ class ParallelState:
     def is_last_stage(self) -> bool:
         return self.pp_rank == self.pp_size - 1
 
+    def holds_embedding(self, vp_stage: int | None = None) -> bool:
+        """Whether model chunk ``vp_stage`` of this rank is the pipeline's first chunk."""
+        return self.is_first_stage and (vp_stage or 0) == 0
+
+    def holds_output_layer(self, vp_stage: int | None = None) -> bool:
+        """Whether model chunk ``vp_stage`` of this rank is the pipeline's last chunk."""
+        last_chunk = (self.vpp_size or 1) - 1
+        return (
+            self.is_last_stage and (vp_stage if vp_stage is not None else last_chunk) == last_chunk
+        )
+
     @property
     def sequence_parallel(self) -> bool:
         return self.config.sequence_parallel
