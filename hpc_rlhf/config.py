@@ -84,6 +84,9 @@ class ParallelConfig:
     virtual_pipeline_model_parallel_size: int | None = None
     sequence_parallel: bool = False
     use_distributed_optimizer: bool = False
+    # CPU runs: "caching" keeps freed large blocks in the heap (no page faults on reuse),
+    # "system" keeps the C library's defaults (see parallel/host_allocator.py)
+    host_allocator: str = "caching"
 
     @property
     def model_parallel_size(self) -> int:
@@ -105,6 +108,10 @@ class ParallelConfig:
         vpp = self.virtual_pipeline_model_parallel_size or 1
         if tp < 1 or pp < 1 or vpp < 1:
             raise ConfigError("parallel sizes must be >= 1")
+        if self.host_allocator not in ("caching", "system"):
+            raise ConfigError(
+                f"parallel.host_allocator={self.host_allocator!r}: expected 'caching' or 'system'"
+            )
         checks = [
             (
                 model.num_attention_heads,

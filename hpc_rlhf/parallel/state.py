@@ -88,8 +88,10 @@ def initialize_parallel(
         config.validate(model, world_size)
     if not torch.cuda.is_available():
         from hpc_rlhf.parallel.cpu import apply_cpu_patches
+        from hpc_rlhf.parallel.host_allocator import configure_host_allocator
 
         apply_cpu_patches()
+        configure_host_allocator(config.host_allocator)
     from megatron.core import parallel_state as mpu
     from megatron.core import tensor_parallel
 

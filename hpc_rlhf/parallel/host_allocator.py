@@ -1,0 +1,77 @@
+"""Host (CPU) memory allocation policy for runs without a GPU.
+
+On a GPU, PyTorch's caching allocator hands freed device blocks to the next tensor of a
+similar size. On the CPU, tensors come from the C library's ``malloc``: glibc serves every
+block above its mmap threshold (at most 32 MiB) with a fresh ``mmap`` and returns it with
+``munmap`` when freed, so each large activation, logit or gradient tensor is paid for again
+in page faults (the kernel zeroes every 4 KiB page on first touch). Measured on the PPO
+benchmark (``tools/bench_ppo.py --shape fixed``, 2 cores): 18 s of system time per
+iteration, and 84 s -> 74 s wall once large blocks are kept in the heap.
+
+``"caching"`` makes glibc behave like a caching allocator: no ``mmap`` for large blocks
+(``M_MMAP_MAX = 0``) and the heap top is only returned to the OS beyond 2 GiB of free space
+(``M_TRIM_THRESHOLD``). A freed block stays mapped and the next tensor that fits in it
+reuses it without faults (glibc best-fit, with coalescing of neighbours; an exactly equal
+request may still miss by the alignment padding of ``posix_memalign``); the peak resident
+size is unchanged on the benchmark (3.60 -> 3.59 GB). ``"system"`` leaves the C
+library's defaults. Applied once per process, CPU runs only, and logged.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import ctypes.util
+import logging
+
+logger = logging.getLogger(__name__)
+
+HOST_ALLOCATORS = ("caching", "system")
+_M_TRIM_THRESHOLD = -1  # glibc mallopt parameter numbers (malloc.h)
+_M_MMAP_MAX = -4
+_TRIM_THRESHOLD_BYTES = 2**31 - 1  # mallopt takes an int
+_APPLIED: list[str] = []
+
+
+def _glibc() -> ctypes.CDLL | None:
+    """The C library when it is glibc (the only one whose ``mallopt`` we know), else None."""
+    name = ctypes.util.find_library("c")
+    if name is None:
+        return None
+    libc = ctypes.CDLL(name)
+    if not hasattr(libc, "mallopt") or not hasattr(libc, "gnu_get_libc_version"):
+        return None
+    return libc
+
+
+def configure_host_allocator(mode: str) -> str:
+    """Apply ``mode`` (``"caching"`` or ``"system"``) to this process's ``malloc``.
+
+    Returns the policy in effect: ``"caching"``, or ``"system"`` when requested or when the
+    C library is not glibc (logged). A second call with another mode raises, since the
+    first one already shaped the heap.
+    """
+    if mode not in HOST_ALLOCATORS:
+        raise ValueError(f"host allocator {mode!r}: expected one of {HOST_ALLOCATORS}")
+    if _APPLIED:
+        if _APPLIED[0] != mode:
+            raise RuntimeError(
+                f"host allocator already set to {_APPLIED[0]!r} in this process; "
+                f"cannot switch to {mode!r}"
+            )
+        return _APPLIED[1]
+    in_effect = mode
+    if mode == "caching":
+        libc = _glibc()
+        if libc is None:
+            in_effect = "system"
+            logger.info("host allocator: system (C library is not glibc; 'caching' skipped)")
+        else:
+            ok = libc.mallopt(_M_MMAP_MAX, 0) == 1
+            ok = ok and libc.mallopt(_M_TRIM_THRESHOLD, _TRIM_THRESHOLD_BYTES) == 1
+            if not ok:
+                raise RuntimeError("glibc mallopt refused the caching host-allocator settings")
+            logger.info("host allocator: caching (glibc: no mmap for large blocks, trim > 2 GiB)")
+    else:
+        logger.info("host allocator: system (C library defaults)")
+    _APPLIED[:] = [mode, in_effect]
+    return in_effect
