@@ -14,7 +14,7 @@ def lm_loss(batch: dict, logits_BSV: torch.Tensor, tp_group=None):
     """
     from hpc_rlhf.models.selective_head import logprobs_from_output
 
-    logp_BS = logprobs_from_output(batch, logits_BSV, tp_group)
+    logp_BS = logprobs_from_output(batch, logits_BSV, tp_group, loss_only=True)
     mask_BS = batch["loss_mask"].to(logp_BS.dtype)
     count = mask_BS.sum()
     loss_sum = -(logp_BS * mask_BS).sum()

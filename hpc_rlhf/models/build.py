@@ -196,6 +196,18 @@ def causal_padding_mask(attention_mask_BS: torch.Tensor) -> torch.Tensor:
     return (~allowed_BSS)[:, None]
 
 
+def attention_mask_for(attention_mask_BS: torch.Tensor) -> torch.Tensor | None:
+    """The megatron mask to pass for a padding mask ``[B, S]``: ``None`` (plain causal, which
+    lets the fused attention skip the blocks above the diagonal) when every row is real
+    tokens followed only by padding, since causality alone then keeps each real query off
+    the pads after it; else ``causal_padding_mask``. Pad positions' outputs differ between
+    the two and are ignored by every consumer."""
+    keep_BS = attention_mask_BS.bool()
+    if bool((keep_BS[:, 1:] <= keep_BS[:, :-1]).all()):
+        return None
+    return causal_padding_mask(attention_mask_BS)
+
+
 def position_ids_from_mask(attention_mask_BS: torch.Tensor) -> torch.Tensor:
     """Positions counted over real tokens (left padding starts at 0 on the first token)."""
     return (attention_mask_BS.long().cumsum(dim=1) - 1).clamp(min=0)

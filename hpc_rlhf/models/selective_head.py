@@ -81,17 +81,21 @@ def scatter_selected(values_N: torch.Tensor, select_BS: torch.Tensor) -> torch.T
     return out_SB.t()
 
 
-def logprobs_from_output(batch: dict, logits: torch.Tensor, tp_group, entropy: bool = False):
+def logprobs_from_output(
+    batch: dict, logits: torch.Tensor, tp_group, entropy: bool = False, loss_only: bool = False
+):
     """Dense ``[B, S]`` log-probs of ``batch["labels"]`` (and entropies) from the actor's
     output: full logits ``[B, S, V/tp]``, or ``[1, N, V/tp]`` for the positions of
-    ``batch["head_mask"]`` (zeros elsewhere)."""
+    ``batch["head_mask"]`` (zeros elsewhere). ``loss_only``: the logits feed nothing but
+    this loss, so the backward may overwrite them with their gradient (less peak memory)."""
     from hpc_rlhf.ops import token_logprobs
 
+    kw = {"tp_group": tp_group, "return_entropy": entropy, "inplace_grad": loss_only}
     select_BS = batch.get("head_mask")
     if select_BS is None:
-        return token_logprobs(logits, batch["labels"], tp_group=tp_group, return_entropy=entropy)
+        return token_logprobs(logits, batch["labels"], **kw)
     labels_N = selected(batch["labels"], select_BS)
-    out = token_logprobs(logits.squeeze(0), labels_N, tp_group=tp_group, return_entropy=entropy)
+    out = token_logprobs(logits.squeeze(0), labels_N, **kw)
     if entropy:
         return scatter_selected(out[0], select_BS), scatter_selected(out[1], select_BS)
     return scatter_selected(out, select_BS)

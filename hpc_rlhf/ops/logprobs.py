@@ -119,9 +119,34 @@ def _combine(m, s, t, xl, tp_group):
     return (xl - m) - log_s, m, log_s, ent
 
 
+_INPLACE_CHUNK_ELEMS = 1 << 22  # in-place backward: rows per chunk * V stays below 16 MiB fp32
+
+
+def _bwd_into_logits(bwd, x, lab, vocab_start, m, log_s, ent, g_lp, g_ent):
+    """The backward written over ``x`` [N, V] chunk by chunk: only a chunk-sized buffer
+    besides the logits instead of a second [N, V] tensor."""
+    n, v = x.shape
+    step = max(1, _INPLACE_CHUNK_ELEMS // max(v, 1))
+    for r0 in range(0, n, step):
+        r1 = min(n, r0 + step)
+        rows = slice(r0, r1)
+        part = bwd(
+            x[rows],
+            lab[rows],
+            vocab_start,
+            m[rows],
+            log_s[rows],
+            ent[rows] if ent is not None else None,
+            g_lp[rows],
+            g_ent[rows] if g_ent is not None else None,
+        )
+        x[rows].copy_(part)
+    return x
+
+
 class _TokenLogprobs(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, logits, labels, tp_group, entropy, backend):
+    def forward(ctx, logits, labels, tp_group, entropy, backend, inplace_grad):
         v = logits.shape[-1]
         x = logits.reshape(-1, v).contiguous()  # [N, V]
         lab = labels.reshape(-1).to(torch.int64).contiguous()  # [N]
@@ -130,7 +155,7 @@ class _TokenLogprobs(torch.autograd.Function):
         m, s, t, xl = fwd(x, lab, rank * v, entropy)
         logp, m, log_s, ent = _combine(m, s, t, xl, tp_group)
         ctx.save_for_backward(x, lab, m, log_s, ent)
-        ctx.meta = (bwd, rank * v, logits.shape)
+        ctx.meta = (bwd, rank * v, logits.shape, inplace_grad)
         ctx.set_materialize_grads(False)
         out_shape = labels.shape
         if entropy:
@@ -140,18 +165,23 @@ class _TokenLogprobs(torch.autograd.Function):
     @staticmethod
     def backward(ctx, g_lp, g_ent=None):
         x, lab, m, log_s, ent = ctx.saved_tensors
-        bwd, vocab_start, shape = ctx.meta
+        bwd, vocab_start, shape, inplace = ctx.meta
         if g_lp is None and g_ent is None:
-            return None, None, None, None, None
+            return None, None, None, None, None, None
         g_lp = torch.zeros_like(m) if g_lp is None else g_lp.reshape(-1).float().contiguous()
         if g_ent is not None:
             g_ent = g_ent.reshape(-1).float().contiguous()
         ent = ent if g_ent is not None else None
-        grad = bwd(x, lab, vocab_start, m, log_s, ent, g_lp, g_ent)
-        return grad.view(shape), None, None, None, None
+        if inplace:
+            grad = _bwd_into_logits(bwd, x, lab, vocab_start, m, log_s, ent, g_lp, g_ent)
+        else:
+            grad = bwd(x, lab, vocab_start, m, log_s, ent, g_lp, g_ent)
+        return grad.view(shape), None, None, None, None, None
 
 
-def token_logprobs(logits, labels, *, tp_group=None, return_entropy=False, backend="auto"):
+def token_logprobs(
+    logits, labels, *, tp_group=None, return_entropy=False, backend="auto", inplace_grad=False
+):
     """Log-probability of each label under ``softmax(logits)``, optionally with entropy.
 
     Args:
@@ -161,6 +191,9 @@ def token_logprobs(logits, labels, *, tp_group=None, return_entropy=False, backe
         tp_group: tensor-parallel process group the vocabulary is split over, or None.
         return_entropy: also return the entropy of each row's distribution.
         backend: "auto", "torch", "cpp", "cuda" or "triton" (see ``hpc_rlhf.ops._backend``).
+        inplace_grad: the backward overwrites ``logits`` with their gradient (one [N, V]
+            buffer less at the memory peak of an LM-head micro-batch). Only for logits that
+            nothing else reads in backward: autograd raises if a later backward needs them.
 
     Returns:
         fp32 ``[...]`` log-probs, or ``(logp, entropy)`` when ``return_entropy``. Both are
@@ -174,4 +207,6 @@ def token_logprobs(logits, labels, *, tp_group=None, return_entropy=False, backe
     if logits.dtype not in (torch.float32, torch.bfloat16, torch.float16):
         raise TypeError(f"logits must be fp32, bf16 or fp16, got {logits.dtype}")
     chosen = _backend.resolve("token_logprobs", backend, logits.device)
-    return _TokenLogprobs.apply(logits, labels, tp_group, bool(return_entropy), chosen)
+    return _TokenLogprobs.apply(
+        logits, labels, tp_group, bool(return_entropy), chosen, bool(inplace_grad)
+    )

@@ -63,7 +63,9 @@ def actor_loss_fn(cfg: PPOConfig, tp_group, counts: GlobalCounts, temperature: f
         if batch.get("kind") == "ptx":
             return _ptx_loss(batch, logits_BSV, tp_group, cfg.ptx_coef, counts)
         mask_BS = batch["action_mask"]
-        logp_BS, entropy_BS = logprobs_from_output(batch, logits_BSV, tp_group, entropy=True)
+        logp_BS, entropy_BS = logprobs_from_output(
+            batch, logits_BSV, tp_group, entropy=True, loss_only=True
+        )
         loss, stats = ppo_policy_loss(
             logp_BS,
             batch["old_logp"],
@@ -90,7 +92,7 @@ def actor_loss_fn(cfg: PPOConfig, tp_group, counts: GlobalCounts, temperature: f
 
 
 def _ptx_loss(batch, logits_BSV, tp_group, coef: float, counts: GlobalCounts):
-    logp_BS = logprobs_from_output(batch, logits_BSV, tp_group)
+    logp_BS = logprobs_from_output(batch, logits_BSV, tp_group, loss_only=True)
     mask_BS = batch["loss_mask"].float()
     nll_sum = -(logp_BS * mask_BS).sum()
     n = mask_BS.sum()

@@ -31,8 +31,8 @@ import torch
 
 from hpc_rlhf.config import ModelConfig, OptimizerConfig
 from hpc_rlhf.models.build import (
+    attention_mask_for,
     build_model_chunks,
-    causal_padding_mask,
     position_ids_from_mask,
 )
 from hpc_rlhf.models.selective_head import head_selection
@@ -71,7 +71,7 @@ def model_forward(model: torch.nn.Module, batch: dict) -> torch.Tensor:
     if mask_BS is None:
         mask_BS = torch.ones_like(input_ids_BS, dtype=torch.bool)
     with head_selection(model, batch.get("head_mask")):
-        return model(input_ids_BS, position_ids_from_mask(mask_BS), causal_padding_mask(mask_BS))
+        return model(input_ids_BS, position_ids_from_mask(mask_BS), attention_mask_for(mask_BS))
 
 
 class TrainableModel:

@@ -117,3 +117,42 @@ def test_large_enough_for_threads(backend):
     logits, labels, g_lp, g_ent = _inputs((64, 2050), torch.float32, seed=9)
     oracle = oracle_logprobs(logits, labels, g_lp, g_ent)
     _check_vs_oracle(torch.float32, *_run(backend, logits, labels, g_lp, g_ent), oracle)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("entropy", [True, False])
+def test_inplace_grad_overwrites_logits_with_the_same_gradient(
+    backend, dtype, entropy, monkeypatch
+):
+    import hpc_rlhf.ops.logprobs as lp_mod
+
+    # 7 rows of V=1000 in chunks of 2 rows: several chunks and a short last one
+    monkeypatch.setattr(lp_mod, "_INPLACE_CHUNK_ELEMS", 2000)
+    logits, labels, g_lp, g_ent = _inputs((7, 1000), dtype, seed=11)
+    oracle = oracle_logprobs(logits, labels, g_lp, g_ent if entropy else torch.zeros_like(g_ent))
+    leaf = logits.clone().requires_grad_(True)
+    x = leaf * 1.0  # a non-leaf buffer the backward may reuse, like an LM head's output
+    out = token_logprobs(x, labels, return_entropy=entropy, backend=backend, inplace_grad=True)
+    if entropy:
+        ((out[0] * g_lp).sum() + (out[1] * g_ent).sum()).backward()
+    else:
+        (out * g_lp).sum().backward()
+    ref_lp, ref_ent, ref_grad = oracle
+    tol = TOL[dtype]
+    expected = ref_grad.to(dtype).double() if dtype != torch.float32 else ref_grad
+    torch.testing.assert_close(
+        leaf.grad.double(), expected, atol=tol["grad_atol"], rtol=tol["grad_rtol"]
+    )
+    # the logits buffer now holds the gradient: no second [N, V] tensor was made
+    torch.testing.assert_close(x.detach(), leaf.grad)
+
+
+def test_inplace_grad_refuses_when_another_backward_needs_the_logits():
+    logits, labels, g_lp, _ = _inputs((4, 300), torch.float32, seed=3)
+    leaf = logits.clone().requires_grad_(True)
+    x = leaf * 1.0
+    other = (x * x).sum()  # saves x for its own backward, which autograd runs after ours
+    logp = token_logprobs(x, labels, backend="torch", inplace_grad=True)
+    with pytest.raises(RuntimeError, match="modified by an inplace operation"):
+        ((logp * g_lp).sum() + other).backward()
