@@ -271,6 +271,9 @@ class PPOConfig:
     rollout_batch_size: int = 16  # prompts per step, over all data-parallel ranks
     n_samples_per_prompt: int = 1
     micro_batch_size_per_rank: int = 8
+    # forward-only scoring keeps no activations, so it can take bigger micro-batches than
+    # the updates; None: micro_batch_size_per_rank
+    score_micro_batch_size_per_rank: int | None = None
     mini_batches_per_rollout: int = 1
     ppo_epochs: int = 1
     advantage: str = "gae"  # "gae" | "grpo" | "rloo"
@@ -296,7 +299,17 @@ class PPOConfig:
     save_interval: int = 0
     hf_export_dir: str | None = None  # write the final actor in HF format here
 
+    @property
+    def score_micro_batch(self) -> int:
+        """Rows per forward-only scoring micro-batch."""
+        return self.score_micro_batch_size_per_rank or self.micro_batch_size_per_rank
+
     def validate(self) -> None:
+        if self.score_micro_batch_size_per_rank is not None and self.score_micro_batch < 1:
+            raise ConfigError(
+                "ppo.score_micro_batch_size_per_rank must be >= 1, got "
+                f"{self.score_micro_batch_size_per_rank}"
+            )
         if self.advantage not in ("gae", "grpo", "rloo"):
             raise ConfigError(f"ppo.advantage={self.advantage!r}: expected gae, grpo or rloo")
         if self.advantage in ("grpo", "rloo") and self.n_samples_per_prompt < 2:

@@ -101,6 +101,7 @@ def test_shipped_example_configs_load_and_fit_their_clusters():
             ["parallel.sequence_parallel=true"],
             r"sequence_parallel needs tensor_model_parallel_size >= 2",
         ),
+        ("", ["parallel.host_allocator=tcmalloc"], r"parallel.host_allocator='tcmalloc'"),
     ],
 )
 def test_bad_configs_name_the_key(tmp_path, text, overrides, match):
@@ -127,3 +128,16 @@ def test_layout_checks_against_world_size():
         dataclasses.replace(
             cfg, train=dataclasses.replace(cfg.train, micro_batch_size_per_rank=3)
         ).validate(4)
+
+
+def test_score_micro_batch_defaults_to_the_training_one_and_is_checked(tmp_path):
+    from hpc_rlhf.config import PPORunConfig
+
+    rules = "reward:\n  rules:\n    - function: hpc_rlhf.algorithms.rule_rewards:target_token_fraction\n"
+    path = write(tmp_path, rules)
+    cfg = load_config(path, ["ppo.micro_batch_size_per_rank=4"], PPORunConfig)
+    assert cfg.ppo.score_micro_batch == 4
+    cfg = load_config(path, ["ppo.score_micro_batch_size_per_rank=16"], PPORunConfig)
+    assert cfg.ppo.score_micro_batch == 16
+    with pytest.raises(ConfigError, match="ppo.score_micro_batch_size_per_rank must be >= 1"):
+        load_config(path, ["ppo.score_micro_batch_size_per_rank=-2"], PPORunConfig)

@@ -54,8 +54,14 @@ def parse_args() -> argparse.Namespace:
     p.add_argument(
         "--micro-batch",
         type=int,
-        default=8,
+        default=4,
         help="hpc_rlhf's gradient-accumulation split of a mini-batch",
+    )
+    p.add_argument(
+        "--score-micro-batch",
+        type=int,
+        default=8,
+        help="hpc_rlhf's rows per forward-only scoring micro-batch",
     )
     p.add_argument("--quick", action="store_true", help="8 prompts, lengths / 8")
     p.add_argument("--plot", default=None, help="write a PNG of per-stage times here")
@@ -85,6 +91,8 @@ def run_child(system: str, shape: str, args, workdir: str) -> dict:
         str(args.micro_batch),
         "--mini-batch",
         str(args.mini_batch),
+        "--score-micro-batch",
+        str(args.score_micro_batch),
     ]
     if args.quick:
         cmd.append("--quick")
@@ -101,8 +109,17 @@ def child_main(args) -> None:
     from bench_systems import run_baseline, run_ours
 
     prompts, lengths = workload(args.shape, args.prompts, args.quick)
-    fn = run_ours if args.system == "ours" else run_baseline
-    report = fn(args.workdir, prompts, lengths, args.mini_batch, args.micro_batch)
+    if args.system == "ours":
+        report = run_ours(
+            args.workdir,
+            prompts,
+            lengths,
+            args.mini_batch,
+            args.micro_batch,
+            args.score_micro_batch,
+        )
+    else:
+        report = run_baseline(args.workdir, prompts, lengths, args.mini_batch, args.micro_batch)
     report["peak_rss_gb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
     report["flops"] = ppo_flops(args.system, BENCH_MODEL, prompts, lengths, report)
     with open(args.out, "w") as fh:

@@ -39,7 +39,9 @@ class _BenchTokenizer:
     eos_id, pad_id, bos_id = EOS_ID, PAD_ID, 1
 
 
-def ours_config(workdir: str, n_prompts: int, mini_batch: int, micro_batch: int, max_new: int):
+def ours_config(
+    workdir: str, n_prompts: int, mini_batch: int, micro_batch: int, max_new: int, score_micro: int
+):
     from hpc_rlhf.config import PPORunConfig, config_from_dict
 
     s = PPO_SETTINGS
@@ -71,6 +73,7 @@ def ours_config(workdir: str, n_prompts: int, mini_batch: int, micro_batch: int,
                 "steps": 1,
                 "rollout_batch_size": n_prompts,
                 "micro_batch_size_per_rank": micro_batch,
+                "score_micro_batch_size_per_rank": score_micro,
                 "mini_batches_per_rollout": max(1, n_prompts // mini_batch),
                 "ppo_epochs": 1,
                 "kl_coef": s["kl_coef"],
@@ -95,7 +98,9 @@ def ours_config(workdir: str, n_prompts: int, mini_batch: int, micro_batch: int,
     )
 
 
-def run_ours(workdir: str, prompts, lengths, mini_batch: int, micro_batch: int) -> dict:
+def run_ours(
+    workdir: str, prompts, lengths, mini_batch: int, micro_batch: int, score_micro: int
+) -> dict:
     """hpc_rlhf's PPO iteration (one process, the six stages of ``PPOTrainer.step``)."""
     from hpc_rlhf.parallel.launch import init_distributed
     from hpc_rlhf.parallel.state import initialize_parallel
@@ -104,7 +109,7 @@ def run_ours(workdir: str, prompts, lengths, mini_batch: int, micro_batch: int) 
 
     init_distributed()
     setup_logging(0)
-    cfg = ours_config(workdir, len(prompts), mini_batch, micro_batch, max(lengths))
+    cfg = ours_config(workdir, len(prompts), mini_batch, micro_batch, max(lengths), score_micro)
     state = initialize_parallel(cfg.parallel, cfg.model, seed=0)
     trainer = PPOTrainer(cfg, state, _BenchTokenizer(), _FixedPrompts(prompts))
     timer = StageTimer()

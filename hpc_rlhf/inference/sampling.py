@@ -114,15 +114,19 @@ def candidate_distribution(
     return probs_BC, ids_BC
 
 
-def inverse_cdf(probs_BC: torch.Tensor, u_B: torch.Tensor) -> torch.Tensor:
-    """Index ``i`` of each row with ``cdf[i-1] <= u * total < cdf[i]`` (never a zero prob)."""
-    cdf_BC = torch.cumsum(probs_BC.double(), dim=-1)
+def inverse_cdf(weights_BC: torch.Tensor, u_B: torch.Tensor) -> torch.Tensor:
+    """Index ``i`` of each row with ``cdf[i-1] <= u * total < cdf[i]`` over non-negative,
+    not necessarily normalised ``weights_BC``; never a zero-weight index."""
+    cdf_BC = torch.cumsum(weights_BC, dim=-1, dtype=torch.float64)
     threshold_B1 = (u_B * cdf_BC[:, -1]).unsqueeze(-1)
     choice_B = torch.searchsorted(cdf_BC, threshold_B1, right=True).squeeze(-1)
-    # Rounding can put the threshold at the very end: take the last token with mass.
-    C = probs_BC.shape[-1]
-    last_B = torch.where(probs_BC > 0, torch.arange(C), -1).amax(dim=-1)
-    return torch.minimum(choice_B, last_B)
+    # A zero weight never holds the first cdf entry above the threshold, except when rounding
+    # puts the threshold at the very end (choice == C): take the last token with mass then.
+    C = weights_BC.shape[-1]
+    if bool((choice_B >= C).any()):
+        last_B = torch.where(weights_BC > 0, torch.arange(C), -1).amax(dim=-1)
+        choice_B = torch.minimum(choice_B, last_B)
+    return choice_B
 
 
 def sample_tokens(
@@ -132,16 +136,28 @@ def sample_tokens(
 
     ``logits_BV`` are the full-vocabulary logits (fp32). See the module docstring for what
     the two log-probs mean. Every non-greedy row consumes exactly one draw of its generator.
+    Policy log-probs are ``x_tok - logsumexp(x)`` of the scaled logits (no [B, V] log-softmax).
     """
     logits_BV = logits_BV.float()
     if params.greedy:
         tokens_B = logits_BV.argmax(dim=-1)
-        logp_B = torch.log_softmax(logits_BV, dim=-1).gather(1, tokens_B[:, None])[:, 0]
-        return tokens_B, logp_B, torch.zeros_like(logp_B)
-    scaled_BV = logits_BV / params.temperature
+        return tokens_B, _token_logprobs(logits_BV, tokens_B), torch.zeros(len(tokens_B))
+    T = params.temperature
+    scaled_BV = logits_BV if T == 1.0 else logits_BV / T
+    truncated = (params.top_k and params.top_k < scaled_BV.shape[-1]) or params.top_p < 1.0
+    if not truncated:  # sample from exp(x - max) directly: the policy is the sampling law
+        max_B1 = scaled_BV.amax(dim=-1, keepdim=True)
+        weights_BV = (scaled_BV - max_B1).exp_()
+        tokens_B = inverse_cdf(weights_BV, draw_uniforms(generators))
+        logp_B = _token_logprobs(scaled_BV, tokens_B)
+        return tokens_B, logp_B, logp_B.clone()
     probs_BC, ids_BC = candidate_distribution(scaled_BV, params.top_k, params.top_p)
     choice_B = inverse_cdf(probs_BC, draw_uniforms(generators))
     sampling_logp_B = probs_BC.gather(1, choice_B[:, None])[:, 0].log()
-    tokens_B = choice_B if ids_BC is None else ids_BC.gather(1, choice_B[:, None])[:, 0]
-    logp_B = torch.log_softmax(scaled_BV, dim=-1).gather(1, tokens_B[:, None])[:, 0]
-    return tokens_B, logp_B, sampling_logp_B
+    tokens_B = ids_BC.gather(1, choice_B[:, None])[:, 0]
+    return tokens_B, _token_logprobs(scaled_BV, tokens_B), sampling_logp_B
+
+
+def _token_logprobs(x_BV: torch.Tensor, tokens_B: torch.Tensor) -> torch.Tensor:
+    """``log_softmax(x)[token]`` per row as ``x_tok - logsumexp(x)`` (fp32 [B])."""
+    return x_BV.gather(1, tokens_B[:, None])[:, 0] - torch.logsumexp(x_BV, dim=-1)

@@ -147,7 +147,7 @@ class PPOTrainer:
         """Reward scores, reference log-probs, critic values (and old log-probs if asked)."""
         exp = build_experience(rollout, self.tokenizer.pad_id, multiple_of=self._multiple())
         order = exp.length_order()
-        mbs = exp.microbatches(self.cfg.ppo.micro_batch_size_per_rank, order, self._trim())
+        mbs = exp.microbatches(self.cfg.ppo.score_micro_batch, order, self._trim())
         temperature = self.cfg.generation.temperature
 
         def run(model, fn, key: str) -> torch.Tensor:

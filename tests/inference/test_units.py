@@ -9,7 +9,12 @@ import torch
 
 from hpc_rlhf.inference.attention import build_decode_meta, decode_attention_torch
 from hpc_rlhf.inference.kv_cache import BlockAllocator
-from hpc_rlhf.inference.sampling import SamplingParams, candidate_distribution, sample_tokens
+from hpc_rlhf.inference.sampling import (
+    SamplingParams,
+    candidate_distribution,
+    inverse_cdf,
+    sample_tokens,
+)
 
 
 def _dense_reference(q_BHD, k_pool, v_pool, tables, lens, S):
@@ -72,6 +77,26 @@ def test_top_k_top_p_candidates_and_logprobs():
     assert set(tokens.tolist()) <= {5, 0, 1} and len(set(tokens.tolist())) == 3
     assert torch.allclose(logp, torch.log_softmax(logits[0] / 0.7, -1)[tokens])
     assert bool((slogp > logp).all())
+
+
+def test_full_vocabulary_sampling_follows_softmax():
+    logits = torch.tensor([[1.5, 0.0, -0.5, 2.0, -30.0]])
+    params = SamplingParams(temperature=0.8, seed=0)
+    n = 4000
+    gens = [torch.Generator().manual_seed(i) for i in range(n)]
+    tokens, logp, slogp = sample_tokens(logits.expand(n, -1), params, gens)
+    want = torch.softmax(logits[0] / 0.8, -1)
+    freq = torch.bincount(tokens, minlength=5).double() / n
+    # binomial standard error of each frequency is below 0.008 at n = 4000
+    assert torch.allclose(freq, want.double(), atol=0.03), (freq, want)
+    assert torch.allclose(logp, torch.log_softmax(logits[0] / 0.8, -1)[tokens], atol=1e-6)
+    assert torch.equal(slogp, logp)  # untruncated: the sampling law is the policy
+
+
+def test_inverse_cdf_never_picks_a_zero_weight():
+    weights = torch.tensor([[0.0, 2.0, 0.0, 1.0, 0.0, 0.0]] * 3, dtype=torch.float32)
+    u = torch.tensor([0.0, 0.5, 1.0 - 1e-17], dtype=torch.float64)  # last: rounds to the end
+    assert inverse_cdf(weights, u).tolist() == [1, 1, 3]
 
 
 def test_sampling_params_validation():

@@ -173,6 +173,7 @@ def test_reward_models_and_rules_combine_with_their_weights(tmp_path):
             "rollout_batch_size": 4,
             "n_samples_per_prompt": 2,
             "micro_batch_size_per_rank": 4,
+            "score_micro_batch_size_per_rank": 3,  # 8 samples: micro-batches of 3, 3, 2
             "mini_batches_per_rollout": 1,
         },
         reward={
