@@ -142,6 +142,8 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("gae_cpu", &hpc_rlhf::gae_cpu, "masked GAE -> (advantages, returns)");
   m.def("ppo_rows_cpu", &hpc_rlhf::ppo_rows_cpu, "PPO loss row sums and per-token derivative");
   m.def("value_rows_cpu", &hpc_rlhf::value_rows_cpu, "value loss row sums and derivative");
+  m.def("swiglu_fwd_cpu", &hpc_rlhf::swiglu_fwd_cpu, "silu(a) * b over rows [a | b]");
+  m.def("swiglu_bwd_cpu", &hpc_rlhf::swiglu_bwd_cpu, "gradient of swiglu w.r.t. [a | b]");
 #ifdef HPC_RLHF_WITH_CUDA
   m.attr("WITH_CUDA") = true;
   m.def("logprobs_fwd_cuda", &hpc_rlhf::logprobs_fwd_cuda, "CUDA logprobs forward");

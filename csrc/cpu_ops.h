@@ -11,6 +11,7 @@
 #include <optional>
 #include <tuple>
 #include <type_traits>
+#include <vector>
 
 // Hot loops are compiled for AVX-512, AVX2+FMA and baseline x86-64 and picked at load time
 // (GCC function multiversioning), so the wheel stays portable without -march=native.
@@ -78,5 +79,9 @@ std::tuple<at::Tensor, at::Tensor> value_rows_cpu(const at::Tensor& values,
                                                   const at::Tensor& returns,
                                                   const at::Tensor& mask, double clip,
                                                   bool need_grad);
+
+at::Tensor swiglu_fwd_cpu(const at::Tensor& x);
+
+at::Tensor swiglu_bwd_cpu(const at::Tensor& x, const at::Tensor& grad_out);
 
 }  // namespace hpc_rlhf

@@ -27,6 +27,7 @@ import tempfile
 
 import torch
 
+_USER_ENV = dict(os.environ)  # before importing hpc_rlhf sets its launch defaults
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 sys.path.insert(0, os.path.join(ROOT, "tools"))
@@ -64,6 +65,12 @@ def parse_args() -> argparse.Namespace:
         help="hpc_rlhf's rows per forward-only scoring micro-batch",
     )
     p.add_argument("--quick", action="store_true", help="8 prompts, lengths / 8")
+    p.add_argument(
+        "--baseline-huge-pages",
+        action="store_true",
+        help="start the baseline with hpc_rlhf's host-memory launch environment too "
+        "(transparency check: how much of the gap is that environment)",
+    )
     p.add_argument("--plot", default=None, help="write a PNG of per-stage times here")
     p.add_argument("--system", choices=["ours", "baseline"], help=argparse.SUPPRESS)
     p.add_argument("--workdir", help=argparse.SUPPRESS)
@@ -96,10 +103,32 @@ def run_child(system: str, shape: str, args, workdir: str) -> dict:
     ]
     if args.quick:
         cmd.append("--quick")
-    env = {**os.environ, "OMP_NUM_THREADS": str(os.cpu_count() or 1)}
-    subprocess.run(cmd, check=True, env=env)
+    subprocess.run(cmd, check=True, env=child_env(system, args))
     with open(out) as fh:
         return json.load(fh)
+
+
+def child_main_env_note(args) -> str:
+    """One line on the process environment each system runs with."""
+    from hpc_rlhf.parallel.host_allocator import launch_env
+
+    ours = " ".join(f"{k}={v}" for k, v in launch_env().items())
+    base = ours if args.baseline_huge_pages else "PyTorch defaults, as Safe-RLHF ships"
+    return f"process environment: hpc_rlhf {ours} (its launch environment); baseline {base}"
+
+
+def child_env(system: str, args) -> dict:
+    """hpc_rlhf runs with its launch environment (as ``hpc-rlhf`` and the launch scripts
+    start it); the baseline with PyTorch's defaults unless ``--baseline-huge-pages``."""
+    from hpc_rlhf.parallel.host_allocator import LAUNCH_ENV, launch_env
+
+    env = {**os.environ, "OMP_NUM_THREADS": str(os.cpu_count() or 1)}
+    if system == "ours" or args.baseline_huge_pages:
+        env.update(launch_env())
+    else:
+        for key in LAUNCH_ENV:  # PyTorch's default (off), unless the user set it
+            env[key] = _USER_ENV.get(key, "0")
+    return env
 
 
 def child_main(args) -> None:
@@ -190,6 +219,7 @@ def main() -> None:
     print(
         f"fp32 matmul rate (torch.mm 1024^3, {torch.get_num_threads()} threads): {rate:.0f} GFLOP/s"
     )
+    print(child_main_env_note(args))
     shapes = ["fixed", "varied"] if args.shape == "both" else [args.shape]
     results, ratios = {}, {}
     with tempfile.TemporaryDirectory() as workdir:

@@ -106,8 +106,10 @@ def layer_spec(model: ModelConfig):
     from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_local_spec
 
     from hpc_rlhf.models.attention import SDPAttention
+    from hpc_rlhf.models.mlp import SwiGLUMLP
 
     spec = get_gpt_layer_local_spec(normalization="RMSNorm")
+    spec.submodules.mlp.module = SwiGLUMLP
     spec.submodules.input_layernorm = _TorchRMSNorm
     spec.submodules.pre_mlp_layernorm = _TorchRMSNorm
     spec.submodules.self_attention.submodules.core_attention = SDPAttention

@@ -1,7 +1,8 @@
 """Fused ops with a torch reference beside each one.
 
 ``token_logprobs`` (vocab-parallel log-probs and entropy), ``masked_gae``,
-``ppo_policy_loss`` and ``value_loss``. Each takes ``backend="auto"|"torch"|"cpp"|"cuda"|
+``ppo_policy_loss``, ``value_loss`` and ``swiglu`` (the gated MLP activation; torch and
+C++ CPU backends only). Each takes ``backend="auto"|"torch"|"cpp"|"cuda"|
 "triton"``; see ``hpc_rlhf.ops._backend`` for how "auto" chooses. Importing this package
 imports neither Triton nor megatron-core.
 """
@@ -9,6 +10,7 @@ imports neither Triton nor megatron-core.
 from hpc_rlhf.ops.gae import masked_gae
 from hpc_rlhf.ops.logprobs import token_logprobs
 from hpc_rlhf.ops.ppo_loss import ppo_policy_loss
+from hpc_rlhf.ops.swiglu import swiglu
 from hpc_rlhf.ops.value_loss import value_loss
 
-__all__ = ["masked_gae", "ppo_policy_loss", "token_logprobs", "value_loss"]
+__all__ = ["masked_gae", "ppo_policy_loss", "swiglu", "token_logprobs", "value_loss"]

@@ -28,8 +28,11 @@ print(json.dumps({"in_effect": in_effect, "faults": faults_of_one_fill(n), "page
 
 
 def _probe(mode: str) -> dict:
+    import os
+
+    env = {**os.environ, "THP_MEM_ALLOC_ENABLE": "0"}  # 4 KiB pages: glibc's policy alone
     out = subprocess.run(
-        [sys.executable, "-c", _PROBE, mode], check=True, capture_output=True, text=True
+        [sys.executable, "-c", _PROBE, mode], check=True, capture_output=True, text=True, env=env
     )
     return json.loads(out.stdout.strip().splitlines()[-1])
 
@@ -51,3 +54,43 @@ def test_unknown_policy_is_refused_by_config_and_function():
         ParallelConfig(host_allocator="jemalloc").validate(ModelConfig())
     with pytest.raises(ValueError, match="expected one of"):
         host_allocator.configure_host_allocator("jemalloc")
+
+
+_THP_PROBE = r"""
+import json, os, resource
+import hpc_rlhf  # sets the launch environment before torch's first allocation
+import torch
+before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+torch.empty(16 << 20, dtype=torch.float32).fill_(1.0)  # 64 MiB, fresh
+faults = resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before
+print(json.dumps({"env": os.environ.get("THP_MEM_ALLOC_ENABLE"), "faults": faults}))
+"""
+
+
+def _thp_probe(env_value: str | None) -> dict:
+    import os
+
+    env = {k: v for k, v in os.environ.items() if k != "THP_MEM_ALLOC_ENABLE"}
+    if env_value is not None:
+        env["THP_MEM_ALLOC_ENABLE"] = env_value
+    out = subprocess.run(
+        [sys.executable, "-c", _THP_PROBE], check=True, capture_output=True, text=True, env=env
+    )
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def _thp_mode() -> str:
+    try:
+        with open("/sys/kernel/mm/transparent_hugepage/enabled") as fh:
+            return fh.read().split("[")[1].split("]")[0]
+    except (OSError, IndexError):
+        return "never"
+
+
+@pytest.mark.skipif(_thp_mode() == "never", reason="transparent huge pages disabled")
+def test_importing_hpc_rlhf_gives_large_tensors_huge_pages_unless_opted_out():
+    default, opted_out = _thp_probe(None), _thp_probe("0")
+    assert default["env"] == "1" and opted_out["env"] == "0"
+    pages_4k = (64 << 20) // 4096
+    assert default["faults"] < 0.05 * pages_4k, default  # one fault per 2 MiB page
+    assert opted_out["faults"] > 0.9 * pages_4k, opted_out  # one per 4 KiB page

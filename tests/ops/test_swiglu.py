@@ -1,0 +1,52 @@
+"""swiglu (silu(a) * b over x = [a | b]) of every CPU backend vs float64 autograd."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from hpc_rlhf.ops import _backend, swiglu
+from hpc_rlhf.ops.swiglu import swiglu_reference
+
+HAVE_EXT = _backend.extension() is not None
+CPU_BACKENDS = ["torch"] + (["cpp"] if HAVE_EXT else [])
+# odd F, a single row, rows x F above the threading threshold, a 3-d activation
+SHAPES = [(5, 2 * 7), (1, 2 * 1), (300, 2 * 300), (3, 4, 2 * 33)]
+
+
+def _oracle(x, g):
+    x64 = x.detach().double().requires_grad_(True)
+    a, b = x64.chunk(2, dim=-1)
+    out = a * torch.sigmoid(a) * b
+    (out * g.double()).sum().backward()
+    return out.detach(), x64.grad
+
+
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
+@pytest.mark.parametrize("shape", SHAPES, ids=str)
+def test_forward_and_gradient_match_float64(backend, shape):
+    gen = torch.Generator().manual_seed(sum(shape))
+    x = torch.randn(shape, generator=gen) * 4.0  # silu's curved part and its tails
+    edges = torch.tensor([-95.0, 95.0, 0.0, -1e-3])  # exp under/overflow edges
+    k = min(4, x.numel())
+    x.view(-1)[:k] = edges[:k]
+    g = torch.randn(*shape[:-1], shape[-1] // 2, generator=gen)
+    want_out, want_grad = _oracle(x, g)
+    xr = x.clone().requires_grad_(True)
+    out = swiglu(xr, backend=backend)
+    (out * g).sum().backward()
+    assert out.shape == want_out.shape and out.dtype == torch.float32
+    torch.testing.assert_close(out.double(), want_out, atol=2e-5, rtol=2e-6)
+    torch.testing.assert_close(xr.grad.double(), want_grad, atol=2e-5, rtol=2e-6)
+
+
+@pytest.mark.skipif(not HAVE_EXT, reason="hpc_rlhf._C not built")
+def test_auto_picks_cpp_for_fp32_and_the_reference_for_bf16():
+    x = torch.randn(4, 10, dtype=torch.bfloat16)
+    torch.testing.assert_close(swiglu(x), swiglu_reference(x))  # auto -> torch for bf16
+    with pytest.raises(RuntimeError, match="needs hpc_rlhf._C and fp32 CPU tensors"):
+        swiglu(x, backend="cpp")
+    with pytest.raises(ValueError, match="last dim of x must be even"):
+        swiglu(torch.randn(3, 5))
+    with pytest.raises(ValueError, match="expected one of"):
+        swiglu(torch.randn(3, 4), backend="cuda")
