@@ -105,3 +105,15 @@ def test_sampling_params_validation():
     with pytest.raises(ValueError, match="temperature"):
         SamplingParams(temperature=0.0).validate()
     SamplingParams(greedy=True, temperature=0.0).validate()
+
+
+def test_lm_head_forms_agree_for_every_row_count():
+    from hpc_rlhf.inference.forward import lm_head
+
+    gen = torch.Generator().manual_seed(0)
+    w_vH = torch.randn(1000, 64, generator=gen)
+    for rows in (1, 5, 63, 64, 130):
+        h_RH = torch.randn(rows, 64, generator=gen)
+        got = lm_head(h_RH, w_vH)
+        assert got.shape == (rows, 1000) and got.is_contiguous()
+        torch.testing.assert_close(got, h_RH.double().matmul(w_vH.double().t()).float())
