@@ -74,6 +74,25 @@ def model_forward(model: torch.nn.Module, batch: dict) -> torch.Tensor:
         return model(input_ids_BS, position_ids_from_mask(mask_BS), attention_mask_for(mask_BS))
 
 
+def _use_fused_cpu_adam(optimizer) -> int:
+    """Switch megatron's torch ``Adam``/``AdamW`` (its fallback without apex or
+    transformer-engine) to PyTorch's fused kernel when every parameter is on the CPU: torch
+    defaults to a per-parameter loop of ~10 ops there (foreach/fused are CUDA defaults).
+    Same update rule; measured 180 -> 25 ms per step on the bench actor (45M fp32 params,
+    2 threads). Returns the number of param groups switched."""
+    inner = getattr(optimizer, "chained_optimizers", [optimizer])
+    switched = 0
+    for wrapper in inner:
+        torch_opt = getattr(wrapper, "optimizer", None)
+        if not isinstance(torch_opt, (torch.optim.Adam, torch.optim.AdamW)):
+            continue
+        for group in torch_opt.param_groups:
+            if all(p.device.type == "cpu" for p in group["params"]):
+                group["fused"], group["foreach"] = True, False
+                switched += 1
+    return switched
+
+
 class TrainableModel:
     """Model chunks of one role, wrapped for training (or frozen for inference)."""
 
@@ -155,6 +174,7 @@ class TrainableModel:
         )
         optimizer = get_megatron_optimizer(mcfg, self.model, use_gloo_process_groups=False)
         self.config.grad_scale_func = optimizer.scale_loss if self.config.fp16 else None
+        _use_fused_cpu_adam(optimizer)
         return optimizer
 
     def _build_scheduler(self, cfg: OptimizerConfig, total_steps: int):

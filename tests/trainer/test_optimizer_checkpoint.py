@@ -88,3 +88,33 @@ def test_single_process_resume_is_exact(single):
     ref = single[0]
     assert ref["again"] == ref["after"] and ref["params_equal"] is True
     assert ref["losses"][-1] < ref["losses"][0]
+
+
+def test_fused_cpu_adam_switch_gives_the_same_update():
+    from types import SimpleNamespace
+
+    from hpc_rlhf.trainer.model_engine import _use_fused_cpu_adam
+
+    gen = torch.Generator().manual_seed(0)
+    init = [torch.randn(300, 70, generator=gen), torch.randn(70, generator=gen)]
+    grads = [[torch.randn_like(p) for p in init] for _ in range(3)]
+
+    def run(switch: bool):
+        params = [torch.nn.Parameter(p.clone()) for p in init]
+        opt = torch.optim.AdamW(params, lr=1e-2, weight_decay=0.1)
+        chained = SimpleNamespace(chained_optimizers=[SimpleNamespace(optimizer=opt)])
+        switched = _use_fused_cpu_adam(chained) if switch else 0
+        with torch.profiler.profile() as prof:
+            for step_grads in grads:
+                for p, g in zip(params, step_grads):
+                    p.grad = g.clone()
+                opt.step()
+        ops = {e.name for e in prof.events()}
+        return switched, "aten::_fused_adamw_" in ops, [p.detach() for p in params]
+
+    n, fused_kernel_ran, got = run(True)
+    _, default_ran_fused, want = run(False)
+    assert n == 1 and fused_kernel_ran and not default_ran_fused
+    for g, w, p0 in zip(got, want, init):
+        assert not torch.allclose(g, p0)  # the parameters did move
+        torch.testing.assert_close(g, w, atol=1e-6, rtol=1e-5)
