@@ -144,6 +144,8 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("value_rows_cpu", &hpc_rlhf::value_rows_cpu, "value loss row sums and derivative");
   m.def("swiglu_fwd_cpu", &hpc_rlhf::swiglu_fwd_cpu, "silu(a) * b over rows [a | b]");
   m.def("swiglu_bwd_cpu", &hpc_rlhf::swiglu_bwd_cpu, "gradient of swiglu w.r.t. [a | b]");
+  m.def("paged_decode_attention_cpu", &hpc_rlhf::paged_decode_attention_cpu,
+        "one query per sequence against its paged K/V ([N, G, S, D] pools)");
 #ifdef HPC_RLHF_WITH_CUDA
   m.attr("WITH_CUDA") = true;
   m.def("logprobs_fwd_cuda", &hpc_rlhf::logprobs_fwd_cuda, "CUDA logprobs forward");

@@ -84,4 +84,8 @@ at::Tensor swiglu_fwd_cpu(const at::Tensor& x);
 
 at::Tensor swiglu_bwd_cpu(const at::Tensor& x, const at::Tensor& grad_out);
 
+at::Tensor paged_decode_attention_cpu(const at::Tensor& q, const at::Tensor& k_pool,
+                                      const at::Tensor& v_pool, const at::Tensor& block_table,
+                                      const at::Tensor& context_lens, double scale);
+
 }  // namespace hpc_rlhf

@@ -5,12 +5,16 @@ KV heads of this TP rank (``g = Hq / G`` queries per KV head), ``D`` head dim, `
 blocks in use, ``S`` block size, ``J`` most blocks of one sequence, ``O`` most owners of one
 block (``n`` samples sharing a prompt block).
 
-Two backends, chosen explicitly (``select_backend``) and logged once:
+Three backends, chosen explicitly (``select_backend``) and logged once:
 
 * ``"flash_attn"`` (CUDA, flash-attn installed): ``flash_attn_varlen_func`` for prefill and
   ``flash_attn_with_kvcache(..., block_table=...)`` for decode on the ``"NSGD"`` pool. Not
   testable on this CPU-only machine.
-* ``"torch"`` (everywhere; the tested path). Prefill runs ``scaled_dot_product_attention``
+* ``"cpp"`` (CPU, fp32, hpc_rlhf._C built): prefill as ``"torch"``; decode by
+  ``paged_decode_attention_cpu``, one task per (sequence, KV head) reading each block of
+  its table once for the query heads sharing it, with an online softmax per block; it never
+  reads past a sequence's length, so fresh blocks need no zeroing.
+* ``"torch"`` (everywhere; the reference the others are tested against). Prefill runs ``scaled_dot_product_attention``
   per packed sequence (a loop over sequences, never over tokens). Decode never gathers the
   history: scores and outputs are batched matmuls of each pool block *in place* (``[S, D]``
   matrices of the ``"NGSD"`` pool) with the queries of the sequences owning it; only the
@@ -31,7 +35,7 @@ import torch.nn.functional as F
 
 logger = logging.getLogger(__name__)
 
-BACKENDS = ("auto", "torch", "flash_attn")
+BACKENDS = ("auto", "torch", "cpp", "flash_attn")
 _LOGGED: set[str] = set()
 
 
@@ -42,19 +46,36 @@ def flash_attn_available(device: torch.device) -> bool:
     return torch.cuda.get_device_capability(device)[0] >= 8
 
 
-def select_backend(requested: str, device: torch.device, block_size: int) -> str:
-    """Resolve ``"auto"`` to ``"flash_attn"`` or ``"torch"``; refuse an unusable request."""
+def cpp_available(device: torch.device, dtype: torch.dtype) -> bool:
+    """hpc_rlhf._C built, a CPU device and an fp32 cache."""
+    from hpc_rlhf.ops import _backend
+
+    return device.type == "cpu" and dtype == torch.float32 and _backend.extension() is not None
+
+
+def select_backend(
+    requested: str, device: torch.device, block_size: int, dtype: torch.dtype = torch.float32
+) -> str:
+    """Resolve ``"auto"`` (flash-attn, then the C++ CPU kernel, then torch); refuse an
+    unusable request."""
     if requested not in BACKENDS:
         raise ValueError(f"attention backend {requested!r}: expected one of {BACKENDS}")
     flash_ok = flash_attn_available(device)
+    cpp_ok = cpp_available(device, dtype)
     if requested == "flash_attn" and not flash_ok:
         raise RuntimeError(
             "attention_backend='flash_attn' needs flash-attn installed and a CUDA device of "
             f"compute capability >= 8.0 (device: {device}); use 'torch' or 'auto'"
         )
-    chosen = (
-        "flash_attn" if requested == "flash_attn" or (requested == "auto" and flash_ok) else "torch"
-    )
+    if requested == "cpp" and not cpp_ok:
+        raise RuntimeError(
+            "attention_backend='cpp' needs hpc_rlhf._C, a CPU device and an fp32 cache "
+            f"(device: {device}, dtype: {dtype}); use 'torch' or 'auto'"
+        )
+    if requested != "auto":
+        chosen = requested
+    else:
+        chosen = "flash_attn" if flash_ok else "cpp" if cpp_ok else "torch"
     if chosen == "flash_attn" and block_size % 256:
         raise ValueError(f"flash-attn's paged KV needs block_size % 256 == 0, got {block_size}")
     if chosen not in _LOGGED:
@@ -64,7 +85,9 @@ def select_backend(requested: str, device: torch.device, block_size: int) -> str
             if requested != "auto"
             else "auto: flash-attn usable"
             if flash_ok
-            else "auto: no CUDA flash-attn"
+            else "auto: no CUDA flash-attn, C++ CPU kernel built"
+            if cpp_ok
+            else "auto: no CUDA flash-attn, no C++ extension or fp32 CPU cache"
         )
         logger.info("generation attention backend: %s (%s)", chosen, why)
     return chosen
@@ -213,6 +236,24 @@ def decode_attention_torch(
     out_NGOD = torch.matmul(probs_NGOS, v_NGSD)
     out_BGgD = _from_blocks(out_NGOD, meta, g).sum(dim=1)
     return out_BGgD.reshape(B, Hq * D)
+
+
+def decode_attention_cpp(
+    q_BHD: torch.Tensor, k_NGSD: torch.Tensor, v_NGSD: torch.Tensor, meta: DecodeMeta
+) -> torch.Tensor:
+    """The C++ CPU paged decode kernel (``"NGSD"`` pool of one layer) -> ``[B, Hq*D]``."""
+    from hpc_rlhf.ops import _backend
+
+    B, Hq, D = q_BHD.shape
+    out_BHD = _backend.extension().paged_decode_attention_cpu(
+        q_BHD.contiguous(),
+        k_NGSD,
+        v_NGSD,
+        meta.block_table_BJ,
+        meta.context_lens_B,
+        1.0 / math.sqrt(D),
+    )
+    return out_BHD.reshape(B, Hq * D)
 
 
 def decode_attention_flash(q_BHD, k_NSGD, v_NSGD, meta: DecodeMeta) -> torch.Tensor:

@@ -61,7 +61,7 @@ class GenerationConfig:
     cache_budget_blocks: int | None = None
     max_running_seqs: int = 256
     max_prefill_tokens: int = 8192
-    attention_backend: str = "auto"  # "auto" | "torch" | "flash_attn"
+    attention_backend: str = "auto"  # "auto" | "torch" | "cpp" | "flash_attn"
     cuda_graphs: bool = False  # capture decode steps (CUDA + flash-attn only)
     keep_cache: bool = False  # keep the KV pool allocated between generate() calls
 
@@ -97,7 +97,7 @@ class GenerationEngine:
         self.device = next(self.chunks[0].parameters()).device
         self.dtype = next(self.chunks[0].parameters()).dtype
         self.backend = attn.select_backend(
-            self.config.attention_backend, self.device, self.config.block_size
+            self.config.attention_backend, self.device, self.config.block_size, self.dtype
         )
         if self.config.cuda_graphs and (self.device.type != "cuda" or self.backend != "flash_attn"):
             raise RuntimeError(
@@ -273,7 +273,8 @@ class GenerationEngine:
             b, o = cache.slots(item.seqs[0].block_table, 0, len(item.tokens))
             blocks += b
             offsets += o
-        cache.zero_fresh_blocks([item.seqs[0].block_table for item in items])
+        if self.backend == "torch":  # the others never read unwritten slots
+            cache.zero_fresh_blocks([item.seqs[0].block_table for item in items])
         rows = cache.slot_rows(
             torch.tensor(blocks, device=self.device), torch.tensor(offsets, device=self.device)
         )
@@ -307,15 +308,16 @@ class GenerationEngine:
         )
         offsets_B = pos_B % S
         rows = cache.slot_rows(blocks_B, offsets_B)
-        cache.zero_fresh_blocks([s.block_table for s in seqs])
+        if self.backend == "torch":  # the others never read unwritten slots
+            cache.zero_fresh_blocks([s.block_table for s in seqs])
         meta = attn.build_decode_meta(
             [s.block_table for s in seqs], [p + 1 for p in pos], S, self.device
         )
-        decode_fn = (
-            attn.decode_attention_flash
-            if self.backend == "flash_attn"
-            else attn.decode_attention_torch
-        )
+        decode_fn = {
+            "flash_attn": attn.decode_attention_flash,
+            "cpp": attn.decode_attention_cpp,
+            "torch": attn.decode_attention_torch,
+        }[self.backend]
 
         def attention(layer, q_BHD, k_BGD, v_BGD):
             cache.write(layer, rows, k_BGD, v_BGD)

@@ -7,7 +7,11 @@ import math
 import pytest
 import torch
 
-from hpc_rlhf.inference.attention import build_decode_meta, decode_attention_torch
+from hpc_rlhf.inference.attention import (
+    build_decode_meta,
+    decode_attention_cpp,
+    decode_attention_torch,
+)
 from hpc_rlhf.inference.kv_cache import BlockAllocator
 from hpc_rlhf.inference.sampling import (
     SamplingParams,
@@ -15,6 +19,7 @@ from hpc_rlhf.inference.sampling import (
     inverse_cdf,
     sample_tokens,
 )
+from hpc_rlhf.ops import _backend
 
 
 def _dense_reference(q_BHD, k_pool, v_pool, tables, lens, S):
@@ -33,8 +38,13 @@ def _dense_reference(q_BHD, k_pool, v_pool, tables, lens, S):
     return torch.stack(out)
 
 
+DECODE_FNS = {"torch": decode_attention_torch, "cpp": decode_attention_cpp}
+DECODE_BACKENDS = ["torch"] + (["cpp"] if _backend.extension() is not None else [])
+
+
+@pytest.mark.parametrize("backend", DECODE_BACKENDS)
 @pytest.mark.parametrize("G,g", [(2, 1), (2, 3)])
-def test_decode_attention_matches_dense_with_shared_blocks(G, g):
+def test_decode_attention_matches_dense_with_shared_blocks(backend, G, g):
     torch.manual_seed(0)
     S, D, N = 4, 8, 12
     k_pool = torch.randn(N, G, S, D)
@@ -42,10 +52,15 @@ def test_decode_attention_matches_dense_with_shared_blocks(G, g):
     # Sequences 0-2 share blocks 0 and 1 (a prompt's samples); 3 is alone, out of order.
     tables = [[0, 1, 2], [0, 1, 5], [0, 1], [9, 3, 7, 4]]
     lens = [11, 9, 6, 14]
-    q_BHD = torch.randn(len(tables), G * g, D)
+    q_BHD = 4.0 * torch.randn(len(tables), G * g, D)  # peaked scores: block maxima move
     meta = build_decode_meta(tables, lens, S)
     assert meta.max_owners == 3 and meta.num_blocks_used == 10
-    got = decode_attention_torch(q_BHD, k_pool, v_pool, meta)
+    if backend == "cpp":  # slots past a sequence's length are never read: NaN there is fine
+        for pool in (k_pool, v_pool):
+            pool[2, :, 3:] = float("nan")
+            pool[5, :, 1:] = float("nan")
+            pool[4, :, 2:] = float("nan")
+    got = DECODE_FNS[backend](q_BHD, k_pool, v_pool, meta)
     want = _dense_reference(q_BHD, k_pool, v_pool, tables, lens, S)
     assert torch.allclose(got.double(), want, atol=1e-5), (got.double() - want).abs().max()
 
@@ -117,3 +132,11 @@ def test_lm_head_forms_agree_for_every_row_count():
         got = lm_head(h_RH, w_vH)
         assert got.shape == (rows, 1000) and got.is_contiguous()
         torch.testing.assert_close(got, h_RH.double().matmul(w_vH.double().t()).float())
+
+
+@pytest.mark.skipif(_backend.extension() is None, reason="hpc_rlhf._C not built")
+def test_cpp_decode_attention_refuses_lengths_past_the_table():
+    k_pool = torch.zeros(3, 1, 4, 8)
+    meta = build_decode_meta([[0, 1]], [9], 4)  # 9 tokens need 3 blocks of 4
+    with pytest.raises(RuntimeError, match="exceeds its block table"):
+        decode_attention_cpp(torch.zeros(1, 2, 8), k_pool, k_pool, meta)
