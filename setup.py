@@ -76,6 +76,7 @@ setup(
         "megatron-core>=0.16",
         "triton>=3.2; platform_system=='Linux'",
         "sentencepiece",
+        "tokenizers",  # tokenizer.json files (data/tokenizer.py)
         "safetensors",
         "pyyaml",
         "numpy",

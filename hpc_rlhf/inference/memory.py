@@ -114,7 +114,8 @@ class TrainingMemory:
             chunk.offload_grad_buffers()
         self._released = report
         if self.trainable.state.rank == 0:
-            logger.info(
+            logger.log(
+                _level_once(("released", self.trainable.role)),
                 "time-sharing: released %.1f MB (optimizer state %.1f MB, grad buffers %.1f MB)",
                 report.total_bytes / 2**20,
                 report.optimizer_bytes / 2**20,
@@ -134,10 +135,23 @@ class TrainingMemory:
             chunk.restore_grad_buffers()
         report, self._released = self._released, None
         if self.trainable.state.rank == 0:
-            logger.info(
-                "time-sharing: restored %.1f MB of training state", report.total_bytes / 2**20
+            logger.log(
+                _level_once(("restored", self.trainable.role)),
+                "time-sharing: restored %.1f MB of training state",
+                report.total_bytes / 2**20,
             )
         return report
+
+
+_LOGGED: set[tuple[str, str]] = set()
+
+
+def _level_once(key: tuple[str, str]) -> int:
+    """INFO the first time a model releases/restores (the sizes do not change), then DEBUG."""
+    if key in _LOGGED:
+        return logging.DEBUG
+    _LOGGED.add(key)
+    return logging.INFO
 
 
 @contextlib.contextmanager
