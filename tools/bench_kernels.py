@@ -79,17 +79,9 @@ def eager_logprobs(logits, labels):
 
 def eager_gae(rewards, values, mask, gamma=1.0, lam=0.95):
     """TRL/OpenRLHF-style Python loop over time (no holes: mask only zeroes the ends)."""
-    values = values * mask
-    rewards = rewards * mask
-    last, adv_rev = 0.0, []
-    t_len = rewards.shape[1]
-    for t in reversed(range(t_len)):
-        next_v = values[:, t + 1] if t < t_len - 1 else 0.0
-        delta = rewards[:, t] + gamma * next_v - values[:, t]
-        last = delta + gamma * lam * last
-        adv_rev.append(last)
-    adv = torch.stack(adv_rev[::-1], dim=1)
-    return adv, adv + values
+    from ppo_baseline import gae_python_loop  # tools/ is on sys.path when run as a script
+
+    return gae_python_loop(rewards * mask, values * mask, gamma, lam)
 
 
 def _masked_mean(x, mask):
