@@ -32,8 +32,8 @@ def _group_rank_size(tp_group) -> tuple[int, int]:
     return dist.get_rank(tp_group), dist.get_world_size(tp_group)
 
 
-def _row_chunks(n: int, v: int):
-    step = max(1, _ROW_CHUNK_ELEMS // max(v, 1))
+def _row_chunks(n: int, v: int, elems: int = _ROW_CHUNK_ELEMS):
+    step = max(1, elems // max(v, 1))
     for r0 in range(0, n, step):
         yield r0, min(n, r0 + step)
 
@@ -125,10 +125,7 @@ _INPLACE_CHUNK_ELEMS = 1 << 22  # in-place backward: rows per chunk * V stays be
 def _bwd_into_logits(bwd, x, lab, vocab_start, m, log_s, ent, g_lp, g_ent):
     """The backward written over ``x`` [N, V] chunk by chunk: only a chunk-sized buffer
     besides the logits instead of a second [N, V] tensor."""
-    n, v = x.shape
-    step = max(1, _INPLACE_CHUNK_ELEMS // max(v, 1))
-    for r0 in range(0, n, step):
-        r1 = min(n, r0 + step)
+    for r0, r1 in _row_chunks(*x.shape, _INPLACE_CHUNK_ELEMS):
         rows = slice(r0, r1)
         part = bwd(
             x[rows],
