@@ -1,7 +1,7 @@
 """Sampling parameters, completions and the batched, per-sequence-seeded token sampler.
 
-Legend: ``B`` running sequences, ``V`` full vocabulary, ``C`` candidate tokens (the top-k, the
-whole vocabulary sorted for top-p, or the whole vocabulary in id order).
+Legend: ``B`` running sequences, ``V`` full vocabulary, ``C`` candidate tokens of a truncated
+distribution (the top-k, or the whole vocabulary sorted for top-p).
 
 What the two log-probs of a ``Completion`` mean (``T`` = temperature, 1 for greedy):
 
@@ -31,6 +31,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 import torch
+
+from hpc_rlhf.ops import token_logprobs
 
 FINISH_STOP = "stop"
 FINISH_LENGTH = "length"
@@ -93,19 +95,16 @@ def draw_uniforms(generators: list[torch.Generator]) -> torch.Tensor:
 
 def candidate_distribution(
     scaled_BV: torch.Tensor, top_k: int, top_p: float
-) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """The truncated sampling distribution: (probs ``[B, C]``, token ids ``[B, C]`` or None).
-
-    ``None`` ids mean the candidates are the whole vocabulary in id order (no truncation, so
-    no sort is needed). Probabilities are renormalised over the kept tokens.
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The truncated sampling distribution: (probs ``[B, C]``, token ids ``[B, C]``), the
+    candidates in descending order of probability, renormalised over the kept tokens.
+    (Untruncated sampling never comes here: ``sample_tokens`` samples the softmax directly.)
     """
     V = scaled_BV.shape[-1]
     if top_k and top_k < V:
         vals_BC, ids_BC = torch.topk(scaled_BV, top_k, dim=-1)  # sorted, descending
-    elif top_p < 1.0:
-        vals_BC, ids_BC = torch.sort(scaled_BV, dim=-1, descending=True)
     else:
-        return torch.softmax(scaled_BV, dim=-1), None
+        vals_BC, ids_BC = torch.sort(scaled_BV, dim=-1, descending=True)
     probs_BC = torch.softmax(vals_BC, dim=-1)
     if top_p < 1.0:
         mass_before_BC = torch.cumsum(probs_BC, dim=-1) - probs_BC
@@ -136,12 +135,13 @@ def sample_tokens(
 
     ``logits_BV`` are the full-vocabulary logits (fp32). See the module docstring for what
     the two log-probs mean. Every non-greedy row consumes exactly one draw of its generator.
-    Policy log-probs are ``x_tok - logsumexp(x)`` of the scaled logits (no [B, V] log-softmax).
+    Policy log-probs come from the fused ``hpc_rlhf.ops.token_logprobs`` (no [B, V]
+    log-softmax).
     """
     logits_BV = logits_BV.float()
     if params.greedy:
         tokens_B = logits_BV.argmax(dim=-1)
-        return tokens_B, _token_logprobs(logits_BV, tokens_B), torch.zeros(len(tokens_B))
+        return tokens_B, token_logprobs(logits_BV, tokens_B), torch.zeros(len(tokens_B))
     T = params.temperature
     scaled_BV = logits_BV if T == 1.0 else logits_BV / T
     truncated = (params.top_k and params.top_k < scaled_BV.shape[-1]) or params.top_p < 1.0
@@ -149,15 +149,10 @@ def sample_tokens(
         max_B1 = scaled_BV.amax(dim=-1, keepdim=True)
         weights_BV = (scaled_BV - max_B1).exp_()
         tokens_B = inverse_cdf(weights_BV, draw_uniforms(generators))
-        logp_B = _token_logprobs(scaled_BV, tokens_B)
+        logp_B = token_logprobs(scaled_BV, tokens_B)
         return tokens_B, logp_B, logp_B.clone()
     probs_BC, ids_BC = candidate_distribution(scaled_BV, params.top_k, params.top_p)
     choice_B = inverse_cdf(probs_BC, draw_uniforms(generators))
     sampling_logp_B = probs_BC.gather(1, choice_B[:, None])[:, 0].log()
     tokens_B = ids_BC.gather(1, choice_B[:, None])[:, 0]
-    return tokens_B, _token_logprobs(scaled_BV, tokens_B), sampling_logp_B
-
-
-def _token_logprobs(x_BV: torch.Tensor, tokens_B: torch.Tensor) -> torch.Tensor:
-    """``log_softmax(x)[token]`` per row as ``x_tok - logsumexp(x)`` (fp32 [B])."""
-    return x_BV.gather(1, tokens_B[:, None])[:, 0] - torch.logsumexp(x_BV, dim=-1)
+    return tokens_B, token_logprobs(scaled_BV, tokens_B), sampling_logp_B
