@@ -14,8 +14,8 @@ Three backends, chosen explicitly (``select_backend``) and logged once:
   ``paged_decode_attention_cpu``, one task per (sequence, KV head) reading each block of
   its table once for the query heads sharing it, with an online softmax per block; it never
   reads past a sequence's length, so fresh blocks need no zeroing.
-* ``"torch"`` (everywhere; the reference the others are tested against). Prefill runs ``scaled_dot_product_attention``
-  per packed sequence (a loop over sequences, never over tokens). Decode never gathers the
+* ``"torch"`` (everywhere; the reference the others are tested against). Prefill runs
+  ``scaled_dot_product_attention`` per packed sequence (a loop over sequences, never over tokens). Decode never gathers the
   history: scores and outputs are batched matmuls of each pool block *in place* (``[S, D]``
   matrices of the ``"NGSD"`` pool) with the queries of the sequences owning it; only the
   small ``[B, Hq, J*S]`` score matrix is gathered per sequence for an exact softmax, and
@@ -139,24 +139,44 @@ class DecodeMeta:
     """Per-step indexing shared by every layer (built once per decode step)."""
 
     num_blocks_used: int  # N: pool prefix [0, N) that holds every running block
-    max_owners: int  # O
     max_blocks: int  # J
-    q_source_NO: torch.Tensor  # [N*O] row of q feeding (block, owner slot); B = zero row
-    pair_BJ: torch.Tensor  # [B, J] flat (block * O + owner slot); N*O = the zero row
-    valid_flat: torch.Tensor  # [P] flat positions (b*J + j) of real (sequence, block) pairs
-    mask_BL: torch.Tensor  # [B, J*S] True where the position holds a token
-    # flash-attn inputs
+    # paged-kernel inputs (flash-attn, cpp)
     block_table_BJ: torch.Tensor  # [B, J] int32 (padding 0)
     context_lens_B: torch.Tensor  # [B] int32
+    # the torch path's (block, owner) rows; built only when asked (``block_rows=True``)
+    max_owners: int = 0  # O
+    q_source_NO: torch.Tensor | None = None  # [N*O] row of q per (block, owner); B = zero row
+    pair_BJ: torch.Tensor | None = None  # [B, J] flat (block * O + owner slot); N*O = zero row
+    valid_flat: torch.Tensor | None = None  # [P] flat b*J + j of real (sequence, block) pairs
+    mask_BL: torch.Tensor | None = None  # [B, J*S] True where the position holds a token
 
 
 def build_decode_meta(
-    tables: list[list[int]], context_lens: list[int], block_size: int, device=None
+    tables: list[list[int]],
+    context_lens: list[int],
+    block_size: int,
+    device=None,
+    block_rows: bool = True,
 ) -> DecodeMeta:
-    """Index tensors for one decode step of sequences with these block tables/lengths."""
-    B = len(tables)
+    """Index tensors for one decode step of sequences with these block tables/lengths.
+    ``block_rows=False`` skips the torch path's (block, owner) indexing (Python loops over
+    every block of every sequence) for the paged kernels, which read the tables directly."""
     J = max(len(t) for t in tables)
-    N = max(max(t) for t in tables) + 1
+    padded = [t + [0] * (J - len(t)) for t in tables]
+    meta = DecodeMeta(
+        num_blocks_used=max(max(t) for t in tables) + 1,
+        max_blocks=J,
+        block_table_BJ=torch.tensor(padded, dtype=torch.int32, device=device),
+        context_lens_B=torch.tensor(context_lens, dtype=torch.int32, device=device),
+    )
+    if block_rows:
+        _add_block_rows(meta, tables, context_lens, block_size, device)
+    return meta
+
+
+def _add_block_rows(meta: DecodeMeta, tables, context_lens, block_size: int, device) -> None:
+    """Fill the torch path's (block, owner slot) indexing of ``meta``."""
+    B, J, N = len(tables), meta.max_blocks, meta.num_blocks_used
     owners: dict[int, int] = {}
     slot_BJ = []
     for table in tables:
@@ -176,19 +196,11 @@ def build_decode_meta(
             pair[b][j] = flat
             valid.append(b * J + j)
     lens_B = torch.tensor(context_lens)
-    mask_BL = torch.arange(J * block_size)[None, :] < lens_B[:, None]
-    padded = [t + [0] * (J - len(t)) for t in tables]
-    return DecodeMeta(
-        num_blocks_used=N,
-        max_owners=Ow,
-        max_blocks=J,
-        q_source_NO=torch.tensor(q_source, device=device),
-        pair_BJ=torch.tensor(pair, device=device),
-        valid_flat=torch.tensor(valid, device=device),
-        mask_BL=mask_BL.to(device),
-        block_table_BJ=torch.tensor(padded, dtype=torch.int32, device=device),
-        context_lens_B=lens_B.to(device=device, dtype=torch.int32),
-    )
+    meta.max_owners = Ow
+    meta.q_source_NO = torch.tensor(q_source, device=device)
+    meta.pair_BJ = torch.tensor(pair, device=device)
+    meta.valid_flat = torch.tensor(valid, device=device)
+    meta.mask_BL = (torch.arange(J * block_size)[None, :] < lens_B[:, None]).to(device)
 
 
 def _to_blocks(x_BGgX: torch.Tensor, meta: DecodeMeta) -> torch.Tensor:
@@ -216,6 +228,8 @@ def decode_attention_torch(
 
     The new token's K/V must already be in the pool. Returns ``[B, Hq*D]``.
     """
+    if meta.q_source_NO is None:
+        raise ValueError("decode_attention_torch needs build_decode_meta(..., block_rows=True)")
     B, Hq, D = q_BHD.shape
     G, S = k_NGSD.shape[1], k_NGSD.shape[2]
     N = meta.num_blocks_used

@@ -65,7 +65,12 @@ class CudaGraphDecoder:
             lens_B=torch.ones(B, **i32),
             logits_BV=torch.empty(0),
         )
-        meta = DecodeMeta(0, 1, self.max_blocks, *(torch.empty(0),) * 4, g.table_BJ, g.lens_B)
+        meta = DecodeMeta(
+            num_blocks_used=0,
+            max_blocks=self.max_blocks,
+            block_table_BJ=g.table_BJ,
+            context_lens_B=g.lens_B,
+        )
         cache = self.cache
 
         def attention(layer, q_BHD, k_BGD, v_BGD):

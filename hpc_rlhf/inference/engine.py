@@ -273,8 +273,7 @@ class GenerationEngine:
             b, o = cache.slots(item.seqs[0].block_table, 0, len(item.tokens))
             blocks += b
             offsets += o
-        if self.backend == "torch":  # the others never read unwritten slots
-            cache.zero_fresh_blocks([item.seqs[0].block_table for item in items])
+        self._zero_fresh_blocks([item.seqs[0].block_table for item in items])
         rows = cache.slot_rows(
             torch.tensor(blocks, device=self.device), torch.tensor(offsets, device=self.device)
         )
@@ -296,6 +295,12 @@ class GenerationEngine:
         self.stats.prefill_batches += 1
         self._append(seqs, logits_IV[rows], sampling, sched)
 
+    def _zero_fresh_blocks(self, tables: list[list[int]]) -> None:
+        """Zero newly used blocks, except for the C++ decode kernel, which never reads a
+        slot past a sequence's length (the torch path multiplies them by zero weights)."""
+        if self.backend != "cpp":
+            self.cache.zero_fresh_blocks(tables)
+
     def _decode(self, seqs: list[Sequence], sampling: SamplingParams, sched: Scheduler) -> None:
         """One batched decode step: feed each sequence's last token, sample the next."""
         cache = self.cache
@@ -308,10 +313,13 @@ class GenerationEngine:
         )
         offsets_B = pos_B % S
         rows = cache.slot_rows(blocks_B, offsets_B)
-        if self.backend == "torch":  # the others never read unwritten slots
-            cache.zero_fresh_blocks([s.block_table for s in seqs])
+        self._zero_fresh_blocks([s.block_table for s in seqs])
         meta = attn.build_decode_meta(
-            [s.block_table for s in seqs], [p + 1 for p in pos], S, self.device
+            [s.block_table for s in seqs],
+            [p + 1 for p in pos],
+            S,
+            self.device,
+            block_rows=self.backend == "torch",
         )
         decode_fn = {
             "flash_attn": attn.decode_attention_flash,
