@@ -108,9 +108,12 @@ class ParallelConfig:
         vpp = self.virtual_pipeline_model_parallel_size or 1
         if tp < 1 or pp < 1 or vpp < 1:
             raise ConfigError("parallel sizes must be >= 1")
-        if self.host_allocator not in ("caching", "system"):
+        from hpc_rlhf.parallel.host_allocator import HOST_ALLOCATORS
+
+        if self.host_allocator not in HOST_ALLOCATORS:
             raise ConfigError(
-                f"parallel.host_allocator={self.host_allocator!r}: expected 'caching' or 'system'"
+                f"parallel.host_allocator={self.host_allocator!r}: expected one of "
+                f"{HOST_ALLOCATORS}"
             )
         checks = [
             (

@@ -108,7 +108,7 @@ def run_child(system: str, shape: str, args, workdir: str) -> dict:
         return json.load(fh)
 
 
-def child_main_env_note(args) -> str:
+def environment_note(args) -> str:
     """One line on the process environment each system runs with."""
     from hpc_rlhf.parallel.host_allocator import launch_env
 
@@ -219,7 +219,7 @@ def main() -> None:
     print(
         f"fp32 matmul rate (torch.mm 1024^3, {torch.get_num_threads()} threads): {rate:.0f} GFLOP/s"
     )
-    print(child_main_env_note(args))
+    print(environment_note(args))
     shapes = ["fixed", "varied"] if args.shape == "both" else [args.shape]
     results, ratios = {}, {}
     with tempfile.TemporaryDirectory() as workdir:
