@@ -26,6 +26,7 @@ import torch.nn.functional as F
 
 from hpc_rlhf.config import ModelConfig
 from hpc_rlhf.inference.weights import GenerationWeights, LayerWeights
+from hpc_rlhf.ops import cpu_gemm
 from hpc_rlhf.ops.swiglu import swiglu
 
 
@@ -126,14 +127,14 @@ class DecoderRunner:
         T, H = x_TH.shape
         g, G, D = self.heads // self.groups, self.groups, self.head_dim
         h_TH = F.rms_norm(x_TH, (H,), w.in_norm_H, eps)
-        qkv_TGRD = F.linear(h_TH, w.qkv_RH).view(T, G, g + 2, D)
+        qkv_TGRD = cpu_gemm.linear(h_TH, w.qkv_RH).view(T, G, g + 2, D)
         q_THD = apply_rope(qkv_TGRD[:, :, :g].reshape(T, G * g, D), *rope_cs)
         k_TGD = apply_rope(qkv_TGRD[:, :, g], *rope_cs)
         v_TGD = qkv_TGRD[:, :, g + 1]
         attn_TQ = attention(index, q_THD, k_TGD, v_TGD)
-        x_TH = x_TH + self.comm.all_reduce(F.linear(attn_TQ, w.proj_HQ))
+        x_TH = x_TH + self.comm.all_reduce(cpu_gemm.linear(attn_TQ, w.proj_HQ))
         h_TH = F.rms_norm(x_TH, (H,), w.mlp_norm_H, eps)
-        mlp_TH = F.linear(swiglu(F.linear(h_TH, w.fc1_FH)), w.fc2_HF)
+        mlp_TH = cpu_gemm.linear(swiglu(cpu_gemm.linear(h_TH, w.fc1_FH)), w.fc2_HF)
         return x_TH + self.comm.all_reduce(mlp_TH)
 
     def forward(
@@ -157,15 +158,20 @@ class DecoderRunner:
         return self.comm.all_gather_last(logits_Rv).float()
 
 
-# Below this many rows the CPU GEMM is faster as weight @ hidden^T (measured on the decode
-# LM head [R, 512] x [512, 32000], 2 threads: R=8 10.6 -> 5.0 ms, R=32 15.1 -> 13.5 ms,
-# equal at R=64). GPUs take the plain form.
+# Below this many rows MKL is faster as weight @ hidden^T (measured on the decode LM head
+# [R, 512] x [512, 32000], 2 threads: R=8 10.6 -> 5.0 ms, R=32 15.1 -> 13.5 ms, equal at
+# R=64). oneDNN (ops.cpu_gemm) beats both at every R, so the trick is only for the torch
+# GEMM backend; GPUs take the plain form.
 _SKINNY_HEAD_ROWS = 64
 
 
 def lm_head(h_RH: torch.Tensor, w_vH: torch.Tensor) -> torch.Tensor:
-    """Logits ``[R, v]`` of this shard: ``h @ w^T``, computed as ``(w @ h^T)^T`` for few
-    rows on the CPU (decode steps with a small batch)."""
-    if h_RH.device.type == "cpu" and h_RH.shape[0] < _SKINNY_HEAD_ROWS:
+    """Logits ``[R, v]`` of this shard: ``h @ w^T`` (oneDNN on CPU when chosen), computed
+    as ``(w @ h^T)^T`` for few rows on the CPU's torch GEMM path (small decode batches)."""
+    if (
+        h_RH.device.type == "cpu"
+        and h_RH.shape[0] < _SKINNY_HEAD_ROWS
+        and not cpu_gemm.uses_onednn(h_RH, w_vH)
+    ):
         return (w_vH @ h_RH.t()).t().contiguous()
-    return F.linear(h_RH, w_vH)
+    return cpu_gemm.linear(h_RH, w_vH)

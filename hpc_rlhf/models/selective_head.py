@@ -19,7 +19,8 @@ import types
 from contextlib import contextmanager
 
 import torch
-import torch.nn.functional as F
+
+from hpc_rlhf.ops import cpu_gemm
 
 
 def install_selective_head(output_layer: torch.nn.Module, sequence_parallel: bool) -> None:
@@ -49,7 +50,7 @@ def _selective_forward(self, hidden_SBH, weight=None, runtime_gather_output=None
         hidden_SBH = copy_to_tensor_model_parallel_region(hidden_SBH)
     hidden_N1H = hidden_SBH[select_SB].unsqueeze(1)
     w_VH = self.weight if weight is None else weight
-    logits_N1V = F.linear(hidden_N1H, w_VH)
+    logits_N1V = cpu_gemm.linear(hidden_N1H, w_VH)
     return logits_N1V, None
 
 

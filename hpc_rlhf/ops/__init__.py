@@ -4,7 +4,8 @@
 ``ppo_policy_loss``, ``value_loss`` and ``swiglu`` (the gated MLP activation; torch and
 C++ CPU backends only). Each takes ``backend="auto"|"torch"|"cpp"|"cuda"|
 "triton"``; see ``hpc_rlhf.ops._backend`` for how "auto" chooses. Importing this package
-imports neither Triton nor megatron-core.
+imports neither Triton nor megatron-core. ``hpc_rlhf.ops.cpu_gemm`` routes the CPU path's fp32
+linear GEMMs to oneDNN (process-wide backend, see its docstring).
 """
 
 from hpc_rlhf.ops.gae import masked_gae

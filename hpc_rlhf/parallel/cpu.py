@@ -3,12 +3,15 @@
 megatron-core assumes a GPU in a few dozen places: ``torch.cuda.current_device()`` as a
 device, ``device="cuda"`` literals, CUDA RNG states in the tensor-parallel RNG tracker,
 CUDA streams/events/synchronize, ``Tensor.cuda()`` and asserts on
-``tensor.type() == 'torch.cuda.FloatTensor'``. This module redirects them, and only them,
-without editing the installed package:
+``tensor.type() == 'torch.cuda.FloatTensor'``. This module redirects them without editing
+the installed package, and sends the linear layers' GEMMs to ``hpc_rlhf.ops.cpu_gemm``
+(oneDNN, faster than PyTorch's MKL path on these shapes):
 
 * every loaded ``megatron.core`` module gets a ``torch`` proxy whose factory functions map a
-  CUDA device to the CPU and whose ``cuda`` namespace maps RNG calls to the CPU generator and
-  streams/events/synchronize to no-ops;
+  CUDA device to the CPU, whose ``cuda`` namespace maps RNG calls to the CPU generator and
+  streams/events/synchronize to no-ops, and whose ``matmul`` is ``cpu_gemm.matmul``;
+* the column/row-parallel layers' trainable GEMM function runs forward and input gradient
+  on oneDNN when no GPU-only feature (sequence parallelism, fused accumulation) is on;
 * the tensor-parallel RNG helpers are pointed at the CPU generator;
 * the few functions that compare ``tensor.type()`` with CUDA type names run with CPU type
   names reported as their CUDA counterparts.
@@ -29,6 +32,8 @@ from collections.abc import Callable
 from typing import Any
 
 import torch
+
+from hpc_rlhf.ops import cpu_gemm
 
 logger = logging.getLogger(__name__)
 
@@ -187,6 +192,8 @@ class _CpuTorch(types.ModuleType):
         for name in _FACTORIES:
             setattr(self, name, _cpu_factory(getattr(torch, name)))
         self.autocast = self._autocast
+        # The linear layers' forward GEMM (``torch.matmul(x, weight.t())``) on oneDNN.
+        self.matmul = cpu_gemm.matmul
 
     @staticmethod
     def _autocast(device_type: str = "cpu", *args, **kwargs):
@@ -272,6 +279,58 @@ def _patch_rng_helpers() -> None:
     tp_random._set_cuda_rng_state = set_state
 
 
+def _patch_linear_layers() -> None:
+    """Column/row-parallel layers' trainable GEMMs on oneDNN (forward and input gradient).
+
+    Their ``_forward_impl`` looks ``linear_with_grad_accumulation_and_async_allreduce`` up in
+    the module at call time. The CPU version handles the case CPU runs take (no sequence
+    parallelism, no gradient-accumulation fusion, no deferred weight gradients): the same
+    math, and the input gradient all-reduced over the TP group when megatron asks for it.
+    Any other case goes to megatron's own function unchanged."""
+    from megatron.core.tensor_parallel import layers
+    from megatron.core.utils import get_tensor_model_parallel_group_if_none
+
+    megatron_linear = layers.linear_with_grad_accumulation_and_async_allreduce
+
+    def linear_on_cpu(
+        input,
+        weight,
+        bias,
+        gradient_accumulation_fusion,
+        allreduce_dgrad,
+        sequence_parallel,
+        grad_output_buffer=None,
+        wgrad_deferral_limit=0,
+        async_grad_allreduce=None,
+        tp_group=None,
+    ):
+        if (
+            sequence_parallel
+            or gradient_accumulation_fusion
+            or grad_output_buffer is not None
+            or not cpu_gemm.uses_onednn(input, weight)
+        ):
+            return megatron_linear(
+                input,
+                weight,
+                bias,
+                gradient_accumulation_fusion,
+                allreduce_dgrad,
+                sequence_parallel,
+                grad_output_buffer,
+                wgrad_deferral_limit,
+                async_grad_allreduce,
+                tp_group,
+            )
+        group = get_tensor_model_parallel_group_if_none(tp_group) if allreduce_dgrad else None
+        out = cpu_gemm.linear(input, weight, dgrad_group=group)
+        return out if bias is None else out + bias
+
+    # megatron's function keeps its warn-once flag on whatever the module name points to
+    linear_on_cpu.warned = megatron_linear.warned  # type: ignore[attr-defined]
+    layers.linear_with_grad_accumulation_and_async_allreduce = linear_on_cpu
+
+
 def _tensor_cuda_on_cpu(self, device=None, non_blocking=False, **kwargs):
     """``Tensor.cuda()`` without CUDA: megatron moves freshly built CPU tensors; keep them."""
     return self
@@ -297,6 +356,7 @@ def apply_cpu_patches() -> list[str]:
             patched.append(name)
     _patch_rng_helpers()
     _patch_type_checks()
+    _patch_linear_layers()
     torch.Tensor.cuda = _tensor_cuda_on_cpu
     _APPLIED = True
     logger.info(
