@@ -113,11 +113,48 @@ def candidate_distribution(
     return probs_BC, ids_BC
 
 
+# Column block of the two-level search (a [B, 1024] float64 scan per step instead of [B, V]).
+_CDF_BLOCK = 1024
+
+
 def inverse_cdf(weights_BC: torch.Tensor, u_B: torch.Tensor) -> torch.Tensor:
     """Index ``i`` of each row with ``cdf[i-1] <= u * total < cdf[i]`` over non-negative,
-    not necessarily normalised ``weights_BC``; never a zero-weight index."""
+    not necessarily normalised ``weights_BC``; never a zero-weight index.
+
+    Wide rows (a full vocabulary) are searched in two levels: float64 totals of blocks of
+    ``_CDF_BLOCK`` columns pick the block holding the threshold, then a cumulative sum over
+    that block alone finds the index, instead of a float64 copy and scan of the whole
+    ``[B, V]`` matrix at every decoding step."""
+    B, C = weights_BC.shape
+    if C <= 2 * _CDF_BLOCK:
+        return _search_cdf(weights_BC, u_B=u_B)
+    nb, full = -(-C // _CDF_BLOCK), (C // _CDF_BLOCK) * _CDF_BLOCK
+    block_sums_BN = weights_BC.new_zeros(B, nb, dtype=torch.float64)
+    block_sums_BN[:, : C // _CDF_BLOCK] = (
+        weights_BC[:, :full].view(B, -1, _CDF_BLOCK).sum(dim=-1, dtype=torch.float64)
+    )
+    if full < C:
+        block_sums_BN[:, -1] = weights_BC[:, full:].sum(dim=-1, dtype=torch.float64)
+    block_cdf_BN = torch.cumsum(block_sums_BN, dim=-1)
+    threshold_B = u_B * block_cdf_BN[:, -1]
+    block_B = torch.searchsorted(block_cdf_BN, threshold_B[:, None], right=True)[:, 0]
+    last_B = torch.where(block_sums_BN > 0, torch.arange(nb), -1).amax(dim=-1)
+    block_B = torch.minimum(block_B, last_B)  # rounding put the threshold past the end
+    # mass before the block, exactly the entry searchsorted compared (so threshold >= it)
+    before_BN = torch.cat([block_cdf_BN.new_zeros(B, 1), block_cdf_BN[:, :-1]], dim=1)
+    before_B = before_BN.gather(1, block_B[:, None])[:, 0]
+    cols_BK = block_B[:, None] * _CDF_BLOCK + torch.arange(_CDF_BLOCK)  # [B, K]
+    inside_BK = cols_BK < C
+    block_w_BK = weights_BC.gather(1, cols_BK.clamp(max=C - 1)) * inside_BK
+    local_B = _search_cdf(block_w_BK, threshold_B=threshold_B - before_B)
+    return block_B * _CDF_BLOCK + local_B
+
+
+def _search_cdf(weights_BC, u_B=None, threshold_B=None) -> torch.Tensor:
+    """First index whose float64 running sum exceeds ``threshold_B`` (or ``u_B`` times the
+    row total), clamped to the row's last positive weight."""
     cdf_BC = torch.cumsum(weights_BC, dim=-1, dtype=torch.float64)
-    threshold_B1 = (u_B * cdf_BC[:, -1]).unsqueeze(-1)
+    threshold_B1 = (u_B * cdf_BC[:, -1] if threshold_B is None else threshold_B).unsqueeze(-1)
     choice_B = torch.searchsorted(cdf_BC, threshold_B1, right=True).squeeze(-1)
     # A zero weight never holds the first cdf entry above the threshold, except when rounding
     # puts the threshold at the very end (choice == C): take the last token with mass then.

@@ -117,6 +117,25 @@ def test_inverse_cdf_never_picks_a_zero_weight():
     assert inverse_cdf(weights, u).tolist() == [1, 1, 3]
 
 
+@pytest.mark.parametrize("C", [32000, 5000, 2049])
+def test_two_level_inverse_cdf_equals_the_flat_search(C):
+    """Wide rows search block totals first; the pick must be the flat float64 scan's."""
+    from hpc_rlhf.inference.sampling import _search_cdf
+
+    gen = torch.Generator().manual_seed(C)
+    B = 256
+    weights = torch.rand(B, C, generator=gen) ** 8  # peaked, many near-zero
+    weights[weights < 0.05] = 0.0  # exact zeros, whole zero blocks in some rows
+    weights[: B // 4, 1024:4096] = 0.0
+    weights[B // 4 : B // 2, : C - 7] = 0.0  # all mass in the last columns
+    weights[:, -1] += 0.01  # (every row has some mass, as softmax weights do)
+    u = torch.rand(B, generator=gen, dtype=torch.float64)
+    u[:3] = torch.tensor([0.0, 1.0 - 1e-17, 0.5])
+    got = inverse_cdf(weights, u)
+    assert torch.equal(got, _search_cdf(weights, u_B=u))
+    assert bool((weights.gather(1, got[:, None]) > 0).all())
+
+
 def test_sampling_params_validation():
     with pytest.raises(ValueError, match="top_p"):
         SamplingParams(top_p=0.0).validate()
@@ -125,9 +144,21 @@ def test_sampling_params_validation():
     SamplingParams(greedy=True, temperature=0.0).validate()
 
 
-def test_lm_head_forms_agree_for_every_row_count():
+@pytest.mark.parametrize("gemm", ["torch", "auto"])
+def test_lm_head_forms_agree_for_every_row_count(gemm):
+    """The torch GEMM path switches to (w h^T)^T below 64 rows; oneDNN (auto) never does."""
     from hpc_rlhf.inference.forward import lm_head
+    from hpc_rlhf.ops import cpu_gemm
 
+    previous = cpu_gemm.get_backend()
+    cpu_gemm.set_backend(gemm)
+    try:
+        _check_lm_head_rows(lm_head)
+    finally:
+        cpu_gemm.set_backend(previous)
+
+
+def _check_lm_head_rows(lm_head):
     gen = torch.Generator().manual_seed(0)
     w_vH = torch.randn(1000, 64, generator=gen)
     for rows in (1, 5, 63, 64, 130):
