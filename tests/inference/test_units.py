@@ -68,6 +68,30 @@ def test_decode_attention_matches_dense_with_shared_blocks(backend, G, g):
     assert torch.allclose(got.double(), want, atol=1e-5), (got.double() - want).abs().max()
 
 
+@pytest.mark.skipif(_backend.extension() is None, reason="hpc_rlhf._C not built")
+@pytest.mark.parametrize("threads", [1, 2])
+@pytest.mark.parametrize("B", [1, 3, 9])
+def test_cpp_decode_attention_per_sequence_and_per_head_tasks(threads, B):
+    """The kernel runs one task per sequence when B >= 2 x threads, else one per (sequence,
+    KV head): both must give the dense answer, with GQA and ragged lengths."""
+    gen = torch.Generator().manual_seed(B)
+    G, g, S, D, N = 3, 2, 4, 16, 40
+    k_pool, v_pool = torch.randn(2, N, G, S, D, generator=gen)
+    perm = torch.randperm(N, generator=gen).tolist()
+    tables = [perm[4 * b : 4 * b + 4] for b in range(B)]
+    lens = [1 + (5 * b + 3) % 16 for b in range(B)]
+    q_BHD = 3.0 * torch.randn(B, G * g, D, generator=gen)
+    meta = build_decode_meta(tables, lens, S, block_rows=False)
+    previous = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        got = decode_attention_cpp(q_BHD, k_pool, v_pool, meta)
+    finally:
+        torch.set_num_threads(previous)
+    want = _dense_reference(q_BHD, k_pool, v_pool, tables, lens, S)
+    assert torch.allclose(got.double(), want, atol=1e-5), (got.double() - want).abs().max()
+
+
 def test_allocator_lowest_first_refcounts():
     alloc = BlockAllocator(4)
     a, b = alloc.allocate(), alloc.allocate()
