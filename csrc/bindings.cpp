@@ -131,6 +131,27 @@ std::tuple<at::Tensor, at::Tensor> value_rows_cuda(const at::Tensor& values, con
   return {rows, dcoef};
 }
 
+// SwiGLU forward (grad_out undefined) or backward on rows of x [R, 2F].
+at::Tensor swiglu_cuda(const at::Tensor& x, const c10::optional<at::Tensor>& grad_out) {
+  check_cuda(x, "x");
+  TORCH_CHECK(x.dim() == 2 && x.size(1) % 2 == 0, "swiglu_cuda: x must be [rows, 2F]");
+  const int64_t rows = x.size(0), width = x.size(1) / 2;
+  c10::cuda::CUDAGuard guard(x.device());
+  const void* g = nullptr;
+  if (grad_out.has_value()) {
+    check_cuda(*grad_out, "grad_out");
+    TORCH_CHECK(grad_out->sizes() == at::IntArrayRef({rows, width}) &&
+                    grad_out->scalar_type() == x.scalar_type(),
+                "swiglu_cuda: grad_out must be [rows, F] in x's dtype");
+    g = grad_out->data_ptr();
+  }
+  at::Tensor out = g ? at::empty_like(x) : at::empty({rows, width}, x.options());
+  check_launch(hpc_swiglu_cuda(x.data_ptr(), g, dtype_code(x), rows, width, out.data_ptr(),
+                               stream_of(x)),
+               "swiglu_cuda");
+  return out;
+}
+
 }  // namespace
 }  // namespace hpc_rlhf
 #endif  // HPC_RLHF_WITH_CUDA
@@ -153,6 +174,8 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("gae_cuda", &hpc_rlhf::gae_cuda, "CUDA masked GAE");
   m.def("ppo_rows_cuda", &hpc_rlhf::ppo_rows_cuda, "CUDA PPO loss rows");
   m.def("value_rows_cuda", &hpc_rlhf::value_rows_cuda, "CUDA value loss rows");
+  m.def("swiglu_cuda", &hpc_rlhf::swiglu_cuda, "CUDA swiglu forward / backward (grad_out)",
+        py::arg("x"), py::arg("grad_out") = py::none());
 #else
   m.attr("WITH_CUDA") = false;
 #endif

@@ -41,6 +41,12 @@ int hpc_value_rows_cuda(const float* values, const float* old_values, const floa
                         const uint8_t* mask, int64_t batch, int64_t steps, float clip,
                         float* rows, float* dcoef, void* stream);
 
+/* SwiGLU over x [rows, 2 * width] (gate half first), dtype of x/grad_out/out: forward
+ * (grad_out == NULL) out [rows, width] = silu(a) * b; backward out [rows, 2 * width] =
+ * d(sum grad_out * swiglu)/dx. */
+int hpc_swiglu_cuda(const void* x, const void* grad_out, int dtype, int64_t rows, int64_t width,
+                    void* out, void* stream);
+
 #ifdef __cplusplus
 }
 #endif

@@ -3,26 +3,23 @@
 Shapes: ``x`` ``[..., 2F]`` (the fused fc1 output, gate half first, as megatron-core lays
 it out), result ``[..., F]``.
 
-Backends: ``"torch"`` (the reference: chunk, silu, multiply; autograd through them) and
-``"cpp"`` (hpc_rlhf._C, fp32 CPU tensors: one pass forward, one pass backward, only ``x``
-saved). ``"auto"`` picks ``"cpp"`` for fp32 CPU tensors when the extension is built and the
-reference otherwise; on a GPU the transformer-engine layer spec brings its own fused
-activation, so no CUDA/Triton SwiGLU is provided here.
+Backends: ``"torch"`` (the reference: chunk, silu, multiply; autograd through them),
+``"cpp"`` (hpc_rlhf._C, fp32 CPU tensors), ``"cuda"`` (csrc/swiglu.cu) and ``"triton"``
+(kernels/swiglu.py), the last two for fp32/bf16/fp16 with fp32 math. Every kernel makes one
+pass forward and one backward and saves only ``x``. ``"auto"``: on CUDA tensors ``cuda``,
+then ``triton``, then the reference; on CPU ``cpp`` for fp32, else the reference (see
+``hpc_rlhf.ops._backend``). The transformer-engine layer spec brings its own fused
+activation; the local spec's ``SwiGLUMLP`` uses this op.
 """
 
 from __future__ import annotations
-
-import logging
 
 import torch
 import torch.nn.functional as F
 
 from hpc_rlhf.ops import _backend
 
-logger = logging.getLogger("hpc_rlhf.ops")
-
-SWIGLU_BACKENDS = ("auto", "torch", "cpp")
-_LOGGED: set[tuple[str, str]] = set()
+SWIGLU_BACKENDS = ("auto",) + _backend.BACKENDS
 
 
 def swiglu_reference(x: torch.Tensor) -> torch.Tensor:
@@ -34,37 +31,49 @@ def swiglu_reference(x: torch.Tensor) -> torch.Tensor:
 def _resolve(backend: str, x: torch.Tensor) -> str:
     if backend not in SWIGLU_BACKENDS:
         raise ValueError(f"swiglu backend {backend!r}: expected one of {SWIGLU_BACKENDS}")
-    cpp_ok = _backend.unavailable_reason("cpp", x.device) is None and x.dtype == torch.float32
-    if backend == "cpp" and not cpp_ok:
+    fp32_cpu = x.device.type == "cpu" and x.dtype == torch.float32
+    if backend == "cpp" and (not fp32_cpu or _backend.extension() is None):
         raise RuntimeError(
             "swiglu: backend 'cpp' needs hpc_rlhf._C and fp32 CPU tensors "
             f"(got {x.dtype} on {x.device.type})"
         )
-    chosen = backend if backend != "auto" else ("cpp" if cpp_ok else "torch")
-    key = (x.device.type, chosen)
-    if backend == "auto" and key not in _LOGGED:
-        _LOGGED.add(key)
-        logger.info("hpc_rlhf.ops.swiglu: backend 'auto' chose %r for %s tensors", *key[::-1])
-    return chosen
+    if backend == "auto" and x.device.type == "cpu" and not fp32_cpu:
+        return "torch"  # the C++ kernel is fp32-only
+    return _backend.resolve("swiglu", backend, x.device)
 
 
-class _SwiGLUCpp(torch.autograd.Function):
+def _kernels(backend: str):
+    """(forward, backward) of a kernel backend over 2-D contiguous rows."""
+    if backend == "triton":
+        module = _backend.kernels("swiglu")
+        return module.swiglu_fwd, module.swiglu_bwd
+    ext = _backend.extension()
+    if backend == "cpp":
+        return ext.swiglu_fwd_cpu, ext.swiglu_bwd_cpu
+    return ext.swiglu_cuda, ext.swiglu_cuda  # backward: the same launcher with grad_out
+
+
+class _SwiGLUKernel(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, x):
-        x = x.contiguous()
-        ctx.save_for_backward(x)
-        return _backend.extension().swiglu_fwd_cpu(x)
+    def forward(ctx, x, backend):
+        shape = x.shape
+        x_R2F = x.reshape(-1, shape[-1]).contiguous()
+        ctx.save_for_backward(x_R2F)
+        ctx.backend, ctx.shape = backend, shape
+        return _kernels(backend)[0](x_R2F).view(*shape[:-1], shape[-1] // 2)
 
     @staticmethod
     def backward(ctx, grad_out):
-        (x,) = ctx.saved_tensors
-        return _backend.extension().swiglu_bwd_cpu(x, grad_out.contiguous())
+        (x_R2F,) = ctx.saved_tensors
+        g_RF = grad_out.reshape(x_R2F.shape[0], -1).contiguous()
+        return _kernels(ctx.backend)[1](x_R2F, g_RF).view(ctx.shape), None
 
 
 def swiglu(x: torch.Tensor, backend: str = "auto") -> torch.Tensor:
     """SwiGLU of ``x`` ``[..., 2F]`` -> ``[..., F]``, differentiable (see module docstring)."""
     if x.shape[-1] % 2:
         raise ValueError(f"swiglu: last dim of x must be even, got {tuple(x.shape)}")
-    if _resolve(backend, x) == "cpp":
-        return _SwiGLUCpp.apply(x)
-    return swiglu_reference(x)
+    chosen = _resolve(backend, x)
+    if chosen == "torch" or x.numel() == 0:
+        return swiglu_reference(x)
+    return _SwiGLUKernel.apply(x, chosen)

@@ -61,3 +61,20 @@ def test_gae_and_losses_gpu(backend):
             losses.append(loss)
         torch.testing.assert_close(losses[0], losses[1], atol=1e-6, rtol=1e-5)
         torch.testing.assert_close(grads[0], grads[1], atol=1e-7, rtol=1e-5)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16], ids=str)
+def test_swiglu_gpu(backend, dtype):
+    from hpc_rlhf.ops import swiglu
+
+    gen = torch.Generator().manual_seed(2)
+    x = (torch.randn(3, 1001, 2 * 1409, generator=gen) * 3).to(dtype).cuda()
+    g = torch.randn(*x.shape[:-1], 1409, generator=gen).to(dtype).cuda()
+    out = {}
+    for be in (backend, "torch"):
+        xr = x.clone().requires_grad_(True)
+        y = swiglu(xr, backend=be)
+        (y.float() * g.float()).sum().backward()
+        out[be] = (y, xr.grad)
+    for got, ref in zip(out[backend], out["torch"]):
+        torch.testing.assert_close(got.float(), ref.float(), atol=2e-2, rtol=1e-2)

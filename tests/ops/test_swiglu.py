@@ -7,9 +7,9 @@ import torch
 
 from hpc_rlhf.ops import _backend, swiglu
 from hpc_rlhf.ops.swiglu import swiglu_reference
+from tests.ops._common import BACKENDS as CPU_BACKENDS
 
 HAVE_EXT = _backend.extension() is not None
-CPU_BACKENDS = ["torch"] + (["cpp"] if HAVE_EXT else [])
 # odd F, a single row, rows x F above the threading threshold, a 3-d activation
 SHAPES = [(5, 2 * 7), (1, 2 * 1), (300, 2 * 300), (3, 4, 2 * 33)]
 
@@ -49,4 +49,21 @@ def test_auto_picks_cpp_for_fp32_and_the_reference_for_bf16():
     with pytest.raises(ValueError, match="last dim of x must be even"):
         swiglu(torch.randn(3, 5))
     with pytest.raises(ValueError, match="expected one of"):
+        swiglu(torch.randn(3, 4), backend="mkl")
+    with pytest.raises(RuntimeError, match="backend 'cuda' needs"):
         swiglu(torch.randn(3, 4), backend="cuda")
+
+
+@pytest.mark.parametrize("backend", [b for b in CPU_BACKENDS if b == "triton"])
+def test_low_precision_storage_with_fp32_math(backend):
+    """bf16 in and out, fp32 inside: within bf16 rounding of the float64 result."""
+    gen = torch.Generator().manual_seed(5)
+    x = (torch.randn(6, 2 * 40, generator=gen) * 3).bfloat16()
+    g = torch.randn(6, 40, generator=gen).bfloat16()
+    want_out, want_grad = _oracle(x.float(), g.float())
+    xr = x.clone().requires_grad_(True)
+    out = swiglu(xr, backend=backend)
+    (out * g).sum().backward()
+    assert out.dtype == xr.grad.dtype == torch.bfloat16
+    torch.testing.assert_close(out.double(), want_out, atol=2e-2, rtol=1e-2)
+    torch.testing.assert_close(xr.grad.double(), want_grad, atol=2e-2, rtol=1e-2)

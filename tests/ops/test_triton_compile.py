@@ -26,7 +26,7 @@ LOGITS_SIG = {"V": "i32", "vocab_start": "i32"}
 
 
 def _cases():
-    from hpc_rlhf.kernels import gae, logprobs, ppo_loss, value_loss
+    from hpc_rlhf.kernels import gae, logprobs, ppo_loss, swiglu, value_loss
 
     fwd = logprobs.logprobs_fwd_kernel
     bwd = logprobs.logprobs_bwd_kernel
@@ -55,6 +55,12 @@ def _cases():
     sig |= {k: "constexpr" for k in ("USE_CLIP", "NEED_GRAD", "BLOCK_T")}
     consts = {"USE_CLIP": True, "NEED_GRAD": True, "BLOCK_T": 1024}
     out.append(("value_rows", value_loss.value_rows_kernel, sig, consts, 4))
+    for dtype in ("fp32", "bf16"):
+        sig = {"x_ptr": f"*{dtype}", "out_ptr": f"*{dtype}", "F": "i32", "BLOCK_F": "constexpr"}
+        out.append((f"swiglu_fwd_{dtype}", swiglu.swiglu_fwd_kernel, sig, {"BLOCK_F": 1024}, 4))
+        sig = {"x_ptr": f"*{dtype}", "g_ptr": f"*{dtype}", "dx_ptr": f"*{dtype}", "F": "i32"}
+        sig |= {"BLOCK_F": "constexpr"}
+        out.append((f"swiglu_bwd_{dtype}", swiglu.swiglu_bwd_kernel, sig, {"BLOCK_F": 1024}, 4))
     return out
 
 

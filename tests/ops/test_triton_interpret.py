@@ -25,7 +25,7 @@ ROOT = Path(__file__).resolve().parents[2]
 @pytest.mark.skipif(INTERPRET, reason="already the interpreter run")
 def test_triton_backend_in_interpreter():
     env = dict(os.environ, TRITON_INTERPRET="1")
-    files = ["test_logprobs.py", "test_gae.py", "test_losses.py"]
+    files = ["test_logprobs.py", "test_gae.py", "test_losses.py", "test_swiglu.py"]
     cmd = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-k", "triton"]
     cmd += [str(ROOT / "tests" / "ops" / f) for f in files]
     res = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
