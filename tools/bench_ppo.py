@@ -9,11 +9,19 @@ lengths, same batch and PPO settings. Two shapes:
 
 Each system runs in its own subprocess (so peak memory is its own, ``ru_maxrss``). Prints
 per-stage seconds, tokens/s, peak memory, executed model FLOPs, the machine's fp32 matmul
-rate measured in the same run, each system's share of it, and the ratios.
+rate, each system's share of it, and the ratios.
+
+This machine's speed drifts (the 1024^3 matmul rate has been seen anywhere between 100 and
+210 GFLOP/s within minutes), so the matmul rate is sampled just before and just after each
+system's run and that system's share is taken against the mean of its two samples; and
+``--repeat N`` runs the pair N times, alternating which system goes first, printing every
+run and summarising with the median ratio (the lower middle one for even N; the range in
+brackets).
 
     python tools/bench_ppo.py                  # both shapes, 64 prompts (several minutes)
     python tools/bench_ppo.py --quick          # 8 prompts, short lengths: a smoke run
     python tools/bench_ppo.py --plot ppo.png   # also a PNG of per-stage times side by side
+    python tools/bench_ppo.py --repeat 2       # each pair twice, in both orders
 """
 
 from __future__ import annotations
@@ -72,6 +80,9 @@ def parse_args() -> argparse.Namespace:
         "(transparency check: how much of the gap is that environment)",
     )
     p.add_argument("--plot", default=None, help="write a PNG of per-stage times here")
+    p.add_argument(
+        "--repeat", type=int, default=1, help="run each pair N times, alternating the order"
+    )
     p.add_argument("--system", choices=["ours", "baseline"], help=argparse.SUPPRESS)
     p.add_argument("--workdir", help=argparse.SUPPRESS)
     p.add_argument("--out", help=argparse.SUPPRESS)
@@ -155,8 +166,8 @@ def child_main(args) -> None:
         json.dump(report, fh)
 
 
-def print_shape(shape: str, ours: dict, base: dict, rate: float) -> dict:
-    """The comparison table of one shape; returns its ratios."""
+def print_shape(shape: str, ours: dict, base: dict) -> dict:
+    """The comparison table of one run of one shape; returns its ratios."""
     print(
         f"\n=== {shape}: {len(ours['prompt_lengths'])} prompts, "
         f"{ours['response_tokens']:.0f} response tokens ==="
@@ -174,9 +185,35 @@ def print_shape(shape: str, ours: dict, base: dict, rate: float) -> dict:
     print(f"peak RSS GB  {mem_b:11.2f} {mem_o:11.2f} {mem_o / mem_b:7.2f} (ours / baseline)")
     fb, fo = base["flops"] / 1e12, ours["flops"] / 1e12
     print(f"model TFLOP  {fb:11.2f} {fo:11.2f}   (executed matmul work)")
-    share_b, share_o = fb * 1e3 / tb / rate, fo * 1e3 / to / rate
-    print(f"matmul rate  {share_b:10.0%} {share_o:10.0%}   of {rate:.0f} GFLOP/s measured")
+    rb, ro = base["matmul_gflops"], ours["matmul_gflops"]
+    print(f"matmul GF/s  {rb:11.0f} {ro:11.0f}   (torch.mm 1024^3 around each run)")
+    share_b, share_o = fb * 1e3 / tb / rb, fo * 1e3 / to / ro
+    print(f"matmul rate  {share_b:10.0%} {share_o:10.0%}   of that rate")
     return {"speedup": tb / to, "memory_ratio": mem_o / mem_b, "rate_share": share_o}
+
+
+def run_pair(shape: str, args, workdir: str, ours_first: bool) -> dict:
+    """Both systems on one shape; each report gets the matmul rate measured around it."""
+    pair = {}
+    for system in ("ours", "baseline") if ours_first else ("baseline", "ours"):
+        before = matmul_gflops()
+        report = run_child(system, shape, args, workdir)
+        report["matmul_gflops"] = (before + matmul_gflops()) / 2
+        pair[system] = report
+    return pair
+
+
+def summary(shape: str, runs: list[dict]) -> tuple[str, int]:
+    """Median-speedup line of a shape's runs, and the index of the median run."""
+    order = sorted(range(len(runs)), key=lambda i: runs[i]["speedup"])
+    mid = order[(len(order) - 1) // 2]
+    r = runs[mid]
+    line = f"{shape} {r['speedup']:.2f}x faster"
+    if len(runs) > 1:
+        lo, hi = runs[order[0]]["speedup"], runs[order[-1]]["speedup"]
+        line += f" (median of {len(runs)}: {lo:.2f}-{hi:.2f})"
+    line += f", {r['memory_ratio']:.2f}x the memory, {r['rate_share']:.0%} of matmul rate"
+    return line, mid
 
 
 def plot(results: dict, path: str) -> None:
@@ -215,28 +252,23 @@ def main() -> None:
         child_main(args)
         return
     torch.set_num_threads(os.cpu_count() or 1)
-    rate = matmul_gflops()
-    print(
-        f"fp32 matmul rate (torch.mm 1024^3, {torch.get_num_threads()} threads): {rate:.0f} GFLOP/s"
-    )
+    print(f"fp32 matmul: torch.mm 1024^3 on {torch.get_num_threads()} threads, best of 5")
     print(environment_note(args))
     shapes = ["fixed", "varied"] if args.shape == "both" else [args.shape]
-    results, ratios = {}, {}
+    results, lines = {}, []
     with tempfile.TemporaryDirectory() as workdir:
         write_checkpoints(workdir)
         for shape in shapes:
-            base = run_child("baseline", shape, args, workdir)
-            ours = run_child("ours", shape, args, workdir)
-            results[shape] = {"baseline": base, "ours": ours}
-            ratios[shape] = print_shape(shape, ours, base, rate)
-    print(
-        "\nsummary: "
-        + "; ".join(
-            f"{s} {r['speedup']:.2f}x faster, {r['memory_ratio']:.2f}x the memory, "
-            f"{r['rate_share']:.0%} of matmul rate"
-            for s, r in ratios.items()
-        )
-    )
+            pairs, runs = [], []
+            for rep in range(args.repeat):
+                pairs.append(run_pair(shape, args, workdir, ours_first=rep % 2 == 1))
+                if args.repeat > 1:
+                    print(f"\n--- {shape}, run {rep + 1} of {args.repeat}")
+                runs.append(print_shape(shape, pairs[-1]["ours"], pairs[-1]["baseline"]))
+            line, mid = summary(shape, runs)
+            lines.append(line)
+            results[shape] = pairs[mid]
+    print("\nsummary: " + "; ".join(lines))
     if args.plot:
         plot(results, args.plot)
 
