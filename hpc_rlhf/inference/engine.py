@@ -48,6 +48,7 @@ from hpc_rlhf.inference.sampling import (
 )
 from hpc_rlhf.inference.scheduler import PrefillItem, Scheduler, Sequence
 from hpc_rlhf.inference.weights import StaleWeightsError, generation_weights
+from hpc_rlhf.utils.logging import info_once_then_debug
 
 logger = logging.getLogger(__name__)
 
@@ -155,7 +156,8 @@ class GenerationEngine:
                 scratch=self.config.cuda_graphs,
             )
             if self.state.rank == 0:
-                logger.info(
+                logger.log(
+                    info_once_then_debug(("kv cache", id(self))),
                     "KV cache: %d blocks of %d tokens, %.1f MB",
                     self.num_blocks,
                     self.config.block_size,

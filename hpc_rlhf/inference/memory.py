@@ -26,6 +26,8 @@ from dataclasses import dataclass
 
 import torch
 
+from hpc_rlhf.utils.logging import info_once_then_debug
+
 logger = logging.getLogger(__name__)
 
 
@@ -115,7 +117,7 @@ class TrainingMemory:
         self._released = report
         if self.trainable.state.rank == 0:
             logger.log(
-                _level_once(("released", self.trainable.role)),
+                info_once_then_debug(("released", self.trainable.role)),
                 "time-sharing: released %.1f MB (optimizer state %.1f MB, grad buffers %.1f MB)",
                 report.total_bytes / 2**20,
                 report.optimizer_bytes / 2**20,
@@ -136,22 +138,11 @@ class TrainingMemory:
         report, self._released = self._released, None
         if self.trainable.state.rank == 0:
             logger.log(
-                _level_once(("restored", self.trainable.role)),
+                info_once_then_debug(("restored", self.trainable.role)),
                 "time-sharing: restored %.1f MB of training state",
                 report.total_bytes / 2**20,
             )
         return report
-
-
-_LOGGED: set[tuple[str, str]] = set()
-
-
-def _level_once(key: tuple[str, str]) -> int:
-    """INFO the first time a model releases/restores (the sizes do not change), then DEBUG."""
-    if key in _LOGGED:
-        return logging.DEBUG
-    _LOGGED.add(key)
-    return logging.INFO
 
 
 @contextlib.contextmanager

@@ -9,6 +9,17 @@ import sys
 import time
 import warnings
 
+_SEEN_ONCE: set[tuple] = set()
+
+
+def info_once_then_debug(key: tuple) -> int:
+    """``logging.INFO`` the first time ``key`` is seen in this process, then ``DEBUG``: for
+    messages repeated every step with the same content (buffer sizes, pool allocations)."""
+    if key in _SEEN_ONCE:
+        return logging.DEBUG
+    _SEEN_ONCE.add(key)
+    return logging.INFO
+
 
 def setup_logging(rank: int, level: int = logging.INFO) -> None:
     """INFO logs on rank 0, warnings and errors elsewhere; library noise silenced."""
