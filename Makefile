@@ -38,7 +38,7 @@ bench: $(STAMP)
 	$(PY) -m pip install -q matplotlib
 	$(PY) tools/bench_kernels.py
 	$(PY) tools/bench_generate.py
-	$(PY) tools/bench_ppo.py --plot docs/bench_ppo.png
+	$(PY) tools/bench_ppo.py --repeat 2 --plot docs/bench_ppo.png
 
 clean:
 	rm -rf build *.egg-info hpc_rlhf/_C*.so
