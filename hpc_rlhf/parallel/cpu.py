@@ -26,6 +26,7 @@ from __future__ import annotations
 import contextlib
 import functools
 import importlib
+import inspect
 import logging
 import sys
 import types
@@ -294,37 +295,23 @@ def _patch_tensor_parallel_layers() -> None:
 
     megatron_linear = layers.linear_with_grad_accumulation_and_async_allreduce
 
-    def linear_on_cpu(
-        input,
-        weight,
-        bias,
-        gradient_accumulation_fusion,
-        allreduce_dgrad,
-        sequence_parallel,
-        grad_output_buffer=None,
-        wgrad_deferral_limit=0,
-        async_grad_allreduce=None,
-        tp_group=None,
-    ):
+    signature = inspect.signature(megatron_linear)
+
+    def linear_on_cpu(*args, **kwargs):
+        arg = signature.bind(*args, **kwargs)
+        arg.apply_defaults()
+        a = arg.arguments
+        input, weight, bias = a["input"], a["weight"], a["bias"]
         if (
-            sequence_parallel
-            or gradient_accumulation_fusion
-            or grad_output_buffer is not None
+            a["sequence_parallel"]
+            or a["gradient_accumulation_fusion"]
+            or a["grad_output_buffer"] is not None
             or not cpu_gemm.uses_onednn(input, weight)
         ):
-            return megatron_linear(
-                input,
-                weight,
-                bias,
-                gradient_accumulation_fusion,
-                allreduce_dgrad,
-                sequence_parallel,
-                grad_output_buffer,
-                wgrad_deferral_limit,
-                async_grad_allreduce,
-                tp_group,
-            )
-        group = get_tensor_model_parallel_group_if_none(tp_group) if allreduce_dgrad else None
+            return megatron_linear(*args, **kwargs)
+        group = None
+        if a["allreduce_dgrad"]:
+            group = get_tensor_model_parallel_group_if_none(a["tp_group"])
         out = cpu_gemm.linear(input, weight, dgrad_group=group)
         return out if bias is None else out + bias
 
