@@ -13,17 +13,24 @@ import triton.language as tl
 
 
 @triton.jit
+def _load_gate_up(x_ptr, F, BLOCK_F: tl.constexpr):
+    """This program's row, column block, bounds mask and fp32 halves a, b of x [R, 2F]."""
+    row = tl.program_id(0).to(tl.int64)
+    cols = tl.program_id(1) * BLOCK_F + tl.arange(0, BLOCK_F)
+    inb = cols < F
+    a = tl.load(x_ptr + row * 2 * F + cols, mask=inb, other=0.0).to(tl.float32)
+    b = tl.load(x_ptr + row * 2 * F + F + cols, mask=inb, other=0.0).to(tl.float32)
+    return row, cols, inb, a, b
+
+
+@triton.jit
 def swiglu_fwd_kernel(
     x_ptr,  # [R, 2F]
     out_ptr,  # [R, F]
     F,
     BLOCK_F: tl.constexpr,
 ):
-    row = tl.program_id(0).to(tl.int64)
-    cols = tl.program_id(1) * BLOCK_F + tl.arange(0, BLOCK_F)
-    inb = cols < F
-    a = tl.load(x_ptr + row * 2 * F + cols, mask=inb, other=0.0).to(tl.float32)
-    b = tl.load(x_ptr + row * 2 * F + F + cols, mask=inb, other=0.0).to(tl.float32)
+    row, cols, inb, a, b = _load_gate_up(x_ptr, F, BLOCK_F)
     out = a * tl.sigmoid(a) * b
     tl.store(out_ptr + row * F + cols, out.to(out_ptr.dtype.element_ty), mask=inb)
 
@@ -36,11 +43,7 @@ def swiglu_bwd_kernel(
     F,
     BLOCK_F: tl.constexpr,
 ):
-    row = tl.program_id(0).to(tl.int64)
-    cols = tl.program_id(1) * BLOCK_F + tl.arange(0, BLOCK_F)
-    inb = cols < F
-    a = tl.load(x_ptr + row * 2 * F + cols, mask=inb, other=0.0).to(tl.float32)
-    b = tl.load(x_ptr + row * 2 * F + F + cols, mask=inb, other=0.0).to(tl.float32)
+    row, cols, inb, a, b = _load_gate_up(x_ptr, F, BLOCK_F)
     g = tl.load(g_ptr + row * F + cols, mask=inb, other=0.0).to(tl.float32)
     s = tl.sigmoid(a)
     da = g * b * s * (1.0 + a * (1.0 - s))
