@@ -138,8 +138,7 @@ def inverse_cdf(weights_BC: torch.Tensor, u_B: torch.Tensor) -> torch.Tensor:
     block_cdf_BN = torch.cumsum(block_sums_BN, dim=-1)
     threshold_B = u_B * block_cdf_BN[:, -1]
     block_B = torch.searchsorted(block_cdf_BN, threshold_B[:, None], right=True)[:, 0]
-    last_B = torch.where(block_sums_BN > 0, torch.arange(nb), -1).amax(dim=-1)
-    block_B = torch.minimum(block_B, last_B)  # rounding put the threshold past the end
+    block_B = _clamp_to_last_positive(block_B, block_sums_BN)  # threshold rounded past the end
     # mass before the block, exactly the entry searchsorted compared (so threshold >= it)
     before_BN = torch.cat([block_cdf_BN.new_zeros(B, 1), block_cdf_BN[:, :-1]], dim=1)
     before_B = before_BN.gather(1, block_B[:, None])[:, 0]
@@ -158,11 +157,15 @@ def _search_cdf(weights_BC, u_B=None, threshold_B=None) -> torch.Tensor:
     choice_B = torch.searchsorted(cdf_BC, threshold_B1, right=True).squeeze(-1)
     # A zero weight never holds the first cdf entry above the threshold, except when rounding
     # puts the threshold at the very end (choice == C): take the last token with mass then.
-    C = weights_BC.shape[-1]
-    if bool((choice_B >= C).any()):
-        last_B = torch.where(weights_BC > 0, torch.arange(C), -1).amax(dim=-1)
-        choice_B = torch.minimum(choice_B, last_B)
+    if bool((choice_B >= weights_BC.shape[-1]).any()):
+        choice_B = _clamp_to_last_positive(choice_B, weights_BC)
     return choice_B
+
+
+def _clamp_to_last_positive(choice_B: torch.Tensor, weights_BC: torch.Tensor) -> torch.Tensor:
+    """``choice_B`` capped at each row's last column with positive weight."""
+    cols_C = torch.arange(weights_BC.shape[-1])
+    return torch.minimum(choice_B, torch.where(weights_BC > 0, cols_C, -1).amax(dim=-1))
 
 
 def sample_tokens(
