@@ -296,6 +296,8 @@ class PPOConfig:
     whiten_advantages: bool = True
     critic_init: str = "actor"  # "actor" | "reward" (the first reward model) | "random"
     recompute_old_logprobs: bool = False  # else reuse the engine's (identical) log-probs
+    # run padded micro-batches as one packed row of their real tokens (THD; PP=1 only)
+    pack_sequences: bool = True
     seed: int = 1234
     log_interval: int = 1
     save_dir: str | None = None

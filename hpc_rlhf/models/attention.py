@@ -5,10 +5,14 @@ megatron-core's ``DotProductAttention`` materialises ``[b, n, s, s]`` scores wit
 grouped-query attention. ``SDPAttention`` keeps its constructor (partition sizes, softmax
 scale, dropout) and runs ``torch.nn.functional.scaled_dot_product_attention`` instead: a
 fused kernel on CPU and GPU, with grouped-query attention handled inside it.
+
+Packed micro-batches (``packed_seq_params`` in ``thd`` format, see ``models.packing``) run
+one causal SDPA per segment: the rows share no attention and no padding is computed.
 """
 
 from __future__ import annotations
 
+import torch
 import torch.nn.functional as F
 from megatron.core.transformer.dot_product_attention import DotProductAttention
 
@@ -26,8 +30,10 @@ class SDPAttention(DotProductAttention):
         attention_bias=None,
         packed_seq_params=None,
     ):
-        if packed_seq_params is not None or attention_bias is not None:
-            raise NotImplementedError("SDPAttention: packed sequences / attention bias need TE")
+        if attention_bias is not None:
+            raise NotImplementedError("SDPAttention: attention bias needs transformer-engine")
+        if packed_seq_params is not None:
+            return self._packed_forward(query, key, value, packed_seq_params)
         sq, b, n_heads, d = query.shape
         q_BNSD = query.permute(1, 2, 0, 3)
         k_BGSD = key.permute(1, 2, 0, 3)
@@ -51,3 +57,28 @@ class SDPAttention(DotProductAttention):
                 scale=self.softmax_scale,
             )
         return ctx_BNSD.permute(2, 0, 1, 3).reshape(sq, b, n_heads * d)
+
+    def _packed_forward(self, query_THD, key_TGD, value_TGD, packed_seq_params):
+        """Causal attention within each segment of a packed row -> ``[T, H*D]``."""
+        from hpc_rlhf.models.packing import segment_bounds
+
+        if packed_seq_params.qkv_format != "thd":
+            raise NotImplementedError(
+                f"SDPAttention: packed format {packed_seq_params.qkv_format!r} (only 'thd')"
+            )
+        T, n_heads, d = query_THD.shape
+        groups = key_TGD.shape[1]
+        dropout = self.attention_dropout.p if self.training else 0.0
+        parts = []
+        for start, end in segment_bounds(packed_seq_params):
+            q_1NLD = query_THD[start:end].transpose(0, 1).unsqueeze(0)
+            k_1GLD = key_TGD[start:end].transpose(0, 1).unsqueeze(0)
+            v_1GLD = value_TGD[start:end].transpose(0, 1).unsqueeze(0)
+            if n_heads != groups:
+                k_1GLD = k_1GLD.repeat_interleave(n_heads // groups, dim=1)
+                v_1GLD = v_1GLD.repeat_interleave(n_heads // groups, dim=1)
+            ctx_1NLD = F.scaled_dot_product_attention(
+                q_1NLD, k_1GLD, v_1GLD, dropout_p=dropout, is_causal=True, scale=self.softmax_scale
+            )
+            parts.append(ctx_1NLD[0].transpose(0, 1))  # [L, N, D]
+        return torch.cat(parts).reshape(T, n_heads * d)

@@ -48,24 +48,33 @@ def _selective_forward(self, hidden_SBH, weight=None, runtime_gather_output=None
         )
     else:
         hidden_SBH = copy_to_tensor_model_parallel_region(hidden_SBH)
-    hidden_N1H = hidden_SBH[select_SB].unsqueeze(1)
+    if select_SB.dtype == torch.bool:
+        hidden_N1H = hidden_SBH[select_SB].unsqueeze(1)
+    else:  # packed row: explicit positions (models.packing.PackedLayout.selected_index)
+        hidden_N1H = hidden_SBH.flatten(0, 1).index_select(0, select_SB).unsqueeze(1)
     w_VH = self.weight if weight is None else weight
     logits_N1V = cpu_gemm.linear(hidden_N1H, w_VH)
     return logits_N1V, None
 
 
 @contextmanager
-def head_selection(model: torch.nn.Module, select_BS: torch.Tensor | None):
+def head_selection(model: torch.nn.Module, select_BS: torch.Tensor | None, layout=None):
     """Within the block, ``model`` (a GPTModel chunk, possibly DDP-wrapped) computes LM-head
-    logits only where ``select_BS`` is true. A no-op on stages without an output layer."""
+    logits only where ``select_BS`` is true; yields whether a selection is installed (a
+    no-op on stages without an output layer or with a scalar head). With a packed
+    ``layout`` (``models.packing.PackedLayout``) the model runs on the packed row and the
+    head picks the same positions, in the same order, as on the padded batch."""
     module = getattr(model, "module", model)
     layer = getattr(module, "output_layer", None)
     if select_BS is None or layer is None or not hasattr(layer, "_select_SB"):
-        yield
+        yield False
         return
-    layer._select_SB = select_BS.t().contiguous()
+    if layout is None:
+        layer._select_SB = select_BS.t().contiguous()
+    else:
+        layer._select_SB = layout.selected_index(select_BS)
     try:
-        yield
+        yield True
     finally:
         layer._select_SB = None
 

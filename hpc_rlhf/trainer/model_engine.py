@@ -35,6 +35,7 @@ from hpc_rlhf.models.build import (
     build_model_chunks,
     position_ids_from_mask,
 )
+from hpc_rlhf.models.packing import PackedLayout
 from hpc_rlhf.models.selective_head import head_selection
 from hpc_rlhf.parallel.state import ParallelState
 
@@ -58,20 +59,36 @@ class StepResult:
     skipped: bool
 
 
-def model_forward(model: torch.nn.Module, batch: dict) -> torch.Tensor:
+def model_forward(
+    model: torch.nn.Module, batch: dict, pack_multiple: int | None = None
+) -> torch.Tensor:
     """Run one chunk on a batch with ``input_ids`` ``[B, S]`` and ``attention_mask`` ``[B, S]``.
 
     Returns the chunk's output: hidden states ``[S, B, H]`` on non-last stages, vocab-parallel
     logits ``[B, S, V/tp]`` (actor) or scores ``[B, S, 1]`` (critic/reward) on the last one.
     With ``batch["head_mask"]`` ``[B, S]`` the LM head runs on those positions only and the
     logits are ``[1, N, V/tp]`` (see ``models.selective_head``).
+
+    With ``pack_multiple`` (a single-stage pipeline only: the packed length varies), a
+    right-padded batch runs packed (``models.packing``: one row of its real tokens, length
+    rounded up to the multiple) and per-token outputs come back padded, ``[B, S, ...]``.
     """
     input_ids_BS = batch["input_ids"]
     mask_BS = batch.get("attention_mask")
     if mask_BS is None:
         mask_BS = torch.ones_like(input_ids_BS, dtype=torch.bool)
-    with head_selection(model, batch.get("head_mask")):
-        return model(input_ids_BS, position_ids_from_mask(mask_BS), attention_mask_for(mask_BS))
+    layout = None if pack_multiple is None else PackedLayout.from_mask(mask_BS, pack_multiple)
+    if layout is None:
+        with head_selection(model, batch.get("head_mask")):
+            return model(input_ids_BS, position_ids_from_mask(mask_BS), attention_mask_for(mask_BS))
+    with head_selection(model, batch.get("head_mask"), layout) as selected:
+        out = model(
+            layout.pack(input_ids_BS),
+            layout.positions_1T,
+            None,
+            packed_seq_params=layout.seq_params(),
+        )
+    return out if selected else layout.unpack(out)
 
 
 def _use_fused_cpu_adam(optimizer) -> int:
@@ -103,11 +120,13 @@ class TrainableModel:
         state: ParallelState,
         role: str,
         total_steps: int = 1,
+        pack_sequences: bool = False,
     ):
         self.model_cfg = model_cfg
         self.optim_cfg = optim_cfg
         self.state = state
         self.role = role
+        self.pack_sequences = pack_sequences
         chunks = build_model_chunks(model_cfg, state, role)
         self.work = dict.fromkeys(
             ("infer_tokens", "infer_head_rows", "train_tokens", "train_head_rows"), 0
@@ -196,6 +215,15 @@ class TrainableModel:
         )
 
     # ------------------------------------------------------------------ running
+    @property
+    def pack_multiple(self) -> int | None:
+        """Packed-length multiple when padded micro-batches run packed (``model_forward``),
+        else ``None``: packing is on and the pipeline has one stage (a packed row's length
+        varies, pipeline p2p shapes cannot); sequence parallelism splits it over TP."""
+        if not self.pack_sequences or self.state.pp_size > 1:
+            return None
+        return self.state.tp_size if self.state.sequence_parallel else 1
+
     def forward_backward(
         self,
         microbatches: Sequence[dict],
@@ -220,7 +248,7 @@ class TrainableModel:
 
         def forward_step(data_iterator, model):
             batch = next(data_iterator)
-            output = model_forward(model, batch)
+            output = model_forward(model, batch, self.pack_multiple)
             return output, partial(_loss_adapter, loss_fn, batch, normalize, keep_tensors)
 
         n_chunks = len(self.model)
@@ -239,8 +267,14 @@ class TrainableModel:
 
     def _count_work(self, microbatches: Sequence[dict], kind: str) -> None:
         """Tokens run through the decoder and rows through the LM head (for FLOP counts)."""
+        multiple = self.pack_multiple
         for mb in microbatches:
-            self.work[f"{kind}_tokens"] += mb["input_ids"].numel()
+            mask = mb.get("attention_mask")
+            layout = (
+                None if multiple is None or mask is None else PackedLayout.from_mask(mask, multiple)
+            )
+            tokens = mb["input_ids"].numel() if layout is None else layout.packed_length
+            self.work[f"{kind}_tokens"] += tokens
             head = mb.get("head_mask")
             rows = mb["input_ids"].numel() if head is None else int(head.sum())
             self.work[f"{kind}_head_rows"] += rows

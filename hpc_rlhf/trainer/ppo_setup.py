@@ -60,9 +60,10 @@ def build_models(cfg: PPORunConfig, state: ParallelState) -> PPOModels:
     """Actor, reference (frozen copy), critic, reward models and the generation engine."""
     actor_state = initial_actor_state(cfg)
     updates = _total_updates(cfg)
-    actor = TrainableModel(cfg.model, cfg.actor_optimizer, state, "actor", updates)
+    pack = cfg.ppo.pack_sequences
+    actor = TrainableModel(cfg.model, cfg.actor_optimizer, state, "actor", updates, pack)
     actor.load_hf_state(actor_state)
-    reference = TrainableModel(cfg.model, None, state, "reference")
+    reference = TrainableModel(cfg.model, None, state, "reference", pack_sequences=pack)
     reference.load_hf_state(actor_state)
     reward_models, reward_states = [], []
     for spec in cfg.reward.models:
@@ -71,7 +72,7 @@ def build_models(cfg: PPORunConfig, state: ParallelState) -> PPOModels:
         reward_states.append(hf_state)
     critic = None
     if cfg.ppo.uses_critic:
-        critic = TrainableModel(cfg.model, cfg.critic_optimizer, state, "critic", updates)
+        critic = TrainableModel(cfg.model, cfg.critic_optimizer, state, "critic", updates, pack)
         if cfg.ppo.critic_init == "actor":
             critic.load_hf_state(actor_state)  # decoder from the actor, value head zero
         elif cfg.ppo.critic_init == "reward":
@@ -90,7 +91,7 @@ def _load_reward_model(path: str, cfg: PPORunConfig, state: ParallelState):
         rm_cfg, params_dtype=cfg.model.params_dtype, transformer_impl=cfg.model.transformer_impl
     )
     cfg.parallel.validate(rm_cfg)
-    model = TrainableModel(rm_cfg, None, state, "reward")
+    model = TrainableModel(rm_cfg, None, state, "reward", pack_sequences=cfg.ppo.pack_sequences)
     model.load_hf_state(hf_state)
     return model, hf_state
 

@@ -1,0 +1,105 @@
+"""Packed (THD) micro-batches: right-padded rows run as one row without their padding.
+
+A micro-batch of ``B`` rows padded to ``S`` spends ``B*S - sum(lengths)`` positions of
+every matmul on padding. ``PackedLayout`` lays the real tokens of the rows end to end in
+one row of ``T`` positions (``T = sum(lengths)``, rounded up to ``multiple`` with a tail
+segment of padding under sequence parallelism), with per-row positions restarting at 0 and
+megatron-core's ``PackedSeqParams`` (``qkv_format="thd"``, ``cu_seqlens``) so that RoPE
+and the core attention keep each row to itself.
+
+Consumers keep the padded layout: ``unpack`` scatters per-token outputs back to
+``[B, S, ...]`` (zeros at padding) and ``selected_index`` orders the LM head's selected
+positions exactly as the padded path does (position-major, see ``models.selective_head``).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+
+@dataclass(frozen=True)
+class PackedLayout:
+    """Where each real token of a right-padded ``[B, S]`` batch sits in the packed row."""
+
+    flat_index_N: torch.Tensor  # [N] b*S + s of each real token, in packed order
+    starts_B: torch.Tensor  # [B] packed offset of each row's first token
+    cu_seqlens: torch.Tensor  # [n_segments + 1] int32 (rows, then the tail if any)
+    positions_1T: torch.Tensor  # [1, T] position of each packed token within its row
+    batch_shape: tuple[int, int]  # (B, S)
+    max_seqlen: int
+
+    @property
+    def packed_length(self) -> int:
+        """``T``: real tokens plus the tail padding."""
+        return self.positions_1T.shape[1]
+
+    @classmethod
+    def from_mask(cls, mask_BS: torch.Tensor, multiple: int = 1) -> PackedLayout | None:
+        """The layout of ``mask_BS`` (True = real token), or ``None`` when packing would save
+        nothing (no padding) or does not apply (a row that is not real tokens then padding,
+        or an empty row)."""
+        keep_BS = mask_BS.bool()
+        B, S = keep_BS.shape
+        lengths_B = keep_BS.sum(dim=1)
+        prefix_BS = torch.arange(S, device=keep_BS.device)[None, :] < lengths_B[:, None]
+        if not torch.equal(prefix_BS, keep_BS) or int(lengths_B.min()) == 0:
+            return None
+        n_real = int(lengths_B.sum())
+        T = -(-n_real // multiple) * multiple
+        if T >= B * S:
+            return None
+        seg_lengths = lengths_B.tolist() + ([T - n_real] if T > n_real else [])
+        cu = torch.zeros(len(seg_lengths) + 1, dtype=torch.int32)
+        cu[1:] = torch.tensor(seg_lengths).cumsum(0)
+        positions_T = torch.cat([torch.arange(n) for n in seg_lengths])
+        return cls(
+            flat_index_N=keep_BS.reshape(-1).nonzero().squeeze(1),
+            starts_B=cu[:B].long(),
+            cu_seqlens=cu.to(keep_BS.device),
+            positions_1T=positions_T[None, :].to(keep_BS.device),
+            batch_shape=(B, S),
+            max_seqlen=max(seg_lengths),
+        )
+
+    def pack(self, x_BS: torch.Tensor, fill=0) -> torch.Tensor:
+        """``[B, S, ...]`` -> ``[1, T, ...]``: the real tokens end to end, tail = ``fill``."""
+        B, S = self.batch_shape
+        real_N = x_BS.reshape(B * S, *x_BS.shape[2:])[self.flat_index_N]
+        tail = self.packed_length - real_N.shape[0]
+        if tail:
+            pad = real_N.new_full((tail, *real_N.shape[1:]), fill)
+            real_N = torch.cat([real_N, pad])
+        return real_N.unsqueeze(0)
+
+    def unpack(self, out_1T: torch.Tensor) -> torch.Tensor:
+        """``[1, T, ...]`` -> ``[B, S, ...]`` with zeros at padding (differentiable)."""
+        B, S = self.batch_shape
+        real_N = out_1T[0, : self.flat_index_N.shape[0]]
+        dense = real_N.new_zeros(B * S, *real_N.shape[1:])
+        return dense.index_copy(0, self.flat_index_N, real_N).view(B, S, *real_N.shape[1:])
+
+    def selected_index(self, select_BS: torch.Tensor) -> torch.Tensor:
+        """Packed positions of the selected entries, in the padded path's position-major
+        order (``hidden_SBH[select_BS.t()]``), so the head's outputs line up the same way."""
+        s_N, b_N = select_BS.t().nonzero(as_tuple=True)
+        return self.starts_B[b_N] + s_N
+
+    def seq_params(self):
+        """megatron-core's THD description of the packed row."""
+        from megatron.core.packed_seq_params import PackedSeqParams
+
+        return PackedSeqParams(
+            qkv_format="thd",
+            cu_seqlens_q=self.cu_seqlens,
+            cu_seqlens_kv=self.cu_seqlens,
+            max_seqlen_q=self.max_seqlen,
+            max_seqlen_kv=self.max_seqlen,
+        )
+
+
+def segment_bounds(packed_seq_params) -> list[tuple[int, int]]:
+    """``[(start, end), ...]`` of each packed segment, from ``cu_seqlens_q``."""
+    cu = packed_seq_params.cu_seqlens_q.tolist()
+    return list(zip(cu[:-1], cu[1:]))

@@ -1,0 +1,158 @@
+"""Packed (THD) micro-batches: the layout's bookkeeping, and a packed forward/backward that
+matches the padded one (log-probs, values, gradients) at 1 process and at TP=2 with
+sequence parallelism."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from hpc_rlhf.models.packing import PackedLayout
+from tests.dist import run_world
+from tests.parallel.common import TINY, random_hf_state
+
+
+def _mask(lengths: list[int], S: int) -> torch.Tensor:
+    return torch.arange(S)[None, :] < torch.tensor(lengths)[:, None]
+
+
+def test_layout_packs_real_tokens_end_to_end_and_back():
+    mask_BS = _mask([3, 5, 1], 6)
+    x_BS = torch.arange(18).view(3, 6)
+    layout = PackedLayout.from_mask(mask_BS)
+    assert layout.packed_length == 9
+    assert layout.pack(x_BS).tolist() == [[0, 1, 2, 6, 7, 8, 9, 10, 12]]
+    assert layout.positions_1T.tolist() == [[0, 1, 2, 0, 1, 2, 3, 4, 0]]
+    assert layout.cu_seqlens.tolist() == [0, 3, 8, 9]
+    assert layout.max_seqlen == 5
+    back_BS = layout.unpack(layout.pack(x_BS))
+    assert torch.equal(back_BS, torch.where(mask_BS, x_BS, 0))
+
+
+def test_layout_tail_rounds_to_multiple():
+    layout = PackedLayout.from_mask(_mask([3, 5, 1], 6), multiple=4)
+    assert layout.packed_length == 12
+    assert layout.cu_seqlens.tolist() == [0, 3, 8, 9, 12]
+    assert layout.pack(torch.ones(3, 6, dtype=torch.long), fill=7)[0, 9:].tolist() == [7, 7, 7]
+
+
+def test_layout_selected_index_matches_padded_head_order():
+    mask_BS = _mask([4, 6, 2], 6)
+    select_BS = mask_BS.clone()
+    select_BS[:, 0] = False  # e.g. response positions only
+    layout = PackedLayout.from_mask(mask_BS)
+    hidden_BS = torch.randn(3, 6)
+    padded_order_N = hidden_BS.t()[select_BS.t()]  # the padded path's selection
+    packed_T = layout.pack(hidden_BS)[0]
+    assert torch.equal(packed_T[layout.selected_index(select_BS)], padded_order_N)
+
+
+@pytest.mark.parametrize(
+    "mask_BS",
+    [
+        _mask([4, 4], 4),  # no padding: nothing to save
+        torch.tensor([[0, 1, 1], [1, 1, 1]], dtype=torch.bool),  # left padding
+        _mask([0, 3], 3),  # an empty row
+    ],
+)
+def test_layout_declines(mask_BS):
+    assert PackedLayout.from_mask(mask_BS) is None
+
+
+def _batches(B: int, S: int, vocab: int, seed: int) -> list[dict]:
+    """Right-padded micro-batches with response (head) positions, lengths 3..S."""
+    gen = torch.Generator().manual_seed(seed)
+    out = []
+    for _ in range(2):
+        lengths = torch.randint(3, S + 1, (B,), generator=gen)
+        lengths[0] = S
+        mask_BS = torch.arange(S)[None, :] < lengths[:, None]
+        ids_BS = torch.randint(1, vocab, (B, S), generator=gen) * mask_BS
+        head_BS = mask_BS.clone()
+        head_BS[:, :2] = False
+        head_BS[torch.arange(B), lengths - 1] = False  # the last token has no label
+        labels_BS = torch.roll(ids_BS, -1, dims=1)
+        out.append(
+            {
+                "input_ids": ids_BS,
+                "attention_mask": mask_BS,
+                "labels": labels_BS,
+                "head_mask": head_BS,
+            }
+        )
+    return out
+
+
+def _logp_loss(tp_group):
+    from hpc_rlhf.models.selective_head import logprobs_from_output
+
+    def fn(batch, logits):
+        logp_BS = logprobs_from_output(batch, logits, tp_group)
+        weights_BS = torch.linspace(0.5, 1.5, logp_BS.numel()).view_as(logp_BS)
+        loss = -(logp_BS * weights_BS * batch["head_mask"]).sum()
+        return loss, batch["head_mask"].sum(), {"logp": logp_BS.detach()}
+
+    return fn
+
+
+def _value_loss(batch, values_BS1):
+    values_BS = values_BS1.squeeze(-1)
+    mask_BS = batch["attention_mask"]
+    return (values_BS * values_BS * mask_BS).sum(), mask_BS.sum(), {"v": values_BS.detach()}
+
+
+def _local_grads(model) -> dict[str, torch.Tensor]:
+    """This rank's gradient shards (megatron's fp32 ``main_grad``) by parameter name."""
+    return {
+        f"{i}.{name}": p.main_grad.detach().clone()
+        for i, chunk in enumerate(model.parameters_by_chunk())
+        for name, p in chunk.named_parameters()
+    }
+
+
+def _packed_vs_padded(rank, world_size, tp: int):
+    from hpc_rlhf.config import OptimizerConfig, ParallelConfig
+    from hpc_rlhf.parallel.state import initialize_parallel
+    from hpc_rlhf.trainer.model_engine import TrainableModel
+
+    parallel = ParallelConfig(tensor_model_parallel_size=tp, sequence_parallel=tp > 1)
+    state = initialize_parallel(parallel, TINY, seed=0)
+    actor_state = random_hf_state(TINY)
+    critic_state = {k: v for k, v in actor_state.items() if k != "lm_head.weight"}
+    critic_state["score.weight"] = 0.1 * torch.randn(1, TINY.hidden_size)
+    hf_states = {"actor": actor_state, "critic": critic_state}
+    batches = _batches(4, 12, TINY.vocab_size, seed=3)  # S divisible by TP (SP)
+    out = {}
+    for role, loss_fn in (("actor", _logp_loss(state.tp_group)), ("critic", _value_loss)):
+        for pack in (False, True):
+            model = TrainableModel(TINY, OptimizerConfig(lr=1e-2), state, role, 1, pack)
+            model.load_hf_state(hf_states[role])
+            for chunk in model.model:
+                chunk.zero_grad_buffer()
+            results = model.forward_backward(batches, loss_fn, keep_tensors=True)
+            key = "logp" if role == "actor" else "v"
+            mask = [b["head_mask" if role == "actor" else "attention_mask"] for b in batches]
+            out[(role, pack)] = {
+                "out": torch.cat([r[key][m] for r, m in zip(results, mask)]),
+                "grads": _local_grads(model),
+                "tokens": model.work["train_tokens"],
+            }
+    return out
+
+
+@pytest.mark.parametrize("tp", [1, 2])
+def test_packed_forward_backward_matches_padded(tp):
+    for out in run_world(_packed_vs_padded, tp, tp):
+        _assert_same(out)
+
+
+def _assert_same(out: dict) -> None:
+    for role in ("actor", "critic"):
+        padded, packed = out[(role, False)], out[(role, True)]
+        assert padded["out"].abs().max() > 0
+        torch.testing.assert_close(packed["out"], padded["out"], atol=2e-5, rtol=1e-4)
+        assert packed["tokens"] < padded["tokens"]  # the padding was not run
+        assert padded["grads"].keys() == packed["grads"].keys()
+        for name, grad in padded["grads"].items():
+            assert grad.abs().max() > 0 or "score" in name, name
+            torch.testing.assert_close(packed["grads"][name], grad, atol=2e-5, rtol=1e-4)
