@@ -47,7 +47,7 @@ from hpc_rlhf.inference.sampling import (
     sequence_generator,
 )
 from hpc_rlhf.inference.scheduler import PrefillItem, Scheduler, Sequence
-from hpc_rlhf.inference.weights import StaleWeightsError, generation_weights
+from hpc_rlhf.inference.weights import GenerationWeights, StaleWeightsError, generation_weights
 from hpc_rlhf.utils.logging import info_once_then_debug
 
 logger = logging.getLogger(__name__)
@@ -113,7 +113,7 @@ class GenerationEngine:
             dtype=self.dtype,
         )
         self.cache: PagedKVCache | None = None
-        self.weights = None
+        self.weights: GenerationWeights | None = None
         self.runner: DecoderRunner | None = None
         self.stats = EngineStats()
         self._graphs = None
@@ -164,6 +164,23 @@ class GenerationEngine:
                     self.cache.nbytes / 2**20,
                 )
         return self.cache
+
+    def _graph_decoder(self):
+        """The captured decode steps over the current weights and KV pool, built on first
+        use (reset when either changes). ``__init__`` allows it on CUDA + flash-attn only."""
+        if self._graphs is None:
+            from hpc_rlhf.inference.cuda_graphs import CudaGraphDecoder
+
+            cache = self.allocate_cache()
+            max_len = self.model_cfg.max_position_embeddings
+            self._graphs = CudaGraphDecoder(
+                self._require_runner(),
+                cache,
+                max_batch=self.config.max_running_seqs,
+                max_blocks=-(-max_len // self.config.block_size),
+                scratch_block=cache.scratch_block,
+            )
+        return self._graphs
 
     def free_cache(self) -> None:
         """Release the KV pool's memory."""
@@ -225,6 +242,12 @@ class GenerationEngine:
         self.stats.seconds += time.perf_counter() - t0
         return [s.completion for s in seqs]
 
+    def _require_runner(self) -> DecoderRunner:
+        """The decoder over the synced weights."""
+        if self.runner is None:
+            raise StaleWeightsError("the engine has no weights: call sync_weights(version) first")
+        return self.runner
+
     def _check_version(self, policy_version: int | None) -> None:
         if self.weights is None:
             raise StaleWeightsError("the engine has no weights: call sync_weights(version) first")
@@ -250,7 +273,7 @@ class GenerationEngine:
     def _make_sequences(
         self, prompts, sampling: SamplingParams, sched: Scheduler, limits=None
     ) -> list[Sequence]:
-        seqs = []
+        seqs: list[Sequence] = []
         for p, prompt in enumerate(prompts):
             group = []
             for k in range(sampling.n):
@@ -266,11 +289,12 @@ class GenerationEngine:
         self, items: list[PrefillItem], sampling: SamplingParams, sched: Scheduler
     ) -> None:
         """One packed forward over the admitted prompts; sample each sequence's next token."""
-        cache = self.cache
+        cache = self.allocate_cache()  # the pool generate() allocated
         lens = [len(item.tokens) for item in items]
         ids_T = torch.tensor([t for item in items for t in item.tokens], device=self.device)
         pos_T = torch.cat([torch.arange(n) for n in lens]).to(self.device)
-        blocks, offsets = [], []
+        blocks: list[int] = []
+        offsets: list[int] = []
         for item in items:
             b, o = cache.slots(item.seqs[0].block_table, 0, len(item.tokens))
             blocks += b
@@ -290,22 +314,22 @@ class GenerationEngine:
             return prefill_fn(q_THD, k_TGD, v_TGD, lens)
 
         last_I = torch.tensor(lens, device=self.device).cumsum(0) - 1
-        logits_IV = self.runner.forward(ids_T, pos_T, attention, last_I)
-        rows = [i for i, item in enumerate(items) for _ in item.seqs]
+        logits_IV = self._require_runner().forward(ids_T, pos_T, attention, last_I)
+        item_of_seq = [i for i, item in enumerate(items) for _ in item.seqs]
         seqs = [s for item in items for s in item.seqs]
         self.stats.prefill_tokens += sum(lens)
         self.stats.prefill_batches += 1
-        self._append(seqs, logits_IV[rows], sampling, sched)
+        self._append(seqs, logits_IV[item_of_seq], sampling, sched)
 
     def _zero_fresh_blocks(self, tables: list[list[int]]) -> None:
         """Zero newly used blocks, except for the C++ decode kernel, which never reads a
         slot past a sequence's length (the torch path multiplies them by zero weights)."""
         if self.backend != "cpp":
-            self.cache.zero_fresh_blocks(tables)
+            self.allocate_cache().zero_fresh_blocks(tables)
 
     def _decode(self, seqs: list[Sequence], sampling: SamplingParams, sched: Scheduler) -> None:
         """One batched decode step: feed each sequence's last token, sample the next."""
-        cache = self.cache
+        cache = self.allocate_cache()  # the pool generate() allocated
         S = self.config.block_size
         pos = [s.num_cached for s in seqs]
         ids_B = torch.tensor([s.generated[-1] for s in seqs], device=self.device)
@@ -336,7 +360,7 @@ class GenerationEngine:
         if self.config.cuda_graphs:
             logits_BV = self._graph_decoder().run(ids_B, pos_B, blocks_B, offsets_B, meta)
         else:
-            logits_BV = self.runner.forward(ids_B, pos_B, attention, slice(None))
+            logits_BV = self._require_runner().forward(ids_B, pos_B, attention, slice(None))
         for s in seqs:
             s.num_cached += 1
         self.stats.decode_steps += 1
