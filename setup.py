@@ -83,7 +83,7 @@ setup(
         "tqdm",
     ],
     extras_require={
-        "test": ["pytest>=8", "transformers>=4.45", "ruff", "tensorboard"],
+        "test": ["pytest>=8", "transformers>=4.45", "ruff", "mypy", "tensorboard"],
         "gpu": ["transformer-engine[pytorch]", "flash-attn"],
     },
     ext_modules=EXT_MODULES,

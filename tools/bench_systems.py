@@ -125,7 +125,9 @@ def run_ours(
     with timer("handoff"):
         trainer.engine.sync_weights(1)
     report = _report(timer.seconds, sum(lengths), tuple(exp.input_ids_BS.shape), prompts)
-    models = {"actor": trainer.actor, "reference": trainer.reference, "critic": trainer.critic}
+    models = {"actor": trainer.actor, "reference": trainer.reference}
+    if trainer.critic is not None:
+        models["critic"] = trainer.critic
     models.update({f"reward{i}": m for i, m in enumerate(trainer.reward_models)})
     report["work"] = {name: dict(m.work) for name, m in models.items()}
     per_row = [len(p) + n for p, n in zip(prompts, lengths)]

@@ -17,6 +17,7 @@ Response lengths are forced exactly like ours: a stop token at each row's drawn 
 from __future__ import annotations
 
 import time
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -184,7 +185,7 @@ class BaselinePPO:
 
     def iteration(self, prompts, lengths) -> dict[str, float]:
         """One PPO iteration; returns seconds per stage and the response token count."""
-        times = {}
+        times: dict[str, Any] = {}
         t = time.perf_counter()
         seq_BS, P = self.generate(prompts, lengths)
         times["generate"] = time.perf_counter() - t

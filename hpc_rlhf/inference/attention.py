@@ -228,7 +228,12 @@ def decode_attention_torch(
 
     The new token's K/V must already be in the pool. Returns ``[B, Hq*D]``.
     """
-    if meta.q_source_NO is None:
+    if (
+        meta.q_source_NO is None
+        or meta.pair_BJ is None
+        or meta.valid_flat is None
+        or (meta.mask_BL is None)
+    ):
         raise ValueError("decode_attention_torch needs build_decode_meta(..., block_rows=True)")
     B, Hq, D = q_BHD.shape
     G, S = k_NGSD.shape[1], k_NGSD.shape[2]
@@ -259,7 +264,7 @@ def decode_attention_cpp(
     from hpc_rlhf.ops import _backend
 
     B, Hq, D = q_BHD.shape
-    out_BHD = _backend.extension().paged_decode_attention_cpu(
+    out_BHD = _backend.built_extension().paged_decode_attention_cpu(
         q_BHD.contiguous(),
         k_NGSD,
         v_NGSD,

@@ -136,6 +136,7 @@ class TrainingMemory:
         for chunk in self.trainable.model:
             chunk.restore_grad_buffers()
         report, self._released = self._released, None
+        assert report is not None  # self.released checked above
         if self.trainable.state.rank == 0:
             logger.log(
                 info_once_then_debug(("restored", self.trainable.role)),

@@ -88,7 +88,7 @@ def sequence_generator(seed: int, prompt_index: int, sample_index: int) -> torch
     return torch.Generator().manual_seed(mixed % (2**63 - 1))
 
 
-def draw_uniforms(generators: list[torch.Generator]) -> torch.Tensor:
+def draw_uniforms(generators: list[torch.Generator | None]) -> torch.Tensor:
     """One uniform in [0, 1) per sequence, each from its own generator (float64) [B]."""
     return torch.cat([torch.rand(1, generator=g, dtype=torch.float64) for g in generators])
 
@@ -169,7 +169,7 @@ def _clamp_to_last_positive(choice_B: torch.Tensor, weights_BC: torch.Tensor) ->
 
 
 def sample_tokens(
-    logits_BV: torch.Tensor, params: SamplingParams, generators: list[torch.Generator]
+    logits_BV: torch.Tensor, params: SamplingParams, generators: list[torch.Generator | None]
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Pick one token per row: (tokens ``[B]``, policy log-probs ``[B]``, sampling log-probs).
 

@@ -86,7 +86,7 @@ class _TorchRMSNorm:
     def __new__(cls, config, hidden_size: int, eps: float = 1e-5, **unused):
         norm = torch.nn.RMSNorm(hidden_size, eps=eps, dtype=config.params_dtype)
         for param in norm.parameters():
-            param.sequence_parallel = config.sequence_parallel
+            param.sequence_parallel = config.sequence_parallel  # type: ignore[attr-defined]
         return norm
 
 

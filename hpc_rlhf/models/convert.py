@@ -37,6 +37,7 @@ import logging
 import os
 from collections.abc import Iterator
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 
@@ -264,8 +265,8 @@ def hf_shapes(model_cfg: ModelConfig, head: str = HEAD_LM) -> dict[str, tuple[in
     """Every tensor name of the HF model with its expected shape, in HF order."""
     m = model_cfg
     H, d, F, V = m.hidden_size, m.head_dim, m.ffn_hidden_size, m.vocab_size
-    shapes = {"model.embed_tokens.weight": (V, H)}
-    per_layer = {
+    shapes: dict[str, tuple[int, ...]] = {"model.embed_tokens.weight": (V, H)}
+    per_layer: dict[str, tuple[int, ...]] = {
         "in_norm": (H,),
         "mlp_norm": (H,),
         "q": (m.num_attention_heads * d, H),
@@ -802,9 +803,9 @@ def gather_hf_state(
     if state.dp_rank == 0:
         mine = ((state.pp_rank, state.tp_rank), state_from_model_chunks(chunks))
     is_dst = dist.get_rank() == dst
-    gathered = [None] * dist.get_world_size(group) if is_dst else None
+    gathered: list[Any] | None = [None] * dist.get_world_size(group) if is_dst else None
     dist.gather_object(mine, gathered, dst=dst, group=group)
-    if not is_dst:
+    if gathered is None:  # not the destination rank
         return None
     shards = dict(item for item in gathered if item is not None)
     return megatron_to_hf(shards, model_cfg, state.tp_size, state.pp_size, state.vpp_size, head)

@@ -25,9 +25,10 @@ from hpc_rlhf.ops import cpu_gemm
 
 def install_selective_head(output_layer: torch.nn.Module, sequence_parallel: bool) -> None:
     """Let ``output_layer`` compute logits for selected positions when a selection is set."""
-    output_layer._dense_forward = output_layer.forward
-    output_layer._select_SB = None
-    output_layer._sp_gather = sequence_parallel
+    # plain attributes on the module (nn.Module's __setattr__ is typed for tensors/modules)
+    output_layer._dense_forward = output_layer.forward  # type: ignore[assignment]
+    output_layer._select_SB = None  # type: ignore[assignment]
+    output_layer._sp_gather = sequence_parallel  # type: ignore[assignment]
     output_layer.forward = types.MethodType(_selective_forward, output_layer)
 
 

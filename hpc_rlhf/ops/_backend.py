@@ -32,6 +32,14 @@ def extension() -> ModuleType | None:
     return importlib.import_module("hpc_rlhf._C")
 
 
+def built_extension() -> ModuleType:
+    """``hpc_rlhf._C`` for a backend that needs it (callers checked it was built)."""
+    ext = extension()
+    if ext is None:
+        raise RuntimeError("hpc_rlhf._C is not built: reinstall with `pip install -e .`")
+    return ext
+
+
 def ext_has_cuda() -> bool:
     """True when hpc_rlhf._C was built with the CUDA kernels (HPC_RLHF_WITH_CUDA)."""
     ext = extension()

@@ -52,7 +52,7 @@ def _fwd_torch(x, labels, vocab_start: int, entropy: bool):
         d = xf - m[r0:r1, None]
         e = d.exp()
         s[r0:r1] = e.sum(dim=-1)
-        if entropy:
+        if t is not None:
             t[r0:r1] = (e * d).sum(dim=-1)
         idx = local[r0:r1].clamp(0, v - 1)[:, None]
         xl[r0:r1] = torch.where(owned[r0:r1], xf.gather(1, idx)[:, 0], 0.0)
@@ -87,7 +87,7 @@ def _impl(backend: str):
     if backend == "triton":
         mod = _backend.kernels("logprobs")
         return mod.logprobs_fwd, mod.logprobs_bwd
-    ext = _backend.extension()
+    ext = _backend.built_extension()
     if backend == "cpp":
         return _wrap_ext(ext.logprobs_fwd_cpu), ext.logprobs_bwd_cpu
     return _wrap_ext(ext.logprobs_fwd_cuda), ext.logprobs_bwd_cuda

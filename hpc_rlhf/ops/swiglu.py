@@ -47,7 +47,7 @@ def _kernels(backend: str):
     if backend == "triton":
         module = _backend.kernels("swiglu")
         return module.swiglu_fwd, module.swiglu_bwd
-    ext = _backend.extension()
+    ext = _backend.built_extension()
     if backend == "cpp":
         return ext.swiglu_fwd_cpu, ext.swiglu_bwd_cpu
     return ext.swiglu_cuda, ext.swiglu_cuda  # backward: the same launcher with grad_out

@@ -223,7 +223,7 @@ def _cuda_type_names():
             return name.replace("torch.", "torch.cuda.", 1) if self.device.type == "cpu" else name
         return original(self, dtype, non_blocking, **kwargs)
 
-    type_as_cuda._hpc_rlhf_cuda_names = True  # type: ignore[attr-defined]
+    type_as_cuda._hpc_rlhf_cuda_names = True
     torch.Tensor.type = type_as_cuda
     try:
         yield
@@ -265,7 +265,7 @@ def _patch_type_checks() -> None:
         if getattr(module, "__name__", "").startswith("megatron.core") and hasattr(
             module, "clip_grad_by_total_norm_fp32"
         ):
-            module.clip_grad_by_total_norm_fp32 = clip_grads.clip_grad_by_total_norm_fp32
+            module.clip_grad_by_total_norm_fp32 = clip_grads.clip_grad_by_total_norm_fp32  # type: ignore[attr-defined]
 
 
 def _patch_rng_helpers() -> None:
@@ -362,12 +362,12 @@ def apply_cpu_patches() -> list[str]:
     patched = []
     for name, module in list(sys.modules.items()):
         if name.startswith("megatron.core") and getattr(module, "torch", None) is torch:
-            module.torch = proxy
+            module.torch = proxy  # type: ignore[attr-defined]
             patched.append(name)
     _patch_rng_helpers()
     _patch_type_checks()
     _patch_tensor_parallel_layers()
-    torch.Tensor.cuda = _tensor_cuda_on_cpu
+    torch.Tensor.cuda = _tensor_cuda_on_cpu  # type: ignore[assignment]
     _APPLIED = True
     logger.info(
         "no CUDA device: megatron-core runs on CPU (%d modules redirected, CPU RNG for the "

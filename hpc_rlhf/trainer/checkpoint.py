@@ -154,9 +154,12 @@ def _barrier() -> None:
 
 
 def _broadcast_str(value: str | None) -> str:
+    """Rank 0's ``value`` on every rank."""
     holder = [value]
     if dist.is_initialized():
         dist.broadcast_object_list(holder, src=0)
+    if holder[0] is None:
+        raise RuntimeError("_broadcast_str: rank 0 sent no value")
     return holder[0]
 
 

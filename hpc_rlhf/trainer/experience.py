@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 
@@ -24,7 +25,7 @@ class Rollout:
     prompt_ids: list[list[int]]
     response_ids: list[list[int]]
     response_logprobs: list[list[float]]
-    finish_reasons: list[str]
+    finish_reasons: list[str | None]  # "stop" | "length" (generate() returns finished ones)
     prompt_index: list[int]  # which prompt of this rank's batch each sample answers
 
     def __len__(self) -> int:
@@ -55,7 +56,7 @@ class ExperienceBatch:
 
     def rows(self, index: torch.Tensor) -> ExperienceBatch:
         """The samples at ``index`` (a 1-D index tensor)."""
-        values = {}
+        values: dict[str, Any] = {}
         for f in dataclasses.fields(self):
             value = getattr(self, f.name)
             values[f.name] = value[index] if isinstance(value, torch.Tensor) else value

@@ -134,7 +134,7 @@ class TrainableModel:
         self.config = chunks[0].config
         self.config.calculate_per_token_loss = True
         self.trainable = optim_cfg is not None
-        if self.trainable:
+        if optim_cfg is not None:
             self.model = self._wrap_ddp(chunks)
             self.optimizer = self._build_optimizer(optim_cfg)
             self.scheduler = self._build_scheduler(optim_cfg, total_steps)
@@ -392,10 +392,10 @@ def _broadcast_from_last_stage(items: list, state: ParallelState) -> list:
 
     if state.pp_size == 1:
         return items
-    holder = [items if state.is_last_stage else None]
+    holder: list[list | None] = [items if state.is_last_stage else None]
     src = dist.get_global_rank(state.pp_group, state.pp_size - 1)
     dist.broadcast_object_list(holder, src=src, group=state.pp_group)
-    return holder[0]
+    return holder[0] or []
 
 
 def group_sum(tensor: torch.Tensor, group: Any) -> torch.Tensor:

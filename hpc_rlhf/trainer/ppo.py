@@ -18,6 +18,7 @@ from __future__ import annotations
 import logging
 import time
 from contextlib import ExitStack, contextmanager
+from typing import Any
 
 import torch
 import torch.distributed as dist
@@ -190,6 +191,8 @@ class PPOTrainer:
     def compute_advantages(self, exp: ExperienceBatch) -> tuple[ExperienceBatch, dict]:
         """Token rewards (KL penalty + score), advantages and returns; whitened across DP."""
         p = self.cfg.ppo
+        if exp.score_B is None or exp.ref_logp_BS is None:
+            raise ValueError("compute_advantages needs a scored batch: run score() first")
         raw_score_B = exp.score_B
         score_B = raw_score_B
         if self.cfg.reward.normalize:
@@ -360,6 +363,6 @@ def _all_gather_cat(x_N: torch.Tensor, group) -> torch.Tensor:
     """Concatenate a 1-D tensor of possibly different lengths across ``group``."""
     if group is None or dist.get_world_size(group) == 1:
         return x_N
-    parts = [None] * dist.get_world_size(group)
+    parts: list[Any] = [None] * dist.get_world_size(group)
     dist.all_gather_object(parts, x_N.cpu(), group=group)
     return torch.cat(parts)

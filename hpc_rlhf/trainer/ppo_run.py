@@ -61,8 +61,9 @@ def run_ppo(cfg: PPORunConfig, out_dir: str | None = None) -> list[dict[str, flo
     optimizer step; the last checkpoint stays intact."""
     trainer = build_trainer(cfg)
     state, p = trainer.state, cfg.ppo
-    if p.save_dir and latest_checkpoint(p.save_dir):
-        saved = load_checkpoint(latest_checkpoint(p.save_dir), state, trainer.trainable_models())
+    resume_from = latest_checkpoint(p.save_dir) if p.save_dir else None
+    if resume_from:
+        saved = load_checkpoint(resume_from, state, trainer.trainable_models())
         trainer.load_trainer_state(saved)
         logger.info("resumed from %s at step %d", p.save_dir, trainer.step_count)
     sink = MetricsSink(out_dir, enabled=state.rank == 0)

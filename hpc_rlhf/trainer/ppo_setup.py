@@ -5,10 +5,14 @@ from __future__ import annotations
 import dataclasses
 import logging
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 from hpc_rlhf.config import PPORunConfig, RolloutConfig
 from hpc_rlhf.parallel.state import ParallelState
 from hpc_rlhf.trainer.model_engine import TrainableModel
+
+if TYPE_CHECKING:  # the engine module pulls in the inference stack; import it lazily
+    from hpc_rlhf.inference.engine import GenerationEngine
 
 logger = logging.getLogger(__name__)
 
@@ -19,7 +23,7 @@ class PPOModels:
     reference: TrainableModel
     critic: TrainableModel | None
     reward_models: list[TrainableModel]
-    engine: object
+    engine: GenerationEngine
 
 
 def initial_actor_state(cfg: PPORunConfig) -> dict:

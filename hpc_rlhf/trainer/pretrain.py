@@ -46,8 +46,9 @@ def run_pretrain(
     n_micro = cfg.train.global_batch_size // (cfg.train.micro_batch_size_per_rank * state.dp_size)
     start = 0
     save_dir = cfg.train.save_dir
-    if save_dir and latest_checkpoint(save_dir):
-        start = load_checkpoint(latest_checkpoint(save_dir), state, {"actor": actor})["step"]
+    resume_from = latest_checkpoint(save_dir) if save_dir else None
+    if resume_from:
+        start = load_checkpoint(resume_from, state, {"actor": actor})["step"]
         logger.info("resumed from %s at step %d", save_dir, start)
     sink = MetricsSink(out_dir, enabled=state.rank == 0)
     progress = Progress(cfg.train.steps, enabled=state.rank == 0, start_step=start)

@@ -8,6 +8,7 @@ import os
 import sys
 import time
 import warnings
+from typing import IO
 
 _SEEN_ONCE: set[tuple] = set()
 
@@ -43,9 +44,9 @@ class MetricsSink:
 
     def __init__(self, out_dir: str | None, enabled: bool, tensorboard: bool = True):
         self.enabled = enabled and out_dir is not None
-        self._jsonl = None
+        self._jsonl: IO[str] | None = None
         self._tb = None
-        if not self.enabled:
+        if not self.enabled or out_dir is None:
             return
         os.makedirs(out_dir, exist_ok=True)
         self._jsonl = open(os.path.join(out_dir, "metrics.jsonl"), "a")
@@ -58,7 +59,7 @@ class MetricsSink:
                 self._tb = SummaryWriter(os.path.join(out_dir, "tb"))
 
     def write(self, step: int, metrics: dict[str, float]) -> None:
-        if not self.enabled:
+        if self._jsonl is None:
             return
         self._jsonl.write(json.dumps({"step": step, **metrics}) + "\n")
         self._jsonl.flush()
