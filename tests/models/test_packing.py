@@ -1,6 +1,6 @@
 """Packed (THD) micro-batches: the layout's bookkeeping, and a packed forward/backward that
-matches the padded one (log-probs, values, gradients) at 1 process and at TP=2 with
-sequence parallelism."""
+matches the padded one (log-probs, values, gradients) at 1 process and at TP=2 without and
+with sequence parallelism."""
 
 from __future__ import annotations
 
@@ -110,12 +110,12 @@ def _local_grads(model) -> dict[str, torch.Tensor]:
     }
 
 
-def _packed_vs_padded(rank, world_size, tp: int):
+def _packed_vs_padded(rank, world_size, tp: int, sp: bool):
     from hpc_rlhf.config import OptimizerConfig, ParallelConfig
     from hpc_rlhf.parallel.state import initialize_parallel
     from hpc_rlhf.trainer.model_engine import TrainableModel
 
-    parallel = ParallelConfig(tensor_model_parallel_size=tp, sequence_parallel=tp > 1)
+    parallel = ParallelConfig(tensor_model_parallel_size=tp, sequence_parallel=sp)
     state = initialize_parallel(parallel, TINY, seed=0)
     actor_state = random_hf_state(TINY)
     critic_state = {k: v for k, v in actor_state.items() if k != "lm_head.weight"}
@@ -140,9 +140,9 @@ def _packed_vs_padded(rank, world_size, tp: int):
     return out
 
 
-@pytest.mark.parametrize("tp", [1, 2])
-def test_packed_forward_backward_matches_padded(tp):
-    for out in run_world(_packed_vs_padded, tp, tp):
+@pytest.mark.parametrize("tp,sp", [(1, False), (2, False), (2, True)], ids=["tp1", "tp2", "tp2_sp"])
+def test_packed_forward_backward_matches_padded(tp, sp):
+    for out in run_world(_packed_vs_padded, tp, tp, sp):
         _assert_same(out)
 
 
