@@ -70,7 +70,7 @@ def hf_model():
 
     from hpc_rlhf.models.convert import hf_config_from_model
 
-    cfg = LlamaConfig(**hf_config_from_model(BENCH_MODEL), attn_implementation="eager")
+    cfg = LlamaConfig(**{**hf_config_from_model(BENCH_MODEL), "attn_implementation": "eager"})
     cfg.pad_token_id, cfg.eos_token_id, cfg.bos_token_id = 0, None, None
     torch.manual_seed(0)
     return LlamaForCausalLM(cfg).eval()

@@ -31,6 +31,7 @@ from __future__ import annotations
 import logging
 import time
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 import torch
 
@@ -49,6 +50,9 @@ from hpc_rlhf.inference.sampling import (
 from hpc_rlhf.inference.scheduler import PrefillItem, Scheduler, Sequence
 from hpc_rlhf.inference.weights import GenerationWeights, StaleWeightsError, generation_weights
 from hpc_rlhf.utils.logging import info_once_then_debug
+
+if TYPE_CHECKING:  # CUDA-only module, imported on first use
+    from hpc_rlhf.inference.cuda_graphs import CudaGraphDecoder
 
 logger = logging.getLogger(__name__)
 
@@ -116,7 +120,7 @@ class GenerationEngine:
         self.weights: GenerationWeights | None = None
         self.runner: DecoderRunner | None = None
         self.stats = EngineStats()
-        self._graphs = None
+        self._graphs: CudaGraphDecoder | None = None
 
     # ------------------------------------------------------------------ weights / memory
     def sync_weights(self, version: int | None = None) -> None:
@@ -165,13 +169,15 @@ class GenerationEngine:
                 )
         return self.cache
 
-    def _graph_decoder(self):
+    def _graph_decoder(self) -> CudaGraphDecoder:
         """The captured decode steps over the current weights and KV pool, built on first
         use (reset when either changes). ``__init__`` allows it on CUDA + flash-attn only."""
         if self._graphs is None:
             from hpc_rlhf.inference.cuda_graphs import CudaGraphDecoder
 
             cache = self.allocate_cache()
+            if cache.scratch_block is None:
+                raise RuntimeError("CUDA-graph decode needs the pool's scratch block")
             max_len = self.model_cfg.max_position_embeddings
             self._graphs = CudaGraphDecoder(
                 self._require_runner(),

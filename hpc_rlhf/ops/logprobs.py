@@ -125,7 +125,8 @@ _INPLACE_CHUNK_ELEMS = 1 << 22  # in-place backward: rows per chunk * V stays be
 def _bwd_into_logits(bwd, x, lab, vocab_start, m, log_s, ent, g_lp, g_ent):
     """The backward written over ``x`` [N, V] chunk by chunk: only a chunk-sized buffer
     besides the logits instead of a second [N, V] tensor."""
-    for r0, r1 in _row_chunks(*x.shape, _INPLACE_CHUNK_ELEMS):
+    n, v = x.shape
+    for r0, r1 in _row_chunks(n, v, _INPLACE_CHUNK_ELEMS):
         rows = slice(r0, r1)
         part = bwd(
             x[rows],

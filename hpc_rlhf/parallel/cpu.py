@@ -223,12 +223,12 @@ def _cuda_type_names():
             return name.replace("torch.", "torch.cuda.", 1) if self.device.type == "cpu" else name
         return original(self, dtype, non_blocking, **kwargs)
 
-    type_as_cuda._hpc_rlhf_cuda_names = True
-    torch.Tensor.type = type_as_cuda
+    type_as_cuda._hpc_rlhf_cuda_names = True  # type: ignore[attr-defined]
+    torch.Tensor.type = type_as_cuda  # type: ignore[method-assign]
     try:
         yield
     finally:
-        torch.Tensor.type = original
+        torch.Tensor.type = original  # type: ignore[method-assign]
 
 
 def _with_cuda_type_names(fn: Callable) -> Callable:
