@@ -51,14 +51,15 @@ class PackedLayout:
         if T >= B * S:
             return None
         seg_lengths = lengths_B.tolist() + ([T - n_real] if T > n_real else [])
+        device = keep_BS.device
         cu = torch.zeros(len(seg_lengths) + 1, dtype=torch.int32)
         cu[1:] = torch.tensor(seg_lengths).cumsum(0)
         positions_T = torch.cat([torch.arange(n) for n in seg_lengths])
         return cls(
             flat_index_N=keep_BS.reshape(-1).nonzero().squeeze(1),
-            starts_B=cu[:B].long(),
-            cu_seqlens=cu.to(keep_BS.device),
-            positions_1T=positions_T[None, :].to(keep_BS.device),
+            starts_B=cu[:B].long().to(device),
+            cu_seqlens=cu.to(device),
+            positions_1T=positions_T[None, :].to(device),
             batch_shape=(B, S),
             max_seqlen=max(seg_lengths),
         )
