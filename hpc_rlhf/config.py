@@ -296,7 +296,7 @@ class PPOConfig:
     whiten_advantages: bool = True
     critic_init: str = "actor"  # "actor" | "reward" (the first reward model) | "random"
     recompute_old_logprobs: bool = False  # else reuse the engine's (identical) log-probs
-    # run padded micro-batches as one packed row of their real tokens (THD; PP=1 only)
+    # run padded micro-batches as one packed row of their real tokens (THD format)
     pack_sequences: bool = True
     seed: int = 1234
     log_interval: int = 1

@@ -36,20 +36,27 @@ class PackedLayout:
         return self.positions_1T.shape[1]
 
     @classmethod
-    def from_mask(cls, mask_BS: torch.Tensor, multiple: int = 1) -> PackedLayout | None:
-        """The layout of ``mask_BS`` (True = real token), or ``None`` when packing would save
-        nothing (no padding) or does not apply (a row that is not real tokens then padding,
-        or an empty row)."""
+    def from_mask(
+        cls, mask_BS: torch.Tensor, multiple: int = 1, length: int | None = None
+    ) -> PackedLayout | None:
+        """The layout of ``mask_BS`` (True = real token), or ``None`` when packing does not
+        apply (a row that is not real tokens then padding, or an empty row) or, without a
+        fixed ``length``, would save nothing (no padding). ``length``: the packed length to
+        use (a pipeline needs one for every micro-batch of a schedule), at least this
+        batch's ``packed_length(mask_BS, multiple)``."""
         keep_BS = mask_BS.bool()
         B, S = keep_BS.shape
         lengths_B = keep_BS.sum(dim=1)
-        prefix_BS = torch.arange(S, device=keep_BS.device)[None, :] < lengths_B[:, None]
-        if not torch.equal(prefix_BS, keep_BS) or int(lengths_B.min()) == 0:
-            return None
         n_real = int(lengths_B.sum())
-        T = -(-n_real // multiple) * multiple
-        if T >= B * S:
+        T = packed_length(keep_BS, multiple)
+        if T is None or (length is None and T >= B * S):
             return None
+        if length is not None:
+            if length < T or length % multiple:
+                raise ValueError(
+                    f"packed length {length} must be a multiple of {multiple} and >= {T}"
+                )
+            T = length
         seg_lengths = lengths_B.tolist() + ([T - n_real] if T > n_real else [])
         device = keep_BS.device
         cu = torch.zeros(len(seg_lengths) + 1, dtype=torch.int32)
@@ -98,6 +105,17 @@ class PackedLayout:
             max_seqlen_q=self.max_seqlen,
             max_seqlen_kv=self.max_seqlen,
         )
+
+
+def packed_length(mask_BS: torch.Tensor, multiple: int = 1) -> int | None:
+    """Packed length of a right-padded ``mask_BS``: its real tokens rounded up to
+    ``multiple``; ``None`` when a row is empty or is not real tokens then padding."""
+    keep_BS = mask_BS.bool()
+    lengths_B = keep_BS.sum(dim=1)
+    prefix_BS = torch.arange(keep_BS.shape[1], device=keep_BS.device) < lengths_B[:, None]
+    if not torch.equal(prefix_BS, keep_BS) or int(lengths_B.min()) == 0:
+        return None
+    return -(-int(lengths_B.sum()) // multiple) * multiple
 
 
 def segment_bounds(packed_seq_params) -> list[tuple[int, int]]:

@@ -35,7 +35,7 @@ from hpc_rlhf.models.build import (
     build_model_chunks,
     position_ids_from_mask,
 )
-from hpc_rlhf.models.packing import PackedLayout
+from hpc_rlhf.models.packing import PackedLayout, packed_length
 from hpc_rlhf.models.selective_head import head_selection
 from hpc_rlhf.parallel.state import ParallelState
 
@@ -60,7 +60,10 @@ class StepResult:
 
 
 def model_forward(
-    model: torch.nn.Module, batch: dict, pack_multiple: int | None = None
+    model: torch.nn.Module,
+    batch: dict,
+    pack_multiple: int | None = None,
+    pack_length: int | None = None,
 ) -> torch.Tensor:
     """Run one chunk on a batch with ``input_ids`` ``[B, S]`` and ``attention_mask`` ``[B, S]``.
 
@@ -69,15 +72,17 @@ def model_forward(
     With ``batch["head_mask"]`` ``[B, S]`` the LM head runs on those positions only and the
     logits are ``[1, N, V/tp]`` (see ``models.selective_head``).
 
-    With ``pack_multiple`` (a single-stage pipeline only: the packed length varies), a
-    right-padded batch runs packed (``models.packing``: one row of its real tokens, length
-    rounded up to the multiple) and per-token outputs come back padded, ``[B, S, ...]``.
+    With ``pack_multiple``, a right-padded batch runs packed (``models.packing``: one row of
+    its real tokens, length rounded up to the multiple, or exactly ``pack_length``, which a
+    pipeline needs) and the last stage's per-token outputs come back padded, ``[B, S, ...]``.
     """
     input_ids_BS = batch["input_ids"]
     mask_BS = batch.get("attention_mask")
     if mask_BS is None:
         mask_BS = torch.ones_like(input_ids_BS, dtype=torch.bool)
-    layout = None if pack_multiple is None else PackedLayout.from_mask(mask_BS, pack_multiple)
+    layout = None
+    if pack_multiple is not None:
+        layout = PackedLayout.from_mask(mask_BS, pack_multiple, pack_length)
     if layout is None:
         with head_selection(model, batch.get("head_mask")):
             return model(input_ids_BS, position_ids_from_mask(mask_BS), attention_mask_for(mask_BS))
@@ -88,7 +93,8 @@ def model_forward(
             None,
             packed_seq_params=layout.seq_params(),
         )
-    return out if selected else layout.unpack(out)
+    last_stage = getattr(getattr(model, "module", model), "post_process", True)
+    return out if selected or not last_stage else layout.unpack(out)
 
 
 def _use_fused_cpu_adam(optimizer) -> int:
@@ -215,14 +221,24 @@ class TrainableModel:
         )
 
     # ------------------------------------------------------------------ running
-    @property
-    def pack_multiple(self) -> int | None:
-        """Packed-length multiple when padded micro-batches run packed (``model_forward``),
-        else ``None``: packing is on and the pipeline has one stage (a packed row's length
-        varies, pipeline p2p shapes cannot); sequence parallelism splits it over TP."""
-        if not self.pack_sequences or self.state.pp_size > 1:
+    def _pack_plan(self, microbatches: Sequence[dict]) -> tuple[int, int | None] | None:
+        """How micro-batches run packed (``model_forward``): ``(multiple, None)`` for a
+        single-stage pipeline (each its own packed length), ``(multiple, T)`` with one
+        length for all under pipelining (p2p shapes are fixed per schedule), or ``None``:
+        padded. ``multiple`` is TP under sequence parallelism (the row is split over TP)."""
+        if not self.pack_sequences:
             return None
-        return self.state.tp_size if self.state.sequence_parallel else 1
+        multiple = self.state.tp_size if self.state.sequence_parallel else 1
+        if self.state.pp_size == 1:
+            return multiple, None
+        longest = 0
+        for mb in microbatches:
+            T = packed_length(mb["attention_mask"], multiple) if "attention_mask" in mb else None
+            if T is None:
+                return None
+            longest = max(longest, T)
+        B, S = microbatches[0]["input_ids"].shape
+        return (multiple, longest) if longest < B * S else None
 
     def forward_backward(
         self,
@@ -241,14 +257,17 @@ class TrainableModel:
 
         if not microbatches:
             raise ValueError("forward_backward needs at least one microbatch")
-        self._count_work(microbatches, "infer" if forward_only else "train")
         if normalize not in ("count", "none"):
             raise ValueError(f"normalize must be 'count' or 'none', got {normalize!r}")
+        plan = self._pack_plan(microbatches)
+        self._count_work(microbatches, "infer" if forward_only else "train", plan)
         B, S = microbatches[0]["input_ids"].shape
+        if plan is not None and plan[1] is not None:  # pipelined: one packed row per batch
+            B, S = 1, plan[1]
 
         def forward_step(data_iterator, model):
             batch = next(data_iterator)
-            output = model_forward(model, batch, self.pack_multiple)
+            output = model_forward(model, batch, *(plan or ()))
             return output, partial(_loss_adapter, loss_fn, batch, normalize, keep_tensors)
 
         n_chunks = len(self.model)
@@ -265,15 +284,15 @@ class TrainableModel:
             )
         return list(outputs)
 
-    def _count_work(self, microbatches: Sequence[dict], kind: str) -> None:
+    def _count_work(self, microbatches: Sequence[dict], kind: str, plan) -> None:
         """Tokens run through the decoder and rows through the LM head (for FLOP counts)."""
-        multiple = self.pack_multiple
         for mb in microbatches:
-            mask = mb.get("attention_mask")
-            layout = (
-                None if multiple is None or mask is None else PackedLayout.from_mask(mask, multiple)
-            )
-            tokens = mb["input_ids"].numel() if layout is None else layout.packed_length
+            tokens = mb["input_ids"].numel()
+            if plan is not None and plan[1] is not None:
+                tokens = plan[1]
+            elif plan is not None and "attention_mask" in mb:
+                packed = packed_length(mb["attention_mask"], plan[0])
+                tokens = packed if packed is not None and packed < tokens else tokens
             self.work[f"{kind}_tokens"] += tokens
             head = mb.get("head_mask")
             rows = mb["input_ids"].numel() if head is None else int(head.sum())

@@ -75,9 +75,10 @@ def _learned(history) -> tuple[float, float]:
                 "ppo": {"micro_batch_size_per_rank": 4},
             },
         ),
+        (2, {"parallel": {"pipeline_model_parallel_size": 2}}),  # packed, pipelined
         (1, {"ppo": {"advantage": "grpo", "whiten_advantages": False, "steps": 24}}),
     ],
-    ids=["gae_1proc", "gae_tp2_dp2", "grpo_1proc"],
+    ids=["gae_1proc", "gae_tp2_dp2", "gae_pp2", "grpo_1proc"],
 )
 def test_mean_reward_rises_on_the_toy_task(world, sections):
     history = run_world(_run, world, make_cfg(**sections))[0]
