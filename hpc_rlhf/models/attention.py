@@ -38,20 +38,17 @@ class SDPAttention(DotProductAttention):
         q_BNSD = query.permute(1, 2, 0, 3)
         k_BGSD = key.permute(1, 2, 0, 3)
         v_BGSD = value.permute(1, 2, 0, 3)
-        groups = k_BGSD.shape[1]
-        if n_heads != groups:
-            k_BGSD = k_BGSD.repeat_interleave(n_heads // groups, dim=1)
-            v_BGSD = v_BGSD.repeat_interleave(n_heads // groups, dim=1)
+        k_BNSD, v_BNSD = _repeat_kv_heads(k_BGSD, v_BGSD, n_heads)
         dropout = self.attention_dropout.p if self.training else 0.0
         if attention_mask is None:  # plain causal
             ctx_BNSD = F.scaled_dot_product_attention(
-                q_BNSD, k_BGSD, v_BGSD, dropout_p=dropout, is_causal=True, scale=self.softmax_scale
+                q_BNSD, k_BNSD, v_BNSD, dropout_p=dropout, is_causal=True, scale=self.softmax_scale
             )
         else:  # megatron's mask: True = masked out; SDPA's boolean mask: True = attend
             ctx_BNSD = F.scaled_dot_product_attention(
                 q_BNSD,
-                k_BGSD,
-                v_BGSD,
+                k_BNSD,
+                v_BNSD,
                 attn_mask=~attention_mask,
                 dropout_p=dropout,
                 scale=self.softmax_scale,
@@ -67,18 +64,24 @@ class SDPAttention(DotProductAttention):
                 f"SDPAttention: packed format {packed_seq_params.qkv_format!r} (only 'thd')"
             )
         T, n_heads, d = query_THD.shape
-        groups = key_TGD.shape[1]
         dropout = self.attention_dropout.p if self.training else 0.0
         parts = []
         for start, end in segment_bounds(packed_seq_params):
             q_1NLD = query_THD[start:end].transpose(0, 1).unsqueeze(0)
             k_1GLD = key_TGD[start:end].transpose(0, 1).unsqueeze(0)
             v_1GLD = value_TGD[start:end].transpose(0, 1).unsqueeze(0)
-            if n_heads != groups:
-                k_1GLD = k_1GLD.repeat_interleave(n_heads // groups, dim=1)
-                v_1GLD = v_1GLD.repeat_interleave(n_heads // groups, dim=1)
+            k_1NLD, v_1NLD = _repeat_kv_heads(k_1GLD, v_1GLD, n_heads)
             ctx_1NLD = F.scaled_dot_product_attention(
-                q_1NLD, k_1GLD, v_1GLD, dropout_p=dropout, is_causal=True, scale=self.softmax_scale
+                q_1NLD, k_1NLD, v_1NLD, dropout_p=dropout, is_causal=True, scale=self.softmax_scale
             )
             parts.append(ctx_1NLD[0].transpose(0, 1))  # [L, N, D]
         return torch.cat(parts).reshape(T, n_heads * d)
+
+
+def _repeat_kv_heads(k_BGSD, v_BGSD, n_heads: int):
+    """K/V with each of the ``G`` query groups' heads repeated to ``n_heads`` (GQA)."""
+    groups = k_BGSD.shape[1]
+    if n_heads == groups:
+        return k_BGSD, v_BGSD
+    rep = n_heads // groups
+    return k_BGSD.repeat_interleave(rep, dim=1), v_BGSD.repeat_interleave(rep, dim=1)

@@ -2,8 +2,9 @@
 
 A micro-batch of ``B`` rows padded to ``S`` spends ``B*S - sum(lengths)`` positions of
 every matmul on padding. ``PackedLayout`` lays the real tokens of the rows end to end in
-one row of ``T`` positions (``T = sum(lengths)``, rounded up to ``multiple`` with a tail
-segment of padding under sequence parallelism), with per-row positions restarting at 0 and
+one row of ``T`` positions (``T = sum(lengths)``; a tail segment of padding rounds it up to
+a multiple of TP under sequence parallelism, or to the one length every micro-batch of a
+pipeline schedule shares), with per-row positions restarting at 0 and
 megatron-core's ``PackedSeqParams`` (``qkv_format="thd"``, ``cu_seqlens``) so that RoPE
 and the core attention keep each row to itself.
 
