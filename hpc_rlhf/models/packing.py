@@ -40,18 +40,17 @@ class PackedLayout:
     def from_mask(
         cls, mask_BS: torch.Tensor, multiple: int = 1, length: int | None = None
     ) -> PackedLayout | None:
-        """The layout of ``mask_BS`` (True = real token), or ``None`` when packing does not
-        apply (a row that is not real tokens then padding, or an empty row) or, without a
-        fixed ``length``, would save nothing (no padding). ``length``: the packed length to
-        use (a pipeline needs one for every micro-batch of a schedule), at least this
-        batch's ``packed_length(mask_BS, multiple)``."""
+        """The layout of ``mask_BS`` (True = real token), or ``None`` where
+        ``packed_length`` says packing does not apply. ``length``: the packed length to
+        use instead (a pipeline needs one for every micro-batch of a schedule), at least
+        this batch's ``packed_length(mask_BS, multiple)``."""
         keep_BS = mask_BS.bool()
         B, S = keep_BS.shape
+        T = packed_length(keep_BS, multiple)
+        if T is None:
+            return None
         lengths_B = keep_BS.sum(dim=1)
         n_real = int(lengths_B.sum())
-        T = packed_length(keep_BS, multiple)
-        if T is None or (length is None and T >= B * S):
-            return None
         if length is not None:
             if length < T or length % multiple:
                 raise ValueError(
@@ -110,13 +109,16 @@ class PackedLayout:
 
 def packed_length(mask_BS: torch.Tensor, multiple: int = 1) -> int | None:
     """Packed length of a right-padded ``mask_BS``: its real tokens rounded up to
-    ``multiple``; ``None`` when a row is empty or is not real tokens then padding."""
+    ``multiple``; ``None`` when packing does not apply (a row is empty or is not real
+    tokens then padding) or would save nothing (no shorter than ``B * S``)."""
     keep_BS = mask_BS.bool()
+    B, S = keep_BS.shape
     lengths_B = keep_BS.sum(dim=1)
-    prefix_BS = torch.arange(keep_BS.shape[1], device=keep_BS.device) < lengths_B[:, None]
+    prefix_BS = torch.arange(S, device=keep_BS.device) < lengths_B[:, None]
     if not torch.equal(prefix_BS, keep_BS) or int(lengths_B.min()) == 0:
         return None
-    return -(-int(lengths_B.sum()) // multiple) * multiple
+    T = -(-int(lengths_B.sum()) // multiple) * multiple
+    return T if T < B * S else None
 
 
 def segment_bounds(packed_seq_params) -> list[tuple[int, int]]:

@@ -232,13 +232,12 @@ class TrainableModel:
         if self.state.pp_size == 1:
             return multiple, None
         longest = 0
-        for mb in microbatches:
+        for mb in microbatches:  # one unpackable (or unpadded) batch: all run padded
             T = packed_length(mb["attention_mask"], multiple) if "attention_mask" in mb else None
             if T is None:
                 return None
             longest = max(longest, T)
-        B, S = microbatches[0]["input_ids"].shape
-        return (multiple, longest) if longest < B * S else None
+        return multiple, longest
 
     def forward_backward(
         self,
@@ -291,8 +290,7 @@ class TrainableModel:
             if plan is not None and plan[1] is not None:
                 tokens = plan[1]
             elif plan is not None and "attention_mask" in mb:
-                packed = packed_length(mb["attention_mask"], plan[0])
-                tokens = packed if packed is not None and packed < tokens else tokens
+                tokens = packed_length(mb["attention_mask"], plan[0]) or tokens
             self.work[f"{kind}_tokens"] += tokens
             head = mb.get("head_mask")
             rows = mb["input_ids"].numel() if head is None else int(head.sum())
