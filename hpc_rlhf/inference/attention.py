@@ -232,7 +232,7 @@ def decode_attention_torch(
         meta.q_source_NO is None
         or meta.pair_BJ is None
         or meta.valid_flat is None
-        or (meta.mask_BL is None)
+        or meta.mask_BL is None
     ):
         raise ValueError("decode_attention_torch needs build_decode_meta(..., block_rows=True)")
     B, Hq, D = q_BHD.shape

@@ -175,7 +175,7 @@ class GenerationEngine:
         if self._graphs is None:
             from hpc_rlhf.inference.cuda_graphs import CudaGraphDecoder
 
-            cache = self.allocate_cache()
+            cache = self._require_cache()
             if cache.scratch_block is None:
                 raise RuntimeError("CUDA-graph decode needs the pool's scratch block")
             max_len = self.model_cfg.max_position_embeddings
@@ -248,6 +248,12 @@ class GenerationEngine:
         self.stats.seconds += time.perf_counter() - t0
         return [s.completion for s in seqs]
 
+    def _require_cache(self) -> PagedKVCache:
+        """The KV pool ``generate`` allocated (steps never allocate one themselves)."""
+        if self.cache is None:
+            raise RuntimeError("no KV pool: decode steps run inside generate()")
+        return self.cache
+
     def _require_runner(self) -> DecoderRunner:
         """The decoder over the synced weights."""
         if self.runner is None:
@@ -295,7 +301,7 @@ class GenerationEngine:
         self, items: list[PrefillItem], sampling: SamplingParams, sched: Scheduler
     ) -> None:
         """One packed forward over the admitted prompts; sample each sequence's next token."""
-        cache = self.allocate_cache()  # the pool generate() allocated
+        cache = self._require_cache()
         lens = [len(item.tokens) for item in items]
         ids_T = torch.tensor([t for item in items for t in item.tokens], device=self.device)
         pos_T = torch.cat([torch.arange(n) for n in lens]).to(self.device)
@@ -331,11 +337,11 @@ class GenerationEngine:
         """Zero newly used blocks, except for the C++ decode kernel, which never reads a
         slot past a sequence's length (the torch path multiplies them by zero weights)."""
         if self.backend != "cpp":
-            self.allocate_cache().zero_fresh_blocks(tables)
+            self._require_cache().zero_fresh_blocks(tables)
 
     def _decode(self, seqs: list[Sequence], sampling: SamplingParams, sched: Scheduler) -> None:
         """One batched decode step: feed each sequence's last token, sample the next."""
-        cache = self.allocate_cache()  # the pool generate() allocated
+        cache = self._require_cache()
         S = self.config.block_size
         pos = [s.num_cached for s in seqs]
         ids_B = torch.tensor([s.generated[-1] for s in seqs], device=self.device)
