@@ -95,11 +95,14 @@ def ppo_flops(system: str, m: ModelConfig, prompts, lengths, report: dict) -> fl
     gen += 2 * (dec + head) * (resp - len(prompts))
     gen += sum(attn * sum(len(p) + t for t in range(1, n)) for p, n in zip(prompts, lengths))
     S_mean = report["mean_padded_length"]  # attention per token ~ S / 2 keys
-    score = train = 0.0
+    mlp = 3 * m.hidden_size * m.ffn_hidden_size  # one layer's MLP matmul params
+    forward = {"infer": 0.0, "train": 0.0}
     for role, work in report["work"].items():
         lm = role in ("actor", "reference")
-        score += (2 * dec + attn * S_mean / 2) * work["infer_tokens"]
-        score += 2 * head * work["infer_head_rows"] if lm else 0.0
-        train += 3 * (2 * dec + attn * S_mean / 2) * work["train_tokens"]
-        train += 3 * 2 * head * work["train_head_rows"] if lm else 0.0
+        for kind in forward:
+            forward[kind] += (2 * dec + attn * S_mean / 2) * work[f"{kind}_tokens"]
+            forward[kind] += 2 * head * work[f"{kind}_head_rows"] if lm else 0.0
+            # the last layer's MLP skips the rows nothing reads (models.selective_head)
+            forward[kind] -= 2 * mlp * (work[f"{kind}_tokens"] - work[f"{kind}_final_mlp_rows"])
+    score, train = forward["infer"], 3 * forward["train"]
     return gen + score + train

@@ -19,7 +19,7 @@ import torch.nn.functional as F
 
 from hpc_rlhf.config import ModelConfig, ParallelConfig
 from hpc_rlhf.models.heads import ScalarHead
-from hpc_rlhf.models.selective_head import install_selective_head
+from hpc_rlhf.models.selective_head import install_selective_final_layer, install_selective_head
 from hpc_rlhf.parallel.state import ParallelState, set_virtual_stage
 
 logger = logging.getLogger(__name__)
@@ -165,6 +165,8 @@ def build_model(
         )
     elif post:
         install_selective_head(gpt.output_layer, state.sequence_parallel)
+    if post and not config.sequence_parallel and len(gpt.decoder.layers) > 0:
+        install_selective_final_layer(gpt.decoder.layers[-1])
     gpt.hpc_role = role
     if role == "reference":
         gpt.requires_grad_(False)

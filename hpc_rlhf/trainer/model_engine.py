@@ -35,11 +35,14 @@ from hpc_rlhf.models.build import (
     build_model_chunks,
     position_ids_from_mask,
 )
+from hpc_rlhf.models.heads import ScalarHead, last_token_mask
 from hpc_rlhf.models.packing import PackedLayout, packed_length
-from hpc_rlhf.models.selective_head import head_selection
+from hpc_rlhf.models.selective_head import head_selection, scatter_selected
 from hpc_rlhf.parallel.state import ParallelState
 
 logger = logging.getLogger(__name__)
+
+OUTPUT_POSITIONS = ("head_mask", "last_token", "all")
 
 # (batch, model output on the last stage) -> (loss_sum, count, metrics)
 LossFn = Callable[[dict, torch.Tensor], tuple[torch.Tensor, torch.Tensor, dict]]
@@ -64,13 +67,15 @@ def model_forward(
     batch: dict,
     pack_multiple: int | None = None,
     pack_length: int | None = None,
+    select_BS: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Run one chunk on a batch with ``input_ids`` ``[B, S]`` and ``attention_mask`` ``[B, S]``.
 
     Returns the chunk's output: hidden states ``[S, B, H]`` on non-last stages, vocab-parallel
     logits ``[B, S, V/tp]`` (actor) or scores ``[B, S, 1]`` (critic/reward) on the last one.
-    With ``batch["head_mask"]`` ``[B, S]`` the LM head runs on those positions only and the
-    logits are ``[1, N, V/tp]`` (see ``models.selective_head``).
+    ``select_BS`` ``[B, S]`` names the positions whose outputs are read
+    (``models.selective_head``): the LM head then runs on those only and the logits are
+    ``[1, N, V/tp]``; a scalar head's scores stay ``[B, S, 1]``, zero elsewhere.
 
     With ``pack_multiple``, a right-padded batch runs packed (``models.packing``: one row of
     its real tokens, length rounded up to the multiple, or exactly ``pack_length``, which a
@@ -83,18 +88,23 @@ def model_forward(
     layout = None
     if pack_multiple is not None:
         layout = PackedLayout.from_mask(mask_BS, pack_multiple, pack_length)
-    if layout is None:
-        with head_selection(model, batch.get("head_mask")):
-            return model(input_ids_BS, position_ids_from_mask(mask_BS), attention_mask_for(mask_BS))
-    with head_selection(model, batch.get("head_mask"), layout) as selected:
-        out = model(
-            layout.pack(input_ids_BS),
-            layout.positions_1T,
-            None,
-            packed_seq_params=layout.seq_params(),
-        )
-    last_stage = getattr(getattr(model, "module", model), "post_process", True)
-    return out if selected or not last_stage else layout.unpack(out)
+    with head_selection(model, select_BS, layout) as selected:
+        if layout is None:
+            out = model(input_ids_BS, position_ids_from_mask(mask_BS), attention_mask_for(mask_BS))
+        else:
+            out = model(
+                layout.pack(input_ids_BS),
+                layout.positions_1T,
+                None,
+                packed_seq_params=layout.seq_params(),
+            )
+    module = getattr(model, "module", model)
+    if not getattr(module, "post_process", True):
+        return out
+    if selected and select_BS is not None:  # [1, N, ...]
+        scalar = isinstance(getattr(module, "output_layer", None), ScalarHead)
+        return scatter_selected(out[0], select_BS) if scalar else out
+    return out if layout is None else layout.unpack(out)
 
 
 def _use_fused_cpu_adam(optimizer) -> int:
@@ -127,16 +137,23 @@ class TrainableModel:
         role: str,
         total_steps: int = 1,
         pack_sequences: bool = False,
+        output_positions: str = "head_mask",
     ):
+        if output_positions not in OUTPUT_POSITIONS:
+            raise ValueError(
+                f"output_positions must be one of {OUTPUT_POSITIONS}, got {output_positions!r}"
+            )
         self.model_cfg = model_cfg
         self.optim_cfg = optim_cfg
         self.state = state
         self.role = role
         self.pack_sequences = pack_sequences
+        self.output_positions = output_positions
         chunks = build_model_chunks(model_cfg, state, role)
         self.work = dict.fromkeys(
             ("infer_tokens", "infer_head_rows", "train_tokens", "train_head_rows"), 0
         )
+        self.work.update(dict.fromkeys(("infer_final_mlp_rows", "train_final_mlp_rows"), 0))
         self.config = chunks[0].config
         self.config.calculate_per_token_loss = True
         self.trainable = optim_cfg is not None
@@ -266,7 +283,9 @@ class TrainableModel:
 
         def forward_step(data_iterator, model):
             batch = next(data_iterator)
-            output = model_forward(model, batch, *(plan or ()))
+            multiple, length = plan or (None, None)
+            select_BS = self.output_selection(batch)
+            output = model_forward(model, batch, multiple, length, select_BS)
             return output, partial(_loss_adapter, loss_fn, batch, normalize, keep_tensors)
 
         n_chunks = len(self.model)
@@ -283,8 +302,22 @@ class TrainableModel:
             )
         return list(outputs)
 
+    def output_selection(self, batch: dict) -> torch.Tensor | None:
+        """``[B, S]`` positions whose outputs this model's callers read (``None``: all):
+        ``output_positions="head_mask"`` the batch's ``head_mask`` (response positions),
+        ``"last_token"`` each row's last real token (a reward model's end score)."""
+        if self.output_positions == "last_token":
+            mask_BS = batch.get("attention_mask")
+            if mask_BS is None:
+                mask_BS = torch.ones_like(batch["input_ids"], dtype=torch.bool)
+            return last_token_mask(mask_BS)
+        if self.output_positions == "head_mask":
+            return batch.get("head_mask")
+        return None
+
     def _count_work(self, microbatches: Sequence[dict], kind: str, plan) -> None:
-        """Tokens run through the decoder and rows through the LM head (for FLOP counts)."""
+        """Tokens run through the decoder, rows through the LM head and rows through the
+        last layer's MLP (for FLOP counts)."""
         for mb in microbatches:
             tokens = mb["input_ids"].numel()
             if plan is not None and plan[1] is not None:
@@ -292,9 +325,11 @@ class TrainableModel:
             elif plan is not None and "attention_mask" in mb:
                 tokens = packed_length(mb["attention_mask"], plan[0]) or tokens
             self.work[f"{kind}_tokens"] += tokens
-            head = mb.get("head_mask")
-            rows = mb["input_ids"].numel() if head is None else int(head.sum())
+            select_BS = self.output_selection(mb)
+            rows = mb["input_ids"].numel() if select_BS is None else int(select_BS.sum())
             self.work[f"{kind}_head_rows"] += rows
+            selective = select_BS is not None and not self.state.sequence_parallel
+            self.work[f"{kind}_final_mlp_rows"] += rows if selective else tokens
 
     def infer(self, microbatches: Sequence[dict], fn) -> list[dict[str, torch.Tensor]]:
         """Forward-only: ``fn(batch, output) -> {name: tensor}`` per microbatch, on every rank.

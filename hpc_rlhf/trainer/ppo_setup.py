@@ -95,7 +95,14 @@ def _load_reward_model(path: str, cfg: PPORunConfig, state: ParallelState):
         rm_cfg, params_dtype=cfg.model.params_dtype, transformer_impl=cfg.model.transformer_impl
     )
     cfg.parallel.validate(rm_cfg)
-    model = TrainableModel(rm_cfg, None, state, "reward", pack_sequences=cfg.ppo.pack_sequences)
+    model = TrainableModel(
+        rm_cfg,
+        None,
+        state,
+        "reward",
+        pack_sequences=cfg.ppo.pack_sequences,
+        output_positions="last_token",  # only the end score is read
+    )
     model.load_hf_state(hf_state)
     return model, hf_state
 
