@@ -121,8 +121,10 @@ class DecoderRunner:
         x_TH = x_TH.masked_fill(outside_T[:, None], 0.0)
         return self.comm.all_reduce(x_TH)
 
-    def layer(self, index: int, w: LayerWeights, x_TH, rope_cs, attention: AttentionFn):
-        """One decoder layer (attention + MLP, residuals), in place of nothing."""
+    def layer(self, index: int, w: LayerWeights, x_TH, rope_cs, attention: AttentionFn, rows=None):
+        """One decoder layer (attention + MLP, residuals), in place of nothing. With
+        ``rows`` the MLP runs on those token rows only and only they are returned (the last
+        layer of a prefill: nothing reads the other positions' outputs)."""
         eps = self.cfg.norm_epsilon
         T, H = x_TH.shape
         g, G, D = self.heads // self.groups, self.groups, self.head_dim
@@ -133,6 +135,8 @@ class DecoderRunner:
         v_TGD = qkv_TGRD[:, :, g + 1]
         attn_TQ = attention(index, q_THD, k_TGD, v_TGD)
         x_TH = x_TH + self.comm.all_reduce(cpu_gemm.linear(attn_TQ, w.proj_HQ))
+        if rows is not None:
+            x_TH = x_TH[rows]
         h_TH = F.rms_norm(x_TH, (H,), w.mlp_norm_H, eps)
         mlp_TH = cpu_gemm.linear(swiglu(cpu_gemm.linear(h_TH, w.fc1_FH)), w.fc2_HF)
         return x_TH + self.comm.all_reduce(mlp_TH)
@@ -148,9 +152,11 @@ class DecoderRunner:
         """Full-vocabulary fp32 logits ``[R, V]`` at token rows ``logit_rows`` only."""
         x_TH = self.embed(ids_T)
         rope_cs = self.rope.tables(positions_T, x_TH.dtype, check=not sync_free)
-        for index, w in enumerate(self.weights.layers):
-            x_TH = self.layer(index, w, x_TH, rope_cs, attention)
-        last_RH = x_TH[logit_rows]
+        layers = self.weights.layers
+        for index, w in enumerate(layers):
+            rows = logit_rows if index == len(layers) - 1 else None
+            x_TH = self.layer(index, w, x_TH, rope_cs, attention, rows)
+        last_RH = x_TH if layers else x_TH[logit_rows]
         h_RH = F.rms_norm(
             last_RH, (last_RH.shape[-1],), self.weights.final_norm_H, self.cfg.norm_epsilon
         )
