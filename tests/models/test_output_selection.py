@@ -13,7 +13,7 @@ import torch
 from hpc_rlhf.models.heads import last_token_mask
 from tests.dist import run_world
 from tests.models.test_packing import _batches, _local_grads
-from tests.parallel.common import TINY, random_hf_state
+from tests.parallel.common import TINY, layout_parallel_config, random_hf_state
 
 ROLES = {  # role: positions its callers read
     "actor": "head_mask",
@@ -110,15 +110,8 @@ LAYOUTS = {  # name: (world size, tensor, pipeline, virtual pipeline, sequence p
 
 @pytest.mark.parametrize("layout", list(LAYOUTS))
 def test_selected_outputs_and_grads_match_dense(layout):
-    from hpc_rlhf.config import ParallelConfig
-
     world, tp, pp, vpp, sp = LAYOUTS[layout]
-    parallel = ParallelConfig(
-        tensor_model_parallel_size=tp,
-        pipeline_model_parallel_size=pp,
-        virtual_pipeline_model_parallel_size=vpp,
-        sequence_parallel=sp,
-    )
+    parallel = layout_parallel_config(tp, pp, vpp, sp)
     for out in run_world(_selected_vs_dense, world, parallel):
         _assert_same(out, sequence_parallel=sp)
 

@@ -9,7 +9,7 @@ import torch
 
 from hpc_rlhf.models.packing import PackedLayout
 from tests.dist import run_world
-from tests.parallel.common import TINY, random_hf_state
+from tests.parallel.common import TINY, layout_parallel_config, random_hf_state
 
 
 def _mask(lengths: list[int], S: int) -> torch.Tensor:
@@ -151,15 +151,8 @@ LAYOUTS = {  # name: (world size, tensor, pipeline, virtual pipeline, sequence p
 
 @pytest.mark.parametrize("layout", list(LAYOUTS))
 def test_packed_forward_backward_matches_padded(layout):
-    from hpc_rlhf.config import ParallelConfig
-
     world, tp, pp, vpp, sp = LAYOUTS[layout]
-    parallel = ParallelConfig(
-        tensor_model_parallel_size=tp,
-        pipeline_model_parallel_size=pp,
-        virtual_pipeline_model_parallel_size=vpp,
-        sequence_parallel=sp,
-    )
+    parallel = layout_parallel_config(tp, pp, vpp, sp)
     for out in run_world(_packed_vs_padded, world, parallel):
         _assert_same(out)
 

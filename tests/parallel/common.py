@@ -84,3 +84,13 @@ def max_rel_diff(a: torch.Tensor, b: torch.Tensor) -> float:
     tests: robust to the fp32 rounding of single elements under another reduction order)."""
     diff = (a.double() - b.double()).norm()
     return float(diff / b.double().norm().clamp(min=1e-30))
+
+
+def layout_parallel_config(tp: int, pp: int, vpp: int | None, sp: bool) -> ParallelConfig:
+    """The ParallelConfig of a test layout (tensor, pipeline, virtual pipeline, SP)."""
+    return ParallelConfig(
+        tensor_model_parallel_size=tp,
+        pipeline_model_parallel_size=pp,
+        virtual_pipeline_model_parallel_size=vpp,
+        sequence_parallel=sp,
+    )
