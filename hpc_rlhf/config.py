@@ -209,9 +209,13 @@ class Config:
         return self
 
 
+GENERATION_ATTENTION_BACKENDS = ("auto", "torch", "cpp", "flash_attn")
+
+
 @dataclass(frozen=True)
 class RolloutConfig:
-    """Sampling for rollouts, and the generation engine's memory budget."""
+    """Sampling for rollouts, and the generation engine's settings (see
+    ``hpc_rlhf.inference.engine.GenerationConfig`` for what each does)."""
 
     max_new_tokens: int = 32
     temperature: float = 1.0
@@ -220,7 +224,28 @@ class RolloutConfig:
     stop_at_eos: bool = True
     kv_cache_bytes: int = 256 * 1024**2
     block_size: int = 16
+    max_running_seqs: int = 256  # sequences decoded together (continuous batching)
+    max_prefill_tokens: int = 8192  # prompt tokens per prefill batch
+    attention_backend: str = "auto"  # "auto" | "torch" | "cpp" | "flash_attn"
+    cuda_graphs: bool = False  # capture decode steps (CUDA + flash-attn only)
+    keep_cache: bool = False  # keep the KV pool between steps (else freed for training)
     offload_training_state: bool = True  # release optimizer state/grads while generating
+
+    def validate(self) -> None:
+        if self.attention_backend not in GENERATION_ATTENTION_BACKENDS:
+            raise ConfigError(
+                f"generation.attention_backend={self.attention_backend!r}: expected one of "
+                f"{GENERATION_ATTENTION_BACKENDS}"
+            )
+        for name in (
+            "max_new_tokens",
+            "kv_cache_bytes",
+            "block_size",
+            "max_running_seqs",
+            "max_prefill_tokens",
+        ):
+            if getattr(self, name) < 1:
+                raise ConfigError(f"generation.{name} must be >= 1, got {getattr(self, name)}")
 
 
 @dataclass(frozen=True)
@@ -352,6 +377,7 @@ class PPORunConfig:
         self.model.validate()
         self.parallel.validate(self.model, world_size)
         self.ppo.validate()
+        self.generation.validate()
         self.reward.validate()
         if self.ppo.critic_init == "reward" and not self.reward.models:
             raise ConfigError("ppo.critic_init='reward' needs at least one reward.models entry")

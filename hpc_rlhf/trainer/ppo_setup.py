@@ -109,12 +109,21 @@ def _load_reward_model(path: str, cfg: PPORunConfig, state: ParallelState):
 
 def build_engine(actor: TrainableModel, cfg: PPORunConfig, state: ParallelState):
     """The colocated generation engine over the actor's weights."""
-    from hpc_rlhf.inference.engine import GenerationConfig, GenerationEngine
+    from hpc_rlhf.inference.engine import GenerationEngine
 
-    g: RolloutConfig = cfg.generation
-    return GenerationEngine(
-        actor,
-        cfg.model,
-        state,
-        GenerationConfig(block_size=g.block_size, cache_budget_bytes=g.kv_cache_bytes),
+    return GenerationEngine(actor, cfg.model, state, engine_config(cfg.generation))
+
+
+def engine_config(g: RolloutConfig):
+    """The engine settings of a run's ``generation`` section."""
+    from hpc_rlhf.inference.engine import GenerationConfig
+
+    return GenerationConfig(
+        block_size=g.block_size,
+        cache_budget_bytes=g.kv_cache_bytes,
+        max_running_seqs=g.max_running_seqs,
+        max_prefill_tokens=g.max_prefill_tokens,
+        attention_backend=g.attention_backend,
+        cuda_graphs=g.cuda_graphs,
+        keep_cache=g.keep_cache,
     )
