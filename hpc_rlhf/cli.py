@@ -15,6 +15,7 @@ from hpc_rlhf.config import ConfigError, load_config
 def _pretrain(args: argparse.Namespace) -> int:
     import torch.distributed as dist
 
+    from hpc_rlhf.parallel.launch import shutdown_distributed
     from hpc_rlhf.trainer.pretrain import print_loss_table, run_pretrain
 
     cfg = load_config(args.config, args.overrides)
@@ -28,7 +29,7 @@ def _pretrain(args: argparse.Namespace) -> int:
             f"\nloss {first:.4f} -> {last:.4f} over {len(history)} steps "
             f"({'falling' if last < first else 'NOT falling'})"
         )
-    dist.destroy_process_group()
+    shutdown_distributed()
     return 0
 
 
@@ -36,6 +37,7 @@ def _ppo(args: argparse.Namespace) -> int:
     import torch.distributed as dist
 
     from hpc_rlhf.config import PPORunConfig
+    from hpc_rlhf.parallel.launch import shutdown_distributed
     from hpc_rlhf.trainer.ppo_run import reward_table, run_ppo
 
     cfg = load_config(args.config, args.overrides, cls=PPORunConfig)
@@ -47,7 +49,7 @@ def _ppo(args: argparse.Namespace) -> int:
             f"\nmean reward {first:.4f} -> {last:.4f} over {len(history)} PPO steps "
             f"({'rising' if last > first else 'NOT rising'})"
         )
-    dist.destroy_process_group()
+    shutdown_distributed()
     return 0
 
 

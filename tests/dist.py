@@ -20,7 +20,7 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
-from hpc_rlhf.parallel.launch import free_port
+from hpc_rlhf.parallel.launch import free_port, shutdown_distributed
 
 
 def _worker(rank: int, world_size: int, port: int, out_dir: str, fn: Callable, args: tuple):
@@ -41,13 +41,12 @@ def _worker(rank: int, world_size: int, port: int, out_dir: str, fn: Callable, a
     except BaseException:  # noqa: BLE001 - reported to the parent with the traceback
         torch.save({"ok": False, "error": traceback.format_exc()}, path)
     finally:
-        if dist.is_initialized():
-            dist.destroy_process_group()
-        # Leave without interpreter finalisation. Group handles megatron-core keeps (and
-        # async work they hold) outlive destroy_process_group; when the interpreter tears
-        # them down, gloo's worker threads are destroyed while joinable and the process
-        # aborts ("terminate called without an active exception", SIGABRT) after the test
-        # already passed. The result is on disk; nothing else needs finalising.
+        shutdown_distributed()
+        # Leave without interpreter finalisation: any group handle still referenced (a
+        # test's own objects, pending async work) would be torn down there, where gloo's
+        # worker threads are destroyed while joinable and the process aborts ("terminate
+        # called without an active exception", SIGABRT) after the test already passed.
+        # The result is on disk; nothing else needs finalising.
         sys.stdout.flush()
         sys.stderr.flush()
         os._exit(0)

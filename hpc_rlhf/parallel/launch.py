@@ -63,6 +63,18 @@ def init_distributed(timeout_minutes: int = 30) -> WorldInfo:
     return WorldInfo(rank, local_rank, world_size, backend, device)
 
 
+def shutdown_distributed() -> None:
+    """End a run's distributed state: megatron-core's model-parallel groups first (it keeps
+    its own references to them), then every process group. Left to interpreter exit,
+    still-referenced gloo groups can abort a finished run (their worker threads are torn
+    down while joinable: "terminate called without an active exception")."""
+    from hpc_rlhf.parallel.state import destroy_parallel
+
+    destroy_parallel()
+    if dist.is_initialized():
+        dist.destroy_process_group()
+
+
 def free_port() -> int:
     """A TCP port on the loopback interface that is free right now."""
     import socket
