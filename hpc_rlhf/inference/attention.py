@@ -33,9 +33,11 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
+from hpc_rlhf.config import GENERATION_ATTENTION_BACKENDS
+
 logger = logging.getLogger(__name__)
 
-BACKENDS = ("auto", "torch", "cpp", "flash_attn")
+BACKENDS = GENERATION_ATTENTION_BACKENDS  # one list: the run config validates against it
 _LOGGED: set[str] = set()
 
 
