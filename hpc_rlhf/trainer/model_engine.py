@@ -276,20 +276,20 @@ class TrainableModel:
         if normalize not in ("count", "none"):
             raise ValueError(f"normalize must be 'count' or 'none', got {normalize!r}")
         plan = self._pack_plan(microbatches)
-        self._count_work(microbatches, "infer" if forward_only else "train", plan)
+        selections = [self.output_selection(mb) for mb in microbatches]
+        self._count_work(microbatches, selections, "infer" if forward_only else "train", plan)
         B, S = microbatches[0]["input_ids"].shape
         if plan is not None and plan[1] is not None:  # pipelined: one packed row per batch
             B, S = 1, plan[1]
 
         def forward_step(data_iterator, model):
-            batch = next(data_iterator)
+            batch, select_BS = next(data_iterator)
             multiple, length = plan or (None, None)
-            select_BS = self.output_selection(batch)
             output = model_forward(model, batch, multiple, length, select_BS)
             return output, partial(_loss_adapter, loss_fn, batch, normalize, keep_tensors)
 
         n_chunks = len(self.model)
-        iterators = [iter(microbatches) for _ in range(n_chunks)]
+        iterators = [iter(zip(microbatches, selections)) for _ in range(n_chunks)]
         with torch.set_grad_enabled(not forward_only):
             outputs = get_forward_backward_func()(
                 forward_step_func=forward_step,
@@ -315,17 +315,18 @@ class TrainableModel:
             return batch.get("head_mask")
         return None
 
-    def _count_work(self, microbatches: Sequence[dict], kind: str, plan) -> None:
+    def _count_work(
+        self, microbatches: Sequence[dict], selections: Sequence, kind: str, plan
+    ) -> None:
         """Tokens run through the decoder, rows through the LM head and rows through the
-        last layer's MLP (for FLOP counts)."""
-        for mb in microbatches:
+        last layer's MLP (for FLOP counts); ``selections``: each one's output positions."""
+        for mb, select_BS in zip(microbatches, selections):
             tokens = mb["input_ids"].numel()
             if plan is not None and plan[1] is not None:
                 tokens = plan[1]
             elif plan is not None and "attention_mask" in mb:
                 tokens = packed_length(mb["attention_mask"], plan[0]) or tokens
             self.work[f"{kind}_tokens"] += tokens
-            select_BS = self.output_selection(mb)
             rows = mb["input_ids"].numel() if select_BS is None else int(select_BS.sum())
             self.work[f"{kind}_head_rows"] += rows
             selective = select_BS is not None and not self.state.sequence_parallel
