@@ -2,8 +2,8 @@
 
 ``token_logprobs`` (vocab-parallel log-probs and entropy), ``masked_gae``,
 ``ppo_policy_loss``, ``value_loss`` and ``swiglu`` (the gated MLP activation). Each takes
-``backend="auto"|"torch"|"cpp"|"cuda"|"triton"``; see ``hpc_rlhf.ops._backend`` for how "auto" chooses. Importing this package
-imports neither Triton nor megatron-core. ``hpc_rlhf.ops.cpu_gemm`` routes the CPU path's fp32
+``backend="auto"|"torch"|"cpp"|"cuda"|"triton"``; see ``hpc_rlhf.ops._backend`` for how
+"auto" chooses. Importing this package imports neither Triton nor megatron-core. ``hpc_rlhf.ops.cpu_gemm`` routes the CPU path's fp32
 linear GEMMs to oneDNN (process-wide backend, see its docstring).
 """
 
