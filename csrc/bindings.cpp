@@ -167,6 +167,10 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("swiglu_bwd_cpu", &hpc_rlhf::swiglu_bwd_cpu, "gradient of swiglu w.r.t. [a | b]");
   m.def("paged_decode_attention_cpu", &hpc_rlhf::paged_decode_attention_cpu,
         "one query per sequence against its paged K/V ([N, G, S, D] pools)");
+  m.def("causal_attention_fwd_cpu", &hpc_rlhf::causal_attention_fwd_cpu,
+        "causal attention within segments of [S, B, N, D] -> (out, row log-sum-exp [B, N, S])");
+  m.def("causal_attention_bwd_cpu", &hpc_rlhf::causal_attention_bwd_cpu,
+        "gradients (dq, dk, dv per query head) of causal_attention_fwd_cpu");
 #ifdef HPC_RLHF_WITH_CUDA
   m.attr("WITH_CUDA") = true;
   m.def("logprobs_fwd_cuda", &hpc_rlhf::logprobs_fwd_cuda, "CUDA logprobs forward");

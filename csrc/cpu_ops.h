@@ -88,4 +88,15 @@ at::Tensor paged_decode_attention_cpu(const at::Tensor& q, const at::Tensor& k_p
                                       const at::Tensor& v_pool, const at::Tensor& block_table,
                                       const at::Tensor& context_lens, double scale);
 
+std::tuple<at::Tensor, at::Tensor> causal_attention_fwd_cpu(const at::Tensor& q,
+                                                            const at::Tensor& k,
+                                                            const at::Tensor& v,
+                                                            const at::Tensor& cu_seqlens,
+                                                            double scale);
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> causal_attention_bwd_cpu(
+    const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor& out,
+    const at::Tensor& lse, const at::Tensor& grad_out, const at::Tensor& cu_seqlens,
+    double scale);
+
 }  // namespace hpc_rlhf

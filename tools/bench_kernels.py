@@ -3,7 +3,7 @@
 For each op and each backend available on this machine (``torch`` = our fp32 reference,
 ``cpp`` = hpc_rlhf._C; ``cuda``/``triton`` when a GPU is present) and for the eager baseline
 (``log_softmax`` + ``gather``; GAE as a Python loop over time; the usual masked-mean loss
-formulas under autograd) it prints the median wall time, the peak extra memory, and the
+formulas under autograd; PyTorch's SDPA once per segment for the packed causal attention) it prints the median wall time, the peak extra memory, and the
 ratios baseline / ours. It also prints, for an H100, the bytes each op must move and the
 resulting floor time at 3.35 TB/s.
 
@@ -27,6 +27,7 @@ Usage: python tools/bench_kernels.py [--quick]
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import os
 import statistics
@@ -42,8 +43,17 @@ H100_BYTES_PER_S = 3.35e12
 # ----------------------------------------------------------------------------- workloads
 def _sizes(quick: bool) -> dict:
     if quick:
-        return {"N": 512, "V": 32000, "B": 16, "T": 256, "LB": 64, "LT": 512}
-    return {"N": 4096, "V": 32000, "B": 64, "T": 1024, "LB": 256, "LT": 2048}
+        return {"N": 512, "V": 32000, "B": 16, "T": 256, "LB": 64, "LT": 512, "SEG": [40, 90]}
+    # SEG: segment lengths of one packed row (8 heads of 64), a training micro-batch's spread
+    return {
+        "N": 4096,
+        "V": 32000,
+        "B": 64,
+        "T": 1024,
+        "LB": 256,
+        "LT": 2048,
+        "SEG": [300, 120, 384, 250],
+    }
 
 
 def _logprob_inputs(s, dtype, device, grad):
@@ -70,6 +80,14 @@ def _loss_inputs(s, device):
     c = torch.randn(shape, generator=gen)
     mask = torch.rand(shape, generator=gen) > 0.2
     return [t.to(device) for t in (a, b, c, mask)]
+
+
+def _attention_inputs(s, device, grad):
+    gen = torch.Generator().manual_seed(3)
+    rows = sum(s["SEG"])
+    q, k, v, g = (torch.randn(rows, 1, 8, 64, generator=gen).to(device) for _ in range(4))
+    cu = torch.tensor([0, *itertools.accumulate(s["SEG"])], dtype=torch.int32)  # [n + 1]
+    return [t.requires_grad_(grad) for t in (q, k, v)], g, cu  # q, k, v, grad: [T, 1, 8, 64]
 
 
 def eager_logprobs(logits, labels):
@@ -124,6 +142,8 @@ def make_call(op: str, impl: str, mode: str, s: dict, device: str):
         if impl == "eager":
             return lambda: eager_gae(r, v, mask)
         return lambda: ops.masked_gae(r, v, mask, backend=impl)
+    if op == "causal_attention":
+        return _attention_call(impl, grad, s, device)
     a, b, c, mask = _loss_inputs(s, device)
     x = a.clone().requires_grad_(grad)
 
@@ -142,6 +162,26 @@ def make_call(op: str, impl: str, mode: str, s: dict, device: str):
         return out
 
     return run_loss
+
+
+def _attention_call(impl: str, grad: bool, s: dict, device: str):
+    """One packed row's causal attention; the eager baseline is torch SDPA per segment."""
+    from hpc_rlhf.ops.causal_attention import causal_attention, causal_attention_reference
+
+    qkv, g, cu = _attention_inputs(s, device, grad)
+
+    def run():
+        if impl == "eager":
+            out = causal_attention_reference(*qkv, cu)
+        else:
+            out = causal_attention(*qkv, cu, backend=impl)
+        if grad:
+            out.backward(g)
+            for t in qkv:
+                t.grad = None
+        return out
+
+    return run
 
 
 # ----------------------------------------------------------------------------- measuring
@@ -214,8 +254,11 @@ def available_backends(device: str) -> list[str]:
     return out
 
 
-def floor_bytes(op: str, s: dict) -> dict[str, int]:
-    """Bytes an op must move (read inputs once, write outputs once) per mode."""
+def floor_bytes(op: str, s: dict) -> dict[str, int] | None:
+    """Bytes an op must move (read inputs once, write outputs once) per mode; None for a
+    compute-bound op (attention), which has no meaningful bandwidth floor."""
+    if op == "causal_attention":
+        return None
     if op.startswith("token_logprobs"):
         b = 2 if op.endswith("bf16") else 4
         nv = s["N"] * s["V"]
@@ -233,7 +276,9 @@ PLAN = [
     ("masked_gae", ("fwd",), 5),
     ("ppo_policy_loss", ("fwd", "fwd+bwd"), 20),
     ("value_loss", ("fwd", "fwd+bwd"), 20),
+    ("causal_attention", ("fwd", "fwd+bwd"), 10),
 ]
+OP_BACKENDS = {"causal_attention": ("cpp", "torch")}  # ops with a narrower backend set
 
 
 def _fmt_mb(n: int) -> str:
@@ -270,7 +315,8 @@ def main() -> None:
         for mode in modes:
             print(f"\n== {op} [{mode}]")
             rows = {}
-            for impl in ["eager", *backends]:
+            impls = [b for b in backends if b in OP_BACKENDS.get(op, backends)]
+            for impl in ["eager", *impls]:
                 t, t_min = time_call(make_call(op, impl, mode, s, device), device, reps)
                 mem = peak_memory(op, impl, mode, args.quick, device)
                 rows[impl] = (t, t_min, mem)
@@ -286,6 +332,8 @@ def main() -> None:
                     f"  {impl:7s} median {t * 1e3:9.3f} ms (min {t_min * 1e3:9.3f})"
                     f"  peak extra {_fmt_mb(mem)}{ratio}"
                 )
+            if floors is None:
+                continue
             nbytes = floors.get(mode, floors["fwd"])
             print(
                 f"  H100 floor: {nbytes / 1e6:.1f} MB moved -> "

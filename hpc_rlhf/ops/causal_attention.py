@@ -1,0 +1,176 @@
+"""Causal self-attention within segments: the core attention of the local layer spec.
+
+Shapes (megatron-core's ``sbhd`` layout): ``q`` ``[S, B, N, D]``, ``k`` and ``v``
+``[S, B, G, D]`` (``N`` query heads over ``G`` key/value heads, grouped-query attention when
+``G < N``), result ``[S, B, N, D]``. ``cu_seqlens`` ``[n + 1]`` (integers, from 0 to ``S``)
+splits the ``S`` positions of every batch row into segments that attend only within
+themselves; ``None`` is one segment (plain causal attention). A packed ``thd`` micro-batch
+(``models.packing``) is ``B = 1`` with its ``cu_seqlens``.
+
+Backends:
+
+* ``"torch"``: the reference, one ``scaled_dot_product_attention`` per segment (over the
+  whole batch), heads repeated for grouped-query attention; any dtype and device, dropout.
+* ``"cpp"``: ``csrc/causal_attention_cpu.cpp``, fp32 CPU tensors with a head dim that is a
+  multiple of 16, no dropout. Forward and backward are flash-style (the backward recomputes
+  the probabilities from the saved row log-sum-exp), run on a register-blocked fp32
+  micro-kernel and skip the key blocks above the diagonal. ``python tools/bench_kernels.py``
+  times it against the reference.
+* ``"auto"``: ``cpp`` when those conditions hold and ``hpc_rlhf._C`` is built, else the
+  reference (on GPUs PyTorch's SDPA runs its flash kernels; the transformer-engine layer
+  spec brings its own fused attention). The choice is logged once per reason.
+"""
+
+from __future__ import annotations
+
+import logging
+
+import torch
+import torch.nn.functional as F
+
+from hpc_rlhf.ops import _backend
+
+logger = logging.getLogger("hpc_rlhf.ops")
+
+CAUSAL_ATTENTION_BACKENDS = ("auto", "torch", "cpp")
+_LOGGED: set[str] = set()
+
+
+def _segments(cu_seqlens: torch.Tensor | None, length: int) -> list[tuple[int, int]]:
+    if cu_seqlens is None:
+        return [(0, length)]
+    bounds = [int(x) for x in cu_seqlens.tolist()]
+    if bounds[0] != 0 or bounds[-1] != length or any(b < a for a, b in zip(bounds, bounds[1:])):
+        raise ValueError(
+            f"causal_attention: cu_seqlens {bounds} must rise from 0 to the length {length}"
+        )
+    return list(zip(bounds[:-1], bounds[1:]))
+
+
+def repeat_kv_heads(k_BGLD: torch.Tensor, v_BGLD: torch.Tensor, n_heads: int):
+    """K/V with each of the ``G`` key/value heads repeated for its ``n_heads / G`` query
+    heads (grouped-query attention) -> ``[B, n_heads, L, D]`` each."""
+    rep = n_heads // k_BGLD.shape[1]
+    if rep == 1:
+        return k_BGLD, v_BGLD
+    return k_BGLD.repeat_interleave(rep, dim=1), v_BGLD.repeat_interleave(rep, dim=1)
+
+
+def causal_attention_reference(
+    q_SBND: torch.Tensor,
+    k_SBGD: torch.Tensor,
+    v_SBGD: torch.Tensor,
+    cu_seqlens: torch.Tensor | None = None,
+    scale: float | None = None,
+    dropout_p: float = 0.0,
+) -> torch.Tensor:
+    """Causal attention within each segment with torch SDPA -> ``[S, B, N, D]``."""
+    S, _, N, _ = q_SBND.shape
+    parts = []
+    for start, end in _segments(cu_seqlens, S):
+        if end == start:
+            continue
+        q_BNLD = q_SBND[start:end].permute(1, 2, 0, 3)
+        k_BNLD, v_BNLD = repeat_kv_heads(
+            k_SBGD[start:end].permute(1, 2, 0, 3), v_SBGD[start:end].permute(1, 2, 0, 3), N
+        )
+        ctx_BNLD = F.scaled_dot_product_attention(
+            q_BNLD, k_BNLD, v_BNLD, dropout_p=dropout_p, is_causal=True, scale=scale
+        )
+        parts.append(ctx_BNLD.permute(2, 0, 1, 3))
+    return parts[0] if len(parts) == 1 else torch.cat(parts)
+
+
+def _cpp_unavailable(q_SBND: torch.Tensor, dropout_p: float) -> str | None:
+    """Why the C++ kernel cannot take this call; None when it can."""
+    if _backend.extension() is None:
+        return "needs hpc_rlhf._C (pip install -e . builds it from csrc/)"
+    if q_SBND.device.type != "cpu" or q_SBND.dtype != torch.float32:
+        return f"runs on fp32 CPU tensors, got {q_SBND.dtype} on {q_SBND.device.type}"
+    if q_SBND.shape[-1] % 16:
+        return f"needs a head dim that is a multiple of 16, got {q_SBND.shape[-1]}"
+    if dropout_p > 0.0:
+        return f"has no attention dropout (dropout_p={dropout_p})"
+    return None
+
+
+def _resolve(backend: str, q_SBND: torch.Tensor, dropout_p: float) -> str:
+    if backend not in CAUSAL_ATTENTION_BACKENDS:
+        raise ValueError(
+            f"causal_attention backend {backend!r}: expected one of {CAUSAL_ATTENTION_BACKENDS}"
+        )
+    if backend == "torch":
+        return backend
+    reason = _cpp_unavailable(q_SBND, dropout_p)
+    if backend == "cpp":
+        if reason is not None:
+            raise RuntimeError(f"causal_attention: backend 'cpp' {reason}")
+        return backend
+    choice = "cpp" if reason is None else "torch"
+    note = f"backend 'auto' chose {choice!r}" + (f" (cpp {reason})" if reason else "")
+    if note not in _LOGGED:
+        _LOGGED.add(note)
+        logger.info("hpc_rlhf.ops.causal_attention: %s", note)
+    return choice
+
+
+class _CausalAttentionCpp(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, q_SBND, k_SBGD, v_SBGD, cu_seqlens, scale):
+        ext = _backend.built_extension()
+        out_SBND, lse_BNS = ext.causal_attention_fwd_cpu(q_SBND, k_SBGD, v_SBGD, cu_seqlens, scale)
+        ctx.save_for_backward(q_SBND, k_SBGD, v_SBGD, out_SBND, lse_BNS, cu_seqlens)
+        ctx.scale = scale
+        return out_SBND
+
+    @staticmethod
+    def backward(ctx, grad_SBND):
+        q_SBND, k_SBGD, v_SBGD, out_SBND, lse_BNS, cu_seqlens = ctx.saved_tensors
+        if grad_SBND.stride(-1) != 1:
+            grad_SBND = grad_SBND.contiguous()
+        ext = _backend.built_extension()
+        dq_SBND, dk_SBND, dv_SBND = ext.causal_attention_bwd_cpu(
+            q_SBND, k_SBGD, v_SBGD, out_SBND, lse_BNS, grad_SBND, cu_seqlens, ctx.scale
+        )
+        S, B, N, D = q_SBND.shape
+        G = k_SBGD.shape[2]
+        if G != N:  # the kernel returns per-query-head dK/dV: sum each group's heads
+            dk_SBND = dk_SBND.view(S, B, G, N // G, D).sum(3)
+            dv_SBND = dv_SBND.view(S, B, G, N // G, D).sum(3)
+        return dq_SBND, dk_SBND, dv_SBND, None, None
+
+
+def causal_attention(
+    q_SBND: torch.Tensor,
+    k_SBGD: torch.Tensor,
+    v_SBGD: torch.Tensor,
+    cu_seqlens: torch.Tensor | None = None,
+    scale: float | None = None,
+    dropout_p: float = 0.0,
+    backend: str = "auto",
+) -> torch.Tensor:
+    """Causal attention within each ``cu_seqlens`` segment -> ``[S, B, N, D]``.
+
+    ``scale`` defaults to ``D ** -0.5``; ``dropout_p`` is the attention dropout (reference
+    backend only). See the module docstring for shapes and backends.
+    """
+    S, B, N, D = q_SBND.shape
+    if k_SBGD.shape != v_SBGD.shape or k_SBGD.shape[:2] != (S, B) or k_SBGD.shape[3] != D:
+        raise ValueError(
+            f"causal_attention: k {tuple(k_SBGD.shape)} and v {tuple(v_SBGD.shape)} must be "
+            f"[S, B, G, D] for q {tuple(q_SBND.shape)}"
+        )
+    if N % k_SBGD.shape[2]:
+        raise ValueError(
+            f"causal_attention: {N} query heads are not a multiple of {k_SBGD.shape[2]} "
+            "key/value heads"
+        )
+    scale = D**-0.5 if scale is None else float(scale)
+    if _resolve(backend, q_SBND, dropout_p) == "torch":
+        return causal_attention_reference(q_SBND, k_SBGD, v_SBGD, cu_seqlens, scale, dropout_p)
+    if cu_seqlens is None:
+        cu_seqlens = torch.tensor([0, S], dtype=torch.int32)
+    q_SBND, k_SBGD, v_SBGD = (
+        t if t.stride(-1) == 1 else t.contiguous() for t in (q_SBND, k_SBGD, v_SBGD)
+    )
+    return _CausalAttentionCpp.apply(q_SBND, k_SBGD, v_SBGD, cu_seqlens.cpu(), scale)
