@@ -10,12 +10,14 @@ Three backends, chosen explicitly (``select_backend``) and logged once:
 * ``"flash_attn"`` (CUDA, flash-attn installed): ``flash_attn_varlen_func`` for prefill and
   ``flash_attn_with_kvcache(..., block_table=...)`` for decode on the ``"NSGD"`` pool. Not
   testable on this CPU-only machine.
-* ``"cpp"`` (CPU, fp32, hpc_rlhf._C built): prefill as ``"torch"``; decode by
+* ``"cpp"`` (CPU, fp32, hpc_rlhf._C built): prefill on the C++ causal attention kernel
+  (``ops.causal_attention`` over the packed sequences' ``cu_seqlens``); decode by
   ``paged_decode_attention_cpu``, one task per (sequence, KV head) reading each block of
   its table once for the query heads sharing it, with an online softmax per block; it never
   reads past a sequence's length, so fresh blocks need no zeroing.
 * ``"torch"`` (everywhere; the reference the others are tested against). Prefill runs
-  ``scaled_dot_product_attention`` per packed sequence (a loop over sequences, never over tokens). Decode never gathers the
+  ``scaled_dot_product_attention`` per packed sequence (a loop over sequences, never over
+  tokens). Decode never gathers the
   history: scores and outputs are batched matmuls of each pool block *in place* (``[S, D]``
   matrices of the ``"NGSD"`` pool) with the queries of the sequences owning it; only the
   small ``[B, Hq, J*S]`` score matrix is gathered per sequence for an exact softmax, and
@@ -34,6 +36,7 @@ import torch
 import torch.nn.functional as F
 
 from hpc_rlhf.config import GENERATION_ATTENTION_BACKENDS
+from hpc_rlhf.ops.causal_attention import causal_attention
 
 logger = logging.getLogger(__name__)
 
@@ -120,6 +123,19 @@ def prefill_attention_torch(
         out_THD[start : start + n] = o_1HSD[0].transpose(0, 1)
         start += n
     return out_THD.reshape(T, Hq * D)
+
+
+def prefill_attention_cpp(
+    q_THD: torch.Tensor, k_TGD: torch.Tensor, v_TGD: torch.Tensor, seq_lens: list[int]
+) -> torch.Tensor:
+    """Causal attention within each packed sequence on the C++ CPU kernel of
+    ``ops.causal_attention`` (its ``auto`` choice: the torch reference where the kernel does
+    not apply, e.g. a head dim that is not a multiple of 16): ``[T, Hq*D]``."""
+    cu_seqlens = torch.tensor([0, *seq_lens]).cumsum(0)
+    out_T1HD = causal_attention(
+        q_THD.unsqueeze(1), k_TGD.unsqueeze(1), v_TGD.unsqueeze(1), cu_seqlens
+    )
+    return out_T1HD.reshape(q_THD.shape[0], -1)
 
 
 def prefill_attention_flash(q_THD, k_TGD, v_TGD, seq_lens: list[int]) -> torch.Tensor:

@@ -315,11 +315,10 @@ class GenerationEngine:
         rows = cache.slot_rows(
             torch.tensor(blocks, device=self.device), torch.tensor(offsets, device=self.device)
         )
-        prefill_fn = (
-            attn.prefill_attention_flash
-            if self.backend == "flash_attn"
-            else attn.prefill_attention_torch
-        )
+        prefill_fn = {
+            "flash_attn": attn.prefill_attention_flash,
+            "cpp": attn.prefill_attention_cpp,
+        }.get(self.backend, attn.prefill_attention_torch)
 
         def attention(layer, q_THD, k_TGD, v_TGD):
             cache.write(layer, rows, k_TGD, v_TGD)
