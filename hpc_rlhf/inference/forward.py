@@ -16,6 +16,7 @@ all-gathered to ``[T, V]``: small, since only one position per sequence gets log
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -108,6 +109,12 @@ class DecoderRunner:
         self.head_dim = model_cfg.head_dim
         device = weights.embedding_vH.device
         self.rope = Rope(model_cfg.head_dim, model_cfg.rotary_base, device)
+        # The linear weights in oneDNN's blocked layout on the CPU fp32 path (the tensors
+        # themselves elsewhere): decode GEMMs of few rows no longer reorder each weight at
+        # every call (ops.cpu_gemm.prepack). A copy, taken when the engine syncs weights
+        # (every sync builds a new runner); embeddings and norms are read in place.
+        self.layers = [prepacked_layer(w) for w in weights.layers]
+        self.output_vH = cpu_gemm.prepack(weights.output_vH)
 
     def embed(self, ids_T: torch.Tensor) -> torch.Tensor:
         """Vocab-parallel embedding lookup ``[T, H]``."""
@@ -152,7 +159,7 @@ class DecoderRunner:
         """Full-vocabulary fp32 logits ``[R, V]`` at token rows ``logit_rows`` only."""
         x_TH = self.embed(ids_T)
         rope_cs = self.rope.tables(positions_T, x_TH.dtype, check=not sync_free)
-        layers = self.weights.layers
+        layers = self.layers
         for index, w in enumerate(layers):
             rows = logit_rows if index == len(layers) - 1 else None
             x_TH = self.layer(index, w, x_TH, rope_cs, attention, rows)
@@ -160,8 +167,19 @@ class DecoderRunner:
         h_RH = F.rms_norm(
             last_RH, (last_RH.shape[-1],), self.weights.final_norm_H, self.cfg.norm_epsilon
         )
-        logits_Rv = lm_head(h_RH, self.weights.output_vH)
+        logits_Rv = lm_head(h_RH, self.output_vH)
         return self.comm.all_gather_last(logits_Rv).float()
+
+
+def prepacked_layer(w: LayerWeights) -> LayerWeights:
+    """``w`` with its four linear weights through ``cpu_gemm.prepack``."""
+    return dataclasses.replace(
+        w,
+        qkv_RH=cpu_gemm.prepack(w.qkv_RH),
+        proj_HQ=cpu_gemm.prepack(w.proj_HQ),
+        fc1_FH=cpu_gemm.prepack(w.fc1_FH),
+        fc2_HF=cpu_gemm.prepack(w.fc2_HF),
+    )
 
 
 # Below this many rows MKL is faster as weight @ hidden^T (measured on the decode LM head

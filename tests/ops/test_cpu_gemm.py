@@ -99,3 +99,30 @@ def test_torch_backend_and_other_dtypes_take_f_linear():
 def test_bad_backend_names_raise():
     with pytest.raises(ValueError, match="choose one of"):
         cpu_gemm.set_backend("mkl")
+
+
+@needs_onednn
+@pytest.mark.parametrize("shape_x,n", [c for c in CASES if c[0][0] > 0], ids=str)
+def test_prepacked_weight_matches_float64_and_is_a_snapshot(shape_x, n):
+    x, w = _inputs(shape_x, n, seed=4, x_transposed=len(shape_x) == 2)
+    with gemm_backend("onednn"):
+        packed = cpu_gemm.prepack(w)
+        assert packed.is_mkldnn and packed.shape == w.shape
+        want = x.double() @ w.double().t()
+        torch.testing.assert_close(cpu_gemm.linear(x, packed).double(), want, atol=1e-5, rtol=1e-5)
+        w.add_(1.0)  # later updates of w do not reach the copy
+        torch.testing.assert_close(cpu_gemm.linear(x, packed).double(), want, atol=1e-5, rtol=1e-5)
+
+
+@needs_onednn
+def test_prepack_falls_back_and_refuses_gradients():
+    x, w = _inputs((4, 16), 8, seed=5)
+    with gemm_backend("torch"):
+        assert cpu_gemm.prepack(w) is w  # no oneDNN path: the weight itself
+    with gemm_backend("onednn"):
+        assert cpu_gemm.prepack(w.double()).dtype == torch.float64  # not fp32: itself
+        packed = cpu_gemm.prepack(w)
+        with pytest.raises(ValueError, match="prepacked weight is for inference"):
+            cpu_gemm.linear(x.requires_grad_(True), packed)
+        with pytest.raises(ValueError, match="needs fp32 CPU inputs"):
+            cpu_gemm.linear(x.detach().double(), packed)
