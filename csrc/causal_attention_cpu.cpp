@@ -7,13 +7,16 @@
 // of models.packing. The output is [S, B, N, D] and the row log-sum-exp [B, N, S] is kept
 // for the backward (flash-attention style: no [S, S] matrix outlives a block).
 //
-// The products run on a register-blocked micro-kernel (4 rows x 64 columns of fp32
+// The products run on a register-blocked micro-kernel (6 rows x 64 columns of fp32
 // accumulators, the B operand's rows contiguous, the A operand read by broadcasts through
 // two strides, so transposed operands cost nothing). Forward: one task per (row, segment,
-// head, 64-query block); it computes the block's scores against every key up to its last
-// query, an exact softmax, and P V. Backward: one task per (row, segment, head) walking
-// 64-key blocks, each against the query blocks at or below it, accumulating dK and dV of the
-// block in place and dQ in the output; grouped heads' dK/dV are summed by the caller.
+// head); it transposes the head's keys once, then per 32-query block computes the scores
+// against every key up to the block's last query, an exact softmax, and P V. Backward: one
+// task per (row, segment, head) walking 32-key blocks, each against the 32-query blocks at
+// or below it, accumulating the block's dK and dV locally and dQ in the output; grouped
+// heads' dK/dV are summed by the caller. Tasks run longest first on a dynamic schedule.
+// 32-row blocks waste less above the diagonal than 64 (forward 1.1x, backward 1.2x faster
+// on 4 x 279-384-token segments) and the micro-kernel still fills its registers.
 #include <algorithm>
 #include <vector>
 
@@ -25,7 +28,8 @@ namespace hpc_rlhf {
 namespace {
 
 typedef float v16 __attribute__((vector_size(64)));
-constexpr int64_t kBlock = 64;  // query rows per forward task; key and query block (backward)
+constexpr int64_t kQueryBlock = 32;  // query rows per softmax block (forward)
+constexpr int64_t kBlock = 32;       // key and query block (backward)
 constexpr int kRows = 6;        // rows of a micro-kernel tile (x 4 vectors: 24 accumulators)
 
 inline __attribute__((always_inline)) v16 load16(const float* p) {
@@ -133,39 +137,43 @@ struct HeadView {
   float scale;
 };
 
-// Query rows [r0, r1) of one head: scores against keys [0, r1), softmax, P V -> out rows.
-HPC_SIMD_CLONES void forward_block(const HeadView& h, int64_t r0, int64_t r1, float* out,
-                                   int64_t o_ts, float* lse, std::vector<float>& scratch) {
-  const int64_t D = h.D, nq = r1 - r0, width = round16(r1);
-  scratch.resize(static_cast<size_t>((D + nq) * width));
-  float* kt = scratch.data();        // [D, width]
-  float* s = kt + D * width;         // [nq, width]
-  pack_transposed(h.k, h.k_ts, r1, D, width, kt);
-  gemm(nq, width, D, {h.q + r0 * h.q_ts, h.q_ts, 1}, kt, width, s, width, false);
-  float inv[kBlock];
-  for (int64_t i = 0; i < nq; ++i) {
-    float* row = s + i * width;
-    const int64_t valid = r0 + i + 1;  // causal: keys 0..r0+i
-    float mx = -std::numeric_limits<float>::infinity();
+// One head of one segment: its keys transposed once, then per block of query rows
+// [r0, r1): scores against keys [0, r1), an exact softmax, P V -> out rows, lse.
+HPC_SIMD_CLONES void forward_head(const HeadView& h, float* out, int64_t o_ts, float* lse,
+                                  std::vector<float>& scratch) {
+  const int64_t D = h.D, L = h.len, full = round16(L);
+  scratch.resize(static_cast<size_t>((D + kQueryBlock) * full));
+  float* kt = scratch.data();   // [D, full]
+  float* s = kt + D * full;     // [rows of a block, width]
+  pack_transposed(h.k, h.k_ts, L, D, full, kt);
+  float inv[kQueryBlock];
+  for (int64_t r0 = 0; r0 < L; r0 += kQueryBlock) {
+    const int64_t r1 = std::min(L, r0 + kQueryBlock), nq = r1 - r0, width = round16(r1);
+    gemm(nq, width, D, {h.q + r0 * h.q_ts, h.q_ts, 1}, kt, full, s, width, false);
+    for (int64_t i = 0; i < nq; ++i) {
+      float* row = s + i * width;
+      const int64_t valid = r0 + i + 1;  // causal: keys 0..r0+i
+      float mx = -std::numeric_limits<float>::infinity();
 #pragma omp simd reduction(max : mx)
-    for (int64_t c = 0; c < valid; ++c) mx = std::max(mx, row[c]);
-    mx *= h.scale;
-    float sum = 0.0f;
+      for (int64_t c = 0; c < valid; ++c) mx = std::max(mx, row[c]);
+      mx *= h.scale;
+      float sum = 0.0f;
 #pragma omp simd reduction(+ : sum)
-    for (int64_t c = 0; c < valid; ++c) {
-      const float p = fast_exp(row[c] * h.scale - mx);
-      row[c] = p;
-      sum += p;
+      for (int64_t c = 0; c < valid; ++c) {
+        const float p = fast_exp(row[c] * h.scale - mx);
+        row[c] = p;
+        sum += p;
+      }
+      for (int64_t c = valid; c < width; ++c) row[c] = 0.0f;
+      lse[r0 + i] = mx + std::log(sum);
+      inv[i] = 1.0f / sum;
     }
-    for (int64_t c = valid; c < width; ++c) row[c] = 0.0f;
-    lse[r0 + i] = mx + std::log(sum);
-    inv[i] = 1.0f / sum;
-  }
-  float* o = out + r0 * o_ts;
-  gemm(nq, D, r1, {s, width, 1}, h.v, h.v_ts, o, o_ts, false);
-  for (int64_t i = 0; i < nq; ++i) {
+    float* o = out + r0 * o_ts;
+    gemm(nq, D, r1, {s, width, 1}, h.v, h.v_ts, o, o_ts, false);
+    for (int64_t i = 0; i < nq; ++i) {
 #pragma omp simd
-    for (int64_t d = 0; d < D; ++d) o[i * o_ts + d] *= inv[i];
+      for (int64_t d = 0; d < D; ++d) o[i * o_ts + d] *= inv[i];
+    }
   }
 }
 
@@ -327,22 +335,17 @@ std::tuple<at::Tensor, at::Tensor> causal_attention_fwd_cpu(const at::Tensor& q,
   at::Tensor out = at::empty({pr.S, pr.B, pr.N, pr.D}, q.options());
   at::Tensor lse = at::empty({pr.B, pr.N, pr.S}, q.options());
   const std::vector<HeadTask> heads = head_tasks(pr);
-  std::vector<std::pair<size_t, int64_t>> blocks;  // (head task, first query row)
-  for (size_t i = 0; i < heads.size(); ++i) {
-    for (int64_t r0 = 0; r0 < heads[i].len; r0 += kBlock) blocks.emplace_back(i, r0);
-  }
   const int64_t o_ts = pr.B * pr.N * pr.D;
 #pragma omp parallel num_threads(at::get_num_threads())
   {
     std::vector<float> scratch;
 #pragma omp for schedule(dynamic, 1)
-    for (size_t j = 0; j < blocks.size(); ++j) {
-      const HeadTask& t = heads[blocks[j].first];
-      const int64_t r0 = blocks[j].second;
+    for (size_t i = 0; i < heads.size(); ++i) {
+      const HeadTask& t = heads[i];
       const HeadView h = head_view(q, k, v, pr, t, static_cast<float>(scale));
       float* o = out.data_ptr<float>() + sbhd_offset(pr, pr.N, t);
       float* l = lse.data_ptr<float>() + (t.b * pr.N + t.head) * pr.S + t.start;
-      forward_block(h, r0, std::min(t.len, r0 + kBlock), o, o_ts, l, scratch);
+      forward_head(h, o, o_ts, l, scratch);
     }
   }
   return {out, lse};
