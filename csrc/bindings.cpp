@@ -171,6 +171,8 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         "causal attention within segments of [S, B, N, D] -> (out, row log-sum-exp [B, N, S])");
   m.def("causal_attention_bwd_cpu", &hpc_rlhf::causal_attention_bwd_cpu,
         "gradients (dq, dk, dv per query head) of causal_attention_fwd_cpu");
+  m.def("rope_cpu", &hpc_rlhf::rope_cpu,
+        "rotate-half RoPE of [S, B, H, D] at table rows pos (transpose: its gradient)");
 #ifdef HPC_RLHF_WITH_CUDA
   m.attr("WITH_CUDA") = true;
   m.def("logprobs_fwd_cuda", &hpc_rlhf::logprobs_fwd_cuda, "CUDA logprobs forward");

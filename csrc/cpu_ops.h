@@ -99,4 +99,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> causal_attention_bwd_cpu(
     const at::Tensor& lse, const at::Tensor& grad_out, const at::Tensor& cu_seqlens,
     double scale);
 
+at::Tensor rope_cpu(const at::Tensor& t, const at::Tensor& cos, const at::Tensor& sin,
+                    const at::Tensor& pos, bool transpose);
+
 }  // namespace hpc_rlhf

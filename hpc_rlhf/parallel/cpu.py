@@ -13,6 +13,7 @@ the installed package, and sends the linear layers' GEMMs to ``hpc_rlhf.ops.cpu_
 * the column/row-parallel layers' trainable GEMM function runs forward and input gradient
   on oneDNN when no GPU-only feature (sequence parallelism, fused accumulation) is on, and
   the vocabulary-parallel embedding's weight gradient is sparse;
+* megatron's unfused RoPE runs as the one-pass ``ops.rope`` kernel where it applies;
 * the tensor-parallel RNG helpers are pointed at the CPU generator;
 * the few functions that compare ``tensor.type()`` with CUDA type names run with CPU type
   names reported as their CUDA counterparts.
@@ -341,6 +342,73 @@ class _SparseEmbeddingFunctional(types.ModuleType):
         return getattr(torch.nn.functional, name)
 
 
+class _RopeTables:
+    """cos/sin ``[P, D]`` of megatron's latest ``freqs`` ``[P, 1, 1, D]`` (the rotary
+    embedding is computed once per forward and shared by every layer's query and key)."""
+
+    def __init__(self):
+        self.freqs: torch.Tensor | None = None  # held, so its storage cannot be reused
+        self.key: tuple = ()
+        self.tables: tuple[torch.Tensor, torch.Tensor] | None = None
+
+    def get(self, freqs: torch.Tensor, mscale: float) -> tuple[torch.Tensor, torch.Tensor]:
+        key = (freqs._version, float(mscale))
+        if freqs is not self.freqs or key != self.key or self.tables is None:
+            angles_PD = freqs.detach().reshape(freqs.shape[0], freqs.shape[-1]).float()
+            self.tables = (torch.cos(angles_PD) * mscale, torch.sin(angles_PD) * mscale)
+            self.freqs, self.key = freqs, key
+        return self.tables
+
+
+def _segment_positions(cu_seqlens: torch.Tensor, total: int) -> torch.Tensor:
+    """Each packed token's index within its segment ``[T]`` (int64)."""
+    cu = cu_seqlens.long().cpu()
+    lengths = cu[1:] - cu[:-1]
+    return torch.arange(total) - torch.repeat_interleave(cu[:-1], lengths)
+
+
+def _patch_rope() -> None:
+    """megatron-core's unfused rotate-half RoPE (``apply_rope_fusion`` off, as on CPU) runs
+    as ``ops.rope`` (one pass each way instead of five) for fp32 tensors without context
+    parallelism, in both the ``sbhd`` and the packed ``thd`` layout (positions restarting
+    at each segment, megatron's mapping when ``freqs`` has one row per position of the
+    longest segment). Anything else (interleaved or partial rotary dims, multi-latent
+    attention, context parallelism, ``freqs`` with one row per packed token) runs
+    megatron's own function."""
+    from megatron.core import parallel_state
+    from megatron.core.transformer import attention
+
+    from hpc_rlhf.ops.rope import rope
+
+    megatron_rope = attention.apply_rotary_pos_emb
+    tables = _RopeTables()
+
+    def rope_on_cpu(t, freqs, config, cu_seqlens=None, mscale=1.0, cp_group=None):
+        cp = cp_group or parallel_state.get_context_parallel_group(check_initialized=False)
+        rows = t.shape[0]
+        plain = (
+            not config.apply_rope_fusion
+            and not config.rotary_interleaved
+            and not config.multi_latent_attention
+            and t.dtype == torch.float32
+            and (cp is None or cp.size() == 1)
+            and freqs.dim() == 4
+            and freqs.shape[1:3] == (1, 1)
+            and freqs.shape[-1] == t.shape[-1]
+        )
+        if plain and cu_seqlens is None and freqs.shape[0] == rows and t.dim() == 4:
+            cos_PD, sin_PD = tables.get(freqs, mscale)
+            return rope(t, cos_PD, sin_PD, torch.arange(rows))
+        if plain and cu_seqlens is not None and t.dim() == 3 and freqs.shape[0] != rows:
+            pos_T = _segment_positions(cu_seqlens, rows)
+            if int(pos_T.max()) < freqs.shape[0]:
+                cos_PD, sin_PD = tables.get(freqs, mscale)
+                return rope(t.unsqueeze(1), cos_PD, sin_PD, pos_T).squeeze(1)
+        return megatron_rope(t, freqs, config, cu_seqlens, mscale=mscale, cp_group=cp_group)
+
+    attention.apply_rotary_pos_emb = rope_on_cpu
+
+
 def _tensor_cuda_on_cpu(self, device=None, non_blocking=False, **kwargs):
     """``Tensor.cuda()`` without CUDA: megatron moves freshly built CPU tensors; keep them."""
     return self
@@ -367,6 +435,7 @@ def apply_cpu_patches() -> list[str]:
     _patch_rng_helpers()
     _patch_type_checks()
     _patch_tensor_parallel_layers()
+    _patch_rope()
     torch.Tensor.cuda = _tensor_cuda_on_cpu  # type: ignore[assignment]
     _APPLIED = True
     logger.info(
