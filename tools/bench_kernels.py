@@ -21,7 +21,7 @@ is used instead. Timing uses all cores (torch.get_num_threads()); it prints the 
 minimum of repeated calls (the minimum is the better estimate when other processes share the
 cores: the load average is printed at start and end).
 
-Usage: python tools/bench_kernels.py [--quick]
+Usage: python tools/bench_kernels.py [--quick] [--ops causal_attention ...]
 """
 
 from __future__ import annotations
@@ -297,6 +297,9 @@ def _mem_ratio(ours: int, base: int) -> str:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--quick", action="store_true", help="small shapes (smoke run)")
+    parser.add_argument(
+        "--ops", nargs="+", metavar="OP", help="only these ops (e.g. causal_attention)"
+    )
     parser.add_argument("--child", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.child:
@@ -310,7 +313,8 @@ def main() -> None:
     if device == "cpu":
         print("triton on CPU: not timed (it only runs in the interpreter there)")
     print(f"host load average at start: {os.getloadavg()}")
-    for op, modes, reps in PLAN:
+    plan = [row for row in PLAN if not args.ops or row[0].split()[0] in args.ops]
+    for op, modes, reps in plan:
         floors = floor_bytes(op, s)
         for mode in modes:
             print(f"\n== {op} [{mode}]")
