@@ -168,16 +168,16 @@ def _attention_call(impl: str, grad: bool, s: dict, device: str):
     """One packed row's causal attention; the eager baseline is torch SDPA per segment."""
     from hpc_rlhf.ops.causal_attention import causal_attention, causal_attention_reference
 
-    qkv, g, cu = _attention_inputs(s, device, grad)
+    (q, k, v), g, cu = _attention_inputs(s, device, grad)
 
     def run():
         if impl == "eager":
-            out = causal_attention_reference(*qkv, cu)
+            out = causal_attention_reference(q, k, v, cu)
         else:
-            out = causal_attention(*qkv, cu, backend=impl)
+            out = causal_attention(q, k, v, cu, backend=impl)
         if grad:
             out.backward(g)
-            for t in qkv:
+            for t in (q, k, v):
                 t.grad = None
         return out
 
