@@ -33,7 +33,6 @@ import math
 from dataclasses import dataclass
 
 import torch
-import torch.nn.functional as F
 
 from hpc_rlhf.config import GENERATION_ATTENTION_BACKENDS
 from hpc_rlhf.ops.causal_attention import causal_attention
@@ -106,23 +105,22 @@ def kv_layout(backend: str) -> str:
 # ----------------------------------------------------------------------------- prefill
 
 
+def _prefill_attention(q_THD, k_TGD, v_TGD, seq_lens: list[int], backend: str) -> torch.Tensor:
+    """Causal attention within each packed sequence through ``ops.causal_attention``:
+    ``[T, Hq*D]``."""
+    cu_seqlens = torch.tensor([0, *seq_lens]).cumsum(0)
+    out_T1HD = causal_attention(
+        q_THD.unsqueeze(1), k_TGD.unsqueeze(1), v_TGD.unsqueeze(1), cu_seqlens, backend=backend
+    )
+    return out_T1HD.reshape(q_THD.shape[0], -1)
+
+
 def prefill_attention_torch(
     q_THD: torch.Tensor, k_TGD: torch.Tensor, v_TGD: torch.Tensor, seq_lens: list[int]
 ) -> torch.Tensor:
-    """Causal attention within each packed sequence: ``[T, Hq*D]``."""
-    T, Hq, D = q_THD.shape
-    out_THD = torch.empty_like(q_THD)
-    start = 0
-    for n in seq_lens:
-        q_1HSD = q_THD[start : start + n].transpose(0, 1)[None]
-        k_1GSD = k_TGD[start : start + n].transpose(0, 1)[None]
-        v_1GSD = v_TGD[start : start + n].transpose(0, 1)[None]
-        o_1HSD = F.scaled_dot_product_attention(
-            q_1HSD, k_1GSD, v_1GSD, is_causal=True, enable_gqa=Hq != k_TGD.shape[1]
-        )
-        out_THD[start : start + n] = o_1HSD[0].transpose(0, 1)
-        start += n
-    return out_THD.reshape(T, Hq * D)
+    """Causal attention within each packed sequence, SDPA per sequence (the op's
+    reference): ``[T, Hq*D]``."""
+    return _prefill_attention(q_THD, k_TGD, v_TGD, seq_lens, "torch")
 
 
 def prefill_attention_cpp(
@@ -131,11 +129,7 @@ def prefill_attention_cpp(
     """Causal attention within each packed sequence on the C++ CPU kernel of
     ``ops.causal_attention`` (its ``auto`` choice: the torch reference where the kernel does
     not apply, e.g. a head dim that is not a multiple of 16): ``[T, Hq*D]``."""
-    cu_seqlens = torch.tensor([0, *seq_lens]).cumsum(0)
-    out_T1HD = causal_attention(
-        q_THD.unsqueeze(1), k_TGD.unsqueeze(1), v_TGD.unsqueeze(1), cu_seqlens
-    )
-    return out_T1HD.reshape(q_THD.shape[0], -1)
+    return _prefill_attention(q_THD, k_TGD, v_TGD, seq_lens, "auto")
 
 
 def prefill_attention_flash(q_THD, k_TGD, v_TGD, seq_lens: list[int]) -> torch.Tensor:

@@ -88,16 +88,12 @@ class Rope:
 
 
 def apply_rope(x_TND: torch.Tensor, cos_T1D: torch.Tensor, sin_T1D: torch.Tensor) -> torch.Tensor:
-    """Rotate-half RoPE: ``x cos + rotate_half(x) sin`` (fp32 on CPU: the one-pass
-    ``ops.rope`` kernel, each token its own table row; elsewhere the torch formula, which
-    CUDA graphs capture)."""
-    if x_TND.device.type == "cpu" and x_TND.dtype == torch.float32:
-        T, _, D = x_TND.shape
-        table = (cos_T1D.reshape(T, D), sin_T1D.reshape(T, D))
-        return rope(x_TND.unsqueeze(1), *table, torch.arange(T)).squeeze(1)
-    half = x_TND.shape[-1] // 2
-    rotated = torch.cat([-x_TND[..., half:], x_TND[..., :half]], dim=-1)
-    return x_TND * cos_T1D + rotated * sin_T1D
+    """Rotate-half RoPE ``x cos + rotate_half(x) sin`` through ``ops.rope``, each token its
+    own table row (fp32 on CPU: the one-pass kernel; elsewhere the op's torch formula)."""
+    T, _, D = x_TND.shape
+    pos_T = torch.arange(T, device=x_TND.device)
+    table = (cos_T1D.reshape(T, D), sin_T1D.reshape(T, D))
+    return rope(x_TND.unsqueeze(1), *table, pos_T).squeeze(1)
 
 
 # attention(layer, q [T, Hq, D], k [T, G, D], v [T, G, D]) -> [T, Hq*D]; it stores k/v too

@@ -11,6 +11,8 @@ from hpc_rlhf.inference.attention import (
     build_decode_meta,
     decode_attention_cpp,
     decode_attention_torch,
+    prefill_attention_cpp,
+    prefill_attention_torch,
 )
 from hpc_rlhf.inference.kv_cache import BlockAllocator
 from hpc_rlhf.inference.sampling import (
@@ -198,3 +200,23 @@ def test_cpp_decode_attention_refuses_lengths_past_the_table():
     meta = build_decode_meta([[0, 1]], [9], 4)  # 9 tokens need 3 blocks of 4
     with pytest.raises(RuntimeError, match="exceeds its block table"):
         decode_attention_cpp(torch.zeros(1, 2, 8), k_pool, k_pool, meta)
+
+
+@pytest.mark.parametrize("prefill", [prefill_attention_torch, prefill_attention_cpp])
+def test_prefill_attention_matches_per_sequence_float64(prefill):
+    """Packed prompts of 5, 1 and 40 tokens, 4 query heads over 2 KV heads."""
+    gen = torch.Generator().manual_seed(11)
+    lens, Hq, G, D = [5, 1, 40], 4, 2, 16
+    q, k, v = (torch.randn(sum(lens), h, D, generator=gen) for h in (Hq, G, G))
+    out = prefill(q, k, v, lens)
+    start = 0
+    for n in lens:
+        qs = q[start : start + n].double().transpose(0, 1)  # [Hq, n, D]
+        ks = k[start : start + n].double().transpose(0, 1).repeat_interleave(Hq // G, 0)
+        vs = v[start : start + n].double().transpose(0, 1).repeat_interleave(Hq // G, 0)
+        scores = qs @ ks.transpose(1, 2) / math.sqrt(D)
+        above = torch.ones(n, n, dtype=torch.bool).triu(1)
+        want = (scores.masked_fill(above, float("-inf")).softmax(-1) @ vs).transpose(0, 1)
+        got = out[start : start + n].view(n, Hq, D).double()
+        torch.testing.assert_close(got, want, atol=2e-5, rtol=1e-5)
+        start += n
