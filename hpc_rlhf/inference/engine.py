@@ -49,6 +49,7 @@ from hpc_rlhf.inference.sampling import (
 )
 from hpc_rlhf.inference.scheduler import PrefillItem, Scheduler, Sequence
 from hpc_rlhf.inference.weights import GenerationWeights, StaleWeightsError, generation_weights
+from hpc_rlhf.models.packing import segment_positions
 from hpc_rlhf.utils.logging import info_once_then_debug
 
 if TYPE_CHECKING:  # CUDA-only module, imported on first use
@@ -304,7 +305,7 @@ class GenerationEngine:
         cache = self._require_cache()
         lens = [len(item.tokens) for item in items]
         ids_T = torch.tensor([t for item in items for t in item.tokens], device=self.device)
-        pos_T = torch.cat([torch.arange(n) for n in lens]).to(self.device)
+        pos_T = segment_positions(lens).to(self.device)
         blocks: list[int] = []
         offsets: list[int] = []
         for item in items:

@@ -61,7 +61,7 @@ class PackedLayout:
         device = keep_BS.device
         cu = torch.zeros(len(seg_lengths) + 1, dtype=torch.int32)
         cu[1:] = torch.tensor(seg_lengths).cumsum(0)
-        positions_T = torch.cat([torch.arange(n) for n in seg_lengths])
+        positions_T = segment_positions(seg_lengths)
         return cls(
             flat_index_N=keep_BS.reshape(-1).nonzero().squeeze(1),
             starts_B=cu[:B].long().to(device),
@@ -119,6 +119,14 @@ def packed_length(mask_BS: torch.Tensor, multiple: int = 1) -> int | None:
         return None
     T = -(-int(lengths_B.sum()) // multiple) * multiple
     return T if T < B * S else None
+
+
+def segment_positions(lengths) -> torch.Tensor:
+    """``[T]`` (int64, CPU): each packed token's index within its segment, for segment
+    ``lengths`` (a list or 1-D tensor) laid end to end: positions restart at every one."""
+    lengths_N = torch.as_tensor(lengths, dtype=torch.long).cpu()
+    starts_N = lengths_N.cumsum(0) - lengths_N
+    return torch.arange(int(lengths_N.sum())) - torch.repeat_interleave(starts_N, lengths_N)
 
 
 def segment_bounds(packed_seq_params) -> list[tuple[int, int]]:

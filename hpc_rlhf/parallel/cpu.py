@@ -360,13 +360,6 @@ class _RopeTables:
         return self.tables
 
 
-def _segment_positions(cu_seqlens: torch.Tensor, total: int) -> torch.Tensor:
-    """Each packed token's index within its segment ``[T]`` (int64)."""
-    cu = cu_seqlens.long().cpu()
-    lengths = cu[1:] - cu[:-1]
-    return torch.arange(total) - torch.repeat_interleave(cu[:-1], lengths)
-
-
 def _patch_rope() -> None:
     """megatron-core's unfused rotate-half RoPE (``apply_rope_fusion`` off, as on CPU) runs
     as ``ops.rope`` (one pass each way instead of five) for fp32 tensors without context
@@ -378,6 +371,7 @@ def _patch_rope() -> None:
     from megatron.core import parallel_state
     from megatron.core.transformer import attention
 
+    from hpc_rlhf.models.packing import segment_positions
     from hpc_rlhf.ops.rope import rope
 
     megatron_rope = attention.apply_rotary_pos_emb
@@ -400,7 +394,8 @@ def _patch_rope() -> None:
             cos_PD, sin_PD = tables.get(freqs, mscale)
             return rope(t, cos_PD, sin_PD, torch.arange(rows))
         if plain and cu_seqlens is not None and t.dim() == 3 and freqs.shape[0] != rows:
-            pos_T = _segment_positions(cu_seqlens, rows)
+            cu = cu_seqlens.long().cpu()
+            pos_T = segment_positions(cu[1:] - cu[:-1])
             if int(pos_T.max()) < freqs.shape[0]:
                 cos_PD, sin_PD = tables.get(freqs, mscale)
                 return rope(t.unsqueeze(1), cos_PD, sin_PD, pos_T).squeeze(1)

@@ -7,7 +7,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from hpc_rlhf.models.packing import PackedLayout
+from hpc_rlhf.models.packing import PackedLayout, segment_positions
 from tests.dist import run_world
 from tests.parallel.common import TINY, layout_parallel_config, random_hf_state
 
@@ -168,3 +168,9 @@ def _assert_same(out: dict) -> None:
         for name, grad in padded["grads"].items():
             assert grad.abs().max() > 0 or "score" in name, name
             torch.testing.assert_close(packed["grads"][name], grad, atol=2e-5, rtol=1e-4)
+
+
+def test_segment_positions_restart_at_every_segment():
+    assert segment_positions([3, 0, 2, 1]).tolist() == [0, 1, 2, 0, 1, 0]
+    assert segment_positions(torch.tensor([4])).tolist() == [0, 1, 2, 3]
+    assert segment_positions([]).numel() == 0
