@@ -31,6 +31,26 @@ TOL = {
 }
 
 
+FP32_EPS = torch.finfo(torch.float32).eps
+
+
+def assert_matmul_close(got: torch.Tensor, want64: torch.Tensor, a: torch.Tensor, b: torch.Tensor):
+    """``got`` (an fp32 product ``a @ b``, summed over ``K = a.shape[-1]``) against the
+    float64 ``want64`` within the standard rounding-error bound of an fp32 dot product:
+    ``|got - want| <= K * eps32 * (|a| @ |b|)`` element-wise (Higham, Accuracy and
+    Stability of Numerical Algorithms, 3.1), plus the rounding of the result itself.
+
+    The bound holds for any summation order, so it does not depend on which kernels
+    (blocking, vector width, AMX/AVX-512) a CPU's oneDNN or MKL picks, while a wrong
+    result (a missing transpose, a wrong row) is off by O(|a| |b|), far outside it."""
+    K = a.shape[-1]
+    scale64 = a.double().abs() @ b.double().abs()
+    bound = K * FP32_EPS * scale64 + FP32_EPS * want64.abs() + 1e-30
+    err = (got.double() - want64).abs()
+    worst = float((err / bound).max()) if err.numel() else 0.0
+    assert worst <= 1.0, f"error {float(err.max()):.3g} exceeds the fp32 bound (ratio {worst:.3g})"
+
+
 def oracle_logprobs(logits, labels, g_lp, g_ent):
     """float64 log_softmax + gather and entropy, and d(sum g_lp*logp + g_ent*H)/d logits."""
     x = logits.detach().double().requires_grad_(True)

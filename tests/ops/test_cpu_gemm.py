@@ -8,6 +8,7 @@ import pytest
 import torch
 
 from hpc_rlhf.ops import cpu_gemm
+from tests.ops._common import assert_matmul_close
 
 HAVE_ONEDNN = cpu_gemm.onednn_available()
 needs_onednn = pytest.mark.skipif(not HAVE_ONEDNN, reason="torch built without oneDNN")
@@ -48,7 +49,7 @@ def test_linear_forward_matches_float64(shape_x, n, x_transposed):
         out = cpu_gemm.linear(x, w)
     want = x.double() @ w.double().t()
     assert out.shape == (*shape_x[:-1], n) and out.dtype == torch.float32
-    torch.testing.assert_close(out.double(), want, atol=1e-5, rtol=1e-5)
+    assert_matmul_close(out, want, x, w.t())
 
 
 @needs_onednn
@@ -62,22 +63,23 @@ def test_linear_gradients_match_float64(shape_x, n):
     xr, wr = x.clone().requires_grad_(True), w.clone().requires_grad_(True)
     with gemm_backend("onednn"):
         (cpu_gemm.linear(xr, wr) * g).sum().backward()
-    torch.testing.assert_close(xr.grad.double(), x64.grad, atol=1e-5, rtol=1e-5)
-    torch.testing.assert_close(wr.grad.double(), w64.grad, atol=1e-5, rtol=1e-5)
+    g_2d, x_2d = g.reshape(-1, n), x.reshape(-1, x.shape[-1])
+    assert_matmul_close(xr.grad, x64.grad, g, w)  # dx = g @ w, summed over N
+    assert_matmul_close(wr.grad, w64.grad, g_2d.t(), x_2d)  # dw = g^T @ x, over the rows
     # only the weight needs a gradient (a frozen activation): still correct
     wr.grad = None
     with gemm_backend("onednn"):
         (cpu_gemm.linear(x, wr) * g).sum().backward()
-    torch.testing.assert_close(wr.grad.double(), w64.grad, atol=1e-5, rtol=1e-5)
+    assert_matmul_close(wr.grad, w64.grad, g_2d.t(), x_2d)
 
 
 @needs_onednn
 def test_matmul_routes_transposed_weights_and_keeps_other_cases():
     x, w = _inputs((5, 4, 32), 12, seed=7)
     with gemm_backend("onednn"):
-        torch.testing.assert_close(cpu_gemm.matmul(x, w.t()), x @ w.t(), atol=1e-5, rtol=1e-5)
+        assert_matmul_close(cpu_gemm.matmul(x, w.t()), x.double() @ w.double().t(), x, w.t())
         b = torch.randn(32, 6)  # a contiguous right operand goes the same way
-        torch.testing.assert_close(cpu_gemm.matmul(x, b), x @ b, atol=1e-5, rtol=1e-5)
+        assert_matmul_close(cpu_gemm.matmul(x, b), x.double() @ b.double(), x, b)
         batched = torch.randn(5, 32, 6)  # 3-d right operand: torch.matmul semantics
         torch.testing.assert_close(cpu_gemm.matmul(x, batched), torch.matmul(x, batched))
         v = torch.randn(32)
@@ -108,10 +110,10 @@ def test_prepacked_weight_matches_float64_and_is_a_snapshot(shape_x, n):
     with gemm_backend("onednn"):
         packed = cpu_gemm.prepack(w)
         assert packed.is_mkldnn and packed.shape == w.shape
-        want = x.double() @ w.double().t()
-        torch.testing.assert_close(cpu_gemm.linear(x, packed).double(), want, atol=1e-5, rtol=1e-5)
+        want, w_t = x.double() @ w.double().t(), w.t().clone()
+        assert_matmul_close(cpu_gemm.linear(x, packed), want, x, w_t)
         w.add_(1.0)  # later updates of w do not reach the copy
-        torch.testing.assert_close(cpu_gemm.linear(x, packed).double(), want, atol=1e-5, rtol=1e-5)
+        assert_matmul_close(cpu_gemm.linear(x, packed), want, x, w_t)
 
 
 @needs_onednn
