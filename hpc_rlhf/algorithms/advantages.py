@@ -1,7 +1,7 @@
 """Advantage estimators, registered by name: ``gae``, ``grpo``, ``rloo``.
 
-All are pure tensor functions returning ``(advantages_BT, returns_BT)`` (fp32, zero where
-``mask_BT`` is false). ``whiten`` normalises over the valid tokens, optionally across the
+All take one signature (``compute_advantages``) and are pure tensor functions returning
+``(advantages_BS, returns_BS)`` (fp32, zero where ``mask_BS`` is false). ``whiten`` normalises over the valid tokens, optionally across the
 ranks of an explicit process group (the data-parallel group) so every rank uses the same
 global statistics.
 """
@@ -11,6 +11,8 @@ from __future__ import annotations
 from collections.abc import Callable
 
 import torch
+
+from hpc_rlhf.parallel.comm import group_sum
 
 ADVANTAGES: dict[str, Callable] = {}
 
@@ -23,65 +25,76 @@ def register(name: str):
     return deco
 
 
-def compute_advantages(name: str, **kwargs) -> tuple[torch.Tensor, torch.Tensor]:
-    """Dispatch to the estimator registered as ``name``."""
+def compute_advantages(
+    name: str,
+    rewards_BS: torch.Tensor,
+    mask_BS: torch.Tensor,
+    values_BS: torch.Tensor | None = None,
+    *,
+    gamma: float = 1.0,
+    lam: float = 0.95,
+    group_size: int = 1,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(advantages_BS, returns_BS)`` of the estimator registered as ``name``.
+
+    Every estimator takes the same inputs: token rewards ``rewards_BS`` (zero off
+    ``mask_BS``; a sequence's return is their sum), the critic's ``values_BS`` (GAE only)
+    and the number of samples per prompt ``group_size`` (consecutive rows; the group
+    estimators only)."""
     if name not in ADVANTAGES:
         raise ValueError(
             f"unknown advantage estimator {name!r}; expected one of {sorted(ADVANTAGES)}"
         )
-    return ADVANTAGES[name](**kwargs)
-
-
-@register("gae")
-def gae_advantages(rewards_BT, values_BT, mask_BT, gamma=1.0, lam=0.95, backend="auto", **_):
-    """Generalised advantage estimation over valid tokens (``hpc_rlhf.ops.masked_gae``)."""
-    from hpc_rlhf.ops import masked_gae
-
-    return masked_gae(
-        rewards_BT.float(), values_BT.float(), mask_BT, gamma=gamma, lam=lam, backend=backend
+    return ADVANTAGES[name](
+        rewards_BS, mask_BS, values_BS, gamma=gamma, lam=lam, group_size=group_size
     )
 
 
-def _group_scores(score_B: torch.Tensor, group_size: int) -> torch.Tensor:
-    if score_B.shape[0] % group_size:
-        raise ValueError(
-            f"batch of {score_B.shape[0]} is not a multiple of group size {group_size}"
-        )
-    return score_B.float().view(-1, group_size)
+@register("gae")
+def gae_advantages(rewards_BS, mask_BS, values_BS, *, gamma, lam, group_size):
+    """Generalised advantage estimation over valid tokens (``hpc_rlhf.ops.masked_gae``)."""
+    from hpc_rlhf.ops import masked_gae
+
+    if values_BS is None:
+        raise ValueError("the gae advantage needs critic values")
+    return masked_gae(rewards_BS.float(), values_BS.float(), mask_BS, gamma=gamma, lam=lam)
+
+
+def _group_returns(rewards_BS: torch.Tensor, group_size: int) -> torch.Tensor:
+    """``[G, n]`` sequence returns (summed token rewards) of ``group_size`` samples each."""
+    B = rewards_BS.shape[0]
+    if B % group_size:
+        raise ValueError(f"batch of {B} is not a multiple of group size {group_size}")
+    return rewards_BS.float().sum(dim=1).view(-1, group_size)
 
 
 @register("grpo")
-def grpo_advantages(score_B, mask_BT, group_size: int, eps: float = 1e-6, scale: bool = True, **_):
-    """GRPO: each sample's score minus its group's mean (over the ``n`` samples of a prompt),
-    divided by the group's std when ``scale``; the same advantage on every valid token."""
-    scores_GN = _group_scores(score_B, group_size)
-    adv_GN = scores_GN - scores_GN.mean(dim=1, keepdim=True)
-    if scale:
-        adv_GN = adv_GN / (scores_GN.std(dim=1, keepdim=True, unbiased=True) + eps)
-    adv_BT = adv_GN.reshape(-1, 1) * mask_BT.float()
-    return adv_BT, adv_BT.clone()
+def grpo_advantages(rewards_BS, mask_BS, values_BS, *, gamma, lam, group_size, eps=1e-6):
+    """GRPO: each sample's return minus its group's mean (over the ``n`` samples of a
+    prompt), divided by the group's std; the same advantage on every valid token."""
+    returns_Gn = _group_returns(rewards_BS, group_size)
+    adv_Gn = returns_Gn - returns_Gn.mean(dim=1, keepdim=True)
+    adv_Gn = adv_Gn / (returns_Gn.std(dim=1, keepdim=True, unbiased=True) + eps)
+    adv_BS = adv_Gn.reshape(-1, 1) * mask_BS.float()
+    return adv_BS, adv_BS.clone()
 
 
 @register("rloo")
-def rloo_advantages(score_B, mask_BT, group_size: int, **_):
-    """RLOO: each sample's score minus the mean score of the other samples of its prompt."""
+def rloo_advantages(rewards_BS, mask_BS, values_BS, *, gamma, lam, group_size):
+    """RLOO: each sample's return minus the mean return of the other samples of its prompt."""
     if group_size < 2:
         raise ValueError("rloo needs at least 2 samples per prompt")
-    scores_GN = _group_scores(score_B, group_size)
-    baseline_GN = (scores_GN.sum(dim=1, keepdim=True) - scores_GN) / (group_size - 1)
-    adv_BT = (scores_GN - baseline_GN).reshape(-1, 1) * mask_BT.float()
-    return adv_BT, adv_BT.clone()
+    returns_Gn = _group_returns(rewards_BS, group_size)
+    baseline_Gn = (returns_Gn.sum(dim=1, keepdim=True) - returns_Gn) / (group_size - 1)
+    adv_BS = (returns_Gn - baseline_Gn).reshape(-1, 1) * mask_BS.float()
+    return adv_BS, adv_BS.clone()
 
 
-def masked_mean_var(x_BT: torch.Tensor, mask_BT: torch.Tensor, group=None):
+def masked_mean_var(x_BS: torch.Tensor, mask_BS: torch.Tensor, group=None):
     """Mean and (biased) variance over valid tokens, across ``group`` when given."""
-    import torch.distributed as dist
-
-    mask_BT = mask_BT.float()
-    stats = torch.stack([(x_BT * mask_BT).sum(), (x_BT.square() * mask_BT).sum(), mask_BT.sum()])
-    stats = stats.double()
-    if group is not None and dist.get_world_size(group) > 1:
-        dist.all_reduce(stats, group=group)
+    mask_BS = mask_BS.float()
+    stats = torch.stack([(x_BS * mask_BS).sum(), (x_BS.square() * mask_BS).sum(), mask_BS.sum()])
+    stats = group_sum(stats.double(), group)
     count = stats[2].clamp(min=1.0)
     mean = stats[0] / count
     var = (stats[1] / count - mean.square()).clamp(min=0.0)
@@ -89,15 +102,15 @@ def masked_mean_var(x_BT: torch.Tensor, mask_BT: torch.Tensor, group=None):
 
 
 def whiten(
-    x_BT: torch.Tensor,
-    mask_BT: torch.Tensor,
+    x_BS: torch.Tensor,
+    mask_BS: torch.Tensor,
     group=None,
     shift_mean: bool = True,
     eps: float = 1e-8,
 ) -> torch.Tensor:
     """``(x - mean) / std`` over the valid tokens (of every rank in ``group``); 0 elsewhere."""
-    mean, var = masked_mean_var(x_BT, mask_BT, group)
-    out_BT = (x_BT - mean) * torch.rsqrt(var + eps)
+    mean, var = masked_mean_var(x_BS, mask_BS, group)
+    out_BS = (x_BS - mean) * torch.rsqrt(var + eps)
     if not shift_mean:
-        out_BT = out_BT + mean
-    return out_BT * mask_BT.float()
+        out_BS = out_BS + mean
+    return out_BS * mask_BS.float()

@@ -21,13 +21,13 @@ KL_ESTIMATORS: dict[str, Callable[[torch.Tensor], torch.Tensor]] = {
 }
 
 
-def kl_estimate(logp_BT: torch.Tensor, ref_logp_BT: torch.Tensor, estimator: str = "k1"):
-    """Per-token KL estimate ``[B, T]`` (fp32) of policy vs reference."""
+def kl_estimate(logp_BS: torch.Tensor, ref_logp_BS: torch.Tensor, estimator: str = "k1"):
+    """Per-token KL estimate ``[B, S]`` (fp32) of policy vs reference."""
     if estimator not in KL_ESTIMATORS:
         raise ValueError(
             f"unknown KL estimator {estimator!r}; expected one of {list(KL_ESTIMATORS)}"
         )
-    return KL_ESTIMATORS[estimator](logp_BT.float() - ref_logp_BT.float())
+    return KL_ESTIMATORS[estimator](logp_BS.float() - ref_logp_BS.float())
 
 
 @dataclass

@@ -24,38 +24,38 @@ def combine_scores(scores: Sequence[torch.Tensor], weights: Sequence[float]) -> 
     return total_B
 
 
-def last_token_index(mask_BT: torch.Tensor) -> torch.Tensor:
+def last_token_index(mask_BS: torch.Tensor) -> torch.Tensor:
     """Index ``[B]`` of each row's last valid position (-1 for an empty row)."""
-    T = mask_BT.shape[1]
-    positions_BT = torch.arange(T, device=mask_BT.device).expand_as(mask_BT)
-    return torch.where(mask_BT.bool(), positions_BT, -1).max(dim=1).values
+    S = mask_BS.shape[1]
+    positions_BS = torch.arange(S, device=mask_BS.device).expand_as(mask_BS)
+    return torch.where(mask_BS.bool(), positions_BS, -1).max(dim=1).values
 
 
 def token_rewards(
     score_B: torch.Tensor,
-    logp_BT: torch.Tensor,
-    ref_logp_BT: torch.Tensor,
-    mask_BT: torch.Tensor,
+    logp_BS: torch.Tensor,
+    ref_logp_BS: torch.Tensor,
+    mask_BS: torch.Tensor,
     kl_coef: float,
     estimator: str = "k1",
     score_clip: float | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """``(rewards_BT, kl_BT)``: KL penalty on every valid token, the score on the last one.
+    """``(rewards_BS, kl_BS)``: KL penalty on every valid token, the score on the last one.
 
-    Positions where ``mask_BT`` is false get 0. ``score_clip`` clamps the score to
+    Positions where ``mask_BS`` is false get 0. ``score_clip`` clamps the score to
     ``[-clip, clip]`` before it is added.
     """
-    mask_BT = mask_BT.bool()
-    kl_BT = kl_estimate(logp_BT, ref_logp_BT, estimator) * mask_BT
-    rewards_BT = -kl_coef * kl_BT
+    mask_BS = mask_BS.bool()
+    kl_BS = kl_estimate(logp_BS, ref_logp_BS, estimator) * mask_BS
+    rewards_BS = -kl_coef * kl_BS
     score_B = score_B.float()
     if score_clip is not None:
         score_B = score_B.clamp(-score_clip, score_clip)
-    last_B = last_token_index(mask_BT)
+    last_B = last_token_index(mask_BS)
     has_tokens_B = last_B >= 0
     rows_B = torch.arange(score_B.shape[0], device=score_B.device)[has_tokens_B]
-    rewards_BT[rows_B, last_B[has_tokens_B]] += score_B[has_tokens_B]
-    return rewards_BT, kl_BT
+    rewards_BS[rows_B, last_B[has_tokens_B]] += score_B[has_tokens_B]
+    return rewards_BS, kl_BS
 
 
 class RunningMoments:

@@ -30,6 +30,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
+from hpc_rlhf.parallel.comm import barrier, broadcast_object
 from hpc_rlhf.parallel.state import ParallelState
 
 
@@ -148,19 +149,13 @@ def _mark_no_padding(param_state: dict) -> None:
                     entry.setdefault("padding", False)
 
 
-def _barrier() -> None:
-    if dist.is_initialized():
-        dist.barrier()
-
-
 def _broadcast_str(value: str | None) -> str:
     """Rank 0's ``value`` on every rank."""
-    holder = [value]
-    if dist.is_initialized():
-        dist.broadcast_object_list(holder, src=0)
-    if holder[0] is None:
+    world = dist.group.WORLD if dist.is_initialized() else None
+    value = broadcast_object(value, 0, world)
+    if value is None:
         raise RuntimeError("_broadcast_str: rank 0 sent no value")
-    return holder[0]
+    return value
 
 
 def _atomic_write_text(path: str, text: str) -> None:
@@ -192,7 +187,7 @@ def save_checkpoint(
         os.makedirs(os.path.join(tmp, "rng"))
         for model_name in models:
             os.makedirs(os.path.join(tmp, model_name))
-    _barrier()
+    barrier()
     for model_name, model in models.items():
         torch.save(model_checkpoint_state(model), os.path.join(tmp, model_name, _rank_file(state)))
     torch.save(rng_state(), os.path.join(tmp, "rng", f"rank{state.rank:05d}.pt"))
@@ -206,14 +201,14 @@ def save_checkpoint(
             "config": config or {},
         }
         _atomic_write_text(os.path.join(tmp, "meta.json"), json.dumps(meta, indent=1))
-    _barrier()
+    barrier()
     if state.rank == 0:
         if os.path.exists(final):
             shutil.rmtree(final)
         os.replace(tmp, final)
         _atomic_write_text(os.path.join(root, "latest"), name + "\n")
         _remove_stale_tmp(root)
-    _barrier()
+    barrier()
     return final
 
 

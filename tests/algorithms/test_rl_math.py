@@ -67,8 +67,10 @@ def test_grpo_and_rloo_against_python_loops():
     mask = torch.ones(G * N, T, dtype=torch.bool)
     mask[1, 3:] = False
     score_B = torch.tensor(scores)
-    grpo, _ = compute_advantages("grpo", score_B=score_B, mask_BT=mask, group_size=N)
-    rloo, _ = compute_advantages("rloo", score_B=score_B, mask_BT=mask, group_size=N)
+    rewards_BS = torch.zeros(G * N, T)
+    rewards_BS[:, 0] = score_B  # a sequence's return is the sum of its token rewards
+    grpo, _ = compute_advantages("grpo", rewards_BS, mask, group_size=N)
+    rloo, _ = compute_advantages("rloo", rewards_BS, mask, group_size=N)
     for g in range(G):
         group = scores[g * N : (g + 1) * N]
         mean = sum(group) / N
@@ -83,18 +85,16 @@ def test_grpo_and_rloo_against_python_loops():
                 )
                 assert rloo[b, t].item() == pytest.approx(m * (group[i] - loo), abs=1e-5)
     with pytest.raises(ValueError, match="not a multiple of group size"):
-        compute_advantages("grpo", score_B=score_B[:5], mask_BT=mask[:5], group_size=N)
+        compute_advantages("grpo", rewards_BS[:5], mask[:5], group_size=N)
     with pytest.raises(ValueError, match="unknown advantage estimator"):
-        compute_advantages("vtrace", score_B=score_B, mask_BT=mask)
+        compute_advantages("vtrace", rewards_BS, mask)
 
 
 def test_gae_registry_uses_the_masked_gae_op():
     gen = torch.Generator().manual_seed(2)
     r, v = torch.randn(2, 6, generator=gen), torch.randn(2, 6, generator=gen)
     mask = torch.tensor([[0, 1, 1, 1, 0, 0], [1, 1, 0, 1, 1, 1]], dtype=torch.bool)
-    adv, ret = compute_advantages(
-        "gae", rewards_BT=r, values_BT=v, mask_BT=mask, gamma=0.9, lam=0.8
-    )
+    adv, ret = compute_advantages("gae", r, mask, v, gamma=0.9, lam=0.8)
     for b in range(2):  # independent recursion over the valid positions only
         valid = [t for t in range(6) if mask[b, t]]
         a_next, v_next = 0.0, 0.0

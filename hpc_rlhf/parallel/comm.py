@@ -1,0 +1,74 @@
+"""The collective helpers every package uses, written once.
+
+Each takes its process group explicitly (DESIGN.md convention 2). A ``None`` group, or a
+group of one rank, makes every helper a local no-op, so the same code runs in a
+single-process test and in a distributed run.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+import torch.distributed as dist
+
+
+def group_size(group: Any) -> int:
+    """Ranks in ``group`` (1 for ``None`` or when no world is initialised)."""
+    if group is None or not dist.is_initialized():
+        return 1
+    return dist.get_world_size(group)
+
+
+def group_sum(tensor: torch.Tensor, group: Any) -> torch.Tensor:
+    """All-reduce SUM over ``group`` in place; returns ``tensor``."""
+    if group_size(group) > 1:
+        dist.all_reduce(tensor, group=group)
+    return tensor
+
+
+def group_max(tensor: torch.Tensor, group: Any) -> torch.Tensor:
+    """All-reduce MAX over ``group`` in place; returns ``tensor``."""
+    if group_size(group) > 1:
+        dist.all_reduce(tensor, op=dist.ReduceOp.MAX, group=group)
+    return tensor
+
+
+def all_gather_cat(x_N: torch.Tensor, group: Any) -> torch.Tensor:
+    """The 1-D tensors of every rank of ``group`` concatenated in rank order (lengths may
+    differ between ranks)."""
+    size = group_size(group)
+    if size == 1:
+        return x_N
+    parts: list[Any] = [None] * size
+    dist.all_gather_object(parts, x_N.cpu(), group=group)
+    return torch.cat(parts)
+
+
+def broadcast_object(obj: Any, src_rank_in_group: int, group: Any) -> Any:
+    """``obj`` of the rank at position ``src_rank_in_group`` of ``group``, on every rank
+    (picklable objects; use tensor collectives for large tensors)."""
+    if group_size(group) == 1:
+        return obj
+    holder = [obj]
+    src = dist.get_global_rank(group, src_rank_in_group) if group is not None else src_rank_in_group
+    dist.broadcast_object_list(holder, src=src, group=group)
+    return holder[0]
+
+
+def broadcast_from_last_stage(items: Any, pp_group: Any) -> Any:
+    """The last pipeline stage's ``items`` on every stage of ``pp_group``."""
+    return broadcast_object(items, group_size(pp_group) - 1, pp_group)
+
+
+def broadcast_tensor(tensor: torch.Tensor, src_rank_in_group: int, group: Any) -> torch.Tensor:
+    """Broadcast ``tensor`` in place from position ``src_rank_in_group`` of ``group``."""
+    if group_size(group) > 1:
+        dist.broadcast(tensor, src=dist.get_global_rank(group, src_rank_in_group), group=group)
+    return tensor
+
+
+def barrier() -> None:
+    """A barrier over the world when one is initialised."""
+    if dist.is_initialized():
+        dist.barrier()
