@@ -17,12 +17,28 @@ from typing import Any
 
 import yaml
 
+from hpc_rlhf.inference.config import ATTENTION_BACKENDS, EngineConfigError, GenerationConfig
+
 
 class ConfigError(ValueError):
     """A configuration value is unknown, of the wrong type, or impossible."""
 
 
 DTYPES = ("fp32", "bf16", "fp16")
+HOST_ALLOCATORS = ("caching", "system")  # see parallel/host_allocator.py
+
+
+@dataclass(frozen=True)
+class MegatronOverrides:
+    """Which of hpc_rlhf's substitutions in megatron-core are on (``models.overrides``
+    lists and applies them); all on by default, each off runs megatron-core's own code."""
+
+    swiglu_mlp: bool = True  # local spec: fused SwiGLU MLP
+    core_attention: bool = True  # local spec: fused causal attention, packed THD batches
+    selective_outputs: bool = True  # LM head and last layer's MLP on the rows read only
+    onednn_gemm: bool = True  # CPU: linear layers' GEMMs on oneDNN
+    sparse_embedding_grad: bool = True  # CPU: sparse embedding weight gradients
+    rope_kernel: bool = True  # CPU: one-pass RoPE kernel
 
 
 @dataclass(frozen=True)
@@ -42,6 +58,7 @@ class ModelConfig:
     params_dtype: str = "fp32"
     init_method_std: float = 0.02
     transformer_impl: str = "local"  # "local" (torch) or "transformer_engine" (GPU, when installed)
+    overrides: MegatronOverrides = field(default_factory=MegatronOverrides)
 
     @property
     def query_groups(self) -> int:
@@ -108,8 +125,6 @@ class ParallelConfig:
         vpp = self.virtual_pipeline_model_parallel_size or 1
         if tp < 1 or pp < 1 or vpp < 1:
             raise ConfigError("parallel sizes must be >= 1")
-        from hpc_rlhf.parallel.host_allocator import HOST_ALLOCATORS
-
         if self.host_allocator not in HOST_ALLOCATORS:
             raise ConfigError(
                 f"parallel.host_allocator={self.host_allocator!r}: expected one of "
@@ -209,43 +224,29 @@ class Config:
         return self
 
 
-GENERATION_ATTENTION_BACKENDS = ("auto", "torch", "cpp", "flash_attn")
+GENERATION_ATTENTION_BACKENDS = ATTENTION_BACKENDS
 
 
 @dataclass(frozen=True)
 class RolloutConfig:
-    """Sampling for rollouts, and the generation engine's settings (see
-    ``hpc_rlhf.inference.engine.GenerationConfig`` for what each does)."""
+    """Sampling for rollouts, and the generation engine's settings (``engine``, the
+    engine's own ``inference.config.GenerationConfig``)."""
 
     max_new_tokens: int = 32
     temperature: float = 1.0
     top_k: int = 0
     top_p: float = 1.0
     stop_at_eos: bool = True
-    kv_cache_bytes: int = 256 * 1024**2
-    block_size: int = 16
-    max_running_seqs: int = 256  # sequences decoded together (continuous batching)
-    max_prefill_tokens: int = 8192  # prompt tokens per prefill batch
-    attention_backend: str = "auto"  # "auto" | "torch" | "cpp" | "flash_attn"
-    cuda_graphs: bool = False  # capture decode steps (CUDA + flash-attn only)
-    keep_cache: bool = False  # keep the KV pool between steps (else freed for training)
     offload_training_state: bool = True  # release optimizer state/grads while generating
+    engine: GenerationConfig = field(default_factory=GenerationConfig)
 
     def validate(self) -> None:
-        if self.attention_backend not in GENERATION_ATTENTION_BACKENDS:
-            raise ConfigError(
-                f"generation.attention_backend={self.attention_backend!r}: expected one of "
-                f"{GENERATION_ATTENTION_BACKENDS}"
-            )
-        for name in (
-            "max_new_tokens",
-            "kv_cache_bytes",
-            "block_size",
-            "max_running_seqs",
-            "max_prefill_tokens",
-        ):
-            if getattr(self, name) < 1:
-                raise ConfigError(f"generation.{name} must be >= 1, got {getattr(self, name)}")
+        if self.max_new_tokens < 1:
+            raise ConfigError(f"generation.max_new_tokens must be >= 1, got {self.max_new_tokens}")
+        try:
+            self.engine.validate("generation.engine.")
+        except EngineConfigError as err:
+            raise ConfigError(str(err)) from err
 
 
 @dataclass(frozen=True)

@@ -144,40 +144,38 @@ def test_score_micro_batch_defaults_to_the_training_one_and_is_checked(tmp_path)
 
 
 def test_generation_section_reaches_every_engine_setting(tmp_path):
-    """Each engine knob is settable from a run's YAML (a knob added to the engine but not
-    to ``generation`` fails here) and checked with a named error."""
+    """The run's ``generation.engine`` is the engine's own config: every engine knob is
+    settable from a run's YAML and checked with a named error."""
     from hpc_rlhf.config import PPORunConfig
     from hpc_rlhf.inference.engine import GenerationConfig
-    from hpc_rlhf.trainer.ppo_setup import engine_config
 
     rules = "reward:\n  rules:\n    - function: hpc_rlhf.algorithms.rule_rewards:target_token_fraction\n"
     path = write(tmp_path, rules)
     overrides = [
-        "generation.kv_cache_bytes=123456",
-        "generation.block_size=32",
-        "generation.max_running_seqs=7",
-        "generation.max_prefill_tokens=99",
-        "generation.attention_backend=flash_attn",
-        "generation.cuda_graphs=true",
-        "generation.keep_cache=true",
+        "generation.engine.cache_budget_bytes=123456",
+        "generation.engine.cache_budget_blocks=64",
+        "generation.engine.block_size=32",
+        "generation.engine.max_running_seqs=7",
+        "generation.engine.max_prefill_tokens=99",
+        "generation.engine.attention_backend=flash_attn",
+        "generation.engine.cuda_graphs=true",
+        "generation.engine.keep_cache=true",
     ]
-    engine = engine_config(load_config(path, overrides, PPORunConfig).generation)
+    engine = load_config(path, overrides, PPORunConfig).generation.engine
+    assert isinstance(engine, GenerationConfig)
     default = GenerationConfig()
     changed = {
         f.name
         for f in dataclasses.fields(GenerationConfig)
         if getattr(engine, f.name) != getattr(default, f.name)
     }
-    # the budget in blocks is the engine API's alternative to bytes, not a separate knob
-    assert changed == {f.name for f in dataclasses.fields(GenerationConfig)} - {
-        "cache_budget_blocks"
-    }
+    assert changed == {f.name for f in dataclasses.fields(GenerationConfig)}
     assert (engine.block_size, engine.max_running_seqs, engine.attention_backend) == (
         32,
         7,
         "flash_attn",
     )
-    with pytest.raises(ConfigError, match="generation.attention_backend='xformers'"):
-        load_config(path, ["generation.attention_backend=xformers"], PPORunConfig)
-    with pytest.raises(ConfigError, match="generation.block_size must be >= 1"):
-        load_config(path, ["generation.block_size=0"], PPORunConfig)
+    with pytest.raises(ConfigError, match="generation.engine.attention_backend='xformers'"):
+        load_config(path, ["generation.engine.attention_backend=xformers"], PPORunConfig)
+    with pytest.raises(ConfigError, match="generation.engine.block_size must be >= 1"):
+        load_config(path, ["generation.engine.block_size=0"], PPORunConfig)

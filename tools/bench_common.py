@@ -102,7 +102,7 @@ def ppo_flops(system: str, m: ModelConfig, prompts, lengths, report: dict) -> fl
         for kind in forward:
             forward[kind] += (2 * dec + attn * S_mean / 2) * work[f"{kind}_tokens"]
             forward[kind] += 2 * head * work[f"{kind}_head_rows"] if lm else 0.0
-            # the last layer's MLP skips the rows nothing reads (models.selective_head)
+            # the last layer's MLP skips the rows nothing reads (models.overrides.selective)
             forward[kind] -= 2 * mlp * (work[f"{kind}_tokens"] - work[f"{kind}_final_mlp_rows"])
     score, train = forward["infer"], 3 * forward["train"]
     return gen + score + train

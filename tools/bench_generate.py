@@ -158,7 +158,7 @@ def main() -> None:
     torch.manual_seed(0)
     from hpc_rlhf.inference.engine import GenerationConfig, GenerationEngine
     from hpc_rlhf.inference.sampling import SamplingParams
-    from hpc_rlhf.trainer.model_engine import TrainableModel
+    from hpc_rlhf.trainer.trainable_model import TrainableModel
 
     prompts = make_prompts(args)
     gflops = matmul_gflops()

@@ -35,7 +35,6 @@ import tempfile
 
 import torch
 
-_USER_ENV = dict(os.environ)  # before importing hpc_rlhf sets its launch defaults
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 sys.path.insert(0, os.path.join(ROOT, "tools"))
@@ -125,20 +124,18 @@ def environment_note(args) -> str:
 
     ours = " ".join(f"{k}={v}" for k, v in launch_env().items())
     base = ours if args.baseline_huge_pages else "PyTorch defaults, as Safe-RLHF ships"
-    return f"process environment: hpc_rlhf {ours} (its launch environment); baseline {base}"
+    return f"process environment: hpc_rlhf {ours} (set by its run set-up); baseline {base}"
 
 
 def child_env(system: str, args) -> dict:
-    """hpc_rlhf runs with its launch environment (as ``hpc-rlhf`` and the launch scripts
-    start it); the baseline with PyTorch's defaults unless ``--baseline-huge-pages``."""
-    from hpc_rlhf.parallel.host_allocator import LAUNCH_ENV, launch_env
+    """The process environment of a system's run: hpc_rlhf applies its own launch
+    environment when its run starts (``trainer.run.Run``); the baseline runs with
+    PyTorch's defaults unless ``--baseline-huge-pages``."""
+    from hpc_rlhf.parallel.host_allocator import launch_env
 
     env = {**os.environ, "OMP_NUM_THREADS": str(os.cpu_count() or 1)}
-    if system == "ours" or args.baseline_huge_pages:
+    if system == "baseline" and args.baseline_huge_pages:
         env.update(launch_env())
-    else:
-        for key in LAUNCH_ENV:  # PyTorch's default (off), unless the user set it
-            env[key] = _USER_ENV.get(key, "0")
     return env
 
 

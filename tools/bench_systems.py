@@ -90,7 +90,7 @@ def ours_config(
                 "max_new_tokens": max_new,
                 "temperature": s["temperature"],
                 "stop_at_eos": False,
-                "kv_cache_bytes": 2 << 30,
+                "engine": {"cache_budget_bytes": 2 << 30},
             },
             "reward": {"models": [{"path": os.path.join(workdir, "reward"), "weight": 1.0}]},
         },
@@ -101,30 +101,18 @@ def ours_config(
 def run_ours(
     workdir: str, prompts, lengths, mini_batch: int, micro_batch: int, score_micro: int
 ) -> dict:
-    """hpc_rlhf's PPO iteration (one process, the six stages of ``PPOTrainer.step``)."""
-    from hpc_rlhf.parallel.launch import init_distributed
-    from hpc_rlhf.parallel.state import initialize_parallel
-    from hpc_rlhf.trainer.ppo import PPOTrainer, StageTimer
-    from hpc_rlhf.utils.logging import setup_logging
+    """hpc_rlhf's PPO iteration (one process): ``PPOTrainer.iterate`` on the given prompts
+    with the given response lengths, set up as every run is (``trainer.run.Run``)."""
+    from hpc_rlhf.trainer.ppo import PPOTrainer
+    from hpc_rlhf.trainer.run import Run, RunSettings
 
-    init_distributed()
-    setup_logging(0)
     cfg = ours_config(workdir, len(prompts), mini_batch, micro_batch, max(lengths), score_micro)
-    state = initialize_parallel(cfg.parallel, cfg.model, seed=0)
-    trainer = PPOTrainer(cfg, state, _BenchTokenizer(), _FixedPrompts(prompts))
-    timer = StageTimer()
-    with timer("generate"):
-        rollout = trainer.generate(prompts, max_new_tokens=lengths)
-    assert [len(r) for r in rollout.response_ids] == list(lengths)
-    with timer("score"):
-        exp = trainer.score(rollout)
-    with timer("advantages"):
-        exp, _ = trainer.compute_advantages(exp)
-    with timer("train"):
-        trainer.update(exp)
-    with timer("handoff"):
-        trainer.engine.sync_weights(1)
-    report = _report(timer.seconds, sum(lengths), tuple(exp.input_ids_BS.shape), prompts)
+    run = Run(cfg, RunSettings.of(cfg.ppo), tokenizer=_BenchTokenizer())
+    trainer = PPOTrainer(cfg, run.state, run.tokenizer, _FixedPrompts(prompts))
+    it = trainer.iterate(prompts, max_new_tokens=lengths)
+    assert [len(r) for r in it.rollout.response_ids] == list(lengths)
+    times = {k: v for k, v in it.stage_seconds.items() if k != "prompts"}
+    report = _report(times, sum(lengths), tuple(it.experience.input_ids_BS.shape), prompts)
     models = {"actor": trainer.actor, "reference": trainer.reference}
     if trainer.critic is not None:
         models["critic"] = trainer.critic

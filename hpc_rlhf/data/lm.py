@@ -12,6 +12,7 @@ import os
 import torch
 
 from hpc_rlhf.data.tokenizer import ASSETS_DIR
+from hpc_rlhf.models.runner import MicroBatch
 
 
 def default_corpus_path() -> str:
@@ -43,21 +44,21 @@ class LMWindows:
     def __len__(self) -> int:
         return len(self.order)
 
-    def microbatch(self, index: int, micro_batch_size: int) -> dict:
+    def microbatch(self, index: int, micro_batch_size: int) -> MicroBatch:
         """Microbatch number ``index`` (wrapping around the data): inputs, labels, mask."""
         rows = [
             self.order[(index * micro_batch_size + i) % len(self)] for i in range(micro_batch_size)
         ]
         window_BS1 = self.windows_NS1[torch.stack(rows)]
-        return {
-            "input_ids": window_BS1[:, :-1],
-            "labels": window_BS1[:, 1:],
-            "loss_mask": torch.ones(window_BS1.shape[0], window_BS1.shape[1] - 1),
-        }
+        return MicroBatch.unpadded(
+            window_BS1[:, :-1],
+            labels_BS=window_BS1[:, 1:],
+            loss_mask_BS=torch.ones(window_BS1.shape[0], window_BS1.shape[1] - 1),
+        )
 
     def step_microbatches(
         self, step: int, n_micro: int, micro_batch_size: int, dp_rank: int, dp_size: int
-    ) -> list[dict]:
+    ) -> list[MicroBatch]:
         """The microbatches of ``dp_rank`` for global step ``step``."""
         base = step * n_micro * dp_size
         return [

@@ -1,8 +1,9 @@
 """CUDA-graph capture of decode steps (GPU + flash-attn backend only; ``GenerationConfig.
 cuda_graphs=True``).
 
-UNTESTED HERE: this machine has no GPU. The engine refuses ``cuda_graphs=True`` unless the
-device is CUDA and the attention backend is flash-attn, so this module never runs on CPU.
+The engine refuses ``cuda_graphs=True`` unless the device is CUDA and the attention
+backend is flash-attn, so this module never runs on CPU; it is tested against eager decode
+on a GPU (``tests/inference/test_cuda_graphs.py``, skipped without one).
 
 One graph per batch-size bucket (1, 2, 4, ... up to ``max_running_seqs``) replays the whole
 decoder forward of one decode step (embedding, layers with the paged-KV flash-attn decode

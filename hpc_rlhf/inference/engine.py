@@ -37,6 +37,7 @@ import torch
 
 from hpc_rlhf.config import ModelConfig
 from hpc_rlhf.inference import attention as attn
+from hpc_rlhf.inference.config import GenerationConfig
 from hpc_rlhf.inference.forward import DecoderRunner, TPComm
 from hpc_rlhf.inference.kv_cache import CacheShape, CacheTooSmallError, PagedKVCache
 from hpc_rlhf.inference.sampling import (
@@ -49,27 +50,13 @@ from hpc_rlhf.inference.sampling import (
 )
 from hpc_rlhf.inference.scheduler import PrefillItem, Scheduler, Sequence
 from hpc_rlhf.inference.weights import GenerationWeights, StaleWeightsError, generation_weights
-from hpc_rlhf.models.packing import segment_positions
+from hpc_rlhf.ops.rope import segment_positions
 from hpc_rlhf.utils.logging import info_once_then_debug
 
 if TYPE_CHECKING:  # CUDA-only module, imported on first use
     from hpc_rlhf.inference.cuda_graphs import CudaGraphDecoder
 
 logger = logging.getLogger(__name__)
-
-
-@dataclass(frozen=True)
-class GenerationConfig:
-    """Engine settings. Give the KV budget in bytes or blocks (blocks win when both)."""
-
-    block_size: int = 16
-    cache_budget_bytes: int = 512 * 2**20
-    cache_budget_blocks: int | None = None
-    max_running_seqs: int = 256
-    max_prefill_tokens: int = 8192
-    attention_backend: str = "auto"  # "auto" | "torch" | "cpp" | "flash_attn"
-    cuda_graphs: bool = False  # capture decode steps (CUDA + flash-attn only)
-    keep_cache: bool = False  # keep the KV pool allocated between generate() calls
 
 
 @dataclass

@@ -185,10 +185,9 @@ def prepacked_layer(w: LayerWeights) -> LayerWeights:
     )
 
 
-# Below this many rows MKL is faster as weight @ hidden^T (measured on the decode LM head
-# [R, 512] x [512, 32000], 2 threads: R=8 10.6 -> 5.0 ms, R=32 15.1 -> 13.5 ms, equal at
-# R=64). oneDNN (ops.cpu_gemm) beats both at every R, so the trick is only for the torch
-# GEMM backend; GPUs take the plain form.
+# Below this many rows MKL is faster as weight @ hidden^T (the decode LM head's skinny
+# GEMMs). oneDNN (ops.cpu_gemm) beats both forms at every row count, so the trick is only
+# for the torch GEMM backend; GPUs take the plain form.
 _SKINNY_HEAD_ROWS = 64
 
 

@@ -5,8 +5,8 @@ head: one value per token) and ``reward`` (score head: per-token scores; the end
 read at each sequence's last real token, see ``heads.end_scores``).
 
 Llama-style decoders: RMSNorm, SwiGLU, RoPE, grouped-query attention, no biases, tied or
-untied embeddings. ``transformer_impl="local"`` uses megatron-core's own modules with torch
-RMSNorm (the CPU and fallback path); ``"transformer_engine"`` uses the TE spec and must be
+untied embeddings. ``transformer_impl="local"`` uses megatron-core's local modules with the substitutions
+of ``models.overrides`` (the CPU and fallback path); ``"transformer_engine"`` uses the TE spec and must be
 installed (checked explicitly, never a silent fallback).
 """
 
@@ -18,8 +18,9 @@ import torch
 import torch.nn.functional as F
 
 from hpc_rlhf.config import ModelConfig, ParallelConfig
+from hpc_rlhf.models import overrides
 from hpc_rlhf.models.heads import ScalarHead
-from hpc_rlhf.models.selective_head import install_selective_final_layer, install_selective_head
+from hpc_rlhf.models.overrides.spec import TorchRMSNorm
 from hpc_rlhf.parallel.state import ParallelState, set_virtual_stage
 
 logger = logging.getLogger(__name__)
@@ -75,23 +76,10 @@ def transformer_config(model: ModelConfig, parallel: ParallelConfig):
     )
 
 
-class _TorchRMSNorm:
-    """torch ``RMSNorm`` as a megatron norm spec, usable with sequence parallelism.
-
-    megatron-core's ``WrappedTorchNorm`` refuses sequence parallelism; the norm itself does
-    not care, only its gradient must be summed over TP ranks, which megatron does for
-    parameters tagged ``sequence_parallel``.
-    """
-
-    def __new__(cls, config, hidden_size: int, eps: float = 1e-5, **unused):
-        norm = torch.nn.RMSNorm(hidden_size, eps=eps, dtype=config.params_dtype)
-        for param in norm.parameters():
-            param.sequence_parallel = config.sequence_parallel  # type: ignore[attr-defined]
-        return norm
-
-
 def layer_spec(model: ModelConfig):
-    """The transformer-layer spec for ``model.transformer_impl``."""
+    """The transformer-layer spec for ``model.transformer_impl``: transformer-engine's (which
+    must be installed: checked, never a silent fallback), or the local one with
+    ``models.overrides``' substitutions."""
     if model.transformer_impl == "transformer_engine":
         if not _transformer_engine_available():
             raise RuntimeError(
@@ -103,17 +91,7 @@ def layer_spec(model: ModelConfig):
         )
 
         return get_gpt_layer_with_transformer_engine_spec()
-    from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_local_spec
-
-    from hpc_rlhf.models.attention import SDPAttention
-    from hpc_rlhf.models.mlp import SwiGLUMLP
-
-    spec = get_gpt_layer_local_spec(normalization="RMSNorm")
-    spec.submodules.mlp.module = SwiGLUMLP
-    spec.submodules.input_layernorm = _TorchRMSNorm
-    spec.submodules.pre_mlp_layernorm = _TorchRMSNorm
-    spec.submodules.self_attention.submodules.core_attention = SDPAttention
-    return spec
+    return overrides.layer_spec(model.overrides)
 
 
 def _transformer_engine_available() -> bool:
@@ -132,7 +110,7 @@ def _block_spec(model: ModelConfig, config, vp_stage: int | None, pp_rank: int):
     if model.transformer_impl == "transformer_engine":
         return layer
     n_layers = get_num_layers_to_build(config, vp_stage=vp_stage, pp_rank=pp_rank)
-    return TransformerBlockSubmodules(layer_specs=[layer] * n_layers, layer_norm=_TorchRMSNorm)
+    return TransformerBlockSubmodules(layer_specs=[layer] * n_layers, layer_norm=TorchRMSNorm)
 
 
 def build_model(
@@ -141,6 +119,7 @@ def build_model(
     """One model chunk of ``role`` for this rank (``vp_stage`` with virtual pipelining)."""
     from megatron.core.models.gpt import GPTModel
 
+    overrides.apply_process_overrides(model.overrides)
     if role not in ROLES:
         raise ValueError(f"unknown model role {role!r}; expected one of {ROLES}")
     config = transformer_config(model, state.config)
@@ -163,11 +142,7 @@ def build_model(
         gpt.output_layer = ScalarHead(model.hidden_size, state.sequence_parallel).to(
             config.params_dtype
         )
-    elif post:
-        install_selective_head(gpt.output_layer, state.sequence_parallel)
-    if post and not config.sequence_parallel and len(gpt.decoder.layers) > 0:
-        install_selective_final_layer(gpt.decoder.layers[-1])
-    gpt.hpc_role = role
+    overrides.install_model_overrides(gpt, model.overrides)
     if role == "reference":
         gpt.requires_grad_(False)
         gpt.eval()
@@ -184,34 +159,3 @@ def build_model_chunks(model: ModelConfig, state: ParallelState, role: str) -> l
         chunks.append(build_model(model, state, role, vp_stage=stage))
     set_virtual_stage(0)
     return chunks
-
-
-def causal_padding_mask(attention_mask_BS: torch.Tensor) -> torch.Tensor:
-    """megatron attention mask ``[B, 1, S, S]`` (True = masked) from a padding mask.
-
-    A query attends to keys at or before it that are real tokens; a pad query attends to
-    itself only (its output is ignored; this keeps the softmax finite).
-    """
-    B, S = attention_mask_BS.shape
-    keep_BS = attention_mask_BS.bool()
-    causal_SS = torch.ones(S, S, dtype=torch.bool, device=keep_BS.device).tril()
-    allowed_BSS = causal_SS[None] & keep_BS[:, None, :]
-    allowed_BSS |= torch.eye(S, dtype=torch.bool, device=keep_BS.device)[None]
-    return (~allowed_BSS)[:, None]
-
-
-def attention_mask_for(attention_mask_BS: torch.Tensor) -> torch.Tensor | None:
-    """The megatron mask to pass for a padding mask ``[B, S]``: ``None`` (plain causal, which
-    lets the fused attention skip the blocks above the diagonal) when every row is real
-    tokens followed only by padding, since causality alone then keeps each real query off
-    the pads after it; else ``causal_padding_mask``. Pad positions' outputs differ between
-    the two and are ignored by every consumer."""
-    keep_BS = attention_mask_BS.bool()
-    if bool((keep_BS[:, 1:] <= keep_BS[:, :-1]).all()):
-        return None
-    return causal_padding_mask(attention_mask_BS)
-
-
-def position_ids_from_mask(attention_mask_BS: torch.Tensor) -> torch.Tensor:
-    """Positions counted over real tokens (left padding starts at 0 on the first token)."""
-    return (attention_mask_BS.long().cumsum(dim=1) - 1).clamp(min=0)

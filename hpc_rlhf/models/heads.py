@@ -52,25 +52,7 @@ def end_scores(scores_BS: torch.Tensor, attention_mask_BS: torch.Tensor) -> torc
     ``scores_BS``: per-token scores; ``attention_mask_BS``: 1/True for real tokens. Works for
     left and right padding. A row without any real token raises ``ValueError``.
     """
+    from hpc_rlhf.models.runner import last_token_positions
+
     last_B = last_token_positions(attention_mask_BS)
     return scores_BS.gather(1, last_B[:, None]).squeeze(1)
-
-
-def last_token_positions(attention_mask_BS: torch.Tensor) -> torch.Tensor:
-    """``[B]`` position of each row's last real token (left or right padding); a row
-    without any real token raises ``ValueError``."""
-    mask_BS = attention_mask_BS.bool()
-    if not bool(mask_BS.any(dim=1).all()):
-        raise ValueError("end_scores: a sequence has no non-pad token")
-    S = mask_BS.shape[1]
-    positions_BS = torch.arange(S, device=mask_BS.device).expand_as(mask_BS)
-    return torch.where(mask_BS, positions_BS, -1).max(dim=1).values
-
-
-def last_token_mask(attention_mask_BS: torch.Tensor) -> torch.Tensor:
-    """``[B, S]`` True at each row's last real token only (where a reward model's end score
-    is read)."""
-    last_B = last_token_positions(attention_mask_BS)
-    mask_BS = torch.zeros(attention_mask_BS.shape, dtype=torch.bool, device=last_B.device)
-    mask_BS[torch.arange(mask_BS.shape[0], device=last_B.device), last_B] = True
-    return mask_BS

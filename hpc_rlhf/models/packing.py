@@ -10,7 +10,7 @@ and the core attention keep each row to itself.
 
 Consumers keep the padded layout: ``unpack`` scatters per-token outputs back to
 ``[B, S, ...]`` (zeros at padding) and ``selected_index`` orders the LM head's selected
-positions exactly as the padded path does (position-major, see ``models.selective_head``).
+positions exactly as the padded path does (position-major, see ``models.overrides.selective``).
 """
 
 from __future__ import annotations
@@ -18,6 +18,9 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
+
+from hpc_rlhf.ops.rope import segment_positions
+from hpc_rlhf.parallel.state import round_up
 
 
 @dataclass(frozen=True)
@@ -117,16 +120,8 @@ def packed_length(mask_BS: torch.Tensor, multiple: int = 1) -> int | None:
     prefix_BS = torch.arange(S, device=keep_BS.device) < lengths_B[:, None]
     if not torch.equal(prefix_BS, keep_BS) or int(lengths_B.min()) == 0:
         return None
-    T = -(-int(lengths_B.sum()) // multiple) * multiple
+    T = round_up(int(lengths_B.sum()), multiple)
     return T if T < B * S else None
-
-
-def segment_positions(lengths) -> torch.Tensor:
-    """``[T]`` (int64, CPU): each packed token's index within its segment, for segment
-    ``lengths`` (a list or 1-D tensor) laid end to end: positions restart at every one."""
-    lengths_N = torch.as_tensor(lengths, dtype=torch.long).cpu()
-    starts_N = lengths_N.cumsum(0) - lengths_N
-    return torch.arange(int(lengths_N.sum())) - torch.repeat_interleave(starts_N, lengths_N)
 
 
 def segment_bounds(packed_seq_params) -> list[tuple[int, int]]:

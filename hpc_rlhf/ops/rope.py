@@ -88,3 +88,11 @@ def rope(
         t_SBHD = t_SBHD.contiguous()
     tables = [x.float().contiguous() for x in (cos_PD, sin_PD)]
     return _RopeCpp.apply(t_SBHD, *tables, pos_S.long().contiguous())
+
+
+def segment_positions(lengths) -> torch.Tensor:
+    """``[T]`` (int64, CPU): each packed token's index within its segment, for segment
+    ``lengths`` (a list or 1-D tensor) laid end to end: positions restart at every one."""
+    lengths_N = torch.as_tensor(lengths, dtype=torch.long).cpu()
+    starts_N = lengths_N.cumsum(0) - lengths_N
+    return torch.arange(int(lengths_N.sum())) - torch.repeat_interleave(starts_N, lengths_N)

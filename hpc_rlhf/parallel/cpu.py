@@ -4,16 +4,12 @@ megatron-core assumes a GPU in a few dozen places: ``torch.cuda.current_device()
 device, ``device="cuda"`` literals, CUDA RNG states in the tensor-parallel RNG tracker,
 CUDA streams/events/synchronize, ``Tensor.cuda()`` and asserts on
 ``tensor.type() == 'torch.cuda.FloatTensor'``. This module redirects them without editing
-the installed package, and sends the linear layers' GEMMs to ``hpc_rlhf.ops.cpu_gemm``
-(oneDNN, faster than PyTorch's MKL path on these shapes):
+the installed package, and does nothing else (the speed substitutions made on CPU live
+with the others in ``models.overrides``):
 
 * every loaded ``megatron.core`` module gets a ``torch`` proxy whose factory functions map a
-  CUDA device to the CPU, whose ``cuda`` namespace maps RNG calls to the CPU generator and
-  streams/events/synchronize to no-ops, and whose ``matmul`` is ``cpu_gemm.matmul``;
-* the column/row-parallel layers' trainable GEMM function runs forward and input gradient
-  on oneDNN when no GPU-only feature (sequence parallelism, fused accumulation) is on, and
-  the vocabulary-parallel embedding's weight gradient is sparse;
-* megatron's unfused RoPE runs as the one-pass ``ops.rope`` kernel where it applies;
+  CUDA device to the CPU and whose ``cuda`` namespace maps RNG calls to the CPU generator
+  and streams/events/synchronize to no-ops;
 * the tensor-parallel RNG helpers are pointed at the CPU generator;
 * the few functions that compare ``tensor.type()`` with CUDA type names run with CPU type
   names reported as their CUDA counterparts.
@@ -27,7 +23,6 @@ from __future__ import annotations
 import contextlib
 import functools
 import importlib
-import inspect
 import logging
 import sys
 import types
@@ -35,8 +30,6 @@ from collections.abc import Callable
 from typing import Any
 
 import torch
-
-from hpc_rlhf.ops import cpu_gemm
 
 logger = logging.getLogger(__name__)
 
@@ -195,8 +188,6 @@ class _CpuTorch(types.ModuleType):
         for name in _FACTORIES:
             setattr(self, name, _cpu_factory(getattr(torch, name)))
         self.autocast = self._autocast
-        # The linear layers' forward GEMM (``torch.matmul(x, weight.t())``) on oneDNN.
-        self.matmul = cpu_gemm.matmul
 
     @staticmethod
     def _autocast(device_type: str = "cpu", *args, **kwargs):
@@ -282,128 +273,6 @@ def _patch_rng_helpers() -> None:
     tp_random._set_cuda_rng_state = set_state
 
 
-def _patch_tensor_parallel_layers() -> None:
-    """Column/row-parallel layers' trainable GEMMs on oneDNN (forward and input gradient);
-    sparse embedding gradients (``_SparseEmbeddingFunctional``).
-
-    Their ``_forward_impl`` looks ``linear_with_grad_accumulation_and_async_allreduce`` up in
-    the module at call time. The CPU version handles the case CPU runs take (no sequence
-    parallelism, no gradient-accumulation fusion, no deferred weight gradients): the same
-    math, and the input gradient all-reduced over the TP group when megatron asks for it.
-    Any other case goes to megatron's own function unchanged."""
-    from megatron.core.tensor_parallel import layers
-    from megatron.core.utils import get_tensor_model_parallel_group_if_none
-
-    megatron_linear = layers.linear_with_grad_accumulation_and_async_allreduce
-
-    signature = inspect.signature(megatron_linear)
-
-    def linear_on_cpu(*args, **kwargs):
-        arg = signature.bind(*args, **kwargs)
-        arg.apply_defaults()
-        a = arg.arguments
-        input, weight, bias = a["input"], a["weight"], a["bias"]
-        if (
-            a["sequence_parallel"]
-            or a["gradient_accumulation_fusion"]
-            or a["grad_output_buffer"] is not None
-            or not cpu_gemm.uses_onednn(input, weight)
-        ):
-            return megatron_linear(*args, **kwargs)
-        group = None
-        if a["allreduce_dgrad"]:
-            group = get_tensor_model_parallel_group_if_none(a["tp_group"])
-        out = cpu_gemm.linear(input, weight, dgrad_group=group)
-        return out if bias is None else out + bias
-
-    layers.F = _SparseEmbeddingFunctional()  # its only use there: VocabParallelEmbedding
-    # megatron's function keeps its warn-once flag on whatever the module name points to
-    linear_on_cpu.warned = megatron_linear.warned  # type: ignore[attr-defined]
-    layers.linear_with_grad_accumulation_and_async_allreduce = linear_on_cpu
-
-
-class _SparseEmbeddingFunctional(types.ModuleType):
-    """``torch.nn.functional`` as megatron's embedding layer sees it on CPU: the lookup's
-    weight gradient is sparse (the batch's rows only). A dense one costs a zero-filled
-    ``[vocab, hidden]`` tensor plus a full add into ``main_grad`` per micro-batch (14-35 ms
-    at 32000 x 512 on 2 threads, vs 1.5-1.8 ms sparse); megatron's DDP hook adds either
-    kind into ``main_grad`` the same way."""
-
-    def __init__(self):
-        super().__init__("torch.nn.functional")
-
-    @staticmethod
-    def embedding(input, weight, *args, **kwargs):
-        if not args and "sparse" not in kwargs:
-            kwargs["sparse"] = weight.device.type == "cpu"
-        return torch.nn.functional.embedding(input, weight, *args, **kwargs)
-
-    def __getattr__(self, name: str) -> Any:
-        return getattr(torch.nn.functional, name)
-
-
-class _RopeTables:
-    """cos/sin ``[P, D]`` of megatron's latest ``freqs`` ``[P, 1, 1, D]`` (the rotary
-    embedding is computed once per forward and shared by every layer's query and key)."""
-
-    def __init__(self):
-        self.freqs: torch.Tensor | None = None  # held, so its storage cannot be reused
-        self.key: tuple = ()
-        self.tables: tuple[torch.Tensor, torch.Tensor] | None = None
-
-    def get(self, freqs: torch.Tensor, mscale: float) -> tuple[torch.Tensor, torch.Tensor]:
-        key = (freqs._version, float(mscale))
-        if freqs is not self.freqs or key != self.key or self.tables is None:
-            angles_PD = freqs.detach().reshape(freqs.shape[0], freqs.shape[-1]).float()
-            self.tables = (torch.cos(angles_PD) * mscale, torch.sin(angles_PD) * mscale)
-            self.freqs, self.key = freqs, key
-        return self.tables
-
-
-def _patch_rope() -> None:
-    """megatron-core's unfused rotate-half RoPE (``apply_rope_fusion`` off, as on CPU) runs
-    as ``ops.rope`` (one pass each way instead of five) for fp32 tensors without context
-    parallelism, in both the ``sbhd`` and the packed ``thd`` layout (positions restarting
-    at each segment, megatron's mapping when ``freqs`` has one row per position of the
-    longest segment). Anything else (interleaved or partial rotary dims, multi-latent
-    attention, context parallelism, ``freqs`` with one row per packed token) runs
-    megatron's own function."""
-    from megatron.core import parallel_state
-    from megatron.core.transformer import attention
-
-    from hpc_rlhf.models.packing import segment_positions
-    from hpc_rlhf.ops.rope import rope
-
-    megatron_rope = attention.apply_rotary_pos_emb
-    tables = _RopeTables()
-
-    def rope_on_cpu(t, freqs, config, cu_seqlens=None, mscale=1.0, cp_group=None):
-        cp = cp_group or parallel_state.get_context_parallel_group(check_initialized=False)
-        rows = t.shape[0]
-        plain = (
-            not config.apply_rope_fusion
-            and not config.rotary_interleaved
-            and not config.multi_latent_attention
-            and t.dtype == torch.float32
-            and (cp is None or cp.size() == 1)
-            and freqs.dim() == 4
-            and freqs.shape[1:3] == (1, 1)
-            and freqs.shape[-1] == t.shape[-1]
-        )
-        if plain and cu_seqlens is None and freqs.shape[0] == rows and t.dim() == 4:
-            cos_PD, sin_PD = tables.get(freqs, mscale)
-            return rope(t, cos_PD, sin_PD, torch.arange(rows))
-        if plain and cu_seqlens is not None and t.dim() == 3 and freqs.shape[0] != rows:
-            cu = cu_seqlens.long().cpu()
-            pos_T = segment_positions(cu[1:] - cu[:-1])
-            if int(pos_T.max()) < freqs.shape[0]:
-                cos_PD, sin_PD = tables.get(freqs, mscale)
-                return rope(t.unsqueeze(1), cos_PD, sin_PD, pos_T).squeeze(1)
-        return megatron_rope(t, freqs, config, cu_seqlens, mscale=mscale, cp_group=cp_group)
-
-    attention.apply_rotary_pos_emb = rope_on_cpu
-
-
 def _tensor_cuda_on_cpu(self, device=None, non_blocking=False, **kwargs):
     """``Tensor.cuda()`` without CUDA: megatron moves freshly built CPU tensors; keep them."""
     return self
@@ -429,8 +298,6 @@ def apply_cpu_patches() -> list[str]:
             patched.append(name)
     _patch_rng_helpers()
     _patch_type_checks()
-    _patch_tensor_parallel_layers()
-    _patch_rope()
     torch.Tensor.cuda = _tensor_cuda_on_cpu  # type: ignore[assignment]
     _APPLIED = True
     logger.info(

@@ -4,25 +4,22 @@ On a GPU, PyTorch's caching allocator hands freed device blocks to the next tens
 similar size. On the CPU, tensors come from the C library's ``malloc``: glibc serves every
 block above its mmap threshold (at most 32 MiB) with a fresh ``mmap`` and returns it with
 ``munmap`` when freed, so each large activation, logit or gradient tensor is paid for again
-in page faults (the kernel zeroes every 4 KiB page on first touch). Measured on the PPO
-benchmark (``tools/bench_ppo.py --shape fixed``, 2 cores): 18 s of system time per
-iteration, and 84 s -> 74 s wall once large blocks are kept in the heap.
+in page faults (the kernel zeroes every 4 KiB page on first touch).
 
 ``"caching"`` makes glibc behave like a caching allocator: no ``mmap`` for large blocks
 (``M_MMAP_MAX = 0``) and the heap top is only returned to the OS beyond 2 GiB of free space
 (``M_TRIM_THRESHOLD``). A freed block stays mapped and the next tensor that fits in it
 reuses it without faults (glibc best-fit, with coalescing of neighbours; an exactly equal
-request may still miss by the alignment padding of ``posix_memalign``); the peak resident
-size is unchanged on the benchmark (3.60 -> 3.59 GB). ``"system"`` leaves the C
+request may still miss by the alignment padding of ``posix_memalign``). ``"system"`` leaves the C
 library's defaults. Applied once per process, CPU runs only, and logged.
 
 Huge pages: PyTorch backs CPU tensors of 2 MiB and more with transparent huge pages when
 ``THP_MEM_ALLOC_ENABLE=1`` is in the environment when it first allocates, so a fresh block
-costs one fault per 2 MiB instead of 512. ``LAUNCH_ENV`` holds that setting; importing
-``hpc_rlhf`` applies it (``apply_launch_env``, a default the user's environment overrides)
-and ``launch_env()`` gives it to processes the engine starts. Measured on
-``tools/bench_ppo.py --shape fixed``: 80 -> 72 s per iteration, peak RSS 3.14 -> 2.81 GB.
-It only helps a process that sets it before torch's first large allocation.
+costs one fault per 2 MiB instead of 512. ``LAUNCH_ENV`` holds that setting; a run applies
+it when it starts (``apply_launch_env`` in ``trainer.run.Run``, a default the user's
+environment overrides) and ``launch_env()`` gives it to processes the engine starts.
+PyTorch reads it at the process's first CPU tensor allocation (not at import), so it must
+be applied before any tensor is made.
 """
 
 from __future__ import annotations
@@ -31,11 +28,11 @@ import ctypes
 import ctypes.util
 import logging
 import os
-import sys
+
+from hpc_rlhf.config import HOST_ALLOCATORS
 
 logger = logging.getLogger(__name__)
 
-HOST_ALLOCATORS = ("caching", "system")
 _M_TRIM_THRESHOLD = -1  # glibc mallopt parameter numbers (malloc.h)
 _M_MMAP_MAX = -4
 _TRIM_THRESHOLD_BYTES = 2**31 - 1  # mallopt takes an int
@@ -48,12 +45,11 @@ def launch_env() -> dict[str, str]:
     return {key: os.environ.get(key, value) for key, value in LAUNCH_ENV.items()}
 
 
-def apply_launch_env() -> bool:
-    """Set ``LAUNCH_ENV`` defaults in this process; True when torch was not imported yet
-    (otherwise it may have read the old values already)."""
+def apply_launch_env() -> None:
+    """Set ``LAUNCH_ENV`` defaults in this process (values the user set win). PyTorch reads
+    them at its first CPU tensor allocation: call this before any tensor is made."""
     for key, value in LAUNCH_ENV.items():
         os.environ.setdefault(key, value)
-    return "torch" not in sys.modules
 
 
 def huge_pages_requested() -> bool:

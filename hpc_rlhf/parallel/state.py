@@ -20,6 +20,11 @@ from hpc_rlhf.config import ModelConfig, ParallelConfig
 logger = logging.getLogger(__name__)
 
 
+def round_up(n: int, multiple: int) -> int:
+    """The smallest multiple of ``multiple`` that is ``>= n``."""
+    return -(-n // multiple) * multiple
+
+
 @dataclass(frozen=True)
 class ParallelState:
     """Sizes, ranks and process groups of this rank (built by ``initialize_parallel``)."""
@@ -62,6 +67,12 @@ class ParallelState:
     @property
     def sequence_parallel(self) -> bool:
         return self.config.sequence_parallel
+
+    @property
+    def sequence_multiple(self) -> int:
+        """What every sequence (or packed row) length must be a multiple of: TP under
+        sequence parallelism (the sequence is split over TP ranks), else 1."""
+        return self.tp_size if self.sequence_parallel else 1
 
     def __repr__(self) -> str:
         vpp = f" vpp={self.vpp_size}" if self.vpp_size else ""

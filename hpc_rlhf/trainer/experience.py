@@ -12,10 +12,13 @@ Legend:
 from __future__ import annotations
 
 import dataclasses
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 import torch
+
+from hpc_rlhf.parallel.state import round_up
+from hpc_rlhf.trainer.losses import RolloutMicroBatch
 
 
 @dataclass
@@ -48,7 +51,6 @@ class ExperienceBatch:
     kl_BS: torch.Tensor | None = None
     advantages_BS: torch.Tensor | None = None
     returns_BS: torch.Tensor | None = None
-    extras: dict = field(default_factory=dict)
 
     @property
     def size(self) -> int:
@@ -68,27 +70,33 @@ class ExperienceBatch:
 
     def microbatches(
         self, size: int, order: torch.Tensor | None = None, trim_multiple: int | None = None
-    ) -> list[dict]:
-        """Microbatches of ``size`` rows (taken in ``order``, default as stored) as dicts.
+    ) -> list[RolloutMicroBatch]:
+        """Micro-batches of ``size`` rows (taken in ``order``, default as stored); the LM
+        head runs over the action positions only (``head_mask_BS``).
 
-        With ``trim_multiple``, each microbatch drops the padding columns after its longest
+        With ``trim_multiple``, each micro-batch drops the padding columns after its longest
         row (length rounded up to the multiple): the work follows the real lengths.
         """
         order = torch.arange(self.size) if order is None else order
-        tensors = {
-            f.name.removesuffix("_BS").removesuffix("_B"): getattr(self, f.name)
-            for f in dataclasses.fields(self)
-            if isinstance(getattr(self, f.name), torch.Tensor)
-        }
         out = []
         for start in range(0, self.size, size):
             rows = order[start : start + size]
-            mb = {name: t[rows] for name, t in tensors.items()}
+            action_mask_BS = self.action_mask_BS[rows]
+            mb = RolloutMicroBatch(
+                input_ids_BS=self.input_ids_BS[rows],
+                attention_mask_BS=self.attention_mask_BS[rows],
+                labels_BS=self.labels_BS[rows],
+                loss_mask_BS=action_mask_BS,
+                head_mask_BS=action_mask_BS,
+                old_logp_BS=self.old_logp_BS[rows],
+                advantages_BS=_rows_of(self.advantages_BS, rows),
+                returns_BS=_rows_of(self.returns_BS, rows),
+                values_BS=_rows_of(self.values_BS, rows),
+            )
             if trim_multiple:
-                longest = int(mb["attention_mask"].sum(dim=1).max())
-                S = min(-(-longest // trim_multiple) * trim_multiple, self.input_ids_BS.shape[1])
-                mb = {k: v[:, :S] if v.dim() == 2 else v for k, v in mb.items()}
-            mb["head_mask"] = mb["action_mask"]  # LM head over response positions only
+                longest = int(mb.attention_mask_BS.sum(dim=1).max())
+                S = min(round_up(longest, trim_multiple), self.input_ids_BS.shape[1])
+                mb = mb.truncated(S)
             out.append(mb)
         return out
 
@@ -103,12 +111,16 @@ class ExperienceBatch:
         return out_BS
 
 
+def _rows_of(x_BS: torch.Tensor | None, rows: torch.Tensor) -> torch.Tensor | None:
+    return None if x_BS is None else x_BS[rows]
+
+
 def build_experience(rollout: Rollout, pad_id: int, multiple_of: int = 1) -> ExperienceBatch:
     """Right-padded sequences and action masks from a rollout, with the engine's log-probs
     placed on the action positions. ``S`` is rounded up to ``multiple_of`` (sequence
     parallelism needs ``S`` divisible by TP)."""
     lengths = [len(p) + len(r) for p, r in zip(rollout.prompt_ids, rollout.response_ids)]
-    S = -(-max(lengths) // multiple_of) * multiple_of
+    S = round_up(max(lengths), multiple_of)
     B = len(rollout)
     input_ids_BS = torch.full((B, S), pad_id, dtype=torch.long)
     attention_mask_BS = torch.zeros(B, S, dtype=torch.bool)

@@ -18,21 +18,28 @@ from __future__ import annotations
 import logging
 import time
 from contextlib import ExitStack, contextmanager
-from typing import Any
+from dataclasses import dataclass
 
 import torch
-import torch.distributed as dist
 
 from hpc_rlhf.algorithms.advantages import compute_advantages, masked_mean_var, whiten
 from hpc_rlhf.algorithms.kl import make_kl_controller
 from hpc_rlhf.algorithms.rewards import RunningMoments, combine_scores, token_rewards
 from hpc_rlhf.algorithms.rule_rewards import load_rule
 from hpc_rlhf.config import PPORunConfig
+from hpc_rlhf.models.runner import MicroBatch
+from hpc_rlhf.parallel.comm import all_gather_cat, group_sum
 from hpc_rlhf.parallel.state import ParallelState
-from hpc_rlhf.trainer.actor import GlobalCounts, actor_loss_fn, logprobs_fn
-from hpc_rlhf.trainer.critic import critic_loss_fn, end_score_fn, values_fn
 from hpc_rlhf.trainer.experience import ExperienceBatch, Rollout, build_experience
-from hpc_rlhf.trainer.model_engine import TrainableModel, group_sum
+from hpc_rlhf.trainer.losses import (
+    GlobalCounts,
+    actor_loss_fn,
+    critic_loss_fn,
+    end_score_fn,
+    logprobs_fn,
+    values_fn,
+)
+from hpc_rlhf.trainer.trainable_model import TrainableModel
 
 logger = logging.getLogger(__name__)
 
@@ -50,6 +57,17 @@ class StageTimer:
             yield
         finally:
             self.seconds[name] = self.seconds.get(name, 0.0) + time.perf_counter() - start
+
+
+@dataclass
+class Iteration:
+    """What one PPO iteration produced: its rollout, the scored experience, the metrics
+    and each stage's seconds."""
+
+    rollout: Rollout
+    experience: ExperienceBatch
+    metrics: dict[str, float]
+    stage_seconds: dict[str, float]
 
 
 class PPOTrainer:
@@ -75,14 +93,24 @@ class PPOTrainer:
 
     # ------------------------------------------------------------------ the iteration
     def step(self) -> dict[str, float]:
-        """One PPO iteration; returns its metrics (identical on every rank)."""
+        """One PPO iteration on the dataset's next prompts; its metrics (the same on
+        every rank)."""
+        return self.iterate().metrics
+
+    def iterate(
+        self, prompt_ids: list[list[int]] | None = None, max_new_tokens: list[int] | None = None
+    ) -> Iteration:
+        """The six stages, each timed: on this rank's ``prompt_ids`` instead of the
+        dataset's when given, each prompt's responses limited to ``max_new_tokens`` (the
+        benchmark replays fixed response lengths this way)."""
         timer = StageTimer()
         with timer("prompts"):
-            prompt_ids = self.prompts.next_batch(
-                self.cfg.ppo.rollout_batch_size, self.state.dp_rank, self.state.dp_size
-            )
+            if prompt_ids is None:
+                prompt_ids = self.prompts.next_batch(
+                    self.cfg.ppo.rollout_batch_size, self.state.dp_rank, self.state.dp_size
+                )
         with timer("generate"):
-            rollout = self.generate(prompt_ids)
+            rollout = self.generate(prompt_ids, max_new_tokens)
         with timer("score"):
             exp = self.score(rollout)
         with timer("advantages"):
@@ -93,7 +121,8 @@ class PPOTrainer:
             self.policy_version += 1
             self.engine.sync_weights(self.policy_version)
         self.step_count += 1
-        return self._step_metrics(rollout, exp, adv_metrics, train_metrics, timer)
+        metrics = self._step_metrics(rollout, exp, adv_metrics, train_metrics, timer)
+        return Iteration(rollout, exp, metrics, dict(timer.seconds))
 
     # ------------------------------------------------------------------ stage 2
     def generate(
@@ -146,7 +175,7 @@ class PPOTrainer:
     # ------------------------------------------------------------------ stage 3
     def score(self, rollout: Rollout) -> ExperienceBatch:
         """Reward scores, reference log-probs, critic values (and old log-probs if asked)."""
-        exp = build_experience(rollout, self.tokenizer.pad_id, multiple_of=self._multiple())
+        exp = build_experience(rollout, self.tokenizer.pad_id, self.state.sequence_multiple)
         order = exp.length_order()
         mbs = exp.microbatches(self.cfg.ppo.score_micro_batch, order, self._trim())
         temperature = self.cfg.generation.temperature
@@ -166,13 +195,9 @@ class PPOTrainer:
         exp.score_B = self._scores(rollout, scores)
         return exp
 
-    def _multiple(self) -> int:
-        """Sequence lengths must divide by TP under sequence parallelism."""
-        return self.state.tp_size if self.state.sequence_parallel else 1
-
     def _trim(self) -> int | None:
         """Per-microbatch lengths need PP=1 (pipeline p2p shapes are fixed per schedule)."""
-        return self._multiple() if self.state.pp_size == 1 else None
+        return self.state.sequence_multiple if self.state.pp_size == 1 else None
 
     def _scores(self, rollout: Rollout, model_scores: list[torch.Tensor]) -> torch.Tensor:
         """Reward models' end scores and rule rewards, combined with their weights."""
@@ -196,7 +221,7 @@ class PPOTrainer:
         raw_score_B = exp.score_B
         score_B = raw_score_B
         if self.cfg.reward.normalize:
-            self.reward_moments.update(_all_gather_cat(raw_score_B, self.state.dp_group))
+            self.reward_moments.update(all_gather_cat(raw_score_B, self.state.dp_group))
             score_B = self.reward_moments.normalize(raw_score_B)
         mask_BS = exp.action_mask_BS
         exp.rewards_BS, exp.kl_BS = token_rewards(
@@ -208,20 +233,15 @@ class PPOTrainer:
             p.kl_estimator,
             self.cfg.reward.score_clip,
         )
-        if p.advantage == "gae":
-            adv_BS, ret_BS = compute_advantages(
-                "gae",
-                rewards_BT=exp.rewards_BS,
-                values_BT=exp.values_BS,
-                mask_BT=mask_BS,
-                gamma=p.gamma,
-                lam=p.lam,
-            )
-        else:
-            total_B = exp.rewards_BS.sum(dim=1)  # score - kl_coef * sum_t KL_t
-            adv_BS, ret_BS = compute_advantages(
-                p.advantage, score_B=total_B, mask_BT=mask_BS, group_size=p.n_samples_per_prompt
-            )
+        adv_BS, ret_BS = compute_advantages(
+            p.advantage,
+            exp.rewards_BS,
+            mask_BS,
+            exp.values_BS,
+            gamma=p.gamma,
+            lam=p.lam,
+            group_size=p.n_samples_per_prompt,
+        )
         exp.returns_BS = ret_BS
         exp.advantages_BS = (
             whiten(adv_BS, mask_BS, self.state.dp_group) if p.whiten_advantages else adv_BS
@@ -272,13 +292,13 @@ class PPOTrainer:
         metrics["actor_lr"] = result.lr
         return metrics
 
-    def _global_counts(self, mini: ExperienceBatch, ptx_mbs: list[dict]) -> GlobalCounts:
+    def _global_counts(self, mini: ExperienceBatch, ptx_mbs: list[MicroBatch]) -> GlobalCounts:
         """Valid tokens, sequences and ptx tokens of the mini-batch over all DP ranks."""
         counts = torch.tensor(
             [
                 float(mini.action_mask_BS.sum()),
                 float(mini.action_mask_BS.any(dim=1).sum()),
-                sum(float(b["loss_mask"].sum()) for b in ptx_mbs),
+                sum(float(mb.loss_mask_BS.sum()) for mb in ptx_mbs if mb.loss_mask_BS is not None),
             ],
             dtype=torch.float64,
         )
@@ -287,7 +307,7 @@ class PPOTrainer:
             max(float(counts[0]), 1.0), max(float(counts[1]), 1.0), float(counts[2])
         )
 
-    def _ptx_microbatches(self, n_micro: int, seq_len: int) -> list[dict]:
+    def _ptx_microbatches(self, n_micro: int, seq_len: int) -> list[MicroBatch]:
         """As many ptx microbatches as PPO ones, cut/padded to the same sequence length."""
         if self.ptx is None or not self.cfg.ppo.ptx_coef:
             return []
@@ -296,14 +316,14 @@ class PPOTrainer:
         base = self.step_count * n_micro * self.state.dp_size
         for i in range(n_micro):
             mb = self.ptx.microbatch(base + i * self.state.dp_size + self.state.dp_rank, b)
-            out.append({"kind": "ptx", **_fit_length(mb, seq_len, self.tokenizer.pad_id)})
+            out.append(_fit_length(mb, seq_len, self.tokenizer.pad_id))
         return out
 
     # ------------------------------------------------------------------ metrics
     def _step_metrics(self, rollout, exp, adv_metrics, train_metrics, timer) -> dict[str, float]:
         lengths = torch.tensor([len(r) for r in rollout.response_ids], dtype=torch.float64)
-        score = _all_gather_cat(exp.score_B.double(), self.state.dp_group)
-        length_all = _all_gather_cat(lengths, self.state.dp_group)
+        score = all_gather_cat(exp.score_B.double(), self.state.dp_group)
+        length_all = all_gather_cat(lengths, self.state.dp_group)
         total = sum(timer.seconds.values())
         metrics = {
             "reward_mean": float(score.mean()),
@@ -344,25 +364,24 @@ class PPOTrainer:
         return models
 
 
-def _fit_length(mb: dict, seq_len: int, pad_id: int) -> dict:
-    """Cut or right-pad an LM microbatch to ``seq_len`` positions."""
-    out = {}
-    for key, value in mb.items():
-        value = value[:, :seq_len]
-        if value.shape[1] < seq_len:
-            fill = pad_id if key in ("input_ids", "labels") else 0
-            pad = torch.full((value.shape[0], seq_len - value.shape[1]), fill, dtype=value.dtype)
-            value = torch.cat([value, pad], dim=1)
-        out[key] = value
-    out["attention_mask"] = torch.ones_like(out["input_ids"], dtype=torch.bool)
-    out["head_mask"] = out["loss_mask"].bool()
-    return out
+def _fit_length(mb: MicroBatch, S: int, pad_id: int) -> MicroBatch:
+    """An unpadded LM micro-batch cut or right-padded to ``S`` positions; the LM head runs
+    on its loss positions only."""
+    B, length = mb.shape
 
+    def fit(x_BS: torch.Tensor, fill) -> torch.Tensor:
+        x_BS = x_BS[:, :S]
+        if length < S:
+            x_BS = torch.cat([x_BS, x_BS.new_full((B, S - length), fill)], dim=1)
+        return x_BS
 
-def _all_gather_cat(x_N: torch.Tensor, group) -> torch.Tensor:
-    """Concatenate a 1-D tensor of possibly different lengths across ``group``."""
-    if group is None or dist.get_world_size(group) == 1:
-        return x_N
-    parts: list[Any] = [None] * dist.get_world_size(group)
-    dist.all_gather_object(parts, x_N.cpu(), group=group)
-    return torch.cat(parts)
+    if mb.labels_BS is None or mb.loss_mask_BS is None:
+        raise ValueError("a ptx micro-batch needs labels_BS and loss_mask_BS")
+    loss_mask_BS = fit(mb.loss_mask_BS, 0)
+    return MicroBatch(
+        input_ids_BS=fit(mb.input_ids_BS, pad_id),
+        attention_mask_BS=torch.ones((B, S), dtype=torch.bool),
+        labels_BS=fit(mb.labels_BS, pad_id),
+        loss_mask_BS=loss_mask_BS,
+        head_mask_BS=loss_mask_BS.bool(),
+    )

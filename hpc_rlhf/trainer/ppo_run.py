@@ -4,16 +4,12 @@ from __future__ import annotations
 
 import logging
 
-from hpc_rlhf.config import PPORunConfig, config_to_dict
+from hpc_rlhf.config import PPORunConfig
 from hpc_rlhf.data.lm import LMWindows
 from hpc_rlhf.data.prompts import PromptDataset
-from hpc_rlhf.data.tokenizer import load_tokenizer
-from hpc_rlhf.parallel.launch import init_distributed
-from hpc_rlhf.parallel.state import initialize_parallel
-from hpc_rlhf.trainer.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
-from hpc_rlhf.trainer.model_engine import NonFiniteLossError
 from hpc_rlhf.trainer.ppo import PPOTrainer
-from hpc_rlhf.utils.logging import MetricsSink, Progress, setup_logging
+from hpc_rlhf.trainer.run import Run, RunSettings
+from hpc_rlhf.trainer.trainable_model import NonFiniteLossError
 
 logger = logging.getLogger(__name__)
 
@@ -28,21 +24,12 @@ PROGRESS_KEYS = (
 )
 
 
-def build_trainer(cfg: PPORunConfig) -> PPOTrainer:
-    """Distributed init, parallel groups, tokenizer, data and the trainer."""
-    world = init_distributed()
-    setup_logging(world.rank)
-    cfg.validate(world.world_size)
-    tokenizer = load_tokenizer(cfg.data.tokenizer)
-    if tokenizer.vocab_size > cfg.model.vocab_size:
-        raise ValueError(
-            f"tokenizer has {tokenizer.vocab_size} tokens but model.vocab_size="
-            f"{cfg.model.vocab_size}"
-        )
-    state = initialize_parallel(cfg.parallel, cfg.model, seed=cfg.ppo.seed)
+def build_trainer(cfg: PPORunConfig, out_dir: str | None = None) -> tuple[Run, PPOTrainer]:
+    """The run set-up (``trainer.run``), the prompt and ptx data, and the trainer."""
+    run = Run(cfg, RunSettings.of(cfg.ppo), out_dir, PROGRESS_KEYS, cfg.data.tokenizer)
     prompts = PromptDataset(
         cfg.data.prompts,
-        tokenizer,
+        run.tokenizer,
         cfg.data.max_prompt_length,
         cfg.data.chat_template,
         seed=cfg.ppo.seed,
@@ -51,51 +38,36 @@ def build_trainer(cfg: PPORunConfig) -> PPOTrainer:
     ptx = None
     if cfg.data.ptx_data and cfg.ppo.ptx_coef:
         seq = cfg.data.max_prompt_length + cfg.generation.max_new_tokens
-        ptx = LMWindows(cfg.data.ptx_data, tokenizer, seq, seed=cfg.ppo.seed)
-    return PPOTrainer(cfg, state, tokenizer, prompts, ptx)
+        ptx = LMWindows(cfg.data.ptx_data, run.tokenizer, seq, seed=cfg.ppo.seed)
+    return run, PPOTrainer(cfg, run.state, run.tokenizer, prompts, ptx)
 
 
 def run_ppo(cfg: PPORunConfig, out_dir: str | None = None) -> list[dict[str, float]]:
     """Train for ``cfg.ppo.steps`` iterations (resuming from ``ppo.save_dir``); return the
     per-step metrics. A NaN/inf loss stops the run with ``NonFiniteLossError`` before the
     optimizer step; the last checkpoint stays intact."""
-    trainer = build_trainer(cfg)
-    state, p = trainer.state, cfg.ppo
-    resume_from = latest_checkpoint(p.save_dir) if p.save_dir else None
-    if resume_from:
-        saved = load_checkpoint(resume_from, state, trainer.trainable_models())
+    run, trainer = build_trainer(cfg, out_dir)
+    saved = run.resume(trainer.trainable_models())
+    if saved is not None:
         trainer.load_trainer_state(saved)
-        logger.info("resumed from %s at step %d", p.save_dir, trainer.step_count)
-    sink = MetricsSink(out_dir, enabled=state.rank == 0)
-    progress = Progress(p.steps, enabled=state.rank == 0, start_step=trainer.step_count)
     history = []
     try:
-        while trainer.step_count < p.steps:
+        while trainer.step_count < cfg.ppo.steps:
             try:
                 metrics = trainer.step()
             except NonFiniteLossError as err:
-                last = latest_checkpoint(p.save_dir) if p.save_dir else None
                 raise NonFiniteLossError(
-                    f"{err} at PPO step {trainer.step_count + 1}; last good checkpoint: {last}"
+                    f"{err} at PPO step {trainer.step_count + 1}; last good checkpoint: "
+                    f"{run.last_checkpoint()}"
                 ) from err
             history.append(metrics)
-            step = trainer.step_count
-            sink.write(step, metrics)
-            if step % p.log_interval == 0 or step == p.steps:
-                progress.update(step, metrics, PROGRESS_KEYS)
-            if p.save_dir and p.save_interval and (step % p.save_interval == 0 or step == p.steps):
-                save_checkpoint(
-                    p.save_dir,
-                    step,
-                    state,
-                    trainer.trainable_models(),
-                    trainer.trainer_state(),
-                    config_to_dict(cfg),
-                )
+            run.end_step(
+                trainer.step_count, metrics, trainer.trainable_models(), trainer.trainer_state
+            )
     finally:
-        sink.close()
-    if p.hf_export_dir:
-        export_actor(trainer, p.hf_export_dir)
+        run.close()
+    if cfg.ppo.hf_export_dir:
+        export_actor(trainer, cfg.ppo.hf_export_dir)
     return history
 
 

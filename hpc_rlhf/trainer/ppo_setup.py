@@ -7,9 +7,9 @@ import logging
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
-from hpc_rlhf.config import PPORunConfig, RolloutConfig
+from hpc_rlhf.config import PPORunConfig
 from hpc_rlhf.parallel.state import ParallelState
-from hpc_rlhf.trainer.model_engine import TrainableModel
+from hpc_rlhf.trainer.trainable_model import TrainableModel
 
 if TYPE_CHECKING:  # the engine module pulls in the inference stack; import it lazily
     from hpc_rlhf.inference.engine import GenerationEngine
@@ -111,19 +111,4 @@ def build_engine(actor: TrainableModel, cfg: PPORunConfig, state: ParallelState)
     """The colocated generation engine over the actor's weights."""
     from hpc_rlhf.inference.engine import GenerationEngine
 
-    return GenerationEngine(actor, cfg.model, state, engine_config(cfg.generation))
-
-
-def engine_config(g: RolloutConfig):
-    """The engine settings of a run's ``generation`` section."""
-    from hpc_rlhf.inference.engine import GenerationConfig
-
-    return GenerationConfig(
-        block_size=g.block_size,
-        cache_budget_bytes=g.kv_cache_bytes,
-        max_running_seqs=g.max_running_seqs,
-        max_prefill_tokens=g.max_prefill_tokens,
-        attention_backend=g.attention_backend,
-        cuda_graphs=g.cuda_graphs,
-        keep_cache=g.keep_cache,
-    )
+    return GenerationEngine(actor, cfg.model, state, cfg.generation.engine)

@@ -2,24 +2,16 @@
 
 Runs under torchrun on any TP/PP/DP layout: data-parallel ranks read disjoint microbatches
 of the tiny shipped corpus, gradients accumulate over microbatches, and checkpoints are
-written every ``train.save_interval`` steps (and resumed from when present).
+written every ``train.save_interval`` steps and at the end (and resumed from when present).
 """
 
 from __future__ import annotations
 
-import logging
-
-from hpc_rlhf.algorithms.lm import lm_loss
-from hpc_rlhf.config import Config, config_to_dict
+from hpc_rlhf.config import Config
 from hpc_rlhf.data.lm import LMWindows, default_corpus_path
-from hpc_rlhf.data.tokenizer import load_tokenizer
-from hpc_rlhf.parallel.launch import init_distributed
-from hpc_rlhf.parallel.state import initialize_parallel
-from hpc_rlhf.trainer.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
-from hpc_rlhf.trainer.model_engine import TrainableModel
-from hpc_rlhf.utils.logging import MetricsSink, Progress, setup_logging
-
-logger = logging.getLogger(__name__)
+from hpc_rlhf.trainer.losses import lm_loss_fn
+from hpc_rlhf.trainer.run import Run, RunSettings
+from hpc_rlhf.trainer.trainable_model import TrainableModel
 
 
 def run_pretrain(
@@ -29,43 +21,27 @@ def run_pretrain(
     out_dir: str | None = None,
 ) -> list[tuple[int, float]]:
     """Train for ``cfg.train.steps`` steps; return ``[(step, loss)]`` (on every rank)."""
-    world = init_distributed()
-    setup_logging(world.rank)
-    cfg.validate(world.world_size)
-    tokenizer = load_tokenizer(tokenizer_path)
-    if tokenizer.vocab_size > cfg.model.vocab_size:
-        raise ValueError(
-            f"tokenizer has {tokenizer.vocab_size} tokens but model.vocab_size="
-            f"{cfg.model.vocab_size}"
-        )
-    state = initialize_parallel(cfg.parallel, cfg.model, seed=cfg.train.seed)
-    data = LMWindows(
-        corpus or default_corpus_path(), tokenizer, cfg.train.seq_length, seed=cfg.train.seed
-    )
-    actor = TrainableModel(cfg.model, cfg.optimizer, state, "actor", cfg.train.steps)
-    n_micro = cfg.train.global_batch_size // (cfg.train.micro_batch_size_per_rank * state.dp_size)
-    start = 0
-    save_dir = cfg.train.save_dir
-    resume_from = latest_checkpoint(save_dir) if save_dir else None
-    if resume_from:
-        start = load_checkpoint(resume_from, state, {"actor": actor})["step"]
-        logger.info("resumed from %s at step %d", save_dir, start)
-    sink = MetricsSink(out_dir, enabled=state.rank == 0)
-    progress = Progress(cfg.train.steps, enabled=state.rank == 0, start_step=start)
+    t = cfg.train
+    run = Run(cfg, RunSettings.of(t), out_dir, ("loss", "lr", "grad_norm"), tokenizer_path)
+    state = run.state
+    data = LMWindows(corpus or default_corpus_path(), run.tokenizer, t.seq_length, seed=t.seed)
+    models = {"actor": TrainableModel(cfg.model, cfg.optimizer, state, "actor", t.steps)}
+    n_micro = t.global_batch_size // (t.micro_batch_size_per_rank * state.dp_size)
+    saved = run.resume(models)
+    start = saved["step"] if saved else 0
+    loss_fn = lm_loss_fn(state.tp_group)
     history = []
-    for step in range(start, cfg.train.steps):
-        batches = data.step_microbatches(
-            step, n_micro, cfg.train.micro_batch_size_per_rank, state.dp_rank, state.dp_size
-        )
-        result = actor.train_step(batches, lambda b, o: lm_loss(b, o, state.tp_group))
-        metrics = {**result.metrics, "lr": result.lr, "grad_norm": result.grad_norm or 0.0}
-        history.append((step + 1, metrics["loss"]))
-        sink.write(step + 1, metrics)
-        if (step + 1) % cfg.train.log_interval == 0 or step + 1 == cfg.train.steps:
-            progress.update(step + 1, metrics, ("loss", "lr", "grad_norm"))
-        if save_dir and cfg.train.save_interval and (step + 1) % cfg.train.save_interval == 0:
-            save_checkpoint(save_dir, step + 1, state, {"actor": actor}, config=config_to_dict(cfg))
-    sink.close()
+    try:
+        for step in range(start, t.steps):
+            batches = data.step_microbatches(
+                step, n_micro, t.micro_batch_size_per_rank, state.dp_rank, state.dp_size
+            )
+            result = models["actor"].train_step(batches, loss_fn)
+            metrics = {**result.metrics, "lr": result.lr, "grad_norm": result.grad_norm or 0.0}
+            history.append((step + 1, metrics["loss"]))
+            run.end_step(step + 1, metrics, models)
+    finally:
+        run.close()
     return history
 
 

@@ -30,22 +30,22 @@ from typing import Any
 import torch
 
 from hpc_rlhf.config import ModelConfig, OptimizerConfig
-from hpc_rlhf.models.build import (
-    attention_mask_for,
-    build_model_chunks,
-    position_ids_from_mask,
+from hpc_rlhf.models.build import build_model_chunks
+from hpc_rlhf.models.runner import (
+    OUTPUT_POSITIONS,
+    MicroBatch,
+    PackPlan,
+    model_forward,
+    output_selection,
+    plan_packing,
 )
-from hpc_rlhf.models.heads import ScalarHead, last_token_mask
-from hpc_rlhf.models.packing import PackedLayout, packed_length
-from hpc_rlhf.models.selective_head import head_selection, scatter_selected
+from hpc_rlhf.parallel.comm import broadcast_from_last_stage, group_sum
 from hpc_rlhf.parallel.state import ParallelState
 
 logger = logging.getLogger(__name__)
 
-OUTPUT_POSITIONS = ("head_mask", "last_token", "all")
-
-# (batch, model output on the last stage) -> (loss_sum, count, metrics)
-LossFn = Callable[[dict, torch.Tensor], tuple[torch.Tensor, torch.Tensor, dict]]
+# (micro-batch, model output on the last stage) -> (loss_sum, count, metrics)
+LossFn = Callable[[Any, torch.Tensor], tuple[torch.Tensor, torch.Tensor, dict]]
 
 
 class NonFiniteLossError(RuntimeError):
@@ -62,57 +62,11 @@ class StepResult:
     skipped: bool
 
 
-def model_forward(
-    model: torch.nn.Module,
-    batch: dict,
-    pack_multiple: int | None = None,
-    pack_length: int | None = None,
-    select_BS: torch.Tensor | None = None,
-) -> torch.Tensor:
-    """Run one chunk on a batch with ``input_ids`` ``[B, S]`` and ``attention_mask`` ``[B, S]``.
-
-    Returns the chunk's output: hidden states ``[S, B, H]`` on non-last stages, vocab-parallel
-    logits ``[B, S, V/tp]`` (actor) or scores ``[B, S, 1]`` (critic/reward) on the last one.
-    ``select_BS`` ``[B, S]`` names the positions whose outputs are read
-    (``models.selective_head``): the LM head then runs on those only and the logits are
-    ``[1, N, V/tp]``; a scalar head's scores stay ``[B, S, 1]``, zero elsewhere.
-
-    With ``pack_multiple``, a right-padded batch runs packed (``models.packing``: one row of
-    its real tokens, length rounded up to the multiple, or exactly ``pack_length``, which a
-    pipeline needs) and the last stage's per-token outputs come back padded, ``[B, S, ...]``.
-    """
-    input_ids_BS = batch["input_ids"]
-    mask_BS = batch.get("attention_mask")
-    if mask_BS is None:
-        mask_BS = torch.ones_like(input_ids_BS, dtype=torch.bool)
-    layout = None
-    if pack_multiple is not None:
-        layout = PackedLayout.from_mask(mask_BS, pack_multiple, pack_length)
-    with head_selection(model, select_BS, layout) as selected:
-        if layout is None:
-            out = model(input_ids_BS, position_ids_from_mask(mask_BS), attention_mask_for(mask_BS))
-        else:
-            out = model(
-                layout.pack(input_ids_BS),
-                layout.positions_1T,
-                None,
-                packed_seq_params=layout.seq_params(),
-            )
-    module = getattr(model, "module", model)
-    if not getattr(module, "post_process", True):
-        return out
-    if selected and select_BS is not None:  # [1, N, ...]
-        scalar = isinstance(getattr(module, "output_layer", None), ScalarHead)
-        return scatter_selected(out[0], select_BS) if scalar else out
-    return out if layout is None else layout.unpack(out)
-
-
 def _use_fused_cpu_adam(optimizer) -> int:
     """Switch megatron's torch ``Adam``/``AdamW`` (its fallback without apex or
     transformer-engine) to PyTorch's fused kernel when every parameter is on the CPU: torch
     defaults to a per-parameter loop of ~10 ops there (foreach/fused are CUDA defaults).
-    Same update rule; measured 180 -> 25 ms per step on the bench actor (45M fp32 params,
-    2 threads). Returns the number of param groups switched."""
+    Same update rule. Returns the number of param groups switched."""
     inner = getattr(optimizer, "chained_optimizers", [optimizer])
     switched = 0
     for wrapper in inner:
@@ -238,27 +192,18 @@ class TrainableModel:
         )
 
     # ------------------------------------------------------------------ running
-    def _pack_plan(self, microbatches: Sequence[dict]) -> tuple[int, int | None] | None:
-        """How micro-batches run packed (``model_forward``): ``(multiple, None)`` for a
-        single-stage pipeline (each its own packed length), ``(multiple, T)`` with one
-        length for all under pipelining (p2p shapes are fixed per schedule), or ``None``:
-        padded. ``multiple`` is TP under sequence parallelism (the row is split over TP)."""
+    def _pack_plan(self, microbatches: Sequence[MicroBatch]) -> PackPlan | None:
+        """How this schedule's micro-batches run packed (``models.runner.plan_packing``);
+        ``None``: padded. Packed rows are split over TP under sequence parallelism, so
+        their lengths are multiples of TP there."""
         if not self.pack_sequences:
             return None
-        multiple = self.state.tp_size if self.state.sequence_parallel else 1
-        if self.state.pp_size == 1:
-            return multiple, None
-        longest = 0
-        for mb in microbatches:  # one unpackable (or unpadded) batch: all run padded
-            T = packed_length(mb["attention_mask"], multiple) if "attention_mask" in mb else None
-            if T is None:
-                return None
-            longest = max(longest, T)
-        return multiple, longest
+        multiple = self.state.sequence_multiple
+        return plan_packing(microbatches, multiple, pipelined=self.state.pp_size > 1)
 
     def forward_backward(
         self,
-        microbatches: Sequence[dict],
+        microbatches: Sequence[MicroBatch],
         loss_fn: LossFn,
         forward_only: bool = False,
         normalize: str = "count",
@@ -276,17 +221,16 @@ class TrainableModel:
         if normalize not in ("count", "none"):
             raise ValueError(f"normalize must be 'count' or 'none', got {normalize!r}")
         plan = self._pack_plan(microbatches)
-        selections = [self.output_selection(mb) for mb in microbatches]
+        selections = [output_selection(mb, self.output_positions) for mb in microbatches]
         self._count_work(microbatches, selections, "infer" if forward_only else "train", plan)
-        B, S = microbatches[0]["input_ids"].shape
-        if plan is not None and plan[1] is not None:  # pipelined: one packed row per batch
-            B, S = 1, plan[1]
+        B, S = microbatches[0].shape
+        if plan is not None and plan.length is not None:  # pipelined: one packed row each
+            B, S = 1, plan.length
 
         def forward_step(data_iterator, model):
-            batch, select_BS = next(data_iterator)
-            multiple, length = plan or (None, None)
-            output = model_forward(model, batch, multiple, length, select_BS)
-            return output, partial(_loss_adapter, loss_fn, batch, normalize, keep_tensors)
+            mb, select_BS = next(data_iterator)
+            output = model_forward(model, mb, plan, select_BS)
+            return output, partial(_loss_adapter, loss_fn, mb, normalize, keep_tensors)
 
         n_chunks = len(self.model)
         iterators = [iter(zip(microbatches, selections)) for _ in range(n_chunks)]
@@ -302,37 +246,24 @@ class TrainableModel:
             )
         return list(outputs)
 
-    def output_selection(self, batch: dict) -> torch.Tensor | None:
-        """``[B, S]`` positions whose outputs this model's callers read (``None``: all):
-        ``output_positions="head_mask"`` the batch's ``head_mask`` (response positions),
-        ``"last_token"`` each row's last real token (a reward model's end score)."""
-        if self.output_positions == "last_token":
-            mask_BS = batch.get("attention_mask")
-            if mask_BS is None:
-                mask_BS = torch.ones_like(batch["input_ids"], dtype=torch.bool)
-            return last_token_mask(mask_BS)
-        if self.output_positions == "head_mask":
-            return batch.get("head_mask")
-        return None
-
     def _count_work(
-        self, microbatches: Sequence[dict], selections: Sequence, kind: str, plan
+        self,
+        microbatches: Sequence[MicroBatch],
+        selections: Sequence,
+        kind: str,
+        plan: PackPlan | None,
     ) -> None:
         """Tokens run through the decoder, rows through the LM head and rows through the
         last layer's MLP (for FLOP counts); ``selections``: each one's output positions."""
         for mb, select_BS in zip(microbatches, selections):
-            tokens = mb["input_ids"].numel()
-            if plan is not None and plan[1] is not None:
-                tokens = plan[1]
-            elif plan is not None and "attention_mask" in mb:
-                tokens = packed_length(mb["attention_mask"], plan[0]) or tokens
+            tokens = mb.input_ids_BS.numel() if plan is None else plan.tokens(mb)
             self.work[f"{kind}_tokens"] += tokens
-            rows = mb["input_ids"].numel() if select_BS is None else int(select_BS.sum())
+            rows = mb.input_ids_BS.numel() if select_BS is None else int(select_BS.sum())
             self.work[f"{kind}_head_rows"] += rows
             selective = select_BS is not None and not self.state.sequence_parallel
             self.work[f"{kind}_final_mlp_rows"] += rows if selective else tokens
 
-    def infer(self, microbatches: Sequence[dict], fn) -> list[dict[str, torch.Tensor]]:
+    def infer(self, microbatches: Sequence[MicroBatch], fn) -> list[dict[str, torch.Tensor]]:
         """Forward-only: ``fn(batch, output) -> {name: tensor}`` per microbatch, on every rank.
 
         The outputs are computed on the last pipeline stage and broadcast along the
@@ -352,10 +283,10 @@ class TrainableModel:
             for chunk, mode in zip(self.model, was_training):
                 chunk.train(mode)
         tensors = [{k: v for k, v in out.items() if k != "_count"} for out in outputs]
-        return _broadcast_from_last_stage(tensors, self.state)
+        return broadcast_from_last_stage(tensors, self.state.pp_group)
 
     def train_step(
-        self, microbatches: Sequence[dict], loss_fn: LossFn, normalize: str = "count"
+        self, microbatches: Sequence[MicroBatch], loss_fn: LossFn, normalize: str = "count"
     ) -> StepResult:
         """Zero grads, accumulate over ``microbatches``, step optimizer and LR schedule."""
         if not self.trainable:
@@ -384,7 +315,7 @@ class TrainableModel:
         A metric only some microbatches report (e.g. ``ptx_loss``) is averaged over those.
         """
         names = sorted({k for out in outputs for k in out if k != "_count"})
-        names = _broadcast_from_last_stage(names, self.state)  # known on the last stage
+        names = broadcast_from_last_stage(names, self.state.pp_group)  # known on the last stage
         sums = torch.zeros(2, len(names), dtype=torch.float64)  # [weighted sum, weight]
         for out in outputs:
             count = float(out["_count"])
@@ -422,13 +353,13 @@ class TrainableModel:
 
 
 def _loss_adapter(
-    loss_fn: LossFn, batch: dict, normalize: str, keep_tensors: bool, output: torch.Tensor
+    loss_fn: LossFn, mb: MicroBatch, normalize: str, keep_tensors: bool, output: torch.Tensor
 ):
     """megatron's loss-function protocol: ``(loss_sum, num_tokens, reduced dict)``.
 
     With ``normalize="none"`` megatron is told 0 tokens, so it does not rescale gradients.
     """
-    loss_sum, count, metrics = loss_fn(batch, output)
+    loss_sum, count, metrics = loss_fn(mb, output)
     count = torch.as_tensor(count, dtype=torch.int)
     if keep_tensors:
         reduced = {k: v.detach() for k, v in metrics.items()}
@@ -437,24 +368,3 @@ def _loss_adapter(
     reduced["_count"] = int(count)
     megatron_count = count if normalize == "count" else torch.zeros((), dtype=torch.int)
     return loss_sum, megatron_count, reduced
-
-
-def _broadcast_from_last_stage(items: list, state: ParallelState) -> list:
-    """Send the last pipeline stage's ``items`` to every stage of the pipeline group."""
-    import torch.distributed as dist
-
-    if state.pp_size == 1:
-        return items
-    holder: list[list | None] = [items if state.is_last_stage else None]
-    src = dist.get_global_rank(state.pp_group, state.pp_size - 1)
-    dist.broadcast_object_list(holder, src=src, group=state.pp_group)
-    return holder[0] or []
-
-
-def group_sum(tensor: torch.Tensor, group: Any) -> torch.Tensor:
-    """All-reduce SUM over ``group`` in place (a group of one is a no-op)."""
-    import torch.distributed as dist
-
-    if group is not None and dist.get_world_size(group) > 1:
-        dist.all_reduce(tensor, group=group)
-    return tensor

@@ -75,7 +75,7 @@ def build_actor(model_cfg: ModelConfig, parallel: ParallelConfig, hf_weights, tr
     with ``hf_weights``."""
     from hpc_rlhf.config import OptimizerConfig
     from hpc_rlhf.parallel.state import initialize_parallel
-    from hpc_rlhf.trainer.model_engine import TrainableModel
+    from hpc_rlhf.trainer.trainable_model import TrainableModel
 
     state = initialize_parallel(parallel, model_cfg)
     optim = OptimizerConfig(lr=1e-3, clip_grad=1.0) if trainable else None

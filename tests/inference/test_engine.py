@@ -29,11 +29,11 @@ SAMPLING = dict(temperature=0.8, top_k=40, top_p=0.9, max_new_tokens=MAX_NEW, se
 
 def teacher_forced_logits(actor, prompt: list[int], tokens: list[int]) -> torch.Tensor:
     """Megatron forward of the actor on prompt+tokens: logits predicting each token [N, V]."""
-    from hpc_rlhf.trainer.model_engine import model_forward
+    from hpc_rlhf.models.runner import MicroBatch, model_forward
 
     ids = torch.tensor([prompt + tokens])
     with torch.no_grad():
-        logits_1SV = model_forward(actor.parameters_by_chunk()[0], {"input_ids": ids})
+        logits_1SV = model_forward(actor.parameters_by_chunk()[0], MicroBatch.unpadded(ids))
     return logits_1SV[0, len(prompt) - 1 : -1].float()
 
 

@@ -14,20 +14,17 @@ from tests.dist import run_world
 from tests.inference.common import CFG, build_actor, hf_causal_lm, hf_state, make_prompts
 
 
-def _batches(seed: int) -> list[dict]:
+def _batches(seed: int) -> list:
+    from hpc_rlhf.models.runner import MicroBatch
+
     gen = torch.Generator().manual_seed(seed)
     tokens = torch.randint(0, CFG.vocab_size, (2, 17), generator=gen)
     return [
-        {
-            "input_ids": tokens[:, :-1],
-            "labels": tokens[:, 1:],
-            "loss_mask": torch.ones(2, 16),
-        }
+        MicroBatch.unpadded(tokens[:, :-1], labels_BS=tokens[:, 1:], loss_mask_BS=torch.ones(2, 16))
     ]
 
 
 def _world(rank, world_size, hf_weights, prompts, distributed_optimizer):
-    from hpc_rlhf.algorithms.lm import lm_loss
     from hpc_rlhf.config import ParallelConfig
     from hpc_rlhf.inference.engine import GenerationConfig, GenerationEngine
     from hpc_rlhf.inference.memory import TrainingMemory, optimizer_state_tensors
@@ -37,8 +34,9 @@ def _world(rank, world_size, hf_weights, prompts, distributed_optimizer):
     state, shared = build_actor(CFG, parallel, hf_weights, trainable=True)
     _, plain = build_actor(CFG, parallel, hf_weights, trainable=True)
 
-    def loss(batch, out):
-        return lm_loss(batch, out, state.tp_group)
+    from hpc_rlhf.trainer.losses import lm_loss_fn
+
+    loss = lm_loss_fn(state.tp_group)
 
     for actor in (shared, plain):  # step 1 creates the optimizer state
         actor.train_step(_batches(0), loss)

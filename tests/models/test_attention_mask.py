@@ -6,7 +6,7 @@ from __future__ import annotations
 import torch
 
 from hpc_rlhf.config import ModelConfig
-from hpc_rlhf.models.build import attention_mask_for, causal_padding_mask
+from hpc_rlhf.models.runner import attention_mask_for, causal_padding_mask
 from tests.dist import run_world
 
 CFG = ModelConfig(num_layers=2, hidden_size=64, num_attention_heads=4, ffn_hidden_size=176)
@@ -23,7 +23,8 @@ def test_mask_choice():
 
 def _world(rank, world_size):
     from hpc_rlhf.config import ParallelConfig
-    from hpc_rlhf.models.build import build_model, position_ids_from_mask
+    from hpc_rlhf.models.build import build_model
+    from hpc_rlhf.models.runner import position_ids_from_mask
     from hpc_rlhf.parallel.state import initialize_parallel
 
     state = initialize_parallel(ParallelConfig(), CFG, seed=0)

@@ -99,7 +99,7 @@ def pipeline_forward(chunks, state, ids_BS, mask_BS):
     """
     import torch.distributed as dist
 
-    from hpc_rlhf.models.build import causal_padding_mask, position_ids_from_mask
+    from hpc_rlhf.models.runner import causal_padding_mask, position_ids_from_mask
     from hpc_rlhf.parallel.state import set_virtual_stage
 
     pp_ranks = dist.get_process_group_ranks(state.pp_group)

@@ -1,4 +1,4 @@
-"""Outputs at selected positions only (``models.selective_head``): the last decoder layer's
+"""Outputs at selected positions only (``models.overrides.selective``): the last decoder layer's
 MLP, the final norm and the head run on the read rows (actor/critic: response positions;
 reward model: each row's last token), and the read outputs and every gradient equal those
 of the dense model that computes all positions. Padded and packed micro-batches, at 1
@@ -7,10 +7,12 @@ and PP=2 x virtual PP=2."""
 
 from __future__ import annotations
 
+import dataclasses
+
 import pytest
 import torch
 
-from hpc_rlhf.models.heads import last_token_mask
+from hpc_rlhf.models.runner import last_token_mask
 from tests.dist import run_world
 from tests.models.test_packing import _batches, _local_grads
 from tests.parallel.common import TINY, layout_parallel_config, random_hf_state
@@ -22,20 +24,20 @@ ROLES = {  # role: positions its callers read
 }
 
 
-def _read_mask(role: str, batch: dict) -> torch.Tensor:
+def _read_mask(role: str, batch) -> torch.Tensor:
     if ROLES[role] == "last_token":
-        return last_token_mask(batch["attention_mask"])
-    return batch["head_mask"]
+        return last_token_mask(batch.attention_mask_BS)
+    return batch.head_mask_BS
 
 
 def _loss(role: str, tp_group, dense: bool):
     """Weighted sum of the read outputs; ``dense``: the model returned every position."""
-    from hpc_rlhf.models.selective_head import logprobs_from_output
+    from hpc_rlhf.models.runner import logprobs_from_output
 
     def fn(batch, output):
         read_BS = _read_mask(role, batch)
         if role == "actor":
-            view = {**batch, "head_mask": None} if dense else batch
+            view = dataclasses.replace(batch, head_mask_BS=None) if dense else batch
             out_BS = logprobs_from_output(view, output, tp_group)
         else:
             out_BS = output.squeeze(-1)
@@ -60,7 +62,7 @@ def _mlp_rows_seen(model) -> list[int]:
 def _selected_vs_dense(rank, world_size, parallel):
     from hpc_rlhf.config import OptimizerConfig
     from hpc_rlhf.parallel.state import initialize_parallel
-    from hpc_rlhf.trainer.model_engine import TrainableModel
+    from hpc_rlhf.trainer.trainable_model import TrainableModel
 
     state = initialize_parallel(parallel, TINY, seed=0)
     lm_state = random_hf_state(TINY)
@@ -146,7 +148,7 @@ def test_last_token_mask_marks_each_rows_last_real_token():
 
 
 def test_output_positions_is_checked():
-    from hpc_rlhf.trainer.model_engine import TrainableModel
+    from hpc_rlhf.trainer.trainable_model import TrainableModel
 
     with pytest.raises(ValueError, match="output_positions"):  # checked before building
         TrainableModel(TINY, None, None, "reward", output_positions="first_token")

@@ -7,7 +7,9 @@ from __future__ import annotations
 import pytest
 import torch
 
-from hpc_rlhf.models.packing import PackedLayout, segment_positions
+from hpc_rlhf.models.packing import PackedLayout
+from hpc_rlhf.models.runner import MicroBatch
+from hpc_rlhf.ops.rope import segment_positions
 from tests.dist import run_world
 from tests.parallel.common import TINY, layout_parallel_config, random_hf_state
 
@@ -59,7 +61,7 @@ def test_layout_declines(mask_BS):
     assert PackedLayout.from_mask(mask_BS) is None
 
 
-def _batches(B: int, S: int, vocab: int, seed: int) -> list[dict]:
+def _batches(B: int, S: int, vocab: int, seed: int) -> list[MicroBatch]:
     """Right-padded micro-batches with response (head) positions, lengths 3..S."""
     gen = torch.Generator().manual_seed(seed)
     out = []
@@ -73,31 +75,31 @@ def _batches(B: int, S: int, vocab: int, seed: int) -> list[dict]:
         head_BS[torch.arange(B), lengths - 1] = False  # the last token has no label
         labels_BS = torch.roll(ids_BS, -1, dims=1)
         out.append(
-            {
-                "input_ids": ids_BS,
-                "attention_mask": mask_BS,
-                "labels": labels_BS,
-                "head_mask": head_BS,
-            }
+            MicroBatch(
+                input_ids_BS=ids_BS,
+                attention_mask_BS=mask_BS,
+                labels_BS=labels_BS,
+                head_mask_BS=head_BS,
+            )
         )
     return out
 
 
 def _logp_loss(tp_group):
-    from hpc_rlhf.models.selective_head import logprobs_from_output
+    from hpc_rlhf.models.runner import logprobs_from_output
 
     def fn(batch, logits):
         logp_BS = logprobs_from_output(batch, logits, tp_group)
         weights_BS = torch.linspace(0.5, 1.5, logp_BS.numel()).view_as(logp_BS)
-        loss = -(logp_BS * weights_BS * batch["head_mask"]).sum()
-        return loss, batch["head_mask"].sum(), {"logp": logp_BS.detach()}
+        loss = -(logp_BS * weights_BS * batch.head_mask_BS).sum()
+        return loss, batch.head_mask_BS.sum(), {"logp": logp_BS.detach()}
 
     return fn
 
 
 def _value_loss(batch, values_BS1):
     values_BS = values_BS1.squeeze(-1)
-    mask_BS = batch["attention_mask"]
+    mask_BS = batch.attention_mask_BS
     return (values_BS * values_BS * mask_BS).sum(), mask_BS.sum(), {"v": values_BS.detach()}
 
 
@@ -113,7 +115,7 @@ def _local_grads(model) -> dict[str, torch.Tensor]:
 def _packed_vs_padded(rank, world_size, parallel):
     from hpc_rlhf.config import OptimizerConfig
     from hpc_rlhf.parallel.state import initialize_parallel
-    from hpc_rlhf.trainer.model_engine import TrainableModel
+    from hpc_rlhf.trainer.trainable_model import TrainableModel
 
     state = initialize_parallel(parallel, TINY, seed=0)
     actor_state = random_hf_state(TINY)
@@ -130,7 +132,7 @@ def _packed_vs_padded(rank, world_size, parallel):
                 chunk.zero_grad_buffer()
             results = model.forward_backward(batches, loss_fn, keep_tensors=True)
             key = "logp" if role == "actor" else "v"
-            mask = [b["head_mask" if role == "actor" else "attention_mask"] for b in batches]
+            mask = [b.head_mask_BS if role == "actor" else b.attention_mask_BS for b in batches]
             out[(role, pack)] = {  # outputs on the last pipeline stage only
                 "out": torch.cat([r[key][m] for r, m in zip(results, mask)]) if results else None,
                 "grads": _local_grads(model),

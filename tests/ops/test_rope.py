@@ -80,9 +80,12 @@ def test_megatron_rope_on_cpu_runs_the_kernel_and_matches_megatron(layout, monke
     from megatron.core.models.common.embeddings import rope_utils
     from megatron.core.transformer import attention
 
+    from hpc_rlhf.config import MegatronOverrides
+    from hpc_rlhf.models.overrides import apply_process_overrides
     from hpc_rlhf.parallel.cpu import apply_cpu_patches
 
     apply_cpu_patches()
+    apply_process_overrides(MegatronOverrides())
     assert attention.apply_rotary_pos_emb is not rope_utils.apply_rotary_pos_emb
     config = types.SimpleNamespace(
         apply_rope_fusion=False, rotary_interleaved=False, multi_latent_attention=False

@@ -5,6 +5,7 @@ from __future__ import annotations
 import torch
 
 from hpc_rlhf.config import ModelConfig, OptimizerConfig, ParallelConfig
+from hpc_rlhf.models.runner import MicroBatch
 
 TINY = ModelConfig(
     num_layers=4,
@@ -30,21 +31,23 @@ def random_hf_state(model: ModelConfig, seed: int = 0) -> dict[str, torch.Tensor
     return state
 
 
-def lm_microbatches(n: int, batch: int, seq: int, vocab: int, seed: int = 1) -> list[dict]:
+def lm_microbatches(n: int, batch: int, seq: int, vocab: int, seed: int = 1) -> list:
     """``n`` microbatches of random tokens with a few masked-out label positions."""
     gen = torch.Generator().manual_seed(seed)
     out = []
     for _ in range(n):
         tokens = torch.randint(0, vocab, (batch, seq + 1), generator=gen)
         loss_mask = (torch.rand(batch, seq, generator=gen) > 0.2).float()
-        out.append({"input_ids": tokens[:, :-1], "labels": tokens[:, 1:], "loss_mask": loss_mask})
+        out.append(
+            MicroBatch.unpadded(tokens[:, :-1], labels_BS=tokens[:, 1:], loss_mask_BS=loss_mask)
+        )
     return out
 
 
 def build_trainable(model: ModelConfig, parallel: ParallelConfig, hf_state, lr=1e-2, steps=10):
     """Parallel groups + an actor ``TrainableModel`` loaded with ``hf_state``."""
     from hpc_rlhf.parallel.state import initialize_parallel
-    from hpc_rlhf.trainer.model_engine import TrainableModel
+    from hpc_rlhf.trainer.trainable_model import TrainableModel
 
     state = initialize_parallel(parallel, model)
     trainable = TrainableModel(model, OptimizerConfig(lr=lr, clip_grad=1.0), state, "actor", steps)
@@ -52,7 +55,7 @@ def build_trainable(model: ModelConfig, parallel: ParallelConfig, hf_state, lr=1
     return state, trainable
 
 
-def dp_share(microbatches: list[dict], dp_rank: int, dp_size: int) -> list[dict]:
+def dp_share(microbatches: list, dp_rank: int, dp_size: int) -> list:
     """This data-parallel rank's microbatches (round robin)."""
     return microbatches[dp_rank::dp_size]
 

@@ -58,8 +58,12 @@ def test_unknown_policy_is_refused_by_config_and_function():
 
 _THP_PROBE = r"""
 import json, os, resource
-import hpc_rlhf  # sets the launch environment before torch's first allocation
+env_before = dict(os.environ)
+import hpc_rlhf
 import torch
+assert dict(os.environ) == env_before, "importing hpc_rlhf changed os.environ"
+from hpc_rlhf.parallel.host_allocator import apply_launch_env
+apply_launch_env()  # what a run does when it starts, before torch's first allocation
 before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
 torch.empty(16 << 20, dtype=torch.float32).fill_(1.0)  # 64 MiB, fresh
 faults = resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before
@@ -88,7 +92,7 @@ def _thp_mode() -> str:
 
 
 @pytest.mark.skipif(_thp_mode() == "never", reason="transparent huge pages disabled")
-def test_importing_hpc_rlhf_gives_large_tensors_huge_pages_unless_opted_out():
+def test_a_run_start_gives_large_tensors_huge_pages_unless_opted_out():
     default, opted_out = _thp_probe(None), _thp_probe("0")
     assert default["env"] == "1" and opted_out["env"] == "0"
     pages_4k = (64 << 20) // 4096

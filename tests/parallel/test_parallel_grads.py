@@ -7,8 +7,8 @@ import dataclasses
 
 import pytest
 
-from hpc_rlhf.algorithms.lm import lm_loss
 from hpc_rlhf.config import ParallelConfig
+from hpc_rlhf.trainer.losses import lm_loss_fn
 from tests.dist import run_world
 from tests.parallel.common import (
     TINY,
@@ -28,10 +28,10 @@ def _loss_and_grads(rank, world, parallel: ParallelConfig, model_cfg, selective=
     hf_state = random_hf_state(model_cfg)
     state, trainable = build_trainable(model_cfg, parallel, hf_state)
     batches = lm_microbatches(N_MICRO, MICRO_B, SEQ, model_cfg.vocab_size)
-    if selective:  # LM head over the loss positions only (models.selective_head)
-        batches = [{**b, "head_mask": b["loss_mask"].bool()} for b in batches]
+    if selective:  # LM head over the loss positions only (models.overrides.selective)
+        batches = [dataclasses.replace(b, head_mask_BS=b.loss_mask_BS.bool()) for b in batches]
     mine = dp_share(batches, state.dp_rank, state.dp_size)
-    outputs = trainable.forward_backward(mine, lambda b, o: lm_loss(b, o, state.tp_group))
+    outputs = trainable.forward_backward(mine, lm_loss_fn(state.tp_group))
     loss = trainable.reduce_metrics(outputs)["loss"]
     return loss, gather_grads_hf(trainable, state)
 

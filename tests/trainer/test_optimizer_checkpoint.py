@@ -9,8 +9,8 @@ import os
 import pytest
 import torch
 
-from hpc_rlhf.algorithms.lm import lm_loss
 from hpc_rlhf.config import ParallelConfig
+from hpc_rlhf.trainer.losses import lm_loss_fn
 from tests.dist import run_world
 from tests.parallel.common import (
     TINY,
@@ -31,7 +31,7 @@ def _train_save_resume(rank, world, parallel: ParallelConfig, ckpt_root: str):
     mine = dp_share(batches, state.dp_rank, state.dp_size)
 
     def step():
-        return trainable.train_step(mine, lambda b, o: lm_loss(b, o, state.tp_group))
+        return trainable.train_step(mine, lm_loss_fn(state.tp_group))
 
     losses = [step().metrics["loss"] for _ in range(STEPS)]
     save_checkpoint(ckpt_root, STEPS, state, {"actor": trainable}, {"data_position": 7})
@@ -93,7 +93,7 @@ def test_single_process_resume_is_exact(single):
 def test_fused_cpu_adam_switch_gives_the_same_update():
     from types import SimpleNamespace
 
-    from hpc_rlhf.trainer.model_engine import _use_fused_cpu_adam
+    from hpc_rlhf.trainer.trainable_model import _use_fused_cpu_adam
 
     gen = torch.Generator().manual_seed(0)
     init = [torch.randn(300, 70, generator=gen), torch.randn(70, generator=gen)]

@@ -33,7 +33,11 @@ BASE = {
         "mini_batches_per_rollout": 4,
         "kl_coef": 0.01,
     },
-    "generation": {"max_new_tokens": 12, "stop_at_eos": False, "kv_cache_bytes": 8 << 20},
+    "generation": {
+        "max_new_tokens": 12,
+        "stop_at_eos": False,
+        "engine": {"cache_budget_bytes": 8 << 20},
+    },
     "reward": {
         "rules": [
             {
@@ -117,8 +121,8 @@ def _resume2(rank, world, cfg_full, cfg_half, cfg_resume, half_dir):
 
 def _nan_run(rank, world, cfg, root):
     from hpc_rlhf.trainer.checkpoint import latest_checkpoint
-    from hpc_rlhf.trainer.model_engine import NonFiniteLossError
     from hpc_rlhf.trainer.ppo_run import run_ppo
+    from hpc_rlhf.trainer.trainable_model import NonFiniteLossError
 
     try:
         run_ppo(cfg)
@@ -148,7 +152,7 @@ def test_nan_loss_stops_with_a_clear_error_and_keeps_the_checkpoint(tmp_path):
 def _reward_scores(rank, world, cfg, rm_dir):
     from hpc_rlhf.trainer.ppo_run import build_trainer
 
-    trainer = build_trainer(cfg)
+    _, trainer = build_trainer(cfg)
     prompts = trainer.prompts.next_batch(4, 0, 1)
     rollout = trainer.generate(prompts)
     exp = trainer.score(rollout)
@@ -205,7 +209,7 @@ def test_reward_models_and_rules_combine_with_their_weights(tmp_path):
 def _options_run(rank, world, cfg):
     from hpc_rlhf.trainer.ppo_run import build_trainer
 
-    trainer = build_trainer(cfg)
+    _, trainer = build_trainer(cfg)
     prompts = trainer.prompts.next_batch(cfg.ppo.rollout_batch_size, 0, 1)
     rollout = trainer.generate(prompts)
     # the engine's log-probs equal a teacher-forced forward (what recompute would give)

@@ -1,0 +1,187 @@
+"""The per-micro-batch functions trainers hand to ``TrainableModel``: losses for
+``train_step`` and scoring functions for ``infer``.
+
+A loss function is ``fn(mb, output) -> (loss_sum, count, metrics)`` (see
+``trainer.trainable_model``); a scoring function ``fn(mb, output) -> {name: tensor}``.
+They read vocab-parallel logits ``[B, S, V/tp]`` (or ``[1, N, V/tp]`` at the selected
+positions) through the fused ``ops.token_logprobs`` over the TP group, so no rank
+materialises a full-vocabulary log-softmax; scalar heads' outputs are ``[B, S, 1]``.
+
+PPO's losses are pre-normalised by global counts (``normalize="none"``): token-mean (or
+sequence-mean) PPO over every valid token of the mini-batch on every data-parallel rank,
+plus ``ptx_coef`` x the LM loss over the ptx tokens, minus ``entropy_coef`` x the mean
+entropy; the value loss likewise.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+
+from hpc_rlhf.config import PPOConfig
+from hpc_rlhf.models.heads import end_scores
+from hpc_rlhf.models.runner import MicroBatch, logprobs_from_output
+from hpc_rlhf.ops import ppo_policy_loss, value_loss
+
+
+@dataclass(kw_only=True)
+class RolloutMicroBatch(MicroBatch):
+    """A PPO micro-batch: ``loss_mask_BS`` (and ``head_mask_BS``) are the action positions;
+    the per-token quantities are on action positions (see ``trainer.experience``)."""
+
+    old_logp_BS: torch.Tensor | None = None
+    advantages_BS: torch.Tensor | None = None
+    returns_BS: torch.Tensor | None = None
+    values_BS: torch.Tensor | None = None
+
+
+@dataclass(frozen=True)
+class GlobalCounts:
+    """Valid tokens / sequences of one mini-batch summed over data-parallel ranks."""
+
+    tokens: float
+    sequences: float
+    ptx_tokens: float = 0.0
+
+
+def _required(value: torch.Tensor | None, name: str) -> torch.Tensor:
+    if value is None:
+        raise ValueError(f"this loss needs a micro-batch with {name}")
+    return value
+
+
+# ----------------------------------------------------------------------------- language model
+
+
+def lm_nll(mb: MicroBatch, logits: torch.Tensor, tp_group) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(nll_sum, token_count)``: next-token negative log-likelihood of ``mb.labels_BS``
+    summed over ``mb.loss_mask_BS``."""
+    logp_BS = logprobs_from_output(mb, logits, tp_group, loss_only=True)
+    mask_BS = _required(mb.loss_mask_BS, "loss_mask_BS").to(logp_BS.dtype)
+    return -(logp_BS * mask_BS).sum(), mask_BS.sum()
+
+
+def lm_loss_fn(tp_group) -> Callable:
+    """Masked next-token cross entropy for ``train_step`` (``normalize="count"``):
+    ``(nll_sum, tokens, {"loss": mean})``."""
+
+    def fn(mb: MicroBatch, logits: torch.Tensor):
+        nll_sum, count = lm_nll(mb, logits, tp_group)
+        return nll_sum, count.long(), {"loss": nll_sum.detach() / count.clamp(min=1)}
+
+    return fn
+
+
+# ----------------------------------------------------------------------------- scoring
+
+
+def scaled_logits(logits: torch.Tensor, temperature: float) -> torch.Tensor:
+    """Logits at the sampling temperature (the policy PPO optimises is softmax(logits/T))."""
+    return logits if temperature == 1.0 else logits / temperature
+
+
+def logprobs_fn(tp_group, temperature: float = 1.0, entropy: bool = False) -> Callable:
+    """Scoring function: ``{"logp": [B, S]}`` (+ ``"entropy"``) of an LM model."""
+
+    def fn(mb: MicroBatch, logits: torch.Tensor) -> dict:
+        out = logprobs_from_output(mb, scaled_logits(logits, temperature), tp_group, entropy)
+        if entropy:
+            return {"logp": out[0], "entropy": out[1]}
+        return {"logp": out}
+
+    return fn
+
+
+def values_fn(mb: MicroBatch, values_BS1: torch.Tensor) -> dict:
+    """Scoring function: a value model's per-token values ``{"values": [B, S]}``."""
+    return {"values": values_BS1.squeeze(-1).float()}
+
+
+def end_score_fn(mb: MicroBatch, scores_BS1: torch.Tensor) -> dict:
+    """Scoring function: a reward model's score at each row's last real token."""
+    return {"score": end_scores(scores_BS1.squeeze(-1).float(), mb.attention_mask_BS)}
+
+
+# ----------------------------------------------------------------------------- PPO
+
+
+def to_global_mean(loss, mask_BS, reduction: str, counts: GlobalCounts) -> torch.Tensor:
+    """This micro-batch's share of the mini-batch mean: ``loss`` is a mean over its own valid
+    tokens (``token_mean``) or sequences (``seq_mean``); scale by their share of the
+    global count so the sum over micro-batches and data-parallel ranks is the global mean."""
+    if reduction == "token_mean":
+        return loss * mask_BS.sum() / counts.tokens
+    return loss * mask_BS.any(dim=1).sum() / counts.sequences
+
+
+def actor_loss_fn(cfg: PPOConfig, tp_group, counts: GlobalCounts, temperature: float) -> Callable:
+    """PPO clip loss (+ entropy bonus) on rollout micro-batches, the ptx LM loss on plain
+    ``MicroBatch``es, for ``train_step(..., normalize="none")``."""
+
+    def fn(mb: MicroBatch, logits: torch.Tensor):
+        logits = scaled_logits(logits, temperature)
+        if not isinstance(mb, RolloutMicroBatch):
+            return _ptx_loss(mb, logits, tp_group, cfg.ptx_coef, counts)
+        mask_BS = _required(mb.loss_mask_BS, "loss_mask_BS")
+        logp_BS, entropy_BS = logprobs_from_output(
+            mb, logits, tp_group, entropy=True, loss_only=True
+        )
+        loss, stats = ppo_policy_loss(
+            logp_BS,
+            _required(mb.old_logp_BS, "old_logp_BS"),
+            _required(mb.advantages_BS, "advantages_BS"),
+            mask_BS,
+            clip_low=cfg.clip_low,
+            clip_high=cfg.clip_high,
+            dual_clip=cfg.dual_clip,
+            reduction=cfg.loss_reduction,
+        )
+        n_tokens = mask_BS.sum()
+        scaled = to_global_mean(loss, mask_BS, cfg.loss_reduction, counts)
+        entropy_sum = (entropy_BS * mask_BS).sum()
+        if cfg.entropy_coef:
+            scaled = scaled - cfg.entropy_coef * entropy_sum / counts.tokens
+        metrics = {
+            "pg_loss": loss.detach(),
+            "entropy": entropy_sum.detach() / n_tokens.clamp(min=1),
+        }
+        metrics.update({k: v.detach() for k, v in stats.items()})
+        return scaled, n_tokens.long(), metrics
+
+    return fn
+
+
+def _ptx_loss(mb: MicroBatch, logits, tp_group, coef: float, counts: GlobalCounts):
+    nll_sum, n = lm_nll(mb, logits, tp_group)
+    return (
+        coef * nll_sum / max(counts.ptx_tokens, 1.0),
+        n.long(),
+        {"ptx_loss": nll_sum / n.clamp(min=1)},
+    )
+
+
+def critic_loss_fn(cfg: PPOConfig, counts: GlobalCounts) -> Callable:
+    """Clipped value loss, pre-normalised by global counts (``normalize="none"``)."""
+
+    def fn(mb: RolloutMicroBatch, values_BS1: torch.Tensor):
+        mask_BS = _required(mb.loss_mask_BS, "loss_mask_BS")
+        values_BS = values_BS1.squeeze(-1).float()
+        loss, stats = value_loss(
+            values_BS,
+            _required(mb.values_BS, "values_BS"),
+            _required(mb.returns_BS, "returns_BS"),
+            mask_BS,
+            clip=cfg.value_clip,
+            reduction=cfg.loss_reduction,
+        )
+        n_tokens = mask_BS.sum()
+        scaled = to_global_mean(loss, mask_BS, cfg.loss_reduction, counts)
+        metrics = {"value_loss": loss.detach()}
+        metrics.update(
+            {f"value_{k}" if not k.startswith("value") else k: v.detach() for k, v in stats.items()}
+        )
+        return scaled, n_tokens.long(), metrics
+
+    return fn
