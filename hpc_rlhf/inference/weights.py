@@ -54,7 +54,7 @@ class StaleWeightsError(RuntimeError):
 
 @dataclass
 class LayerWeights:
-    """One decoder layer of this TP rank (megatron layouts, see ``models/convert.py``)."""
+    """One decoder layer of this TP rank (megatron layouts, see ``models/param_layout.py``)."""
 
     in_norm_H: torch.Tensor
     qkv_RH: torch.Tensor  # [(nh + 2 ng)/tp * d, H], rows per local group [q..; k; v]
@@ -131,7 +131,7 @@ def gather_pipeline_weights(
     chunks: list, state, model_cfg: ModelConfig, version: int | None
 ) -> GenerationWeights:
     """All layers of this TP shard on every pipeline rank (collective over the PP group)."""
-    from hpc_rlhf.models.convert import Layout
+    from hpc_rlhf.models.param_layout import Layout
 
     layout = Layout(model_cfg, state.tp_size, state.pp_size, state.vpp_size)
     local: list[dict[str, torch.Tensor]] = []
