@@ -54,7 +54,7 @@ def workload(shape: str, n_prompts: int, quick: bool = False, seed: int = 0):
 
 def write_checkpoints(workdir: str) -> None:
     """Random actor (LM) and reward (score head) HF checkpoints under ``workdir``."""
-    from hpc_rlhf.models.convert import save_hf_checkpoint
+    from hpc_rlhf.models.hf_io import save_hf_checkpoint
     from hpc_rlhf.models.init import random_hf_state
 
     actor = random_hf_state(BENCH_MODEL, seed=1)

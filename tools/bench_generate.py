@@ -68,7 +68,7 @@ def make_prompts(args) -> list[list[int]]:
 def hf_model():
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    from hpc_rlhf.models.convert import hf_config_from_model
+    from hpc_rlhf.models.hf_config import hf_config_from_model
 
     cfg = LlamaConfig(**{**hf_config_from_model(BENCH_MODEL), "attn_implementation": "eager"})
     cfg.pad_token_id, cfg.eos_token_id, cfg.bos_token_id = 0, None, None

@@ -12,9 +12,81 @@ safetensors. Pure tensor resharding on CPU: no torch.distributed, no GPU.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import sys
+
+import torch
+
+from hpc_rlhf.config import ConfigError, ModelConfig, config_from_dict
+from hpc_rlhf.models.hf_config import hf_token_fields
+from hpc_rlhf.models.hf_io import CONFIG_NAME, load_hf_checkpoint, save_hf_checkpoint
+from hpc_rlhf.models.hf_names import ConversionError
+from hpc_rlhf.models.param_layout import Layout, check_shards, detect_shards_head
+from hpc_rlhf.models.reshard import hf_to_megatron, megatron_to_hf
+
+# The rank-file format: only this tool writes and reads it (training checkpoints are
+# trainer/checkpoint.py's).
+LAYOUT_NAME = "layout.json"
+
+
+def mcore_rank_dir(tp_rank: int, pp_rank: int, pp: int) -> str:
+    """Megatron's per-rank directory name: ``mp_rank_TT`` or ``mp_rank_TT_PPP`` with PP."""
+    return f"mp_rank_{tp_rank:02d}" if pp == 1 else f"mp_rank_{tp_rank:02d}_{pp_rank:03d}"
+
+
+def save_mcore_checkpoint(
+    path: str,
+    shards: dict,
+    model_cfg: ModelConfig,
+    tp: int,
+    pp: int,
+    vpp: int | None = None,
+    hf_extra: dict | None = None,
+) -> None:
+    """Write one ``model.pt`` per (pp, tp) rank (``model`` or ``model0..`` with vpp) plus
+    ``layout.json`` (sizes, head, ModelConfig, and ``hf_extra`` HF config fields to restore
+    on export)."""
+    layout = Layout(model_cfg, tp, pp, vpp)
+    head = detect_shards_head(shards)
+    check_shards(shards, layout, head)
+    for (p, t), chunks in shards.items():
+        rank_dir = os.path.join(path, mcore_rank_dir(t, p, pp))
+        os.makedirs(rank_dir, exist_ok=True)
+        if vpp is None:
+            payload = {"model": chunks[0]}
+        else:
+            payload = {f"model{c}": chunk for c, chunk in enumerate(chunks)}
+        payload["checkpoint_version"] = 3.0
+        torch.save(payload, os.path.join(rank_dir, "model.pt"))
+    meta = {"format": "hpc_rlhf.mcore", "tp": tp, "pp": pp, "vpp": vpp, "head": head}
+    meta["model_config"] = dataclasses.asdict(model_cfg)
+    meta["hf_extra"] = hf_extra or {}
+    with open(os.path.join(path, LAYOUT_NAME), "w") as fh:
+        json.dump(meta, fh, indent=2)
+
+
+def load_mcore_checkpoint(path: str) -> tuple[ModelConfig, dict, dict]:
+    """Read a directory written by ``save_mcore_checkpoint``: (ModelConfig, shards, layout)."""
+    layout_path = os.path.join(path, LAYOUT_NAME)
+    if not os.path.exists(layout_path):
+        raise FileNotFoundError(f"megatron checkpoint has no {LAYOUT_NAME}: {layout_path}")
+    with open(layout_path) as fh:
+        meta = json.load(fh)
+    model_cfg = config_from_dict(meta["model_config"], ModelConfig)
+    tp, pp, vpp = meta["tp"], meta["pp"], meta["vpp"]
+    shards = {}
+    for p, t in Layout(model_cfg, tp, pp, vpp).ranks():
+        file_path = os.path.join(path, mcore_rank_dir(t, p, pp), "model.pt")
+        if not os.path.exists(file_path):
+            raise FileNotFoundError(f"megatron checkpoint shard not found: {file_path}")
+        payload = torch.load(file_path, map_location="cpu", weights_only=True)
+        if vpp is None:
+            shards[(p, t)] = [payload["model"]]
+        else:
+            shards[(p, t)] = [payload[f"model{c}"] for c in range(vpp)]
+    return model_cfg, shards, meta
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -43,15 +115,11 @@ def _parser() -> argparse.ArgumentParser:
 
 def hf_to_mcore(args: argparse.Namespace) -> None:
     """Read an HF checkpoint, reshard it for TP x PP (x VPP), write the rank files."""
-    from hpc_rlhf.models import convert
-
-    model_cfg, hf_state = convert.load_hf_checkpoint(
-        args.hf, transformer_impl=args.transformer_impl
-    )
-    with open(os.path.join(args.hf, convert.CONFIG_NAME)) as fh:
-        token_fields = convert.hf_token_fields(json.load(fh))
-    shards = convert.hf_to_megatron(hf_state, model_cfg, args.tp, args.pp, args.vpp)
-    convert.save_mcore_checkpoint(
+    model_cfg, hf_state = load_hf_checkpoint(args.hf, transformer_impl=args.transformer_impl)
+    with open(os.path.join(args.hf, CONFIG_NAME)) as fh:
+        token_fields = hf_token_fields(json.load(fh))
+    shards = hf_to_megatron(hf_state, model_cfg, args.tp, args.pp, args.vpp)
+    save_mcore_checkpoint(
         args.out, shards, model_cfg, args.tp, args.pp, args.vpp, hf_extra=token_fields
     )
     print(
@@ -61,14 +129,12 @@ def hf_to_mcore(args: argparse.Namespace) -> None:
 
 def mcore_to_hf(args: argparse.Namespace) -> None:
     """Read megatron rank files written by ``hf-to-mcore`` and write an HF checkpoint."""
-    from hpc_rlhf.models import convert
-
-    model_cfg, shards, meta = convert.load_mcore_checkpoint(args.mcore)
-    hf_state = convert.megatron_to_hf(
+    model_cfg, shards, meta = load_mcore_checkpoint(args.mcore)
+    hf_state = megatron_to_hf(
         shards, model_cfg, meta["tp"], meta["pp"], meta["vpp"], meta.get("head")
     )
     max_bytes = int(args.max_shard_gb * 1024**3)
-    convert.save_hf_checkpoint(
+    save_hf_checkpoint(
         args.out, model_cfg, hf_state, max_shard_bytes=max_bytes, extra_config=meta.get("hf_extra")
     )
     print(f"wrote HF checkpoint ({len(hf_state)} tensors) to {args.out}")
@@ -77,9 +143,6 @@ def mcore_to_hf(args: argparse.Namespace) -> None:
 def main(argv: list[str] | None = None) -> int:
     """Entry point; returns the process exit code (2 with a message on bad input)."""
     args = _parser().parse_args(argv)
-    from hpc_rlhf.config import ConfigError
-    from hpc_rlhf.models.convert import ConversionError
-
     try:
         if args.command == "hf-to-mcore":
             hf_to_mcore(args)

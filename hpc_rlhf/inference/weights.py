@@ -13,7 +13,8 @@ The engine runs the whole decoder on every rank of a TP group (no pipeline stage
 Each sync stamps a policy version; ``GenerationEngine.generate(..., policy_version=v)``
 refuses to run on weights of another version (``StaleWeightsError``).
 
-Megatron names (local spec; the transformer-engine spec keeps the norms in the linears).
+Parameters are read by their megatron names from ``models/hf_names.py`` (the converter's
+table), so the engine and the checkpoint converter cannot disagree on a name.
 """
 
 from __future__ import annotations
@@ -25,27 +26,18 @@ import torch
 import torch.distributed as dist
 
 from hpc_rlhf.config import ModelConfig
+from hpc_rlhf.models.hf_names import (
+    MCORE_EMBEDDING,
+    MCORE_FINAL_NORM,
+    MCORE_LAYER,
+    MCORE_OUTPUT,
+    mcore_layer_names,
+)
+from hpc_rlhf.models.param_layout import Layout
 
 logger = logging.getLogger(__name__)
 
-ROLES = ("in_norm", "qkv", "proj", "mlp_norm", "fc1", "fc2")
-
-_LAYER_NAMES = {
-    "local": {
-        "in_norm": "input_layernorm.weight",
-        "mlp_norm": "pre_mlp_layernorm.weight",
-    },
-    "transformer_engine": {
-        "in_norm": "self_attention.linear_qkv.layer_norm_weight",
-        "mlp_norm": "mlp.linear_fc1.layer_norm_weight",
-    },
-}
-_LINEAR_NAMES = {
-    "qkv": "self_attention.linear_qkv.weight",
-    "proj": "self_attention.linear_proj.weight",
-    "fc1": "mlp.linear_fc1.weight",
-    "fc2": "mlp.linear_fc2.weight",
-}
+ROLES = tuple(MCORE_LAYER)  # in_norm, qkv, proj, mlp_norm, fc1, fc2
 
 
 class StaleWeightsError(RuntimeError):
@@ -54,7 +46,7 @@ class StaleWeightsError(RuntimeError):
 
 @dataclass
 class LayerWeights:
-    """One decoder layer of this TP rank (megatron layouts, see ``models/convert.py``)."""
+    """One decoder layer of this TP rank (megatron layouts, see ``models/param_layout.py``)."""
 
     in_norm_H: torch.Tensor
     qkv_RH: torch.Tensor  # [(nh + 2 ng)/tp * d, H], rows per local group [q..; k; v]
@@ -84,20 +76,21 @@ class GenerationWeights:
 
 
 def _layer_tensors(chunk, index: int, model_cfg: ModelConfig) -> dict[str, torch.Tensor]:
-    params = dict(chunk.named_parameters())
-    names = {**_LAYER_NAMES[model_cfg.transformer_impl], **_LINEAR_NAMES}
-    prefix = f"decoder.layers.{index}."
-    return {role: params[prefix + names[role]] for role in ROLES}
+    """Local layer ``index``'s parameters of ``chunk`` by role (the tensors themselves)."""
+    names = mcore_layer_names(index, model_cfg)
+    return {role: chunk.get_parameter(names[role]) for role in ROLES}
 
 
 def _make_layer(t: dict[str, torch.Tensor]) -> LayerWeights:
+    """``LayerWeights`` from one layer's tensors by role."""
     return LayerWeights(t["in_norm"], t["qkv"], t["proj"], t["mlp_norm"], t["fc1"], t["fc2"])
 
 
 def _output_weight(chunk, model_cfg: ModelConfig) -> torch.Tensor:
+    """The LM head weight of a last-stage chunk (the word embeddings when tied)."""
     if model_cfg.tie_word_embeddings:
         return chunk.shared_embedding_or_output_weight()
-    return chunk.output_layer.weight
+    return chunk.get_parameter(MCORE_OUTPUT)
 
 
 def weights_in_place(
@@ -111,9 +104,9 @@ def weights_in_place(
         _make_layer(_layer_tensors(chunk, i, model_cfg)) for i in range(len(chunk.decoder.layers))
     ]
     return GenerationWeights(
-        embedding_vH=chunk.embedding.word_embeddings.weight,
+        embedding_vH=chunk.get_parameter(MCORE_EMBEDDING),
         layers=layers,
-        final_norm_H=chunk.decoder.final_layernorm.weight,
+        final_norm_H=chunk.get_parameter(MCORE_FINAL_NORM),
         output_vH=_output_weight(chunk, model_cfg),
         version=version,
         in_place=True,
@@ -131,8 +124,6 @@ def gather_pipeline_weights(
     chunks: list, state, model_cfg: ModelConfig, version: int | None
 ) -> GenerationWeights:
     """All layers of this TP shard on every pipeline rank (collective over the PP group)."""
-    from hpc_rlhf.models.convert import Layout
-
     layout = Layout(model_cfg, state.tp_size, state.pp_size, state.vpp_size)
     local: list[dict[str, torch.Tensor]] = []
     index_l: list[int] = []
@@ -156,14 +147,14 @@ def gather_pipeline_weights(
     H, v = model_cfg.hidden_size, model_cfg.vocab_size // state.tp_size
     dtype = layers[0].qkv_RH.dtype
     first, last = chunks[0], chunks[-1]
-    emb = first.embedding.word_embeddings.weight if state.is_first_stage else None
+    emb = first.get_parameter(MCORE_EMBEDDING) if state.is_first_stage else None
     embedding = _pp_broadcast(emb, (v, H), dtype, 0, state)
-    norm = last.decoder.final_layernorm.weight if state.is_last_stage else None
+    norm = last.get_parameter(MCORE_FINAL_NORM) if state.is_last_stage else None
     final_norm = _pp_broadcast(norm, (H,), dtype, pp - 1, state)
     if model_cfg.tie_word_embeddings:
         output = embedding
     else:
-        out = last.output_layer.weight if state.is_last_stage else None
+        out = last.get_parameter(MCORE_OUTPUT) if state.is_last_stage else None
         output = _pp_broadcast(out, (v, H), dtype, pp - 1, state)
     return GenerationWeights(embedding, layers, final_norm, output, version, in_place=False)
 

@@ -13,7 +13,7 @@ def random_hf_state(model_cfg: ModelConfig, seed: int, std: float | None = None)
     Linear and embedding weights ~ N(0, std) (``model.init_method_std`` by default), norms 1.
     Starting actor, reference and critic from one such state gives them identical decoders.
     """
-    from hpc_rlhf.models.convert import hf_shapes
+    from hpc_rlhf.models.param_layout import hf_shapes
 
     std = model_cfg.init_method_std if std is None else std
     gen = torch.Generator().manual_seed(seed)

@@ -73,7 +73,7 @@ def run_ppo(cfg: PPORunConfig, out_dir: str | None = None) -> list[dict[str, flo
 
 def export_actor(trainer: PPOTrainer, path: str) -> None:
     """Write the actor as an HF Llama checkpoint (collective; rank 0 writes)."""
-    from hpc_rlhf.models.convert import save_hf_checkpoint
+    from hpc_rlhf.models.hf_io import save_hf_checkpoint
 
     hf_state = trainer.actor.gather_hf_state()
     if hf_state is not None:

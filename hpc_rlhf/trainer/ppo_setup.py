@@ -29,7 +29,7 @@ class PPOModels:
 def initial_actor_state(cfg: PPORunConfig) -> dict:
     """HF-format actor weights: the ``actor_init`` checkpoint, or seeded random weights."""
     if cfg.actor_init:
-        from hpc_rlhf.models.convert import load_hf_checkpoint
+        from hpc_rlhf.models.hf_io import load_hf_checkpoint
 
         hf_cfg, state = load_hf_checkpoint(cfg.actor_init)
         _check_same_architecture(cfg, hf_cfg, cfg.actor_init)
@@ -86,7 +86,7 @@ def build_models(cfg: PPORunConfig, state: ParallelState) -> PPOModels:
 
 
 def _load_reward_model(path: str, cfg: PPORunConfig, state: ParallelState):
-    from hpc_rlhf.models.convert import load_hf_checkpoint
+    from hpc_rlhf.models.hf_io import load_hf_checkpoint
 
     rm_cfg, hf_state = load_hf_checkpoint(path)
     if "score.weight" not in hf_state:

@@ -331,7 +331,7 @@ class TrainableModel:
 
     def load_hf_state(self, hf_state: dict[str, torch.Tensor]) -> None:
         """Load this rank's shard of a full HF-format state (present on every rank)."""
-        from hpc_rlhf.models.convert import load_hf_state_into_rank
+        from hpc_rlhf.models.rank_state import load_hf_state_into_rank
 
         load_hf_state_into_rank(self.parameters_by_chunk(), self.state, self.model_cfg, hf_state)
         if self.optimizer is not None and hasattr(self.optimizer, "reload_model_params"):
@@ -339,7 +339,7 @@ class TrainableModel:
 
     def gather_hf_state(self, dst: int = 0) -> dict[str, torch.Tensor] | None:
         """The full HF-format state on global rank ``dst`` (None elsewhere); collective."""
-        from hpc_rlhf.models.convert import gather_hf_state
+        from hpc_rlhf.models.rank_state import gather_hf_state
 
         return gather_hf_state(self.parameters_by_chunk(), self.state, self.model_cfg, dst)
 

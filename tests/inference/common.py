@@ -30,7 +30,7 @@ def hf_causal_lm(model_cfg: ModelConfig, seed: int = 1):
     """A transformers Llama (eager attention, fp32) with random weights, no EOS."""
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    from hpc_rlhf.models.convert import hf_config_from_model
+    from hpc_rlhf.models.hf_config import hf_config_from_model
 
     hf_cfg = LlamaConfig(**hf_config_from_model(model_cfg), attn_implementation="eager")
     hf_cfg.pad_token_id = 0

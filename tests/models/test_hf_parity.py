@@ -2,9 +2,9 @@
 
 The parent process builds ``transformers`` Llama models from a ``LlamaConfig`` with random
 weights (eager attention, fp32) and computes the reference outputs; spawned gloo worlds load
-the HF state into our megatron models with ``convert.load_hf_state_into_rank``, run them and
+the HF state into our megatron models with ``rank_state.load_hf_state_into_rank``, run them and
 compare on real-token positions (max abs diff / max abs value <= 1e-5). The same worlds
-check that ``convert.gather_hf_state`` gives back the HF state bit for bit.
+check that ``rank_state.gather_hf_state`` gives back the HF state bit for bit.
 """
 
 from __future__ import annotations
@@ -15,7 +15,7 @@ import pytest
 import torch
 
 from hpc_rlhf.config import ModelConfig
-from hpc_rlhf.models import convert
+from hpc_rlhf.models import hf_config, hf_names, param_layout, rank_state, reshard
 from tests.dist import run_world
 
 RTOL = 1e-5
@@ -46,11 +46,11 @@ def hf_model(model_cfg: ModelConfig, head: str, seed: int):
     from transformers import LlamaConfig, LlamaForCausalLM, LlamaForSequenceClassification
 
     hf_cfg = LlamaConfig(
-        **convert.hf_config_from_model(model_cfg, head), attn_implementation="eager"
+        **hf_config.hf_config_from_model(model_cfg, head), attn_implementation="eager"
     )
     hf_cfg.pad_token_id = 0
     torch.manual_seed(seed)
-    cls = LlamaForCausalLM if head == convert.HEAD_LM else LlamaForSequenceClassification
+    cls = LlamaForCausalLM if head == hf_names.HEAD_LM else LlamaForSequenceClassification
     model = cls(hf_cfg).eval()
     with torch.no_grad():
         for name, param in model.named_parameters():
@@ -67,7 +67,7 @@ def hf_reference(model_cfg: ModelConfig, head: str, seed: int):
     ids_BS, mask_BS = make_batch(model_cfg.vocab_size, seed)
     pos_BS = (mask_BS.cumsum(1) - 1).clamp(min=0)
     with torch.no_grad():
-        if head == convert.HEAD_LM:
+        if head == hf_names.HEAD_LM:
             out = model(ids_BS, attention_mask=mask_BS, position_ids=pos_BS).logits
             pooled_B = None
         else:
@@ -145,22 +145,22 @@ def check_role(model_cfg, parallel, role, ref) -> dict:
     hf_state, want, pooled_B, ids_BS, mask_BS = ref
     state = initialize_parallel(parallel, model_cfg)
     chunks = build_model_chunks(model_cfg, state, role)
-    layout = convert.Layout(model_cfg, state.tp_size, state.pp_size, state.vpp_size)
-    head = convert.HEAD_LM if role in ("actor", "reference") else convert.HEAD_SCORE
+    layout = param_layout.Layout(model_cfg, state.tp_size, state.pp_size, state.vpp_size)
+    head = hf_names.HEAD_LM if role in ("actor", "reference") else hf_names.HEAD_SCORE
     for c, chunk in enumerate(chunks):  # our layout description = what megatron built
         own = {n: tuple(t.shape) for n, t in chunk.state_dict().items() if "_extra" not in n}
-        assert own == convert.mcore_chunk_shapes(layout, state.pp_rank, c, head), (c, own)
+        assert own == param_layout.mcore_chunk_shapes(layout, state.pp_rank, c, head), (c, own)
         chunk.eval()
-    convert.load_hf_state_into_rank(chunks, state, model_cfg, hf_state)
+    rank_state.load_hf_state_into_rank(chunks, state, model_cfg, hf_state)
     out = pipeline_forward(chunks, state, ids_BS, mask_BS)
     result = {}
-    if out is not None and head == convert.HEAD_LM:
+    if out is not None and head == hf_names.HEAD_LM:
         result["logits"] = rel_err(gather_vocab(out, state), want, mask_BS)
     elif out is not None:
         result["scores"] = rel_err(out, want, mask_BS)
         end_B = end_scores(out[..., 0], mask_BS)
         result["end_scores"] = float((end_B - pooled_B).abs().max() / pooled_B.abs().max())
-    back = convert.gather_hf_state(chunks, state, model_cfg)
+    back = rank_state.gather_hf_state(chunks, state, model_cfg)
     if back is not None:
         result["gather_exact"] = sorted(back) == sorted(hf_state) and all(
             torch.equal(back[n], hf_state[n]) for n in hf_state
@@ -179,10 +179,10 @@ def critic_from_lm(model_cfg, parallel, hf_state) -> bool:
     state = initialize_parallel(parallel, model_cfg)
     chunks = build_model_chunks(model_cfg, state, "critic")
     head_before = {n: t.clone() for n, t in chunks[-1].output_layer.state_dict().items()}
-    convert.load_hf_state_into_rank(chunks, state, model_cfg, hf_state)
+    rank_state.load_hf_state_into_rank(chunks, state, model_cfg, hf_state)
     loaded = chunks[-1].state_dict()
     head_kept = all(torch.equal(loaded["output_layer." + n], t) for n, t in head_before.items())
-    qkv = convert.hf_to_megatron(hf_state, model_cfg, 1, 1)[(0, 0)][0]
+    qkv = reshard.hf_to_megatron(hf_state, model_cfg, 1, 1)[(0, 0)][0]
     name = "decoder.layers.3.self_attention.linear_qkv.weight"
     return head_kept and torch.equal(loaded[name], qkv[name])
 
@@ -223,10 +223,10 @@ def _tp2_pp2_world(rank, world_size, refs):
 def refs():
     tied_cfg = dataclasses.replace(CFG, tie_word_embeddings=True, ffn_hidden_size=128)
     return {
-        "lm": hf_reference(CFG, convert.HEAD_LM, seed=1),
+        "lm": hf_reference(CFG, hf_names.HEAD_LM, seed=1),
         "tied_cfg": tied_cfg,
-        "tied": hf_reference(tied_cfg, convert.HEAD_LM, seed=2),
-        "score": hf_reference(CFG, convert.HEAD_SCORE, seed=3),
+        "tied": hf_reference(tied_cfg, hf_names.HEAD_LM, seed=2),
+        "score": hf_reference(CFG, hf_names.HEAD_SCORE, seed=3),
     }
 
 

@@ -19,7 +19,7 @@ TINY = ModelConfig(
 
 def random_hf_state(model: ModelConfig, seed: int = 0) -> dict[str, torch.Tensor]:
     """Random Llama weights in HF naming, from the converter's own shape table."""
-    from hpc_rlhf.models.convert import hf_shapes
+    from hpc_rlhf.models.param_layout import hf_shapes
 
     gen = torch.Generator().manual_seed(seed)
     state = {}
@@ -64,7 +64,7 @@ def gather_grads_hf(trainable, state) -> dict[str, torch.Tensor] | None:
     """Every gradient, in HF naming and full shapes, on global rank 0 (None elsewhere)."""
     import torch.distributed as dist
 
-    from hpc_rlhf.models.convert import megatron_to_hf
+    from hpc_rlhf.models.reshard import megatron_to_hf
 
     mine = None
     if state.dp_rank == 0:

@@ -162,7 +162,8 @@ def _reward_scores(rank, world, cfg, rm_dir):
 def test_reward_models_and_rules_combine_with_their_weights(tmp_path):
     from transformers import LlamaConfig, LlamaForSequenceClassification
 
-    from hpc_rlhf.models.convert import hf_config_from_model, save_hf_checkpoint
+    from hpc_rlhf.models.hf_config import hf_config_from_model
+    from hpc_rlhf.models.hf_io import save_hf_checkpoint
     from hpc_rlhf.models.init import random_hf_state
 
     cfg0 = make_cfg()

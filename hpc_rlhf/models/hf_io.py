@@ -1,0 +1,108 @@
+"""HF checkpoint directories: ``config.json`` plus safetensors (one file, or shards + index)."""
+
+from __future__ import annotations
+
+import json
+import os
+
+import torch
+
+from hpc_rlhf.config import ModelConfig
+from hpc_rlhf.models.hf_config import hf_config_from_model, model_config_from_hf
+from hpc_rlhf.models.hf_names import HF_LM_HEAD
+from hpc_rlhf.models.param_layout import check_hf_state, detect_head
+
+CONFIG_NAME = "config.json"
+INDEX_NAME = "model.safetensors.index.json"
+DEFAULT_MAX_SHARD_BYTES = 5 * 1024**3
+
+
+def load_hf_checkpoint(path: str, **overrides) -> tuple[ModelConfig, dict[str, torch.Tensor]]:
+    """Read an HF directory: ``config.json`` and ``*.safetensors`` (sharded via the index).
+
+    ``overrides`` replace ``ModelConfig`` fields (e.g. ``transformer_impl``). Raises
+    ``FileNotFoundError`` naming a missing directory/file, ``ConversionError`` for
+    unsupported config fields.
+    """
+    from safetensors.torch import load_file
+
+    if not os.path.isdir(path):
+        raise FileNotFoundError(f"HF checkpoint directory not found: {path}")
+    config_path = os.path.join(path, CONFIG_NAME)
+    if not os.path.exists(config_path):
+        raise FileNotFoundError(f"HF checkpoint has no {CONFIG_NAME}: {config_path}")
+    with open(config_path) as fh:
+        model_cfg = model_config_from_hf(json.load(fh), **overrides)
+    index_path = os.path.join(path, INDEX_NAME)
+    if os.path.exists(index_path):
+        with open(index_path) as fh:
+            weight_map = json.load(fh)["weight_map"]
+        files = sorted(set(weight_map.values()))
+    else:
+        files = sorted(f for f in os.listdir(path) if f.endswith(".safetensors"))
+        if not files:
+            raise FileNotFoundError(f"HF checkpoint has no *.safetensors file in {path}")
+    state: dict[str, torch.Tensor] = {}
+    for name in files:
+        file_path = os.path.join(path, name)
+        if not os.path.exists(file_path):
+            raise FileNotFoundError(f"safetensors shard listed in {INDEX_NAME} not found: {name}")
+        state.update(load_file(file_path))
+    return model_cfg, state
+
+
+def _shard_groups(state: dict, max_shard_bytes: int) -> list[list[str]]:
+    """Tensor names split into consecutive groups of at most ``max_shard_bytes`` each."""
+    groups: list[list[str]] = [[]]
+    size = 0
+    for name, tensor in state.items():
+        nbytes = tensor.numel() * tensor.element_size()
+        if groups[-1] and size + nbytes > max_shard_bytes:
+            groups.append([])
+            size = 0
+        groups[-1].append(name)
+        size += nbytes
+    return groups
+
+
+def save_hf_checkpoint(
+    path: str,
+    model_cfg: ModelConfig,
+    state: dict[str, torch.Tensor],
+    max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES,
+    extra_config: dict | None = None,
+) -> None:
+    """Write ``config.json`` and the safetensors file(s) of an HF Llama checkpoint.
+
+    One ``model.safetensors`` when everything fits in ``max_shard_bytes``, else
+    ``model-0000i-of-0000n.safetensors`` plus ``model.safetensors.index.json``. With tied
+    embeddings ``lm_head.weight`` is left out (as ``save_pretrained`` does).
+    ``extra_config`` is merged into ``config.json`` (e.g. ``hf_token_fields`` of the source
+    checkpoint: a sequence-classification model needs ``pad_token_id`` to pool).
+    """
+    from safetensors.torch import save_file
+
+    head = detect_head(state)
+    state = {
+        name: t.detach().cpu().contiguous()
+        for name, t in state.items()
+        if not (name == HF_LM_HEAD and model_cfg.tie_word_embeddings)
+    }
+    check_hf_state(state, model_cfg, head)
+    os.makedirs(path, exist_ok=True)
+    with open(os.path.join(path, CONFIG_NAME), "w") as fh:
+        json.dump({**hf_config_from_model(model_cfg, head), **(extra_config or {})}, fh, indent=2)
+    groups = _shard_groups(state, max_shard_bytes)
+    if len(groups) == 1:
+        save_file(state, os.path.join(path, "model.safetensors"), metadata={"format": "pt"})
+        return
+    weight_map = {}
+    for k, names in enumerate(groups):
+        file_name = f"model-{k + 1:05d}-of-{len(groups):05d}.safetensors"
+        save_file(
+            {n: state[n] for n in names}, os.path.join(path, file_name), metadata={"format": "pt"}
+        )
+        weight_map.update(dict.fromkeys(names, file_name))
+    total = sum(t.numel() * t.element_size() for t in state.values())
+    with open(os.path.join(path, INDEX_NAME), "w") as fh:
+        json.dump({"metadata": {"total_size": total}, "weight_map": weight_map}, fh, indent=2)
