@@ -10,7 +10,8 @@ Three backends, chosen by ``select_backend`` through ``hpc_rlhf.ops._backend.res
 
 * ``"flash_attn"`` (CUDA of compute capability >= 8.0, flash-attn installed):
   ``flash_attn_varlen_func`` for prefill and ``flash_attn_with_kvcache(..., block_table=...)``
-  for decode on the ``"NSGD"`` pool. Not testable on this CPU-only machine.
+  for decode on the ``"NSGD"`` pool. Only a GPU runs it: ``tests/inference/test_cuda_graphs``
+  (graph-captured against eager decode, both on this backend).
 * ``"cpp"`` (CPU, fp32, hpc_rlhf._C built): prefill on the C++ causal attention kernel
   (``ops.causal_attention`` over the packed sequences' ``cu_seqlens``); decode by
   ``paged_decode_attention_cpu``, one task per (sequence, KV head) reading each block of
