@@ -5,11 +5,13 @@ KV heads of this TP rank (``g = Hq / G`` queries per KV head), ``D`` head dim, `
 blocks in use, ``S`` block size, ``J`` most blocks of one sequence, ``O`` most owners of one
 block (``n`` samples sharing a prompt block).
 
-Three backends, chosen explicitly (``select_backend``) and logged once:
+Three backends, chosen by ``select_backend`` through ``hpc_rlhf.ops._backend.resolve``
+(explicit capability checks, logged once):
 
-* ``"flash_attn"`` (CUDA, flash-attn installed): ``flash_attn_varlen_func`` for prefill and
-  ``flash_attn_with_kvcache(..., block_table=...)`` for decode on the ``"NSGD"`` pool. Not
-  testable on this CPU-only machine.
+* ``"flash_attn"`` (CUDA of compute capability >= 8.0, flash-attn installed):
+  ``flash_attn_varlen_func`` for prefill and ``flash_attn_with_kvcache(..., block_table=...)``
+  for decode on the ``"NSGD"`` pool. Only a GPU runs it: ``tests/inference/test_cuda_graphs``
+  (graph-captured against eager decode, both on this backend).
 * ``"cpp"`` (CPU, fp32, hpc_rlhf._C built): prefill on the C++ causal attention kernel
   (``ops.causal_attention`` over the packed sequences' ``cu_seqlens``); decode by
   ``paged_decode_attention_cpu``, one task per (sequence, KV head) reading each block of
@@ -27,73 +29,35 @@ Three backends, chosen explicitly (``select_backend``) and logged once:
 
 from __future__ import annotations
 
-import importlib.util
-import logging
 import math
 from dataclasses import dataclass
 
 import torch
 
-from hpc_rlhf.config import GENERATION_ATTENTION_BACKENDS
+from hpc_rlhf.ops import _backend
 from hpc_rlhf.ops.causal_attention import causal_attention
 
-logger = logging.getLogger(__name__)
-
-BACKENDS = GENERATION_ATTENTION_BACKENDS  # one list: the run config validates against it
-_LOGGED: set[str] = set()
-
-
-def flash_attn_available(device: torch.device) -> bool:
-    """flash-attn importable and a CUDA device of compute capability >= 8.0."""
-    if device.type != "cuda" or importlib.util.find_spec("flash_attn") is None:
-        return False
-    return torch.cuda.get_device_capability(device)[0] >= 8
-
-
-def cpp_available(device: torch.device, dtype: torch.dtype) -> bool:
-    """hpc_rlhf._C built, a CPU device and an fp32 cache."""
-    from hpc_rlhf.ops import _backend
-
-    return device.type == "cpu" and dtype == torch.float32 and _backend.extension() is not None
+# flash-attn (CUDA, compute capability >= 8.0), the C++ kernels on an fp32 CPU cache, torch;
+# the names are config.GENERATION_ATTENTION_BACKENDS (tests/ops/test_backend.py checks it)
+GENERATION_KERNELS = (
+    _backend.TORCH,
+    _backend.Kernel("cpp", dtypes=_backend.FP32),
+    _backend.Kernel("flash_attn"),
+)
 
 
 def select_backend(
     requested: str, device: torch.device, block_size: int, dtype: torch.dtype = torch.float32
 ) -> str:
-    """Resolve ``"auto"`` (flash-attn, then the C++ CPU kernel, then torch); refuse an
-    unusable request."""
-    if requested not in BACKENDS:
-        raise ValueError(f"attention backend {requested!r}: expected one of {BACKENDS}")
-    flash_ok = flash_attn_available(device)
-    cpp_ok = cpp_available(device, dtype)
-    if requested == "flash_attn" and not flash_ok:
-        raise RuntimeError(
-            "attention_backend='flash_attn' needs flash-attn installed and a CUDA device of "
-            f"compute capability >= 8.0 (device: {device}); use 'torch' or 'auto'"
-        )
-    if requested == "cpp" and not cpp_ok:
-        raise RuntimeError(
-            "attention_backend='cpp' needs hpc_rlhf._C, a CPU device and an fp32 cache "
-            f"(device: {device}, dtype: {dtype}); use 'torch' or 'auto'"
-        )
-    if requested != "auto":
-        chosen = requested
-    else:
-        chosen = "flash_attn" if flash_ok else "cpp" if cpp_ok else "torch"
+    """The backend for a model on ``device`` with a ``dtype`` cache (``_backend.resolve`` over
+    :data:`GENERATION_KERNELS`: ``auto`` takes flash-attn on CUDA, the C++ kernels on CPU,
+    else torch); refuses an unusable request and a flash-attn pool of blocks not a multiple
+    of 256 tokens."""
+    chosen = _backend.resolve(
+        "generation.attention_backend", requested, device, GENERATION_KERNELS, dtype=dtype
+    )
     if chosen == "flash_attn" and block_size % 256:
         raise ValueError(f"flash-attn's paged KV needs block_size % 256 == 0, got {block_size}")
-    if chosen not in _LOGGED:
-        _LOGGED.add(chosen)
-        why = (
-            "requested"
-            if requested != "auto"
-            else "auto: flash-attn usable"
-            if flash_ok
-            else "auto: no CUDA flash-attn, C++ CPU kernel built"
-            if cpp_ok
-            else "auto: no CUDA flash-attn, no C++ extension or fp32 CPU cache"
-        )
-        logger.info("generation attention backend: %s (%s)", chosen, why)
     return chosen
 
 
@@ -273,8 +237,6 @@ def decode_attention_cpp(
     q_BHD: torch.Tensor, k_NGSD: torch.Tensor, v_NGSD: torch.Tensor, meta: DecodeMeta
 ) -> torch.Tensor:
     """The C++ CPU paged decode kernel (``"NGSD"`` pool of one layer) -> ``[B, Hq*D]``."""
-    from hpc_rlhf.ops import _backend
-
     B, Hq, D = q_BHD.shape
     out_BHD = _backend.built_extension().paged_decode_attention_cpu(
         q_BHD.contiguous(),

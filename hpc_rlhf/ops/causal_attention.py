@@ -18,22 +18,32 @@ Backends:
   times it against the reference.
 * ``"auto"``: ``cpp`` when those conditions hold and ``hpc_rlhf._C`` is built, else the
   reference (on GPUs PyTorch's SDPA runs its flash kernels; the transformer-engine layer
-  spec brings its own fused attention). The choice is logged once per reason.
+  spec brings its own fused attention). The choice is logged once per reason
+  (``hpc_rlhf.ops._backend.resolve``).
 """
 
 from __future__ import annotations
-
-import logging
 
 import torch
 import torch.nn.functional as F
 
 from hpc_rlhf.ops import _backend
 
-logger = logging.getLogger("hpc_rlhf.ops")
 
-CAUSAL_ATTENTION_BACKENDS = ("auto", "torch", "cpp")
-_LOGGED: set[str] = set()
+def _cpp_limit(head_dim: int, dropout_p: float) -> str | None:
+    """Why the C++ kernel cannot take a call with this head dim and dropout; None if it can."""
+    if head_dim % 16:
+        return f"needs a head dim that is a multiple of 16, got {head_dim}"
+    if dropout_p > 0.0:
+        return f"has no attention dropout (dropout_p={dropout_p})"
+    return None
+
+
+# the C++ kernel: fp32, a head dim that is a multiple of 16, no dropout
+CAUSAL_ATTENTION_KERNELS = (
+    _backend.TORCH,
+    _backend.Kernel("cpp", dtypes=_backend.FP32, limit=_cpp_limit),
+)
 
 
 def _segments(cu_seqlens: torch.Tensor | None, length: int) -> list[tuple[int, int]]:
@@ -79,39 +89,6 @@ def causal_attention_reference(
         )
         parts.append(ctx_BNLD.permute(2, 0, 1, 3))
     return parts[0] if len(parts) == 1 else torch.cat(parts)
-
-
-def _cpp_unavailable(q_SBND: torch.Tensor, dropout_p: float) -> str | None:
-    """Why the C++ kernel cannot take this call; None when it can."""
-    if _backend.extension() is None:
-        return "needs hpc_rlhf._C (pip install -e . builds it from csrc/)"
-    if q_SBND.device.type != "cpu" or q_SBND.dtype != torch.float32:
-        return f"runs on fp32 CPU tensors, got {q_SBND.dtype} on {q_SBND.device.type}"
-    if q_SBND.shape[-1] % 16:
-        return f"needs a head dim that is a multiple of 16, got {q_SBND.shape[-1]}"
-    if dropout_p > 0.0:
-        return f"has no attention dropout (dropout_p={dropout_p})"
-    return None
-
-
-def _resolve(backend: str, q_SBND: torch.Tensor, dropout_p: float) -> str:
-    if backend not in CAUSAL_ATTENTION_BACKENDS:
-        raise ValueError(
-            f"causal_attention backend {backend!r}: expected one of {CAUSAL_ATTENTION_BACKENDS}"
-        )
-    if backend == "torch":
-        return backend
-    reason = _cpp_unavailable(q_SBND, dropout_p)
-    if backend == "cpp":
-        if reason is not None:
-            raise RuntimeError(f"causal_attention: backend 'cpp' {reason}")
-        return backend
-    choice = "cpp" if reason is None else "torch"
-    note = f"backend 'auto' chose {choice!r}" + (f" (cpp {reason})" if reason else "")
-    if note not in _LOGGED:
-        _LOGGED.add(note)
-        logger.info("hpc_rlhf.ops.causal_attention: %s", note)
-    return choice
 
 
 class _CausalAttentionCpp(torch.autograd.Function):
@@ -166,7 +143,16 @@ def causal_attention(
             "key/value heads"
         )
     scale = D**-0.5 if scale is None else float(scale)
-    if _resolve(backend, q_SBND, dropout_p) == "torch":
+    chosen = _backend.resolve(
+        "causal_attention",
+        backend,
+        q_SBND.device,
+        CAUSAL_ATTENTION_KERNELS,
+        dtype=q_SBND.dtype,
+        head_dim=D,
+        dropout_p=dropout_p,
+    )
+    if chosen == "torch":
         return causal_attention_reference(q_SBND, k_SBGD, v_SBGD, cu_seqlens, scale, dropout_p)
     if cu_seqlens is None:
         cu_seqlens = torch.tensor([0, S], dtype=torch.int32)

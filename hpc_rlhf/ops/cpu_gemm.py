@@ -3,14 +3,8 @@
 PyTorch's CPU ``mm``/``linear`` call MKL's sgemm. For this engine's shapes (hidden 512,
 ``x @ W^T`` with ``W`` stored ``[out, in]`` as ``nn.Linear`` does) oneDNN's matmul primitive
 - the one inductor lowers CPU linears to, reachable as ``torch.ops.mkldnn._linear_pointwise``
-- is faster on the same threads. Best of 6 interleaved rounds, 2 threads, GFLOP/s
-(``python tools/bench_gemm.py``; this machine's speed drifts, the ratios hold):
-
-    shape (M x K x N)          MKL x@W^T   oneDNN
-      64 x 512 x 2816 (decode)    122        162
-      64 x 512 x 32000 (head)      81        109
-    1536 x 512 x 2816 (fc1)       168        179
-    1024 x 512 x 32000 (head)     165        195
+- is faster on the same threads, at decode, fc1 and LM-head shapes alike
+(``python tools/bench_gemm.py`` measures both).
 
 Backends: ``"onednn"`` (CPU float32 tensors, torch built with oneDNN), ``"torch"``
 (``F.linear``/``torch.matmul``, always) and ``"auto"``: oneDNN when both checks pass, logged
@@ -116,10 +110,9 @@ def prepack(w: torch.Tensor) -> torch.Tensor:
     not apply (torch backend, CUDA or non-fp32 weights).
 
     oneDNN reorders a plain weight into its blocked layout on every call; for a weight used
-    by many small GEMMs (generation: one decode step per token) that reorder dominates.
-    Packed once, 2 threads, GFLOP/s plain -> packed (``python tools/bench_gemm.py``):
-    8 x 512 x 2816 88 -> 187, 8 x 512 x 32000 50 -> 94, 64 x 512 x 32000 150 -> 184,
-    2000 x 512 x 2816 207 -> 211. The copy does not follow later updates of ``w``."""
+    by many small GEMMs (generation: one decode step per token) that reorder dominates
+    (``python tools/bench_gemm.py`` measures plain against packed). The copy does not
+    follow later updates of ``w``."""
     if not uses_onednn(w, w):
         return w
     return torch.ops.mkldnn._reorder_linear_weight(w.detach())

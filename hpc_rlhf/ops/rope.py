@@ -9,7 +9,8 @@ every packed segment). Result ``[S, B, H, D]``:
 Backends: ``"torch"`` (the reference, that formula; any dtype and device), ``"cpp"``
 (``csrc/rope_cpu.cpp``, fp32 CPU tensors: one pass over the rows forward and one backward,
 the backward being the same kernel transposed, nothing saved but the tables) and
-``"auto"``: ``cpp`` for fp32 CPU tensors when ``hpc_rlhf._C`` is built, else the reference.
+``"auto"``: ``cpp`` for fp32 CPU tensors when ``hpc_rlhf._C`` is built, else the reference
+(``hpc_rlhf.ops._backend.resolve``).
 GPUs take the reference here; megatron's own fused RoPE (``apply_rope_fusion``, transformer-
 engine) serves them. ``parallel.cpu`` routes megatron-core's unfused RoPE through this op.
 """
@@ -20,7 +21,8 @@ import torch
 
 from hpc_rlhf.ops import _backend
 
-ROPE_BACKENDS = ("auto", "torch", "cpp")
+# the backends of this op: the reference, and the C++ kernel for fp32 tensors
+ROPE_KERNELS = (_backend.TORCH, _backend.Kernel("cpp", dtypes=_backend.FP32))
 
 
 def rope_reference(
@@ -32,21 +34,6 @@ def rope_reference(
     cos_S11D = cos_PD[pos_S][:, None, None].to(t_SBHD.dtype)
     sin_S11D = sin_PD[pos_S][:, None, None].to(t_SBHD.dtype)
     return t_SBHD * cos_S11D + rotated * sin_S11D
-
-
-def _resolve(backend: str, t_SBHD: torch.Tensor) -> str:
-    if backend not in ROPE_BACKENDS:
-        raise ValueError(f"rope backend {backend!r}: expected one of {ROPE_BACKENDS}")
-    fp32_cpu = t_SBHD.device.type == "cpu" and t_SBHD.dtype == torch.float32
-    usable = fp32_cpu and _backend.extension() is not None
-    if backend == "cpp" and not usable:
-        raise RuntimeError(
-            "rope: backend 'cpp' needs hpc_rlhf._C and fp32 CPU tensors "
-            f"(got {t_SBHD.dtype} on {t_SBHD.device.type})"
-        )
-    if backend == "auto":
-        return "cpp" if usable else "torch"
-    return backend
 
 
 class _RopeCpp(torch.autograd.Function):
@@ -82,7 +69,8 @@ def rope(
         )
     if pos_S.shape != (t_SBHD.shape[0],):
         raise ValueError(f"rope: pos must be [S] = [{t_SBHD.shape[0]}], got {tuple(pos_S.shape)}")
-    if _resolve(backend, t_SBHD) == "torch":
+    chosen = _backend.resolve("rope", backend, t_SBHD.device, ROPE_KERNELS, dtype=t_SBHD.dtype)
+    if chosen == "torch":
         return rope_reference(t_SBHD, cos_PD, sin_PD, pos_S)
     if t_SBHD.stride(-1) != 1:
         t_SBHD = t_SBHD.contiguous()

@@ -19,27 +19,19 @@ import torch.nn.functional as F
 
 from hpc_rlhf.ops import _backend
 
-SWIGLU_BACKENDS = ("auto",) + _backend.BACKENDS
+# the C++ kernel takes fp32 only; the CUDA and Triton ones store any float dtype (fp32 math)
+SWIGLU_KERNELS = (
+    _backend.TORCH,
+    _backend.Kernel("cpp", dtypes=_backend.FP32),
+    _backend.Kernel("cuda"),
+    _backend.Kernel("triton"),
+)
 
 
 def swiglu_reference(x: torch.Tensor) -> torch.Tensor:
     """``silu(a) * b`` with ``a, b = x.chunk(2, -1)`` in plain torch."""
     a, b = torch.chunk(x, 2, dim=-1)
     return F.silu(a) * b
-
-
-def _resolve(backend: str, x: torch.Tensor) -> str:
-    if backend not in SWIGLU_BACKENDS:
-        raise ValueError(f"swiglu backend {backend!r}: expected one of {SWIGLU_BACKENDS}")
-    fp32_cpu = x.device.type == "cpu" and x.dtype == torch.float32
-    if backend == "cpp" and (not fp32_cpu or _backend.extension() is None):
-        raise RuntimeError(
-            "swiglu: backend 'cpp' needs hpc_rlhf._C and fp32 CPU tensors "
-            f"(got {x.dtype} on {x.device.type})"
-        )
-    if backend == "auto" and x.device.type == "cpu" and not fp32_cpu:
-        return "torch"  # the C++ kernel is fp32-only
-    return _backend.resolve("swiglu", backend, x.device)
 
 
 def _kernels(backend: str):
@@ -73,7 +65,7 @@ def swiglu(x: torch.Tensor, backend: str = "auto") -> torch.Tensor:
     """SwiGLU of ``x`` ``[..., 2F]`` -> ``[..., F]``, differentiable (see module docstring)."""
     if x.shape[-1] % 2:
         raise ValueError(f"swiglu: last dim of x must be even, got {tuple(x.shape)}")
-    chosen = _resolve(backend, x)
+    chosen = _backend.resolve("swiglu", backend, x.device, SWIGLU_KERNELS, dtype=x.dtype)
     if chosen == "torch" or x.numel() == 0:
         return swiglu_reference(x)
     return _SwiGLUKernel.apply(x, chosen)
