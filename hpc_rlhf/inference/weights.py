@@ -34,6 +34,7 @@ from hpc_rlhf.models.hf_names import (
     mcore_layer_names,
 )
 from hpc_rlhf.models.param_layout import Layout
+from hpc_rlhf.parallel.comm import broadcast_tensor
 
 logger = logging.getLogger(__name__)
 
@@ -116,8 +117,7 @@ def weights_in_place(
 def _pp_broadcast(tensor: torch.Tensor | None, shape, dtype, src_stage: int, state) -> torch.Tensor:
     """``tensor`` of pipeline stage ``src_stage`` on every rank of the pipeline group."""
     buf = tensor.detach().clone() if tensor is not None else torch.empty(shape, dtype=dtype)
-    dist.broadcast(buf, src=dist.get_global_rank(state.pp_group, src_stage), group=state.pp_group)
-    return buf
+    return broadcast_tensor(buf, src_stage, state.pp_group)
 
 
 def gather_pipeline_weights(
