@@ -139,7 +139,9 @@ def model_forward(
     Returns hidden states ``[S, B, H]`` on non-last stages; on the last stage
     vocab-parallel logits ``[B, S, V/tp]`` or scalar scores ``[B, S, 1]``. With a
     selection ``select_BS`` (``output_selection``), LM logits come back ``[1, N, V/tp]``
-    for the selected positions only and scalar scores stay ``[B, S, 1]``, zero elsewhere.
+    for the selected positions only (computed there only, or picked from the dense logits
+    when ``model.overrides.selective_outputs`` is off) and scalar scores stay ``[B, S, 1]``
+    (zero off the selection when only those rows were computed).
     With a ``plan`` a right-padded batch runs packed and per-token outputs come back
     padded, ``[B, S, ...]``.
     """
@@ -152,7 +154,7 @@ def model_forward(
     rows = None
     if select_BS is not None:
         rows = select_BS.t().contiguous() if layout is None else layout.selected_index(select_BS)
-    with output_rows(model, rows) as selected:
+    with output_rows(model, rows) as kind:
         if layout is None:
             positions_BS = position_ids_from_mask(mask_BS)
             out = model(mb.input_ids_BS, positions_BS, attention_mask_for(mask_BS))
@@ -164,19 +166,29 @@ def model_forward(
                 packed_seq_params=layout.seq_params(),
             )
     module = getattr(model, "module", model)
-    if not getattr(module, "post_process", True):
+    if not getattr(module, "post_process", True) or kind == "lm":
         return out
-    if selected is not None and select_BS is not None:
-        return scatter_selected(out[0], select_BS) if selected == "scalar" else out
-    return out if layout is None else layout.unpack(out)
+    if kind == "scalar" and select_BS is not None:
+        return scatter_selected(out[0], select_BS)
+    dense = out if layout is None else layout.unpack(out)
+    if select_BS is not None and _has_lm_head(module):  # no override computed the rows
+        return selected(dense, select_BS).unsqueeze(0)
+    return dense
+
+
+def _has_lm_head(module: torch.nn.Module) -> bool:
+    """Whether the chunk's head is the LM head (not a scalar value/score head)."""
+    rows = getattr(module, "output_rows", None)
+    return rows is not None and not rows.scalar_head
 
 
 # ----------------------------------------------------------------------------- selections
 
 
 def selected(x_BS: torch.Tensor, select_BS: torch.Tensor) -> torch.Tensor:
-    """The entries of ``x_BS`` at the selected positions, in the head's order ``[N]``."""
-    return x_BS.t()[select_BS.t()]
+    """The entries of ``x_BS`` ``[B, S, ...]`` at the selected positions, in the head's
+    order: ``[N, ...]``."""
+    return x_BS.transpose(0, 1)[select_BS.t()]
 
 
 def scatter_selected(values_N: torch.Tensor, select_BS: torch.Tensor) -> torch.Tensor:

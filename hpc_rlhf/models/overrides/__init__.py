@@ -18,8 +18,9 @@ transformer-engine's spec brings its own fused modules); model ones to each buil
 process ones once per process, on CPU-only machines, after ``parallel.cpu`` made
 megatron-core run there (what that module changes is not a speed substitution but what
 megatron-core needs to run at all). Each is switched by a flag of ``model.overrides``
-(``config.MegatronOverrides``, all on by default) and tested against megatron-core's own
-result with the flag off. ``core_attention`` is what runs packed micro-batches: with it
+(``config.MegatronOverrides``, all on by default); ``tests/models/test_overrides.py``
+checks the loss and every gradient with all of them on against megatron-core's own modules
+(all off). ``core_attention`` is what runs packed micro-batches: with it
 off, use ``ppo.pack_sequences: false``.
 """
 
@@ -40,7 +41,7 @@ from hpc_rlhf.models.overrides.selective import (
 
 logger = logging.getLogger(__name__)
 
-_PROCESS_APPLIED: list[str] = []
+_process_applied: tuple[str, ...] | None = None  # the process-scope ones, once applied
 
 
 def layer_spec(flags: MegatronOverrides):
@@ -75,20 +76,21 @@ def apply_process_overrides(flags: MegatronOverrides) -> list[str]:
     (by the first call; later calls with other flags raise)."""
     from hpc_rlhf.models.overrides import cpu_kernels
 
-    wanted = [
+    global _process_applied
+    wanted = tuple(
         name
         for name in ("onednn_gemm", "sparse_embedding_grad", "rope_kernel")
         if getattr(flags, name)
-    ]
+    )
     if torch.cuda.is_available():
         return []
-    if _PROCESS_APPLIED:
-        if _PROCESS_APPLIED[1:] != wanted:
+    if _process_applied is not None:
+        if _process_applied != wanted:
             raise RuntimeError(
-                f"megatron-core overrides already applied as {_PROCESS_APPLIED[1:]}; "
-                f"cannot switch to {wanted} in the same process"
+                f"megatron-core overrides already applied as {list(_process_applied)}; "
+                f"cannot switch to {list(wanted)} in the same process"
             )
-        return wanted
+        return list(wanted)
     steps = {
         "onednn_gemm": cpu_kernels.route_linear_gemms,
         "sparse_embedding_grad": cpu_kernels.sparse_embedding_grads,
@@ -96,9 +98,9 @@ def apply_process_overrides(flags: MegatronOverrides) -> list[str]:
     }
     for name in wanted:
         steps[name]()
-    _PROCESS_APPLIED[:] = ["applied", *wanted]
+    _process_applied = wanted
     logger.info("megatron-core CPU overrides: %s", ", ".join(wanted) or "none")
-    return wanted
+    return list(wanted)
 
 
 @contextmanager
