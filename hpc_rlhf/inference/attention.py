@@ -2,7 +2,7 @@
 
 Legend: ``B`` decoding sequences, ``T`` packed prefill tokens, ``Hq`` query heads and ``G``
 KV heads of this TP rank (``g = Hq / G`` queries per KV head), ``D`` head dim, ``N`` pool
-blocks in use, ``S`` block size, ``J`` most blocks of one sequence, ``O`` most owners of one
+blocks in use, ``W`` block size (token slots per block), ``J`` most blocks of one sequence, ``O`` most owners of one
 block (``n`` samples sharing a prompt block).
 
 Three backends, chosen by ``select_backend`` through ``hpc_rlhf.ops._backend.resolve``
@@ -10,7 +10,7 @@ Three backends, chosen by ``select_backend`` through ``hpc_rlhf.ops._backend.res
 
 * ``"flash_attn"`` (CUDA of compute capability >= 8.0, flash-attn installed):
   ``flash_attn_varlen_func`` for prefill and ``flash_attn_with_kvcache(..., block_table=...)``
-  for decode on the ``"NSGD"`` pool. Only a GPU runs it: ``tests/inference/test_cuda_graphs``
+  for decode on the ``"NWGD"`` pool. Only a GPU runs it: ``tests/inference/test_cuda_graphs``
   (graph-captured against eager decode, both on this backend).
 * ``"cpp"`` (CPU, fp32, hpc_rlhf._C built): prefill on the C++ causal attention kernel
   (``ops.causal_attention`` over the packed sequences' ``cu_seqlens``); decode by
@@ -20,9 +20,9 @@ Three backends, chosen by ``select_backend`` through ``hpc_rlhf.ops._backend.res
 * ``"torch"`` (everywhere; the reference the others are tested against). Prefill runs
   ``scaled_dot_product_attention`` per packed sequence (a loop over sequences, never over
   tokens). Decode never gathers the
-  history: scores and outputs are batched matmuls of each pool block *in place* (``[S, D]``
-  matrices of the ``"NGSD"`` pool) with the queries of the sequences owning it; only the
-  small ``[B, Hq, J*S]`` score matrix is gathered per sequence for an exact softmax, and
+  history: scores and outputs are batched matmuls of each pool block *in place* (``[W, D]``
+  matrices of the ``"NGWD"`` pool) with the queries of the sequences owning it; only the
+  small ``[B, Hq, J*W]`` score matrix is gathered per sequence for an exact softmax, and
   the per-block outputs are summed back per sequence. A block shared by several samples is
   read once for all of them.
 """
@@ -63,7 +63,7 @@ def select_backend(
 
 def kv_layout(backend: str) -> str:
     """The KV pool layout a backend reads (see ``kv_cache``)."""
-    return "NSGD" if backend == "flash_attn" else "NGSD"
+    return "NWGD" if backend == "flash_attn" else "NGWD"
 
 
 # ----------------------------------------------------------------------------- prefill
@@ -124,7 +124,7 @@ class DecodeMeta:
     q_source_NO: torch.Tensor | None = None  # [N*O] row of q per (block, owner); B = zero row
     pair_BJ: torch.Tensor | None = None  # [B, J] flat (block * O + owner slot); N*O = zero row
     valid_flat: torch.Tensor | None = None  # [P] flat b*J + j of real (sequence, block) pairs
-    mask_BL: torch.Tensor | None = None  # [B, J*S] True where the position holds a token
+    mask_BL: torch.Tensor | None = None  # [B, J*W] True where the position holds a token
 
 
 def build_decode_meta(
@@ -198,9 +198,9 @@ def _from_blocks(x_NGOX: torch.Tensor, meta: DecodeMeta, g: int) -> torch.Tensor
 
 
 def decode_attention_torch(
-    q_BHD: torch.Tensor, k_NGSD: torch.Tensor, v_NGSD: torch.Tensor, meta: DecodeMeta
+    q_BHD: torch.Tensor, k_NGWD: torch.Tensor, v_NGWD: torch.Tensor, meta: DecodeMeta
 ) -> torch.Tensor:
-    """One query per sequence against its paged history (``"NGSD"`` pool of one layer).
+    """One query per sequence against its paged history (``"NGWD"`` pool of one layer).
 
     The new token's K/V must already be in the pool. Returns ``[B, Hq*D]``.
     """
@@ -212,36 +212,36 @@ def decode_attention_torch(
     ):
         raise ValueError("decode_attention_torch needs build_decode_meta(..., block_rows=True)")
     B, Hq, D = q_BHD.shape
-    G, S = k_NGSD.shape[1], k_NGSD.shape[2]
+    G, W = k_NGWD.shape[1], k_NGWD.shape[2]
     N = meta.num_blocks_used
     g, J, Ow = Hq // G, meta.max_blocks, meta.max_owners
     q_NGOD = _to_blocks(q_BHD.view(B, G, g, D) * (1.0 / math.sqrt(D)), meta)
-    k_NGSD, v_NGSD = k_NGSD[:N], v_NGSD[:N]
-    scores_NGOS = torch.matmul(q_NGOD, k_NGSD.transpose(-1, -2))
-    scores_BJGgS = _from_blocks(scores_NGOS, meta, g)
-    scores_BGgL = scores_BJGgS.permute(0, 2, 3, 1, 4).reshape(B, G, g, J * S)
+    k_NGWD, v_NGWD = k_NGWD[:N], v_NGWD[:N]
+    scores_NGOW = torch.matmul(q_NGOD, k_NGWD.transpose(-1, -2))
+    scores_BJGgW = _from_blocks(scores_NGOW, meta, g)
+    scores_BGgL = scores_BJGgW.permute(0, 2, 3, 1, 4).reshape(B, G, g, J * W)
     scores_BGgL = scores_BGgL.float().masked_fill(~meta.mask_BL[:, None, None, :], float("-inf"))
     probs_BGgL = torch.softmax(scores_BGgL, dim=-1).to(q_BHD.dtype)
     # Back to (block, owner) rows: each real (sequence, block) pair owns one row.
-    probs_PGgS = probs_BGgL.view(B, G, g, J, S).permute(0, 3, 1, 2, 4).reshape(B * J, G, g, S)
-    probs_flat = probs_BGgL.new_zeros(N * Ow + 1, G, g, S)
+    probs_PGgW = probs_BGgL.view(B, G, g, J, W).permute(0, 3, 1, 2, 4).reshape(B * J, G, g, W)
+    probs_flat = probs_BGgL.new_zeros(N * Ow + 1, G, g, W)
     pair_P = meta.pair_BJ.view(-1)[meta.valid_flat]
-    probs_flat[pair_P] = probs_PGgS[meta.valid_flat]
-    probs_NGOS = probs_flat[: N * Ow].view(N, Ow, G, g, S).transpose(1, 2).reshape(N, G, Ow * g, S)
-    out_NGOD = torch.matmul(probs_NGOS, v_NGSD)
+    probs_flat[pair_P] = probs_PGgW[meta.valid_flat]
+    probs_NGOW = probs_flat[: N * Ow].view(N, Ow, G, g, W).transpose(1, 2).reshape(N, G, Ow * g, W)
+    out_NGOD = torch.matmul(probs_NGOW, v_NGWD)
     out_BGgD = _from_blocks(out_NGOD, meta, g).sum(dim=1)
     return out_BGgD.reshape(B, Hq * D)
 
 
 def decode_attention_cpp(
-    q_BHD: torch.Tensor, k_NGSD: torch.Tensor, v_NGSD: torch.Tensor, meta: DecodeMeta
+    q_BHD: torch.Tensor, k_NGWD: torch.Tensor, v_NGWD: torch.Tensor, meta: DecodeMeta
 ) -> torch.Tensor:
-    """The C++ CPU paged decode kernel (``"NGSD"`` pool of one layer) -> ``[B, Hq*D]``."""
+    """The C++ CPU paged decode kernel (``"NGWD"`` pool of one layer) -> ``[B, Hq*D]``."""
     B, Hq, D = q_BHD.shape
     out_BHD = _backend.built_extension().paged_decode_attention_cpu(
         q_BHD.contiguous(),
-        k_NGSD,
-        v_NGSD,
+        k_NGWD,
+        v_NGWD,
         meta.block_table_BJ,
         meta.context_lens_B,
         1.0 / math.sqrt(D),
@@ -249,14 +249,14 @@ def decode_attention_cpp(
     return out_BHD.reshape(B, Hq * D)
 
 
-def decode_attention_flash(q_BHD, k_NSGD, v_NSGD, meta: DecodeMeta) -> torch.Tensor:
+def decode_attention_flash(q_BHD, k_NWGD, v_NWGD, meta: DecodeMeta) -> torch.Tensor:
     """flash-attn paged decode (GPU only): the new K/V are already in the pool."""
     from flash_attn import flash_attn_with_kvcache
 
     out_B1HD = flash_attn_with_kvcache(
         q_BHD[:, None],
-        k_NSGD,
-        v_NSGD,
+        k_NWGD,
+        v_NWGD,
         cache_seqlens=meta.context_lens_B,
         block_table=meta.block_table_BJ,
         causal=True,

@@ -329,20 +329,20 @@ class GenerationEngine:
     def _decode(self, seqs: list[Sequence], sampling: SamplingParams, sched: Scheduler) -> None:
         """One batched decode step: feed each sequence's last token, sample the next."""
         cache = self._require_cache()
-        S = self.config.block_size
+        W = self.config.block_size
         pos = [s.num_cached for s in seqs]
         ids_B = torch.tensor([s.generated[-1] for s in seqs], device=self.device)
         pos_B = torch.tensor(pos, device=self.device)
         blocks_B = torch.tensor(
-            [s.block_table[p // S] for s, p in zip(seqs, pos)], device=self.device
+            [s.block_table[p // W] for s, p in zip(seqs, pos)], device=self.device
         )
-        offsets_B = pos_B % S
+        offsets_B = pos_B % W
         rows = cache.slot_rows(blocks_B, offsets_B)
         self._zero_fresh_blocks([s.block_table for s in seqs])
         meta = attn.build_decode_meta(
             [s.block_table for s in seqs],
             [p + 1 for p in pos],
-            S,
+            W,
             self.device,
             block_rows=self.backend == "torch",
         )

@@ -1,16 +1,16 @@
 """Paged KV cache: a fixed pool of fixed-size blocks, reference-counted for prefix sharing.
 
 Legend: ``L`` layers, ``N`` blocks in the pool, ``G`` KV heads (query groups) of this TP
-rank, ``S`` block size (tokens), ``D`` head dim, ``T`` tokens written at once.
+rank, ``W`` block size (token slots per block), ``D`` head dim, ``T`` tokens written at once.
 
 One K and one V tensor per engine hold every layer's blocks. Two layouts:
 
-* ``"NGSD"`` (torch attention): ``[L, N, G, S, D]``, so a block of one head is a contiguous
-  ``[S, D]`` matrix that decode attention multiplies in place (no gather of the history);
-* ``"NSGD"`` (flash-attn's paged layout): ``[L, N, S, G, D]``.
+* ``"NGWD"`` (torch attention): ``[L, N, G, W, D]``, so a block of one head is a contiguous
+  ``[W, D]`` matrix that decode attention multiplies in place (no gather of the history);
+* ``"NWGD"`` (flash-attn's paged layout): ``[L, N, W, G, D]``.
 
 A sequence owns a block table (list of block ids); block ``j`` holds its tokens
-``j*S .. j*S+S-1``. Blocks are handed out lowest id first (a heap), which keeps the used
+``j*W .. j*W+W-1``. Blocks are handed out lowest id first (a heap), which keeps the used
 blocks packed at the start of the pool so decode attention touches a short prefix of it.
 ``n`` samples of a prompt share the prompt's blocks by reference count; the first write into
 a shared block copies it (copy-on-write, ``BlockAllocator.copy_on_write``).
@@ -111,13 +111,13 @@ class PagedKVCache:
     def __init__(
         self, shape: CacheShape, num_blocks: int, layout: str, device=None, scratch: bool = False
     ):
-        if layout not in ("NGSD", "NSGD"):
+        if layout not in ("NGWD", "NWGD"):
             raise ValueError(f"unknown KV layout {layout!r}")
         self.shape = shape
         self.layout = layout
         self.num_blocks = num_blocks
         s = shape
-        if layout == "NGSD":
+        if layout == "NGWD":
             dims = (s.num_layers, num_blocks, s.num_kv_heads, s.block_size, s.head_dim)
         else:
             dims = (s.num_layers, num_blocks, s.block_size, s.num_kv_heads, s.head_dim)
@@ -149,25 +149,25 @@ class PagedKVCache:
 
     def slots(self, table: list[int], start: int, end: int) -> tuple[list[int], list[int]]:
         """(block id, offset in block) of token positions ``start .. end-1`` of a sequence."""
-        S = self.shape.block_size
-        return [table[p // S] for p in range(start, end)], [p % S for p in range(start, end)]
+        W = self.shape.block_size
+        return [table[p // W] for p in range(start, end)], [p % W for p in range(start, end)]
 
     def slot_rows(self, blocks_T: torch.Tensor, offsets_T: torch.Tensor) -> torch.Tensor:
         """Row indices of ``T`` token slots in a layer's pool flattened to rows (``[T*G]``
-        rows of ``D`` for ``"NGSD"``, ``[T]`` rows of ``G*D`` for ``"NSGD"``). Computed
+        rows of ``D`` for ``"NGWD"``, ``[T]`` rows of ``G*D`` for ``"NWGD"``). Computed
         once per forward and shared by every layer and by K and V."""
-        S, G = self.shape.block_size, self.shape.num_kv_heads
-        if self.layout == "NSGD":
-            return blocks_T * S + offsets_T
+        W, G = self.shape.block_size, self.shape.num_kv_heads
+        if self.layout == "NWGD":
+            return blocks_T * W + offsets_T
         heads_G = torch.arange(G, device=blocks_T.device)
-        return ((blocks_T[:, None] * G + heads_G[None, :]) * S + offsets_T[:, None]).reshape(-1)
+        return ((blocks_T[:, None] * G + heads_G[None, :]) * W + offsets_T[:, None]).reshape(-1)
 
     def write(self, layer: int, rows, k_TGD: torch.Tensor, v_TGD: torch.Tensor) -> None:
         """Store the K/V of ``T`` tokens at their slot ``rows`` (``slot_rows``) of ``layer``.
 
         ``index_copy_`` on the flattened pool: advanced-index assignment into the strided
-        ``[N, G, S, D]`` pool takes a slow path (measured ~250x slower on CPU)."""
-        width = self.k_LN.shape[-1] * (self.shape.num_kv_heads if self.layout == "NSGD" else 1)
+        ``[N, G, W, D]`` pool takes a slow path (measured ~250x slower on CPU)."""
+        width = self.k_LN.shape[-1] * (self.shape.num_kv_heads if self.layout == "NWGD" else 1)
         self.k_LN[layer].view(-1, width).index_copy_(0, rows, k_TGD.reshape(-1, width))
         self.v_LN[layer].view(-1, width).index_copy_(0, rows, v_TGD.reshape(-1, width))
 

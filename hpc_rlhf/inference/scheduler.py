@@ -110,11 +110,11 @@ class Scheduler:
     def reserve_decode_slots(self) -> list[Sequence]:
         """Give each running sequence a private block for its next token, preempting the
         latest admitted sequences when the pool runs dry. Returns the sequences to decode."""
-        S = self.cache.shape.block_size
+        W = self.cache.shape.block_size
         i = 0
         while i < len(self.running):
             seq = self.running[i]
-            index = seq.num_cached // S
+            index = seq.num_cached // W
             while True:
                 try:
                     if index == len(seq.block_table):
