@@ -17,7 +17,7 @@ from typing import Any
 
 import yaml
 
-from hpc_rlhf.inference.config import ATTENTION_BACKENDS, EngineConfigError, GenerationConfig
+from hpc_rlhf.inference.config import EngineConfigError, GenerationConfig
 
 
 class ConfigError(ValueError):
@@ -222,9 +222,6 @@ class Config:
                     f"by micro_batch_size_per_rank x data-parallel size = {per_step}"
                 )
         return self
-
-
-GENERATION_ATTENTION_BACKENDS = ATTENTION_BACKENDS
 
 
 @dataclass(frozen=True)

@@ -2,8 +2,8 @@
 
 Legend: ``B`` decoding sequences, ``T`` packed prefill tokens, ``Hq`` query heads and ``G``
 KV heads of this TP rank (``g = Hq / G`` queries per KV head), ``D`` head dim, ``N`` pool
-blocks in use, ``W`` block size (token slots per block), ``J`` most blocks of one sequence, ``O`` most owners of one
-block (``n`` samples sharing a prompt block).
+blocks in use, ``W`` block size (token slots per block), ``J`` most blocks of one sequence,
+``O`` most owners of one block (``n`` samples sharing a prompt block).
 
 Three backends, chosen by ``select_backend`` through ``hpc_rlhf.ops._backend.resolve``
 (explicit capability checks, logged once):
@@ -38,7 +38,7 @@ from hpc_rlhf.ops import _backend
 from hpc_rlhf.ops.causal_attention import causal_attention
 
 # flash-attn (CUDA, compute capability >= 8.0), the C++ kernels on an fp32 CPU cache, torch;
-# the names are config.GENERATION_ATTENTION_BACKENDS (tests/ops/test_backend.py checks it)
+# the names are inference.config.ATTENTION_BACKENDS (tests/ops/test_resolver.py checks it)
 GENERATION_KERNELS = (
     _backend.TORCH,
     _backend.Kernel("cpp", dtypes=_backend.FP32),

@@ -10,8 +10,8 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from hpc_rlhf.config import GENERATION_ATTENTION_BACKENDS
 from hpc_rlhf.inference.attention import GENERATION_KERNELS, select_backend
+from hpc_rlhf.inference.config import ATTENTION_BACKENDS
 from hpc_rlhf.ops import _backend
 
 F32, BF16, F64 = torch.float32, torch.bfloat16, torch.float64
@@ -158,7 +158,7 @@ def test_generation_attention_refusals(caps):
 
 def test_generation_attention_names_are_the_config_list():
     names = ("auto", *(k.name for k in GENERATION_KERNELS))
-    assert names == GENERATION_ATTENTION_BACKENDS
+    assert names == ATTENTION_BACKENDS
 
 
 def test_auto_logs_its_fallback_reason_once_per_reason(caps, caplog):
