@@ -1,9 +1,9 @@
-"""Outputs at selected positions only (``models.overrides.selective``): the last decoder layer's
-MLP, the final norm and the head run on the read rows (actor/critic: response positions;
-reward model: each row's last token), and the read outputs and every gradient equal those
-of the dense model that computes all positions. Padded and packed micro-batches, at 1
-process, TP=2, TP=2 with sequence parallelism (where the final layer stays dense), PP=2
-and PP=2 x virtual PP=2."""
+"""Outputs at selected positions only (``models.overrides.selective``): the last decoder
+layer's MLP, the final norm and the head run on the read rows (actor/critic: response
+positions; reward model: each row's last token), and the read outputs and every gradient
+equal those of the dense model that computes all positions. Padded and packed
+micro-batches, at 1 process, TP=2, TP=2 with sequence parallelism (where the final layer
+stays dense), PP=2 and PP=2 x virtual PP=2."""
 
 from __future__ import annotations
 
