@@ -22,7 +22,6 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
-import torch.distributed as dist
 import torch.nn.functional as F
 
 from hpc_rlhf.config import ModelConfig
@@ -30,6 +29,7 @@ from hpc_rlhf.inference.weights import GenerationWeights, LayerWeights
 from hpc_rlhf.ops import cpu_gemm
 from hpc_rlhf.ops.rope import rope
 from hpc_rlhf.ops.swiglu import swiglu
+from hpc_rlhf.parallel.comm import all_gather_tensors, group_sum
 
 
 @dataclass(frozen=True)
@@ -41,17 +41,13 @@ class TPComm:
     rank: int
 
     def all_reduce(self, x: torch.Tensor) -> torch.Tensor:
-        if self.size > 1:
-            dist.all_reduce(x, group=self.group)
-        return x
+        return group_sum(x, self.group)
 
     def all_gather_last(self, x_Tv: torch.Tensor) -> torch.Tensor:
         """``[T, v]`` shards -> ``[T, V]`` in TP-rank order."""
         if self.size == 1:
             return x_Tv
-        parts = [torch.empty_like(x_Tv) for _ in range(self.size)]
-        dist.all_gather(parts, x_Tv.contiguous(), group=self.group)
-        return torch.cat(parts, dim=-1)
+        return torch.cat(all_gather_tensors(x_Tv, self.group), dim=-1)
 
 
 class Rope:

@@ -23,7 +23,6 @@ import logging
 from dataclasses import dataclass
 
 import torch
-import torch.distributed as dist
 
 from hpc_rlhf.config import ModelConfig
 from hpc_rlhf.models.hf_names import (
@@ -34,7 +33,7 @@ from hpc_rlhf.models.hf_names import (
     mcore_layer_names,
 )
 from hpc_rlhf.models.param_layout import Layout
-from hpc_rlhf.parallel.comm import broadcast_tensor
+from hpc_rlhf.parallel.comm import all_gather_tensors, broadcast_tensor
 
 logger = logging.getLogger(__name__)
 
@@ -133,14 +132,12 @@ def gather_pipeline_weights(
             local.append(_layer_tensors(chunk, i, model_cfg))
             index_l.append(offset + i)
     pp = state.pp_size
-    indices = [torch.empty(len(index_l), dtype=torch.long) for _ in range(pp)]
-    dist.all_gather(indices, torch.tensor(index_l), group=state.pp_group)
+    indices = all_gather_tensors(torch.tensor(index_l), state.pp_group)
     order = torch.cat(indices).argsort().tolist()  # gathered position of global layer i
     gathered: dict[str, list[torch.Tensor]] = {}
     for role in ROLES:
         mine = torch.stack([t[role].detach() for t in local])
-        parts = [torch.empty_like(mine) for _ in range(pp)]
-        dist.all_gather(parts, mine, group=state.pp_group)
+        parts = all_gather_tensors(mine, state.pp_group)
         flat = [layer for part in parts for layer in part.unbind(0)]
         gathered[role] = [flat[k].clone() for k in order]
     layers = [_make_layer({r: gathered[r][i] for r in ROLES}) for i in range(len(order))]

@@ -7,7 +7,6 @@ The only part of the converter that touches models and process groups; the tenso
 from __future__ import annotations
 
 import logging
-from typing import Any
 
 import torch
 
@@ -22,6 +21,7 @@ from hpc_rlhf.models.hf_names import (
 )
 from hpc_rlhf.models.param_layout import detect_head
 from hpc_rlhf.models.reshard import hf_to_megatron_rank, megatron_to_hf
+from hpc_rlhf.parallel.comm import gather_objects, world
 
 logger = logging.getLogger(__name__)
 
@@ -124,14 +124,10 @@ def gather_hf_state(
     so it works on gloo and nccl). Other ranks return None. Meant for small to medium
     models: rank ``dst`` holds the whole model in CPU memory.
     """
-    import torch.distributed as dist
-
     mine = None
     if state.dp_rank == 0:
         mine = ((state.pp_rank, state.tp_rank), state_from_model_chunks(chunks))
-    is_dst = dist.get_rank() == dst
-    gathered: list[Any] | None = [None] * dist.get_world_size(group) if is_dst else None
-    dist.gather_object(mine, gathered, dst=dst, group=group)
+    gathered = gather_objects(mine, dst, group if group is not None else world())
     if gathered is None:  # not the destination rank
         return None
     shards = dict(item for item in gathered if item is not None)

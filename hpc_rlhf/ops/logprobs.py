@@ -22,6 +22,7 @@ import torch
 import torch.distributed as dist
 
 from hpc_rlhf.ops import _backend
+from hpc_rlhf.parallel.comm import group_max, group_size, group_sum
 
 _ROW_CHUNK_ELEMS = 1 << 24  # torch reference: rows per chunk * V stays below 64 MiB fp32
 
@@ -103,15 +104,14 @@ def _wrap_ext(fn):
 
 def _combine(m, s, t, xl, tp_group):
     """Merge per-rank row statistics -> (logp, m, log s, entropy|None), all fp32 [N]."""
-    if tp_group is not None and dist.get_world_size(tp_group) > 1:
-        gm = m.clone()
-        dist.all_reduce(gm, op=dist.ReduceOp.MAX, group=tp_group)
+    if group_size(tp_group) > 1:
+        gm = group_max(m.clone(), tp_group)
         alpha = torch.exp(m - gm)
         parts = [s * alpha, xl]
         if t is not None:
             parts.append(alpha * (t + (m - gm) * s))
         stacked = torch.stack(parts)  # [2 or 3, N]
-        dist.all_reduce(stacked, op=dist.ReduceOp.SUM, group=tp_group)
+        group_sum(stacked, tp_group)
         m, s, xl = gm, stacked[0], stacked[1]
         t = stacked[2] if t is not None else None
     log_s = torch.log(s)

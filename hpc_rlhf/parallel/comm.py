@@ -13,6 +13,11 @@ import torch
 import torch.distributed as dist
 
 
+def world() -> Any:
+    """The group of every rank (``None`` when no distributed world is initialised)."""
+    return dist.group.WORLD if dist.is_initialized() else None
+
+
 def group_size(group: Any) -> int:
     """Ranks in ``group`` (1 for ``None`` or when no world is initialised)."""
     if group is None or not dist.is_initialized():
@@ -43,6 +48,28 @@ def all_gather_cat(x_N: torch.Tensor, group: Any) -> torch.Tensor:
     parts: list[Any] = [None] * size
     dist.all_gather_object(parts, x_N.cpu(), group=group)
     return torch.cat(parts)
+
+
+def all_gather_tensors(x: torch.Tensor, group: Any) -> list[torch.Tensor]:
+    """Every rank's ``x`` (the same shape on all ranks of ``group``), in rank order."""
+    size = group_size(group)
+    if size == 1:
+        return [x]
+    parts = [torch.empty_like(x) for _ in range(size)]
+    dist.all_gather(parts, x.contiguous(), group=group)
+    return parts
+
+
+def gather_objects(obj: Any, dst: int, group: Any) -> list[Any] | None:
+    """Every rank's picklable ``obj`` on global rank ``dst`` (in the rank order of
+    ``group``); ``None`` on the other ranks."""
+    size = group_size(group)
+    if size == 1:
+        return [obj]
+    is_dst = dist.get_rank() == dst
+    gathered: list[Any] | None = [None] * size if is_dst else None
+    dist.gather_object(obj, gathered, dst=dst, group=group)
+    return gathered
 
 
 def broadcast_object(obj: Any, src_rank_in_group: int, group: Any) -> Any:

@@ -28,9 +28,8 @@ from typing import Any
 
 import numpy as np
 import torch
-import torch.distributed as dist
 
-from hpc_rlhf.parallel.comm import barrier, broadcast_object
+from hpc_rlhf.parallel.comm import barrier, broadcast_object, world
 from hpc_rlhf.parallel.state import ParallelState
 
 
@@ -151,8 +150,7 @@ def _mark_no_padding(param_state: dict) -> None:
 
 def _broadcast_str(value: str | None) -> str:
     """Rank 0's ``value`` on every rank."""
-    world = dist.group.WORLD if dist.is_initialized() else None
-    value = broadcast_object(value, 0, world)
+    value = broadcast_object(value, 0, world())
     if value is None:
         raise RuntimeError("_broadcast_str: rank 0 sent no value")
     return value
