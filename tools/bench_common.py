@@ -23,6 +23,25 @@ STAGES = ("generate", "score", "advantages", "train", "handoff")
 EOS_ID, PAD_ID = 2, 0
 
 
+def cpu_model() -> str:
+    """The CPU model name (``/proc/cpuinfo``) and its matrix extensions: benchmark results
+    depend on the CPU kind (AMD Zen 4 or Intel Xeon with AMX, say), so every run names it."""
+    name, flags = "unknown CPU", set[str]()
+    try:
+        with open("/proc/cpuinfo") as fh:
+            for line in fh:
+                key, _, value = line.partition(":")
+                if key.strip() == "model name" and name == "unknown CPU":
+                    name = value.strip()
+                elif key.strip() == "flags" and not flags:
+                    flags = set(value.split())
+    except OSError:
+        pass
+    wanted = ("avx512f", "avx512_bf16", "amx_bf16", "amx_tile")
+    extensions = [flag for flag in wanted if flag in flags]
+    return f"{name} ({', '.join(extensions) or 'no AVX-512/AMX'})"
+
+
 def matmul_gflops(n: int = 1024, reps: int = 5) -> float:
     """Best-of fp32 ``torch.mm`` rate at ``n^3`` (GFLOP/s)."""
     a, b = torch.randn(n, n), torch.randn(n, n)

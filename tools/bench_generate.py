@@ -25,7 +25,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
-from bench_common import BENCH_MODEL, matmul_gflops  # noqa: E402
+from bench_common import BENCH_MODEL, cpu_model, matmul_gflops  # noqa: E402
 
 from hpc_rlhf.config import ParallelConfig  # noqa: E402
 
@@ -163,7 +163,8 @@ def main() -> None:
     prompts = make_prompts(args)
     gflops = matmul_gflops()
     print(
-        f"machine: fp32 torch.mm 1024^3 = {gflops:.1f} GFLOP/s, {torch.get_num_threads()} threads"
+        f"machine: {cpu_model()}; fp32 torch.mm 1024^3 = {gflops:.1f} GFLOP/s, "
+        f"{torch.get_num_threads()} threads"
     )
     model = hf_model()
     state = init_single_rank()

@@ -309,6 +309,9 @@ def main() -> None:
     device = "cuda" if torch.cuda.is_available() else "cpu"
     s = _sizes(args.quick)
     backends = available_backends(device)
+    from bench_common import cpu_model  # tools/ is on sys.path when run as a script
+
+    print(f"CPU: {cpu_model()}")
     print(f"device={device} threads={torch.get_num_threads()} backends={backends} sizes={s}")
     if device == "cpu":
         print("triton on CPU: not timed (it only runs in the interpreter there)")

@@ -42,6 +42,7 @@ sys.path.insert(0, os.path.join(ROOT, "tools"))
 from bench_common import (  # noqa: E402
     BENCH_MODEL,
     STAGES,
+    cpu_model,
     matmul_gflops,
     ppo_flops,
     workload,
@@ -249,6 +250,7 @@ def main() -> None:
         child_main(args)
         return
     torch.set_num_threads(os.cpu_count() or 1)
+    print(f"CPU: {cpu_model()}, {os.cpu_count()} cores")
     print(f"fp32 matmul: torch.mm 1024^3 on {torch.get_num_threads()} threads, best of 5")
     print(environment_note(args))
     shapes = ["fixed", "varied"] if args.shape == "both" else [args.shape]
