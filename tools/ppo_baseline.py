@@ -64,18 +64,18 @@ def gather_logprobs(logits_BSV: torch.Tensor, labels_BS: torch.Tensor) -> torch.
     return torch.gather(F.log_softmax(logits_BSV, dim=-1), 2, labels_BS.unsqueeze(-1)).squeeze(-1)
 
 
-def gae_python_loop(rewards_BT, values_BT, gamma: float, lam: float):
+def gae_python_loop(rewards_BS, values_BS, gamma: float, lam: float):
     """Safe-RLHF's ``get_advantages_and_returns``: a Python loop over time."""
     last = 0.0
     reversed_adv = []
-    T = rewards_BT.shape[1]
-    for t in reversed(range(T)):
-        next_values = values_BT[:, t + 1] if t < T - 1 else 0.0
-        delta = rewards_BT[:, t] + gamma * next_values - values_BT[:, t]
+    S = rewards_BS.shape[1]
+    for t in reversed(range(S)):
+        next_values = values_BS[:, t + 1] if t < S - 1 else 0.0
+        delta = rewards_BS[:, t] + gamma * next_values - values_BS[:, t]
         last = delta + gamma * lam * last
         reversed_adv.append(last)
-    adv_BT = torch.stack(reversed_adv[::-1], dim=1)
-    return adv_BT, adv_BT + values_BT
+    adv_BS = torch.stack(reversed_adv[::-1], dim=1)
+    return adv_BS, adv_BS + values_BS
 
 
 class BaselinePPO:
@@ -127,7 +127,7 @@ class BaselinePPO:
             )
             last_B = attn_BS.shape[1] - 1 - attn_BS.flip(1).argmax(1)
             score_B = self.reward(seq_BS, attn_BS).gather(1, last_B[:, None]).squeeze(1)
-            values_BT = self.critic(seq_BS, attn_BS)[:, :-1]
+            values_BS = self.critic(seq_BS, attn_BS)[:, :-1]
         action_mask = attn_BS[:, 1:].clone()
         action_mask[:, : prompt_len - 1] = 0
         return {
@@ -136,7 +136,7 @@ class BaselinePPO:
             "logp": logp,
             "ref_logp": ref_logp,
             "score": score_B,
-            "values": values_BT,
+            "values": values_BS,
             "mask": action_mask.float(),
         }
 
