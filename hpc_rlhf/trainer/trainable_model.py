@@ -301,13 +301,39 @@ class TrainableModel:
             raise NonFiniteLossError(
                 f"{self.role}: {', '.join(bad)} - stopping before the optimizer step"
             )
-        updated, grad_norm, _ = self.optimizer.step()
-        if grad_norm is not None and not torch.isfinite(torch.tensor(grad_norm)):
-            raise NonFiniteLossError(f"{self.role}: gradient norm is {grad_norm}")
+        updated, grad_norm = self._checked_optimizer_step()
         if updated:
             self.scheduler.step(increment=1)
         lr = self.optimizer.param_groups[0]["lr"]
         return StepResult(metrics, grad_norm, lr, skipped=not updated)
+
+    def _checked_optimizer_step(self) -> tuple[bool, float | None]:
+        """megatron's optimizer step with the gradient norm checked *before* the update.
+
+        ``optimizer.step()`` clips and applies in one call and reports the norm afterwards,
+        so a NaN/inf gradient would already be in the weights and the Adam moments. This is
+        the same sequence through megatron's public stages (``prepare_grads``,
+        ``get_grad_norm``, clip by that norm, ``step_with_ready_grads``), raising
+        ``NonFiniteLossError`` between the norm and the update: weights, optimizer state
+        and LR schedule stay as they were. Returns ``(updated, grad_norm)``; an fp16
+        loss-scale overflow skips the step as megatron does.
+        """
+        from megatron.core.optimizer.clip_grads import clip_grad_by_total_norm_fp32
+
+        if self.optimizer.prepare_grads():
+            return False, None
+        grad_norm = float(self.optimizer.get_grad_norm())
+        if not math.isfinite(grad_norm):
+            raise NonFiniteLossError(
+                f"{self.role}: gradient norm is {grad_norm} - stopping before the optimizer "
+                "step (weights and optimizer state unchanged)"
+            )
+        for sub in _sub_optimizers(self.optimizer):
+            params = sub.get_parameters()
+            if params and sub.config.clip_grad > 0.0:
+                decoupled = sub.config.use_precision_aware_optimizer_no_fp8_or_ds_fp8
+                clip_grad_by_total_norm_fp32(params, sub.config.clip_grad, grad_norm, decoupled)
+        return bool(self.optimizer.step_with_ready_grads()), grad_norm
 
     def reduce_metrics(self, outputs: list[dict]) -> dict[str, float]:
         """Global means of the metrics: count-weighted sums all-reduced over PP and DP ranks.
@@ -350,6 +376,11 @@ class TrainableModel:
     def set_train(self, training: bool) -> None:
         for chunk in self.model:
             chunk.train(training)
+
+
+def _sub_optimizers(optimizer) -> list:
+    """The per-group optimizers inside megatron's ``ChainedOptimizer`` (or the one)."""
+    return list(getattr(optimizer, "chained_optimizers", [optimizer]))
 
 
 def _loss_adapter(
