@@ -2,11 +2,16 @@
 
 Run it under torchrun for several processes, e.g.
 ``torchrun --nproc_per_node=4 -m hpc_rlhf.cli pretrain --config examples/configs/tiny_cpu.yaml``.
+
+A user error (a bad config value, a missing or corrupt file or checkpoint, a NaN loss) is
+printed as one ``hpc-rlhf: error: ...`` line, by rank 0 when every rank raises it alike,
+and the command exits with status 2 (``HPC_RLHF_TRACEBACK=1`` adds the traceback).
 """
 
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 
 from hpc_rlhf.config import ConfigError, load_config
@@ -71,9 +76,40 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     try:
         return args.func(args)
-    except (ConfigError, FileNotFoundError) as err:
-        print(f"hpc-rlhf: error: {err}", file=sys.stderr)
+    except _user_errors() as err:
+        report = user_error_report(err, int(os.environ.get("RANK", "0")))
+        if report:
+            print(report, file=sys.stderr)
+        if os.environ.get("HPC_RLHF_TRACEBACK"):
+            raise
         return 2
+
+
+def _user_errors() -> tuple[type[BaseException], ...]:
+    """Errors that describe the user's input or run (config, data, checkpoint, a
+    non-finite loss): one line, no traceback. Anything else is a bug: a traceback."""
+    from hpc_rlhf.trainer.checkpoint import CheckpointError
+    from hpc_rlhf.trainer.trainable_model import NonFiniteLossError
+
+    return (ConfigError, CheckpointError, NonFiniteLossError, FileNotFoundError, PermissionError)
+
+
+def _collective_errors() -> tuple[type[BaseException], ...]:
+    """User errors every rank raises alike (same config; checkpoint loads and loss checks
+    agree over the world), so rank 0 alone reports them."""
+    from hpc_rlhf.trainer.checkpoint import CheckpointError
+    from hpc_rlhf.trainer.trainable_model import NonFiniteLossError
+
+    return (ConfigError, CheckpointError, NonFiniteLossError)
+
+
+def user_error_report(err: BaseException, rank: int) -> str | None:
+    """The line rank ``rank`` prints for a user error, or None when rank 0 reports it."""
+    if rank == 0:
+        return f"hpc-rlhf: error: {err}"
+    if isinstance(err, _collective_errors()):
+        return None
+    return f"hpc-rlhf: error on rank {rank}: {err}"
 
 
 if __name__ == "__main__":

@@ -11,6 +11,8 @@
 
 from __future__ import annotations
 
+import logging
+
 import torch
 
 
@@ -35,8 +37,28 @@ def local_layer_spec(swiglu_mlp: bool = True, core_attention: bool = True):
         from hpc_rlhf.models.mlp import SwiGLUMLP
 
         spec.submodules.mlp.module = SwiGLUMLP
+        _silence_unknown_mlp_warning()
     if core_attention:
         from hpc_rlhf.models.attention import SDPAttention
 
         spec.submodules.self_attention.submodules.core_attention = SDPAttention
     return spec
+
+
+class _UnknownMLPFilter(logging.Filter):
+    """Drops megatron's "Unknown MLP type ... Using default kwargs" warning.
+
+    ``TransformerLayer`` passes the TP group only to modules that *are* its ``MLP`` class
+    (an equality test), so for ``SwiGLUMLP`` (an ``MLP`` subclass) it warns once per layer
+    and builds it with default kwargs, where ``MLP`` takes megatron's global TP group: the
+    same group. Understood, hence silenced (other megatron warnings still show).
+    """
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not record.getMessage().startswith("Unknown MLP type")
+
+
+def _silence_unknown_mlp_warning() -> None:
+    layer_logger = logging.getLogger("megatron.core.transformer.transformer_layer")
+    if not any(isinstance(f, _UnknownMLPFilter) for f in layer_logger.filters):
+        layer_logger.addFilter(_UnknownMLPFilter())
