@@ -49,7 +49,7 @@ class PackedLayout:
         this batch's ``packed_length(mask_BS, multiple)``."""
         keep_BS = mask_BS.bool()
         B, S = keep_BS.shape
-        T = packed_length(keep_BS, multiple)
+        T = packed_length(keep_BS, multiple, must_save=length is None)
         if T is None:
             return None
         lengths_B = keep_BS.sum(dim=1)
@@ -110,10 +110,11 @@ class PackedLayout:
         )
 
 
-def packed_length(mask_BS: torch.Tensor, multiple: int = 1) -> int | None:
+def packed_length(mask_BS: torch.Tensor, multiple: int = 1, must_save: bool = True) -> int | None:
     """Packed length of a right-padded ``mask_BS``: its real tokens rounded up to
     ``multiple``; ``None`` when packing does not apply (a row is empty or is not real
-    tokens then padding) or would save nothing (no shorter than ``B * S``)."""
+    tokens then padding) or, with ``must_save``, would save nothing (no shorter than
+    ``B * S``; a pipeline packs such a micro-batch anyway, its schedule has one format)."""
     keep_BS = mask_BS.bool()
     B, S = keep_BS.shape
     lengths_B = keep_BS.sum(dim=1)
@@ -121,7 +122,7 @@ def packed_length(mask_BS: torch.Tensor, multiple: int = 1) -> int | None:
     if not torch.equal(prefix_BS, keep_BS) or int(lengths_B.min()) == 0:
         return None
     T = round_up(int(lengths_B.sum()), multiple)
-    return T if T < B * S else None
+    return T if T < B * S or not must_save else None
 
 
 def segment_bounds(packed_seq_params) -> list[tuple[int, int]]:

@@ -116,6 +116,15 @@ def to_global_mean(loss, mask_BS, reduction: str, counts: GlobalCounts) -> torch
     return loss * mask_BS.any(dim=1).sum() / counts.sequences
 
 
+def per_token_metric(share: torch.Tensor, n_tokens: torch.Tensor, counts: GlobalCounts):
+    """A micro-batch's ``share`` of a global mean (``to_global_mean``) as the metric value
+    ``TrainableModel.reduce_metrics`` weights by the micro-batch's token count: their
+    token-weighted mean is then the global mean, for either loss reduction (a sequence-mean
+    loss reported as a token-weighted mean of micro-batch means would depend on the split
+    into micro-batches and ranks)."""
+    return share.detach() * counts.tokens / n_tokens.clamp(min=1)
+
+
 def actor_loss_fn(cfg: PPOConfig, tp_group, counts: GlobalCounts, temperature: float) -> Callable:
     """PPO clip loss (+ entropy bonus) on rollout micro-batches, the ptx LM loss on plain
     ``MicroBatch``es, for ``train_step(..., normalize="none")``."""
@@ -139,12 +148,13 @@ def actor_loss_fn(cfg: PPOConfig, tp_group, counts: GlobalCounts, temperature: f
             reduction=cfg.loss_reduction,
         )
         n_tokens = mask_BS.sum()
-        scaled = to_global_mean(loss, mask_BS, cfg.loss_reduction, counts)
+        pg_share = to_global_mean(loss, mask_BS, cfg.loss_reduction, counts)
         entropy_sum = (entropy_BS * mask_BS).sum()
+        scaled = pg_share
         if cfg.entropy_coef:
             scaled = scaled - cfg.entropy_coef * entropy_sum / counts.tokens
         metrics = {
-            "pg_loss": loss.detach(),
+            "pg_loss": per_token_metric(pg_share, n_tokens, counts),
             "entropy": entropy_sum.detach() / n_tokens.clamp(min=1),
         }
         metrics.update({k: v.detach() for k, v in stats.items()})
@@ -178,7 +188,7 @@ def critic_loss_fn(cfg: PPOConfig, counts: GlobalCounts) -> Callable:
         )
         n_tokens = mask_BS.sum()
         scaled = to_global_mean(loss, mask_BS, cfg.loss_reduction, counts)
-        metrics = {"value_loss": loss.detach()}
+        metrics = {"value_loss": per_token_metric(scaled, n_tokens, counts)}
         metrics.update(
             {f"value_{k}" if not k.startswith("value") else k: v.detach() for k, v in stats.items()}
         )

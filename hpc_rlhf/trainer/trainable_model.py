@@ -39,7 +39,7 @@ from hpc_rlhf.models.runner import (
     output_selection,
     plan_packing,
 )
-from hpc_rlhf.parallel.comm import broadcast_from_last_stage, group_sum
+from hpc_rlhf.parallel.comm import broadcast_from_last_stage, group_max, group_sum
 from hpc_rlhf.parallel.state import ParallelState
 
 logger = logging.getLogger(__name__)
@@ -226,6 +226,12 @@ class TrainableModel:
         B, S = microbatches[0].shape
         if plan is not None and plan.length is not None:  # pipelined: one packed row each
             B, S = 1, plan.length
+        elif self.state.pp_size > 1 and len({mb.shape for mb in microbatches}) > 1:
+            raise ValueError(
+                "a pipeline exchanges one activation shape per schedule: padded micro-batches "
+                f"must all be [B, S], got {sorted({mb.shape for mb in microbatches})} (they "
+                "run packed when every row is real tokens then padding)"
+            )
 
         def forward_step(data_iterator, model):
             mb, select_BS = next(data_iterator)
@@ -336,23 +342,31 @@ class TrainableModel:
         return bool(self.optimizer.step_with_ready_grads()), grad_norm
 
     def reduce_metrics(self, outputs: list[dict]) -> dict[str, float]:
-        """Global means of the metrics: count-weighted sums all-reduced over PP and DP ranks.
+        """Global values of the metrics over every micro-batch of every PP and DP rank:
+        count-weighted means, except names ending in ``_max`` (a maximum, e.g.
+        ``ratio_max``), which take the maximum.
 
         A metric only some microbatches report (e.g. ``ptx_loss``) is averaged over those.
         """
         names = sorted({k for out in outputs for k in out if k != "_count"})
         names = broadcast_from_last_stage(names, self.state.pp_group)  # known on the last stage
         sums = torch.zeros(2, len(names), dtype=torch.float64)  # [weighted sum, weight]
+        maxima = torch.full((len(names),), -math.inf, dtype=torch.float64)
         for out in outputs:
             count = float(out["_count"])
             for i, name in enumerate(names):
                 if name in out:
                     sums[0, i] += float(out[name]) * count
                     sums[1, i] += count
-        group_sum(sums, self.state.pp_group)
-        group_sum(sums, self.state.dp_group)
+                    maxima[i] = max(float(maxima[i]), float(out[name]))
+        for group in (self.state.pp_group, self.state.dp_group):
+            group_sum(sums, group)
+            group_max(maxima, group)
         return {
-            name: float(sums[0, i]) / max(float(sums[1, i]), 1.0) for i, name in enumerate(names)
+            name: float(maxima[i])
+            if is_max_metric(name)
+            else float(sums[0, i]) / max(float(sums[1, i]), 1.0)
+            for i, name in enumerate(names)
         }
 
     def load_hf_state(self, hf_state: dict[str, torch.Tensor]) -> None:
@@ -376,6 +390,11 @@ class TrainableModel:
     def set_train(self, training: bool) -> None:
         for chunk in self.model:
             chunk.train(training)
+
+
+def is_max_metric(name: str) -> bool:
+    """Metrics named ``*_max`` are maxima: they combine by ``max``, not by a mean."""
+    return name.endswith("_max")
 
 
 def _sub_optimizers(optimizer) -> list:
