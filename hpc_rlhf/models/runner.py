@@ -76,6 +76,20 @@ class MicroBatch:
         cut = {name: t[:, :S] for name, t in self.tensors().items() if t.dim() >= 2}
         return dataclasses.replace(self, **cut)
 
+    def padded(self: _MB, S: int, pad_id: int) -> _MB:
+        """The same rows right-padded to ``S`` positions (same class): token ids and labels
+        ``pad_id``, masks and per-token values 0, so the new positions are padding."""
+        B, length = self.shape
+        if S < length:
+            raise ValueError(f"padded: {S} positions is fewer than the batch's {length}")
+
+        def pad(name: str, x_BS: torch.Tensor) -> torch.Tensor:
+            fill = pad_id if name in ("input_ids_BS", "labels_BS") else 0
+            return torch.cat([x_BS, x_BS.new_full((B, S - length, *x_BS.shape[2:]), fill)], 1)
+
+        grown = {name: pad(name, t) for name, t in self.tensors().items() if t.dim() >= 2}
+        return dataclasses.replace(self, **grown)
+
 
 @dataclass(frozen=True)
 class PackPlan:
@@ -106,7 +120,7 @@ def plan_packing(
         return PackPlan(multiple)
     longest = 0
     for mb in microbatches:
-        T = packed_length(mb.attention_mask_BS, multiple)
+        T = packed_length(mb.attention_mask_BS, multiple, must_save=False)
         if T is None:
             return None
         longest = max(longest, T)

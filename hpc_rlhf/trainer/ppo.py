@@ -16,9 +16,10 @@
 from __future__ import annotations
 
 import logging
+import math
 import time
 from contextlib import ExitStack, contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 
@@ -39,7 +40,7 @@ from hpc_rlhf.trainer.losses import (
     logprobs_fn,
     values_fn,
 )
-from hpc_rlhf.trainer.trainable_model import TrainableModel
+from hpc_rlhf.trainer.trainable_model import TrainableModel, is_max_metric
 
 logger = logging.getLogger(__name__)
 
@@ -98,19 +99,25 @@ class PPOTrainer:
         return self.iterate().metrics
 
     def iterate(
-        self, prompt_ids: list[list[int]] | None = None, max_new_tokens: list[int] | None = None
+        self,
+        prompt_ids: list[list[int]] | None = None,
+        max_new_tokens: list[int] | None = None,
+        rollout: Rollout | None = None,
     ) -> Iteration:
         """The six stages, each timed: on this rank's ``prompt_ids`` instead of the
         dataset's when given, each prompt's responses limited to ``max_new_tokens`` (the
-        benchmark replays fixed response lengths this way)."""
+        benchmark replays fixed response lengths this way); with ``rollout``, this rank's
+        samples are given and nothing is generated (layout-parity tests replay one)."""
         timer = StageTimer()
         with timer("prompts"):
-            if prompt_ids is None:
+            if prompt_ids is None and rollout is None:
                 prompt_ids = self.prompts.next_batch(
                     self.cfg.ppo.rollout_batch_size, self.state.dp_rank, self.state.dp_size
                 )
         with timer("generate"):
-            rollout = self.generate(prompt_ids, max_new_tokens)
+            if rollout is None:
+                assert prompt_ids is not None
+                rollout = self.generate(prompt_ids, max_new_tokens)
         with timer("score"):
             exp = self.score(rollout)
         with timer("advantages"):
@@ -249,14 +256,23 @@ class PPOTrainer:
         kl_mean, _ = masked_mean_var(exp.kl_BS, mask_BS, self.state.dp_group)
         adv_mean, adv_var = masked_mean_var(adv_BS, mask_BS, self.state.dp_group)
         n_samples = p.rollout_batch_size * p.n_samples_per_prompt
-        self.kl_ctl.update(
-            float(kl_mean) * exp.action_mask_BS.sum(1).float().mean().item(), n_samples
-        )
+        self.kl_ctl.update(self._sequence_kl(exp), n_samples)
         return exp, {
             "kl": float(kl_mean),
             "advantage_mean": float(adv_mean),
             "advantage_std": float(adv_var.sqrt()),
         }
+
+    def _sequence_kl(self, exp: ExperienceBatch) -> float:
+        """The KL controller's observation: the summed KL of a sample, averaged over every
+        sample of every data-parallel rank (a rank-local mean would move each rank's
+        coefficient differently)."""
+        assert exp.kl_BS is not None
+        totals = torch.tensor(
+            [float((exp.kl_BS * exp.action_mask_BS).sum()), float(exp.size)], dtype=torch.float64
+        )
+        group_sum(totals, self.state.dp_group)
+        return float(totals[0] / totals[1].clamp(min=1.0))
 
     # ------------------------------------------------------------------ stage 5
     def update(self, exp: ExperienceBatch) -> dict[str, float]:
@@ -265,20 +281,28 @@ class PPOTrainer:
         gen = torch.Generator().manual_seed(p.seed + 7919 * self.step_count + self.state.dp_rank)
         per_mini = exp.size // p.mini_batches_per_rollout
         sums: dict[str, float] = {}
+        maxima: dict[str, float] = {}
         n_updates = 0
         for _ in range(p.ppo_epochs):
             order = torch.randperm(exp.size, generator=gen)
             for m in range(p.mini_batches_per_rollout):
                 mini = exp.rows(order[m * per_mini : (m + 1) * per_mini])
                 for key, value in self._update_minibatch(mini).items():
-                    sums[key] = sums.get(key, 0.0) + value
+                    if is_max_metric(key):
+                        maxima[key] = max(maxima.get(key, -math.inf), value)
+                    else:
+                        sums[key] = sums.get(key, 0.0) + value
                 n_updates += 1
-        return {key: value / n_updates for key, value in sums.items()}
+        return {**{key: value / n_updates for key, value in sums.items()}, **maxima}
 
     def _update_minibatch(self, mini: ExperienceBatch) -> dict[str, float]:
         p = self.cfg.ppo
         mbs = mini.microbatches(p.micro_batch_size_per_rank, mini.length_order(), self._trim())
         ptx_mbs = self._ptx_microbatches(len(mbs), mini.input_ids_BS.shape[1])
+        if self.state.pp_size > 1 and ptx_mbs:  # a pipeline's micro-batches share one shape
+            S = max(mb.shape[1] for mb in mbs + ptx_mbs)
+            mbs = [mb.padded(S, self.tokenizer.pad_id) for mb in mbs]
+            ptx_mbs = [mb.padded(S, self.tokenizer.pad_id) for mb in ptx_mbs]
         counts = self._global_counts(mini, ptx_mbs)
         metrics: dict[str, float] = {}
         if self.critic is not None:
@@ -308,7 +332,9 @@ class PPOTrainer:
         )
 
     def _ptx_microbatches(self, n_micro: int, seq_len: int) -> list[MicroBatch]:
-        """As many ptx microbatches as PPO ones, cut/padded to the same sequence length."""
+        """As many ptx micro-batches as PPO ones, whole windows padded to at least
+        ``seq_len`` positions: their content does not depend on how the rollout is split
+        over ranks or padded (layout parity), only their padding does."""
         if self.ptx is None or not self.cfg.ppo.ptx_coef:
             return []
         out = []
@@ -316,7 +342,10 @@ class PPOTrainer:
         base = self.step_count * n_micro * self.state.dp_size
         for i in range(n_micro):
             mb = self.ptx.microbatch(base + i * self.state.dp_size + self.state.dp_rank, b)
-            out.append(_fit_length(mb, seq_len, self.tokenizer.pad_id))
+            if mb.loss_mask_BS is None:
+                raise ValueError("a ptx micro-batch needs a loss_mask_BS")
+            mb = replace(mb, head_mask_BS=mb.loss_mask_BS.bool())
+            out.append(mb.padded(max(seq_len, mb.shape[1]), self.tokenizer.pad_id))
         return out
 
     # ------------------------------------------------------------------ metrics
@@ -362,26 +391,3 @@ class PPOTrainer:
         if self.critic is not None:
             models["critic"] = self.critic
         return models
-
-
-def _fit_length(mb: MicroBatch, S: int, pad_id: int) -> MicroBatch:
-    """An unpadded LM micro-batch cut or right-padded to ``S`` positions; the LM head runs
-    on its loss positions only."""
-    B, length = mb.shape
-
-    def fit(x_BS: torch.Tensor, fill) -> torch.Tensor:
-        x_BS = x_BS[:, :S]
-        if length < S:
-            x_BS = torch.cat([x_BS, x_BS.new_full((B, S - length), fill)], dim=1)
-        return x_BS
-
-    if mb.labels_BS is None or mb.loss_mask_BS is None:
-        raise ValueError("a ptx micro-batch needs labels_BS and loss_mask_BS")
-    loss_mask_BS = fit(mb.loss_mask_BS, 0)
-    return MicroBatch(
-        input_ids_BS=fit(mb.input_ids_BS, pad_id),
-        attention_mask_BS=torch.ones((B, S), dtype=torch.bool),
-        labels_BS=fit(mb.labels_BS, pad_id),
-        loss_mask_BS=loss_mask_BS,
-        head_mask_BS=loss_mask_BS.bool(),
-    )
