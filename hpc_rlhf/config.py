@@ -356,8 +356,18 @@ class RewardConfig:
     normalize: bool = False  # running mean/std of the combined score
 
     def validate(self) -> None:
+        """Raise ``ConfigError`` naming the ``reward.`` key of an impossible value (rules are
+        imported when the trainer starts, ``rule_rewards.load_rule``)."""
         if not self.models and not self.rules:
             raise ConfigError("reward: give at least one of reward.models or reward.rules")
+        for i, rule in enumerate(self.rules):
+            module, _, function = rule.function.partition(":")
+            if not module or not function:
+                raise ConfigError(
+                    f"reward.rules[{i}].function={rule.function!r}: expected 'module:function'"
+                )
+        if self.score_clip is not None and not self.score_clip > 0:
+            raise ConfigError(f"reward.score_clip={self.score_clip} must be > 0 (or null: off)")
 
 
 @dataclass(frozen=True)

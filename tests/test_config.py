@@ -293,6 +293,9 @@ def _ppo(tmp_path, overrides: list[str]):
         # data
         (["data.truncation_side=middle"], r"data.truncation_side='middle'"),
         (["data.chat_template=no slot"], r"data.chat_template='no slot' must contain"),
+        # rewards
+        (["reward.rules=[{function: mymodule.score}]"], r"reward.rules\[0\].function='mymodule"),
+        (["reward.score_clip=0"], r"reward.score_clip=0.0 must be > 0"),
         # lengths: prompt + response beyond the model's positions
         (
             ["data.max_prompt_length=500", "generation.max_new_tokens=13"],
