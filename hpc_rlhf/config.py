@@ -17,7 +17,7 @@ from typing import Any
 
 import yaml
 
-from hpc_rlhf.inference.config import EngineConfigError, GenerationConfig
+from hpc_rlhf.inference.config import EngineConfigError, GenerationConfig, require_at_least
 
 
 class ConfigError(ValueError):
@@ -25,6 +25,22 @@ class ConfigError(ValueError):
 
 
 DTYPES = ("fp32", "bf16", "fp16")
+TRUNCATION_SIDES = ("left", "right")  # see DataConfig.truncation_side
+# what megatron-core's OptimizerParamScheduler accepts without extra settings ("WSD" needs
+# wsd_decay_steps, which this config does not carry)
+LR_DECAY_STYLES = ("constant", "linear", "cosine", "inverse-square-root")
+
+
+def _positive(section: object, prefix: str, names: tuple[str, ...]) -> None:
+    """``ConfigError`` naming ``prefix + name`` for the first of ``names`` below 1."""
+    require_at_least(section, prefix, names, 1, ConfigError)
+
+
+def _non_negative(section: object, prefix: str, names: tuple[str, ...]) -> None:
+    """``ConfigError`` naming ``prefix + name`` for the first of ``names`` below 0."""
+    require_at_least(section, prefix, names, 0, ConfigError)
+
+
 HOST_ALLOCATORS = ("caching", "system")  # see parallel/host_allocator.py
 
 
@@ -68,8 +84,27 @@ class ModelConfig:
     def head_dim(self) -> int:
         return self.hidden_size // self.num_attention_heads
 
+    @property
+    def torch_dtype(self):
+        """The ``torch.dtype`` of ``params_dtype``."""
+        import torch
+
+        return {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[
+            self.params_dtype
+        ]
+
     def validate(self) -> None:
         """Raise ``ConfigError`` for shapes no model can have."""
+        sizes = (
+            "num_layers",
+            "hidden_size",
+            "num_attention_heads",
+            "num_query_groups",
+            "ffn_hidden_size",
+            "vocab_size",
+            "max_position_embeddings",
+        )
+        _positive(self, "model.", sizes)
         if self.hidden_size % self.num_attention_heads:
             raise ConfigError(
                 f"model.hidden_size={self.hidden_size} is not divisible by "
@@ -87,9 +122,6 @@ class ModelConfig:
                 f"model.transformer_impl={self.transformer_impl!r}: expected 'local' or "
                 "'transformer_engine'"
             )
-        for name in ("num_layers", "hidden_size", "num_attention_heads", "ffn_hidden_size"):
-            if getattr(self, name) <= 0:
-                raise ConfigError(f"model.{name} must be positive, got {getattr(self, name)}")
 
 
 @dataclass(frozen=True)
@@ -183,7 +215,26 @@ class OptimizerConfig:
     adam_eps: float = 1e-8
     clip_grad: float = 1.0
     warmup_steps: int = 0
-    lr_decay_style: str = "cosine"  # "cosine" | "constant" | "linear"
+    lr_decay_style: str = "cosine"  # "cosine" | "constant" | "linear" | "inverse-square-root"
+
+    def validate(self, prefix: str = "optimizer.") -> None:
+        """Raise ``ConfigError`` naming ``prefix + key`` for values megatron-core's
+        optimizer or ``OptimizerParamScheduler`` would reject (or assert on mid-run)."""
+        _non_negative(self, prefix, ("warmup_steps",))
+        for name in ("lr", "min_lr", "weight_decay", "clip_grad"):
+            if not getattr(self, name) >= 0:  # NaN fails too
+                raise ConfigError(f"{prefix}{name} must be >= 0, got {getattr(self, name)}")
+        if self.min_lr > self.lr:
+            raise ConfigError(f"{prefix}min_lr={self.min_lr} must not exceed {prefix}lr={self.lr}")
+        for name in ("adam_beta1", "adam_beta2"):
+            if not 0 <= getattr(self, name) < 1:
+                raise ConfigError(f"{prefix}{name} must be in [0, 1), got {getattr(self, name)}")
+        if not self.adam_eps > 0:
+            raise ConfigError(f"{prefix}adam_eps must be > 0, got {self.adam_eps}")
+        if self.lr_decay_style not in LR_DECAY_STYLES:
+            raise ConfigError(
+                f"{prefix}lr_decay_style={self.lr_decay_style!r}: expected one of {LR_DECAY_STYLES}"
+            )
 
 
 @dataclass(frozen=True)
@@ -197,7 +248,27 @@ class TrainConfig:
     seed: int = 1234
     log_interval: int = 1
     save_dir: str | None = None
-    save_interval: int = 0
+    save_interval: int = 0  # 0: no periodic checkpoints
+
+    def validate(self, model: ModelConfig) -> None:
+        """Raise ``ConfigError`` naming the ``train.`` key of an impossible value."""
+        _positive(
+            self,
+            "train.",
+            (
+                "steps",
+                "seq_length",
+                "micro_batch_size_per_rank",
+                "global_batch_size",
+                "log_interval",
+            ),
+        )
+        _non_negative(self, "train.", ("save_interval",))
+        if self.seq_length > model.max_position_embeddings:
+            raise ConfigError(
+                f"train.seq_length={self.seq_length} exceeds "
+                f"model.max_position_embeddings={model.max_position_embeddings}"
+            )
 
 
 @dataclass(frozen=True)
@@ -213,6 +284,8 @@ class Config:
         """Check every section and the layout; return self for chaining."""
         self.model.validate()
         self.parallel.validate(self.model, world_size)
+        self.optimizer.validate("optimizer.")
+        self.train.validate(self.model)
         if world_size is not None:
             dp = self.parallel.data_parallel_size(world_size)
             per_step = self.train.micro_batch_size_per_rank * dp
@@ -230,16 +303,26 @@ class RolloutConfig:
     engine's own ``inference.config.GenerationConfig``)."""
 
     max_new_tokens: int = 32
-    temperature: float = 1.0
-    top_k: int = 0
-    top_p: float = 1.0
+    temperature: float = 1.0  # > 0: PPO learns from sampled responses (no greedy rollouts)
+    top_k: int = 0  # 0: off; k >= 1 samples among the k most likely tokens
+    top_p: float = 1.0  # in (0, 1]; 1: off
     stop_at_eos: bool = True
     offload_training_state: bool = True  # release optimizer state/grads while generating
     engine: GenerationConfig = field(default_factory=GenerationConfig)
 
     def validate(self) -> None:
-        if self.max_new_tokens < 1:
-            raise ConfigError(f"generation.max_new_tokens must be >= 1, got {self.max_new_tokens}")
+        """Raise ``ConfigError`` naming the ``generation.`` key of an impossible value."""
+        _positive(self, "generation.", ("max_new_tokens",))
+        _non_negative(self, "generation.", ("top_k",))
+        if not self.temperature > 0:
+            # temperature 0 would be greedy decoding: n identical samples per prompt, and the
+            # trainer's log-probs at temperature T divide the logits by T
+            raise ConfigError(
+                f"generation.temperature={self.temperature} must be > 0 (PPO needs sampled "
+                "rollouts; use a small temperature such as 0.1 for nearly greedy ones)"
+            )
+        if not 0 < self.top_p <= 1:
+            raise ConfigError(f"generation.top_p={self.top_p} must be in (0, 1]")
         try:
             self.engine.validate("generation.engine.")
         except EngineConfigError as err:
@@ -273,8 +356,18 @@ class RewardConfig:
     normalize: bool = False  # running mean/std of the combined score
 
     def validate(self) -> None:
+        """Raise ``ConfigError`` naming the ``reward.`` key of an impossible value (rules are
+        imported when the trainer starts, ``rule_rewards.load_rule``)."""
         if not self.models and not self.rules:
             raise ConfigError("reward: give at least one of reward.models or reward.rules")
+        for i, rule in enumerate(self.rules):
+            module, _, function = rule.function.partition(":")
+            if not module or not function:
+                raise ConfigError(
+                    f"reward.rules[{i}].function={rule.function!r}: expected 'module:function'"
+                )
+        if self.score_clip is not None and not self.score_clip > 0:
+            raise ConfigError(f"reward.score_clip={self.score_clip} must be > 0 (or null: off)")
 
 
 @dataclass(frozen=True)
@@ -284,9 +377,25 @@ class DataConfig:
     prompts: str | None = None  # None: the shipped tiny prompt set
     tokenizer: str | None = None  # None: the shipped tiny sentencepiece model
     chat_template: str | None = "<|user|> {prompt} <|assistant|>"
-    max_prompt_length: int = 64
+    max_prompt_length: int = 64  # tokens, BOS and chat template included
+    # which end of a too long prompt's *text* is cut; BOS and the chat template around the
+    # text are always kept. "left" keeps the end of the text (where the question usually
+    # is), as TRL's PPO/GRPO and vLLM's truncate_prompt_tokens do.
+    truncation_side: str = "left"
     ptx_data: str | None = None  # text file for the ptx (pre-training) loss
     shuffle: bool = True
+
+    def validate(self) -> None:
+        """Raise ``ConfigError`` naming the ``data.`` key of an impossible value."""
+        _positive(self, "data.", ("max_prompt_length",))
+        if self.truncation_side not in TRUNCATION_SIDES:
+            raise ConfigError(
+                f"data.truncation_side={self.truncation_side!r}: expected one of {TRUNCATION_SIDES}"
+            )
+        if self.chat_template is not None and "{prompt}" not in self.chat_template:
+            raise ConfigError(
+                f"data.chat_template={self.chat_template!r} must contain '{{prompt}}'"
+            )
 
 
 @dataclass(frozen=True)
@@ -333,11 +442,20 @@ class PPOConfig:
         return self.score_micro_batch_size_per_rank or self.micro_batch_size_per_rank
 
     def validate(self) -> None:
-        if self.score_micro_batch_size_per_rank is not None and self.score_micro_batch < 1:
-            raise ConfigError(
-                "ppo.score_micro_batch_size_per_rank must be >= 1, got "
-                f"{self.score_micro_batch_size_per_rank}"
-            )
+        """Raise ``ConfigError`` naming the ``ppo.`` key of an impossible value."""
+        positive = (
+            "steps",
+            "rollout_batch_size",
+            "n_samples_per_prompt",
+            "micro_batch_size_per_rank",
+            "score_micro_batch_size_per_rank",
+            "mini_batches_per_rollout",
+            "ppo_epochs",
+            "kl_horizon",
+            "log_interval",
+        )
+        _positive(self, "ppo.", positive)
+        _non_negative(self, "ppo.", ("save_interval",))
         if self.advantage not in ("gae", "grpo", "rloo"):
             raise ConfigError(f"ppo.advantage={self.advantage!r}: expected gae, grpo or rloo")
         if self.advantage in ("grpo", "rloo") and self.n_samples_per_prompt < 2:
@@ -374,9 +492,13 @@ class PPORunConfig:
         """Check every section and the layout; return self for chaining."""
         self.model.validate()
         self.parallel.validate(self.model, world_size)
+        self.actor_optimizer.validate("actor_optimizer.")
+        self.critic_optimizer.validate("critic_optimizer.")
         self.ppo.validate()
         self.generation.validate()
         self.reward.validate()
+        self.data.validate()
+        self._check_sequence_fits()
         if self.ppo.critic_init == "reward" and not self.reward.models:
             raise ConfigError("ppo.critic_init='reward' needs at least one reward.models entry")
         if world_size is not None:
@@ -398,6 +520,35 @@ class PPORunConfig:
                     f"ppo.micro_batch_size_per_rank={self.ppo.micro_batch_size_per_rank} micro-batches"
                 )
         return self
+
+    def _check_sequence_fits(self) -> None:
+        """The longest sequence (prompt + response) fits the model's positions and one
+        sequence fits the KV cache of ``generation.engine`` (else a later, longer batch
+        would fail mid-run)."""
+        longest = self.data.max_prompt_length + self.generation.max_new_tokens
+        where = (
+            f"data.max_prompt_length + generation.max_new_tokens = "
+            f"{self.data.max_prompt_length} + {self.generation.max_new_tokens} = {longest}"
+        )
+        if longest > self.model.max_position_embeddings:
+            raise ConfigError(
+                f"{where} exceeds model.max_position_embeddings="
+                f"{self.model.max_position_embeddings}"
+            )
+        from hpc_rlhf.inference.kv_cache import CacheShape, CacheTooSmallError, require_capacity
+
+        engine = self.generation.engine
+        shape = CacheShape.for_model(
+            self.model,
+            self.parallel.tensor_model_parallel_size,
+            engine.block_size,
+            self.model.torch_dtype,
+        )
+        try:
+            require_capacity(shape, engine, longest)
+        except CacheTooSmallError as err:
+            key = "cache_budget_blocks" if engine.cache_budget_blocks else "cache_budget_bytes"
+            raise ConfigError(f"generation.engine.{key} is too small: {where}; {err}") from err
 
 
 # ----------------------------------------------------------------------------- loading

@@ -179,3 +179,175 @@ def test_generation_section_reaches_every_engine_setting(tmp_path):
         load_config(path, ["generation.engine.attention_backend=xformers"], PPORunConfig)
     with pytest.raises(ConfigError, match="generation.engine.block_size must be >= 1"):
         load_config(path, ["generation.engine.block_size=0"], PPORunConfig)
+
+
+# ----------------------------------------------------------------------------- value ranges
+
+RULE = "hpc_rlhf.algorithms.rule_rewards:target_token_fraction"
+
+
+# (section.key, the smallest value accepted): every integer count, size and interval of
+# every section; the value below it must be refused with the key named.
+INT_FIELDS = [
+    ("train.steps", 1),
+    ("train.seq_length", 1),
+    ("train.micro_batch_size_per_rank", 1),
+    ("train.global_batch_size", 1),
+    ("train.log_interval", 1),
+    ("train.save_interval", 0),
+    ("optimizer.warmup_steps", 0),
+    ("model.num_layers", 1),
+    ("model.hidden_size", 1),
+    ("model.num_attention_heads", 1),
+    ("model.num_query_groups", 1),
+    ("model.ffn_hidden_size", 1),
+    ("model.vocab_size", 1),
+    ("model.max_position_embeddings", 1),
+    ("ppo.steps", 1),
+    ("ppo.rollout_batch_size", 1),
+    ("ppo.n_samples_per_prompt", 1),
+    ("ppo.micro_batch_size_per_rank", 1),
+    ("ppo.score_micro_batch_size_per_rank", 1),
+    ("ppo.mini_batches_per_rollout", 1),
+    ("ppo.ppo_epochs", 1),
+    ("ppo.kl_horizon", 1),
+    ("ppo.log_interval", 1),
+    ("ppo.save_interval", 0),
+    ("generation.max_new_tokens", 1),
+    ("generation.top_k", 0),
+    ("generation.engine.block_size", 1),
+    ("generation.engine.cache_budget_bytes", 1),
+    ("generation.engine.cache_budget_blocks", 1),
+    ("generation.engine.max_running_seqs", 1),
+    ("generation.engine.max_prefill_tokens", 1),
+    ("data.max_prompt_length", 1),
+    ("actor_optimizer.warmup_steps", 0),
+    ("critic_optimizer.warmup_steps", 0),
+]
+PPO_SECTIONS = ("ppo", "generation", "data", "actor_optimizer", "critic_optimizer")
+
+
+@pytest.mark.parametrize("key,minimum", INT_FIELDS, ids=[k for k, _ in INT_FIELDS])
+@pytest.mark.parametrize("below", [1, 9], ids=["just_below", "far_below"])
+def test_integer_settings_below_their_minimum_name_the_key(tmp_path, key, minimum, below):
+    from hpc_rlhf.config import PPORunConfig
+
+    section = key.split(".")[0]
+    cls = PPORunConfig if section in PPO_SECTIONS else Config
+    text = f"reward:\n  rules:\n    - function: {RULE}\n" if cls is PPORunConfig else ""
+    bad = minimum - below
+    with pytest.raises(ConfigError, match=rf"^{key} must be >= {minimum}, got {bad}$"):
+        load_config(write(tmp_path, text), [f"{key}={bad}"], cls).validate(world_size=4)
+
+
+def test_integer_settings_at_their_minimum_are_accepted(tmp_path):
+    from hpc_rlhf.config import PPORunConfig
+
+    load_config(None, ["train.save_interval=0", "optimizer.warmup_steps=0"]).validate(1)
+    text = f"reward:\n  rules:\n    - function: {RULE}\n"
+    cfg = load_config(
+        write(tmp_path, text),
+        [
+            "ppo.rollout_batch_size=1",
+            "ppo.micro_batch_size_per_rank=1",
+            "ppo.ppo_epochs=1",
+            "ppo.steps=1",
+            "generation.top_k=0",
+            "data.max_prompt_length=1",
+        ],
+        PPORunConfig,
+    )
+    assert cfg.validate(1) is cfg
+
+
+def _ppo(tmp_path, overrides: list[str]):
+    from hpc_rlhf.config import PPORunConfig
+
+    text = f"reward:\n  rules:\n    - function: {RULE}\n"
+    return load_config(write(tmp_path, text), overrides, PPORunConfig)
+
+
+@pytest.mark.parametrize(
+    "overrides,match",
+    [
+        # sampling: the engine's SamplingParams refused these only at the first generate()
+        (["generation.temperature=0"], r"generation.temperature=0.0 must be > 0"),
+        (["generation.temperature=-1"], r"generation.temperature=-1.0 must be > 0"),
+        (["generation.top_p=0"], r"generation.top_p=0.0 must be in \(0, 1\]"),
+        (["generation.top_p=1.5"], r"generation.top_p=1.5 must be in \(0, 1\]"),
+        (["generation.top_k=-1"], r"generation.top_k must be >= 0, got -1"),
+        # learning rates and schedules megatron-core would reject (or assert on mid-run)
+        (["actor_optimizer.lr=-1e-3"], r"actor_optimizer.lr must be >= 0"),
+        (["critic_optimizer.min_lr=-1"], r"critic_optimizer.min_lr must be >= 0"),
+        (
+            ["actor_optimizer.lr=1e-5", "actor_optimizer.min_lr=1e-4"],
+            r"actor_optimizer.min_lr=0.0001 must not exceed actor_optimizer.lr=1e-05",
+        ),
+        (["critic_optimizer.lr_decay_style=WSD"], r"critic_optimizer.lr_decay_style='WSD'"),
+        (["actor_optimizer.lr_decay_style=exp"], r"actor_optimizer.lr_decay_style='exp'"),
+        (["actor_optimizer.clip_grad=-1"], r"actor_optimizer.clip_grad must be >= 0"),
+        (["actor_optimizer.adam_beta1=1.0"], r"actor_optimizer.adam_beta1 must be in \[0, 1\)"),
+        (["critic_optimizer.adam_beta2=-0.1"], r"critic_optimizer.adam_beta2 must be in"),
+        (["actor_optimizer.adam_eps=0"], r"actor_optimizer.adam_eps must be > 0"),
+        (["critic_optimizer.weight_decay=-0.01"], r"critic_optimizer.weight_decay must be >= 0"),
+        # data
+        (["data.truncation_side=middle"], r"data.truncation_side='middle'"),
+        (["data.chat_template=no slot"], r"data.chat_template='no slot' must contain"),
+        # rewards
+        (["reward.rules=[{function: mymodule.score}]"], r"reward.rules\[0\].function='mymodule"),
+        (["reward.score_clip=0"], r"reward.score_clip=0.0 must be > 0"),
+        # lengths: prompt + response beyond the model's positions
+        (
+            ["data.max_prompt_length=500", "generation.max_new_tokens=13"],
+            r"data.max_prompt_length \+ generation.max_new_tokens = 500 \+ 13 = 513 exceeds "
+            r"model.max_position_embeddings=512",
+        ),
+    ],
+)
+def test_ppo_values_that_would_fail_mid_run_are_refused_at_load(tmp_path, overrides, match):
+    with pytest.raises(ConfigError, match=match):
+        _ppo(tmp_path, overrides)
+
+
+@pytest.mark.parametrize(
+    "key", ["optimizer.lr=-1", "optimizer.adam_eps=-1e-8", "optimizer.lr_decay_style=step"]
+)
+def test_pretraining_optimizer_section_is_checked_too(key):
+    with pytest.raises(ConfigError, match=rf"^{key.split('=')[0]}"):
+        load_config(None, [key])
+
+
+def test_pretraining_sequences_must_fit_the_model_positions():
+    with pytest.raises(ConfigError, match="train.seq_length=600 exceeds model.max_position"):
+        load_config(None, ["train.seq_length=600"])
+    load_config(None, ["train.seq_length=512"])
+
+
+def test_kv_cache_budget_must_hold_the_longest_sequence_at_load(tmp_path):
+    """Default model (2 layers, 4 query groups of head dim 16, fp32): one 16-token block is
+    2 x 2 x 4 x 16 x 16 x 4 B = 16 KiB; the longest sequence, 64 + 32 = 96 tokens, needs 6
+    blocks. The TP split divides the heads, so TP=2 halves the bytes per block."""
+    block = 2 * 2 * 4 * 16 * 16 * 4
+    assert _ppo(tmp_path, [f"generation.engine.cache_budget_bytes={6 * block}"])
+    with pytest.raises(
+        ConfigError,
+        match=r"generation.engine.cache_budget_bytes is too small: data.max_prompt_length \+ "
+        r"generation.max_new_tokens = 64 \+ 32 = 96; KV-cache budget of 5 blocks",
+    ):
+        _ppo(tmp_path, [f"generation.engine.cache_budget_bytes={6 * block - 1}"])
+    tp2 = ["parallel.tensor_model_parallel_size=2"]
+    assert _ppo(tmp_path, [*tp2, f"generation.engine.cache_budget_bytes={3 * block}"])
+    with pytest.raises(ConfigError, match="cache_budget_bytes is too small"):
+        _ppo(tmp_path, [*tp2, f"generation.engine.cache_budget_bytes={3 * block - 1}"])
+    with pytest.raises(ConfigError, match=r"cache_budget_blocks is too small.*96 tokens \(6"):
+        _ppo(tmp_path, ["generation.engine.cache_budget_blocks=5"])
+    with pytest.raises(ConfigError, match=r"cache_budget_bytes is too small.*\(2 blocks\)"):
+        _ppo(
+            tmp_path,
+            [
+                "model.params_dtype=bf16",  # 2-byte elements: half the bytes per block
+                "data.max_prompt_length=20",
+                "generation.max_new_tokens=12",
+                f"generation.engine.cache_budget_bytes={block // 2 * 2 - 1}",
+            ],
+        )

@@ -1,12 +1,18 @@
 """Rule-based rewards, importable by name as ``hpc_rlhf.algorithms.rule_rewards:<name>``.
 
-A rule reward is ``fn(prompt_ids, response_ids, tokenizer, **kwargs) -> float``.
+A rule reward is ``fn(prompt_ids, response_ids, tokenizer, **kwargs) -> float``. A run
+imports it by its ``module:function`` name (``load_rule``), which runs that module's code
+like any Python import.
 """
 
 from __future__ import annotations
 
 import importlib
+import numbers
 from collections.abc import Callable
+from typing import Any
+
+import torch
 
 
 def target_token_fraction(prompt_ids, response_ids, tokenizer, target: str = "the") -> float:
@@ -34,9 +40,29 @@ def load_rule(spec: str) -> Callable:
     module_name, fn_name = spec.split(":", 1)
     try:
         module = importlib.import_module(module_name)
-    except ImportError as err:
-        raise ValueError(f"rule reward {spec!r}: cannot import {module_name!r} ({err})") from err
+    except Exception as err:  # a missing module, or the module's own code failing
+        raise ValueError(
+            f"rule reward {spec!r}: cannot import {module_name!r} ({type(err).__name__}: {err})"
+        ) from err
     fn = getattr(module, fn_name, None)
     if not callable(fn):
         raise ValueError(f"rule reward {spec!r}: {module_name} has no function {fn_name!r}")
     return fn
+
+
+def rule_score(spec: str, value: Any) -> float:
+    """The float a rule returned: a real number, or a tensor / array of one element.
+    Anything else (None, a string, a tensor of several elements) raises ``TypeError``
+    naming the rule ``spec`` and the value's type. NaN and inf pass (the trainer counts
+    them over every source of scores)."""
+    if isinstance(value, numbers.Real):
+        return float(value)
+    size = value.numel() if isinstance(value, torch.Tensor) else getattr(value, "size", None)
+    if size == 1 and hasattr(value, "item") and isinstance(value.item(), numbers.Real):
+        return float(value.item())
+    shown = repr(value)
+    shown = shown if len(shown) <= 60 else shown[:57] + "..."
+    raise TypeError(
+        f"rule reward {spec!r} returned {type(value).__name__} {shown}: expected a number "
+        "(a float, or a tensor/array of one element)"
+    )

@@ -11,6 +11,7 @@ import os
 
 import torch
 
+from hpc_rlhf.data.text_files import check_token_ids, numbered_lines
 from hpc_rlhf.data.tokenizer import ASSETS_DIR
 from hpc_rlhf.models.runner import MicroBatch
 
@@ -21,17 +22,20 @@ def default_corpus_path() -> str:
 
 
 class LMWindows:
-    """All ``seq_length + 1``-token windows of a tokenized text file, in a seeded order."""
+    """All ``seq_length + 1``-token windows of a tokenized text file, in a seeded order.
 
-    def __init__(self, path: str, tokenizer, seq_length: int, seed: int = 0):
-        if not os.path.exists(path):
-            raise FileNotFoundError(f"training text not found: {path}")
+    ``vocab_size`` (the model's) makes a line with a token id outside ``[0, vocab_size)``
+    raise ``ValueError`` naming its file and line; text that is not UTF-8 raises too."""
+
+    def __init__(
+        self, path: str, tokenizer, seq_length: int, seed: int = 0, vocab_size: int | None = None
+    ):
         ids: list[int] = []
-        with open(path) as fh:
-            for line in fh:
-                if line.strip():
-                    ids.extend(tokenizer.encode(line.strip()))
-                    ids.append(tokenizer.eos_id)
+        for number, line in numbered_lines(path, "training text"):
+            if line.strip():
+                line_ids = [*tokenizer.encode(line.strip()), tokenizer.eos_id]
+                check_token_ids(line_ids, vocab_size, f"{path}:{number}", tokenizer)
+                ids.extend(line_ids)
         n_windows = (len(ids) - 1) // seq_length
         if n_windows < 1:
             raise ValueError(f"{path}: {len(ids)} tokens is shorter than one window")

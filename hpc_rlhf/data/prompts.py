@@ -3,16 +3,25 @@
 Each step takes ``rollout_batch_size`` prompts over all data-parallel ranks; rank ``r``
 gets a contiguous slice. The order is a seeded permutation per epoch, so ``position``
 (prompts consumed) is all a checkpoint needs to resume exactly.
+
+A prompt is ``[BOS] + tokens(chat_template with the prompt text)``. One longer than
+``max_prompt_length`` has its *text* cut (``truncation_side``: "left" keeps the text's end,
+"right" its start) while BOS, the template's head and its assistant tail stay whole; how
+many prompts were cut is logged once.
 """
 
 from __future__ import annotations
 
 import json
+import logging
 import os
 
 import torch
 
+from hpc_rlhf.data.text_files import check_token_ids, numbered_lines
 from hpc_rlhf.data.tokenizer import ASSETS_DIR
+
+logger = logging.getLogger(__name__)
 
 
 def default_prompts_path() -> str:
@@ -22,27 +31,33 @@ def default_prompts_path() -> str:
 
 def read_prompts(path: str) -> list[str]:
     """Prompts of a JSONL file; a malformed line raises ``ValueError`` naming the line."""
-    if not os.path.exists(path):
-        raise FileNotFoundError(f"prompt file not found: {path}")
+    return [text for _, text in read_numbered_prompts(path)]
+
+
+def read_numbered_prompts(path: str) -> list[tuple[int, str]]:
+    """``(line number, prompt)`` of a JSONL file; a line that is not UTF-8, not JSON or
+    not ``{"prompt": str}`` raises ``ValueError`` naming ``path:line``."""
     prompts = []
-    with open(path) as fh:
-        for number, line in enumerate(fh, start=1):
-            if not line.strip():
-                continue
-            try:
-                record = json.loads(line)
-            except json.JSONDecodeError as err:
-                raise ValueError(f"{path}:{number}: not valid JSON ({err.msg})") from err
-            if not isinstance(record, dict) or not isinstance(record.get("prompt"), str):
-                raise ValueError(f'{path}:{number}: expected an object with a "prompt" string')
-            prompts.append(record["prompt"])
+    for number, line in numbered_lines(path, "prompt file"):
+        if not line.strip():
+            continue
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError as err:
+            raise ValueError(f"{path}:{number}: not valid JSON ({err.msg})") from err
+        if not isinstance(record, dict) or not isinstance(record.get("prompt"), str):
+            raise ValueError(f'{path}:{number}: expected an object with a "prompt" string')
+        prompts.append((number, record["prompt"]))
     if not prompts:
         raise ValueError(f"{path}: no prompts")
     return prompts
 
 
 class PromptDataset:
-    """Tokenized prompts in a seeded, resumable order."""
+    """Tokenized prompts in a seeded, resumable order.
+
+    ``vocab_size`` (the model's) makes a prompt with a token id outside ``[0, vocab_size)``
+    raise ``ValueError`` naming its file and line."""
 
     def __init__(
         self,
@@ -52,19 +67,61 @@ class PromptDataset:
         chat_template: str | None = None,
         seed: int = 0,
         shuffle: bool = True,
+        truncation_side: str = "left",
+        vocab_size: int | None = None,
     ):
-        texts = read_prompts(path or default_prompts_path())
+        path = path or default_prompts_path()
         if chat_template is not None and "{prompt}" not in chat_template:
             raise ValueError("data.chat_template must contain '{prompt}'")
+        if max_prompt_length < 1 or truncation_side not in ("left", "right"):
+            raise ValueError(
+                f"max_prompt_length={max_prompt_length} must be >= 1 and "
+                f"truncation_side={truncation_side!r} 'left' or 'right'"
+            )
         self.tokenizer = tokenizer
+        self.max_prompt_length = max_prompt_length
+        self.chat_template = chat_template
+        self.truncation_side = truncation_side
         self.token_ids: list[list[int]] = []
-        for text in texts:
-            shown = chat_template.format(prompt=text) if chat_template else text
-            ids = [tokenizer.bos_id, *tokenizer.encode(shown)]
-            self.token_ids.append(ids[-max_prompt_length:])  # keep the end (the question)
+        truncated = 0
+        for number, text in read_numbered_prompts(path):
+            ids, cut = self._tokenize(text)
+            check_token_ids(ids, vocab_size, f"{path}:{number}", tokenizer)
+            self.token_ids.append(ids)
+            truncated += cut
+        if truncated:
+            logger.warning(
+                "%d of %d prompts of %s are longer than data.max_prompt_length=%d tokens: "
+                "their text was cut on the %s (data.truncation_side), keeping BOS and the "
+                "chat template",
+                truncated,
+                len(self.token_ids),
+                path,
+                max_prompt_length,
+                truncation_side,
+            )
         self.seed = seed
         self.shuffle = shuffle
         self.position = 0
+
+    def _tokenize(self, text: str) -> tuple[list[int], bool]:
+        """``[BOS] + tokens(template(text))`` and whether the text had to be cut to fit."""
+        tok, template = self.tokenizer, self.chat_template
+        ids = [tok.bos_id, *tok.encode(template.format(prompt=text) if template else text)]
+        if len(ids) <= self.max_prompt_length:
+            return ids, False
+        head_text, tail_text = template.split("{prompt}", 1) if template else ("", "")
+        head = [tok.bos_id, *tok.encode(head_text.format())]
+        tail = tok.encode(tail_text.format())
+        room = self.max_prompt_length - len(head) - len(tail)
+        if room < 1:
+            raise ValueError(
+                f"data.max_prompt_length={self.max_prompt_length} leaves no room for the prompt "
+                f"text: BOS and the chat template {template!r} take {len(head) + len(tail)} tokens"
+            )
+        body = tok.encode(text)
+        body = body[-room:] if self.truncation_side == "left" else body[:room]
+        return [*head, *body, *tail], True
 
     def __len__(self) -> int:
         return len(self.token_ids)

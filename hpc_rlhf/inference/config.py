@@ -15,6 +15,24 @@ class EngineConfigError(ValueError):
     """An engine setting is impossible (the run config reports it as a ``ConfigError``)."""
 
 
+def require_at_least(
+    section: object,
+    prefix: str,
+    names: tuple[str, ...],
+    minimum: int,
+    error: type[ValueError] = EngineConfigError,
+) -> None:
+    """Raise ``error`` naming ``prefix + name`` for the first field of ``section`` in
+    ``names`` whose value is below ``minimum`` (``None``, an unset optional field, passes).
+
+    The one check of every integer setting that must be positive (``minimum=1``) or
+    non-negative (``minimum=0``), for every config section."""
+    for name in names:
+        value = getattr(section, name)
+        if value is not None and value < minimum:
+            raise error(f"{prefix}{name} must be >= {minimum}, got {value}")
+
+
 @dataclass(frozen=True)
 class GenerationConfig:
     """Engine settings. Give the KV budget in bytes or blocks (blocks win when both)."""
@@ -35,10 +53,11 @@ class GenerationConfig:
                 f"{prefix}attention_backend={self.attention_backend!r}: expected one of "
                 f"{ATTENTION_BACKENDS}"
             )
-        for name in ("cache_budget_bytes", "block_size", "max_running_seqs", "max_prefill_tokens"):
-            if getattr(self, name) < 1:
-                raise EngineConfigError(f"{prefix}{name} must be >= 1, got {getattr(self, name)}")
-        if self.cache_budget_blocks is not None and self.cache_budget_blocks < 1:
-            raise EngineConfigError(
-                f"{prefix}cache_budget_blocks must be >= 1, got {self.cache_budget_blocks}"
-            )
+        positive = (
+            "cache_budget_bytes",
+            "cache_budget_blocks",
+            "block_size",
+            "max_running_seqs",
+            "max_prefill_tokens",
+        )
+        require_at_least(self, prefix, positive, 1)

@@ -39,7 +39,7 @@ from hpc_rlhf.config import ModelConfig
 from hpc_rlhf.inference import attention as attn
 from hpc_rlhf.inference.config import GenerationConfig
 from hpc_rlhf.inference.forward import DecoderRunner, TPComm
-from hpc_rlhf.inference.kv_cache import CacheShape, CacheTooSmallError, PagedKVCache
+from hpc_rlhf.inference.kv_cache import CacheShape, PagedKVCache, pool_blocks, require_capacity
 from hpc_rlhf.inference.sampling import (
     FINISH_LENGTH,
     FINISH_STOP,
@@ -97,12 +97,8 @@ class GenerationEngine:
                 "GenerationConfig.cuda_graphs needs a CUDA device and the flash_attn backend "
                 f"(device {self.device}, backend {self.backend})"
             )
-        self.cache_shape = CacheShape(
-            num_layers=model_cfg.num_layers,
-            num_kv_heads=model_cfg.query_groups // state.tp_size,
-            head_dim=model_cfg.head_dim,
-            block_size=self.config.block_size,
-            dtype=self.dtype,
+        self.cache_shape = CacheShape.for_model(
+            model_cfg, state.tp_size, self.config.block_size, self.dtype
         )
         self.cache: PagedKVCache | None = None
         self.weights: GenerationWeights | None = None
@@ -132,9 +128,7 @@ class GenerationEngine:
     @property
     def num_blocks(self) -> int:
         """Blocks of the KV pool for the configured budget."""
-        if self.config.cache_budget_blocks is not None:
-            return self.config.cache_budget_blocks
-        return self.cache_shape.blocks_for_budget(self.config.cache_budget_bytes)
+        return pool_blocks(self.cache_shape, self.config)
 
     def allocate_cache(self) -> PagedKVCache:
         """Allocate the KV pool (done by ``generate`` when needed)."""
@@ -261,14 +255,7 @@ class GenerationEngine:
         if not prompts or any(len(p) == 0 for p in prompts):
             raise ValueError("generate() needs non-empty prompts")
         longest = max(len(p) for p in prompts) + sampling.max_new_tokens
-        need = self.cache_shape.blocks_for_tokens(longest)
-        usable = self.num_blocks - (1 if self.config.cuda_graphs else 0)  # scratch block
-        if need > usable:
-            raise CacheTooSmallError(
-                f"KV-cache budget of {usable} blocks ({self.config.block_size} tokens "
-                f"each, {self.cache_shape.bytes_per_block} bytes per block) cannot hold one "
-                f"sequence of {longest} tokens (longest prompt + max_new_tokens = {need} blocks)"
-            )
+        require_capacity(self.cache_shape, self.config, longest)  # longest prompt + new tokens
 
     def _make_sequences(
         self, prompts, sampling: SamplingParams, sched: Scheduler, limits=None

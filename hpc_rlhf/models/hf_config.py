@@ -18,6 +18,10 @@ def _reject(hf_config: dict, key: str, allowed) -> None:
         )
 
 
+def _is_int(value) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
 def _rope_theta(hf_config: dict) -> float:
     """RoPE base from ``rope_theta`` (transformers 4) or ``rope_parameters`` (5)."""
     _reject(hf_config, "rope_scaling", (None,))
@@ -46,8 +50,11 @@ def model_config_from_hf(hf_config: dict, **overrides) -> ModelConfig:
     _reject(hf_config, "mlp_bias", (None, False))
     _reject(hf_config, "hidden_act", (None, "silu"))
     for key in ("hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads"):
-        if not isinstance(hf_config.get(key), int):
+        if not _is_int(hf_config.get(key)):
             raise ConversionError(f"HF config field {key!r} is missing or not an integer")
+    for key in ("vocab_size", "max_position_embeddings", "num_key_value_heads", "head_dim"):
+        if hf_config.get(key) is not None and not _is_int(hf_config[key]):
+            raise ConversionError(f"HF config field {key!r}={hf_config[key]!r} is not an integer")
     heads = hf_config["num_attention_heads"]
     head_dim = hf_config.get("head_dim")
     if head_dim is not None and head_dim * heads != hf_config["hidden_size"]:

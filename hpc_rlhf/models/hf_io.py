@@ -7,9 +7,9 @@ import os
 
 import torch
 
-from hpc_rlhf.config import ModelConfig
+from hpc_rlhf.config import ConfigError, ModelConfig
 from hpc_rlhf.models.hf_config import hf_config_from_model, model_config_from_hf
-from hpc_rlhf.models.hf_names import HF_LM_HEAD
+from hpc_rlhf.models.hf_names import HF_LM_HEAD, ConversionError
 from hpc_rlhf.models.param_layout import check_hf_state, detect_head
 
 CONFIG_NAME = "config.json"
@@ -17,26 +17,63 @@ INDEX_NAME = "model.safetensors.index.json"
 DEFAULT_MAX_SHARD_BYTES = 5 * 1024**3
 
 
-def load_hf_checkpoint(path: str, **overrides) -> tuple[ModelConfig, dict[str, torch.Tensor]]:
-    """Read an HF directory: ``config.json`` and ``*.safetensors`` (sharded via the index).
+def _read_json(path: str) -> dict:
+    """A JSON object from ``path``; ``ConversionError`` naming the file when it is not one."""
+    try:
+        with open(path, encoding="utf-8") as fh:
+            data = json.load(fh)
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise ConversionError(f"{path} is not valid JSON ({err})") from err
+    if not isinstance(data, dict):
+        raise ConversionError(f"{path}: expected a JSON object, got {type(data).__name__}")
+    return data
 
-    ``overrides`` replace ``ModelConfig`` fields (e.g. ``transformer_impl``). Raises
-    ``FileNotFoundError`` naming a missing directory/file, ``ConversionError`` for
-    unsupported config fields.
-    """
-    from safetensors.torch import load_file
 
+def load_hf_config(path: str, **overrides) -> ModelConfig:
+    """The ``ModelConfig`` of the HF checkpoint directory ``path`` (its ``config.json``
+    only, no weights read). Raises ``FileNotFoundError`` naming a missing directory/file and
+    ``ConversionError`` naming ``config.json`` when it is not JSON, lacks a field, or holds
+    an unsupported or impossible value."""
     if not os.path.isdir(path):
         raise FileNotFoundError(f"HF checkpoint directory not found: {path}")
     config_path = os.path.join(path, CONFIG_NAME)
     if not os.path.exists(config_path):
         raise FileNotFoundError(f"HF checkpoint has no {CONFIG_NAME}: {config_path}")
-    with open(config_path) as fh:
-        model_cfg = model_config_from_hf(json.load(fh), **overrides)
+    hf_config = _read_json(config_path)
+    try:
+        return model_config_from_hf(hf_config, **overrides)
+    except (ConversionError, ConfigError) as err:
+        raise ConversionError(f"{config_path}: {err}") from err
+
+
+def _load_safetensors(file_path: str) -> dict[str, torch.Tensor]:
+    """The tensors of one safetensors file; ``ConversionError`` naming a truncated or
+    corrupt file."""
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
+    try:
+        return load_file(file_path)
+    except SafetensorError as err:
+        raise ConversionError(
+            f"{file_path} is not a readable safetensors file ({err}): truncated or corrupt?"
+        ) from err
+
+
+def load_hf_checkpoint(path: str, **overrides) -> tuple[ModelConfig, dict[str, torch.Tensor]]:
+    """Read an HF directory: ``config.json`` and ``*.safetensors`` (sharded via the index).
+
+    ``overrides`` replace ``ModelConfig`` fields (e.g. ``transformer_impl``). Raises
+    ``FileNotFoundError`` naming a missing directory/file, ``ConversionError`` naming the
+    file for a malformed ``config.json`` / index, unsupported config fields, or a
+    truncated safetensors file.
+    """
+    model_cfg = load_hf_config(path, **overrides)
     index_path = os.path.join(path, INDEX_NAME)
     if os.path.exists(index_path):
-        with open(index_path) as fh:
-            weight_map = json.load(fh)["weight_map"]
+        weight_map = _read_json(index_path).get("weight_map")
+        if not isinstance(weight_map, dict):
+            raise ConversionError(f"{index_path} has no 'weight_map' object")
         files = sorted(set(weight_map.values()))
     else:
         files = sorted(f for f in os.listdir(path) if f.endswith(".safetensors"))
@@ -47,7 +84,7 @@ def load_hf_checkpoint(path: str, **overrides) -> tuple[ModelConfig, dict[str, t
         file_path = os.path.join(path, name)
         if not os.path.exists(file_path):
             raise FileNotFoundError(f"safetensors shard listed in {INDEX_NAME} not found: {name}")
-        state.update(load_file(file_path))
+        state.update(_load_safetensors(file_path))
     return model_cfg, state
 
 

@@ -177,6 +177,19 @@ class _TokenLogprobs(torch.autograd.Function):
         return grad.view(shape), None, None, None, None, None
 
 
+def _check_label_range(labels: torch.Tensor, vocab: int) -> None:
+    """``ValueError`` naming the range of ``labels`` when one is outside ``[0, vocab)``
+    (one min/max pass over the labels)."""
+    if labels.numel() == 0:
+        return
+    low, high = (int(x) for x in torch.aminmax(labels))
+    if low < 0 or high >= vocab:
+        raise ValueError(
+            f"token_logprobs: labels must be token ids in [0, {vocab}) (the vocabulary), got "
+            f"ids in [{low}, {high}]"
+        )
+
+
 def token_logprobs(
     logits, labels, *, tp_group=None, return_entropy=False, backend="auto", inplace_grad=False
 ):
@@ -197,6 +210,11 @@ def token_logprobs(
         fp32 ``[...]`` log-probs, or ``(logp, entropy)`` when ``return_entropy``. Both are
         differentiable w.r.t. ``logits`` (gradient in the logits' dtype). The result equals
         the unsharded computation; only per-row max and sums cross ranks.
+
+    Raises:
+        ValueError: a label outside the global vocabulary ``[0, V_local * tp_size)`` (the
+            backends would return a silent, wrong value for it). Callers pass real token ids
+            everywhere, padding positions included (the pad id, masked afterwards).
     """
     if labels.shape != logits.shape[:-1]:
         raise ValueError(
@@ -204,6 +222,7 @@ def token_logprobs(
         )
     if logits.dtype not in (torch.float32, torch.bfloat16, torch.float16):
         raise TypeError(f"logits must be fp32, bf16 or fp16, got {logits.dtype}")
+    _check_label_range(labels, logits.shape[-1] * group_size(tp_group))
     chosen = _backend.resolve("token_logprobs", backend, logits.device)
     return _TokenLogprobs.apply(
         logits, labels, tp_group, bool(return_entropy), chosen, bool(inplace_grad)

@@ -26,7 +26,7 @@ import torch
 from hpc_rlhf.algorithms.advantages import compute_advantages, masked_mean_var, whiten
 from hpc_rlhf.algorithms.kl import make_kl_controller
 from hpc_rlhf.algorithms.rewards import RunningMoments, combine_scores, token_rewards
-from hpc_rlhf.algorithms.rule_rewards import load_rule
+from hpc_rlhf.algorithms.rule_rewards import load_rule, rule_score
 from hpc_rlhf.config import PPORunConfig
 from hpc_rlhf.models.runner import MicroBatch
 from hpc_rlhf.parallel.comm import all_gather_cat, group_sum
@@ -40,9 +40,14 @@ from hpc_rlhf.trainer.losses import (
     logprobs_fn,
     values_fn,
 )
-from hpc_rlhf.trainer.trainable_model import TrainableModel, is_max_metric
+from hpc_rlhf.trainer.trainable_model import NonFiniteLossError, TrainableModel, is_max_metric
 
 logger = logging.getLogger(__name__)
+
+
+class NonFiniteRewardError(NonFiniteLossError):
+    """A reward model or rule reward scored samples NaN/inf; nothing was trained on them
+    (a ``NonFiniteLossError``, so a run stops as for a NaN loss, checkpoint intact)."""
 
 
 class StageTimer:
@@ -82,10 +87,11 @@ class PPOTrainer:
         self.tokenizer = tokenizer
         self.prompts = prompts
         self.ptx = ptx
-        models = build_models(cfg, state)
+        # rules first: a rule that does not import fails before the models are built
+        self.rules = [(spec, load_rule(spec.function)) for spec in cfg.reward.rules]
+        models = build_models(cfg, state, tokenizer)
         self.actor, self.reference, self.critic = models.actor, models.reference, models.critic
         self.reward_models, self.engine = models.reward_models, models.engine
-        self.rules = [(load_rule(r.function), r.weight, dict(r.kwargs)) for r in cfg.reward.rules]
         self.kl_ctl = make_kl_controller(cfg.ppo.kl_coef, cfg.ppo.kl_target, cfg.ppo.kl_horizon)
         self.reward_moments = RunningMoments()
         self.step_count = 0
@@ -207,17 +213,39 @@ class PPOTrainer:
         return self.state.sequence_multiple if self.state.pp_size == 1 else None
 
     def _scores(self, rollout: Rollout, model_scores: list[torch.Tensor]) -> torch.Tensor:
-        """Reward models' end scores and rule rewards, combined with their weights."""
+        """Reward models' end scores and rule rewards, combined with their weights.
+
+        A rule returning something other than a number raises ``TypeError`` naming it; NaN
+        or inf scores raise ``NonFiniteRewardError`` naming each source (``_check_finite``)
+        before they reach the advantages and the loss."""
         scores = list(model_scores)
         weights = [spec.weight for spec in self.cfg.reward.models]
-        for fn, weight, kwargs in self.rules:
+        sources = [f"reward model {spec.path}" for spec in self.cfg.reward.models]
+        for spec, fn in self.rules:
             values = [
-                float(fn(p, r, self.tokenizer, **kwargs))
+                rule_score(spec.function, fn(p, r, self.tokenizer, **spec.kwargs))
                 for p, r in zip(rollout.prompt_ids, rollout.response_ids)
             ]
             scores.append(torch.tensor(values))
-            weights.append(weight)
+            weights.append(spec.weight)
+            sources.append(f"reward rule {spec.function}")
+        self._check_finite(sources, scores)
         return combine_scores(scores, weights)
+
+    def _check_finite(self, sources: list[str], scores: list[torch.Tensor]) -> None:
+        """Raise ``NonFiniteRewardError`` on every rank when a source scored any sample
+        NaN/inf on any data-parallel rank (counts summed over DP: one small all-reduce)."""
+        counts = [float((~torch.isfinite(s)).sum()) for s in scores]
+        counts_K = torch.tensor([*counts, float(len(scores[0]))], dtype=torch.float64)
+        group_sum(counts_K, self.state.dp_group)
+        total = int(counts_K[-1])
+        bad = [
+            f"{source} gave NaN/inf for {int(n)} of {total} samples"
+            for source, n in zip(sources, counts_K[:-1].tolist())
+            if n
+        ]
+        if bad:
+            raise NonFiniteRewardError("non-finite reward scores: " + "; ".join(bad))
 
     # ------------------------------------------------------------------ stage 4
     def compute_advantages(self, exp: ExperienceBatch) -> tuple[ExperienceBatch, dict]:

@@ -34,11 +34,13 @@ def build_trainer(cfg: PPORunConfig, out_dir: str | None = None) -> tuple[Run, P
         cfg.data.chat_template,
         seed=cfg.ppo.seed,
         shuffle=cfg.data.shuffle,
+        truncation_side=cfg.data.truncation_side,
+        vocab_size=cfg.model.vocab_size,
     )
     ptx = None
     if cfg.data.ptx_data and cfg.ppo.ptx_coef:
         seq = cfg.data.max_prompt_length + cfg.generation.max_new_tokens
-        ptx = LMWindows(cfg.data.ptx_data, run.tokenizer, seq, seed=cfg.ppo.seed)
+        ptx = LMWindows(cfg.data.ptx_data, run.tokenizer, seq, cfg.ppo.seed, cfg.model.vocab_size)
     return run, PPOTrainer(cfg, run.state, run.tokenizer, prompts, ptx)
 
 

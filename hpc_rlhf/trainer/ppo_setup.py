@@ -60,8 +60,43 @@ def _total_updates(cfg: PPORunConfig) -> int:
     return max(1, p.steps * p.ppo_epochs * p.mini_batches_per_rollout)
 
 
-def build_models(cfg: PPORunConfig, state: ParallelState) -> PPOModels:
-    """Actor, reference (frozen copy), critic, reward models and the generation engine."""
+def check_vocabularies(cfg: PPORunConfig, tokenizer=None) -> None:
+    """Before any model is built: every id the tokenizer can give has an embedding in the
+    actor (``model.vocab_size``), and every reward model embeds every id the actor can
+    generate (its ``config.json`` read only). ``ValueError`` names the file otherwise
+    (today's alternative: an ``IndexError`` deep in torch during the first step)."""
+    vocab = cfg.model.vocab_size
+    if tokenizer is not None and tokenizer.vocab_size > vocab:
+        raise ValueError(
+            f"tokenizer {getattr(tokenizer, 'path', cfg.data.tokenizer)} has "
+            f"{tokenizer.vocab_size} tokens but model.vocab_size={vocab}: ids >= {vocab} have "
+            "no embedding (use the actor's tokenizer, or the actor's vocab_size)"
+        )
+    from hpc_rlhf.models.hf_io import load_hf_config
+
+    for spec in cfg.reward.models:
+        rm_vocab = load_hf_config(spec.path).vocab_size
+        if rm_vocab < vocab:
+            raise ValueError(
+                f"reward model {spec.path}: vocab_size={rm_vocab} in its config.json is smaller "
+                f"than the actor's model.vocab_size={vocab}, so the actor's token ids >= "
+                f"{rm_vocab} have no embedding in it (a reward model must share the actor's "
+                "tokenizer)"
+            )
+        if rm_vocab != vocab:
+            logger.warning(
+                "reward model %s has vocab_size=%d, the actor %d: it must use the actor's "
+                "tokenizer (a padded vocabulary is fine)",
+                spec.path,
+                rm_vocab,
+                vocab,
+            )
+
+
+def build_models(cfg: PPORunConfig, state: ParallelState, tokenizer=None) -> PPOModels:
+    """Actor, reference (frozen copy), critic, reward models and the generation engine
+    (vocabularies checked first against ``tokenizer`` when given, ``check_vocabularies``)."""
+    check_vocabularies(cfg, tokenizer)
     actor_state = initial_actor_state(cfg)
     updates = _total_updates(cfg)
     pack = cfg.ppo.pack_sequences

@@ -24,7 +24,9 @@ def run_pretrain(
     t = cfg.train
     run = Run(cfg, RunSettings.of(t), out_dir, ("loss", "lr", "grad_norm"), tokenizer_path)
     state = run.state
-    data = LMWindows(corpus or default_corpus_path(), run.tokenizer, t.seq_length, seed=t.seed)
+    data = LMWindows(
+        corpus or default_corpus_path(), run.tokenizer, t.seq_length, t.seed, cfg.model.vocab_size
+    )
     models = {"actor": TrainableModel(cfg.model, cfg.optimizer, state, "actor", t.steps)}
     n_micro = t.global_batch_size // (t.micro_batch_size_per_rank * state.dp_size)
     saved = run.resume(models)

@@ -85,3 +85,73 @@ def test_lm_windows_cover_the_corpus_in_a_seeded_order():
     assert (mb.labels_BS[:, :-1] == mb.input_ids_BS[:, 1:]).all()
     again = LMWindows(default_corpus_path(), tok, seq_length=32, seed=1).microbatch(0, 4)
     assert (again.input_ids_BS == mb.input_ids_BS).all()
+
+
+TEMPLATE = "<|user|> {prompt} <|assistant|>"
+
+
+def test_long_prompts_keep_bos_and_the_chat_template_and_are_counted_once(tmp_path, caplog):
+    """A prompt longer than max_prompt_length loses text from the chosen side of its text
+    only: BOS, the template head and the assistant tail stay; one warning gives the count."""
+    tok = load_tokenizer()
+    words = "the old sailor reads a red book by the sea and the cat sleeps"
+    path = tmp_path / "p.jsonl"
+    path.write_text(json.dumps({"prompt": words}) + "\n" + json.dumps({"prompt": "cat"}) + "\n")
+    head = [tok.bos_id, *tok.encode("<|user|> ")]
+    tail = tok.encode(" <|assistant|>")
+    body = tok.encode(words)
+    limit = len(head) + len(tail) + 5
+    assert len(head) + len(body) + len(tail) > limit
+    with caplog.at_level("WARNING", logger="hpc_rlhf.data.prompts"):
+        left = PromptDataset(str(path), tok, limit, TEMPLATE, truncation_side="left")
+    assert left.token_ids[0] == [*head, *body[-5:], *tail]
+    short = left.token_ids[1]
+    assert short == [tok.bos_id, *tok.encode(TEMPLATE.format(prompt="cat"))]  # untouched
+    warnings = [r.getMessage() for r in caplog.records if r.levelname == "WARNING"]
+    assert len(warnings) == 1 and warnings[0].startswith("1 of 2 prompts")
+    assert "data.max_prompt_length=" + str(limit) in warnings[0]
+    right = PromptDataset(str(path), tok, limit, TEMPLATE, truncation_side="right")
+    assert right.token_ids[0] == [*head, *body[:5], *tail]
+    assert right.token_ids[0][0] == tok.bos_id
+    assert right.token_ids[0][-1] == tok.token_id("<|assistant|>")
+    with pytest.raises(ValueError, match="leaves no room for the prompt text"):
+        PromptDataset(str(path), tok, len(head) + len(tail), TEMPLATE)
+    plain = PromptDataset(str(path), tok, 4, None, truncation_side="left")
+    assert plain.token_ids[0] == [tok.bos_id, *body[-3:]]
+
+
+def test_prompt_token_ids_outside_the_model_vocabulary_name_the_line(tmp_path):
+    tok = load_tokenizer()
+    path = tmp_path / "p.jsonl"
+    path.write_text('{"prompt": "a"}\n\n{"prompt": "the old sailor"}\n')
+    high = max(tok.encode("the old sailor"))
+    assert max(tok.encode("a") + [tok.bos_id]) < high
+    ok = PromptDataset(str(path), tok, 64, None, vocab_size=high + 1)
+    assert len(ok) == 2
+    with pytest.raises(
+        ValueError, match=rf"p.jsonl:3: token id {high} is outside the model's vocab"
+    ):
+        PromptDataset(str(path), tok, 64, None, vocab_size=high)
+
+
+def test_non_utf8_prompt_and_text_files_name_the_line(tmp_path):
+    tok = load_tokenizer()
+    path = tmp_path / "p.jsonl"
+    path.write_bytes(b'{"prompt": "a"}\n{"prompt": "caf\xe9"}\n')  # latin-1, not UTF-8
+    with pytest.raises(ValueError, match=r"p.jsonl:2: not valid UTF-8 .*at byte 15"):
+        read_prompts(str(path))
+    text = tmp_path / "t.txt"
+    text.write_bytes(b"the cat\nthe dog\n\xff\xfe the sea\n")
+    with pytest.raises(ValueError, match=r"t.txt:3: not valid UTF-8"):
+        LMWindows(str(text), tok, seq_length=2)
+
+
+def test_lm_text_token_ids_outside_the_model_vocabulary_name_the_line(tmp_path):
+    tok = load_tokenizer()
+    text = tmp_path / "t.txt"
+    text.write_text("a book\n\nthe cat\n")
+    high = max(tok.encode("the cat"))
+    assert max(tok.encode("a book") + [tok.eos_id]) < high
+    LMWindows(str(text), tok, seq_length=2, vocab_size=high + 1)
+    with pytest.raises(ValueError, match=rf"t.txt:3: token id {high} is outside"):
+        LMWindows(str(text), tok, seq_length=2, vocab_size=high)

@@ -156,3 +156,20 @@ def test_inplace_grad_refuses_when_another_backward_needs_the_logits():
     logp = token_logprobs(x, labels, backend="torch", inplace_grad=True)
     with pytest.raises(RuntimeError, match="modified by an inplace operation"):
         ((logp * g_lp).sum() + other).backward()
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize(
+    "bad,shown", [(-1, r"\[-1, 4\]"), (7, r"\[0, 7\]"), (-100, r"\[-100, 4\]")], ids=str
+)
+def test_labels_outside_the_vocabulary_raise_with_their_range(backend, bad, shown):
+    """Every backend would return a silent value for an id outside [0, V) (-100 included:
+    callers pad labels with the pad id, never -100)."""
+    logits = torch.randn(2, 3, 7)
+    labels = torch.tensor([[0, 1, 2], [3, 4, 0]])
+    token_logprobs(logits, labels, backend=backend)  # in range: fine
+    labels[1, 2] = bad
+    with pytest.raises(ValueError, match=rf"labels must be token ids in \[0, 7\).*{shown}"):
+        token_logprobs(logits, labels, backend=backend)
+    with pytest.raises(ValueError, match=r"in \[0, 7\)"):
+        token_logprobs(logits, labels, backend=backend, return_entropy=True)
