@@ -110,6 +110,30 @@ def test_a_pickle_payload_in_any_checkpoint_file_is_refused_and_named(tmp_path, 
     assert marker.exists()
 
 
+def test_convert_tool_refuses_a_payload_and_names_the_shard(tmp_path, capsys):
+    import importlib.util
+
+    from tests.parallel.common import TINY, random_hf_state
+
+    spec = importlib.util.spec_from_file_location(
+        "convert_checkpoint",
+        os.path.join(os.path.dirname(__file__), "..", "..", "tools", "convert_checkpoint.py"),
+    )
+    assert spec is not None and spec.loader is not None
+    cli = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(cli)
+    from hpc_rlhf.models.hf_io import save_hf_checkpoint
+
+    hf, mcore, out = str(tmp_path / "hf"), str(tmp_path / "mcore"), str(tmp_path / "out")
+    save_hf_checkpoint(hf, TINY, random_hf_state(TINY))
+    assert cli.main(["hf-to-mcore", "--hf", hf, "--out", mcore]) == 0
+    shard = os.path.join(mcore, cli.mcore_rank_dir(0, 0, 1), "model.pt")
+    marker = tmp_path / "pwned"
+    torch.save({"model": _Payload(str(marker))}, shard)
+    assert cli.main(["mcore-to-hf", "--mcore", mcore, "--out", out]) == 2
+    assert not marker.exists() and shard in capsys.readouterr().err
+
+
 # ------------------------------------------ 3: no `latest`, and never delete a checkpoint
 
 
