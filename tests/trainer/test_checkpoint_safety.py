@@ -495,3 +495,22 @@ def test_a_dp_change_resumes_model_and_optimizer_state(tmp_path):
     assert loss1 == pytest.approx(loss2, rel=1e-5)
     for name, value in params2.items():
         torch.testing.assert_close(params1[name], value, atol=1e-6, rtol=1e-5)
+
+
+def _ppo_dp_change(rank, world, save_dir):
+    from hpc_rlhf.trainer.ppo_run import run_ppo
+    from tests.trainer.test_ppo import make_cfg
+
+    steps = 1 if world == 2 else 2
+    cfg = make_cfg(ppo={"steps": steps, "save_dir": save_dir, "micro_batch_size_per_rank": 4})
+    return run_ppo(cfg)
+
+
+def test_a_ppo_run_saved_with_dp2_resumes_with_dp1(tmp_path):
+    save_dir = str(tmp_path / "ckpt")
+    run_world(_ppo_dp_change, 2, save_dir)
+    resumed = run_world(_ppo_dp_change, 1, save_dir)[0]
+    assert [h["step"] for h in resumed] == [2]
+    assert all(v == v for v in resumed[0].values())  # no NaN
+    with open(os.path.join(save_dir, "step_000002", "meta.json")) as fh:
+        assert json.load(fh)["layout"]["dp"] == 1
