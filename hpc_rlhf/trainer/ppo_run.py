@@ -44,8 +44,7 @@ def build_trainer(cfg: PPORunConfig, out_dir: str | None = None) -> tuple[Run, P
 
 def run_ppo(cfg: PPORunConfig, out_dir: str | None = None) -> list[dict[str, float]]:
     """Train for ``cfg.ppo.steps`` iterations (resuming from ``ppo.save_dir``); return the
-    per-step metrics, each with its ``step`` (numbered as the run numbers them, so a resumed
-    run's first entry is the step after the resumed one). A NaN/inf loss stops the run with ``NonFiniteLossError`` before the
+    per-step metrics. A NaN/inf loss stops the run with ``NonFiniteLossError`` before the
     optimizer step; the last checkpoint stays intact."""
     run, trainer = build_trainer(cfg, out_dir)
     saved = run.resume(trainer.trainable_models())
@@ -61,7 +60,7 @@ def run_ppo(cfg: PPORunConfig, out_dir: str | None = None) -> list[dict[str, flo
                     f"{err} at PPO step {trainer.step_count + 1}; last good checkpoint: "
                     f"{run.last_checkpoint()}"
                 ) from err
-            history.append({"step": trainer.step_count, **metrics})
+            history.append({"step": trainer.step_count, **metrics})  # for reward_table
             run.end_step(
                 trainer.step_count, metrics, trainer.trainable_models(), trainer.trainer_state
             )
