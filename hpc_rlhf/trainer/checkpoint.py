@@ -488,10 +488,14 @@ def _dp_source(meta: dict, path: str, state: ParallelState) -> int | None:
     )
 
 
-def _load_dict(path: str) -> dict:
+def _load_dict(path: str, required: tuple[str, ...] = ()) -> dict:
+    """``load_file`` of a file that must hold a dict with the ``required`` keys."""
     obj = load_file(path)
     if not isinstance(obj, dict):
         raise CheckpointError(f"checkpoint file {path} holds a {type(obj).__name__}, not a dict")
+    missing = [key for key in required if key not in obj]
+    if missing:
+        raise CheckpointError(f"checkpoint file {path} lacks {missing}")
     return obj
 
 
@@ -507,7 +511,9 @@ def read_checkpoint(path: str, state: ParallelState, models: Mapping[str, Any]) 
     saved_models = {}
     for model_name in models:
         file = os.path.join(path, model_name, _rank_file(state, dp_source))
-        saved_models[model_name] = _load_dict(file)
+        has_optimizer = getattr(models[model_name], "optimizer", None) is not None
+        required = ("chunks", "optimizer", "scheduler") if has_optimizer else ("chunks",)
+        saved_models[model_name] = _load_dict(file, required)
         if dp_source is not None and "optimizer_param_state" in saved_models[model_name]:
             raise CheckpointError(
                 f"{file} holds distributed-optimizer state (sharded over dp): it cannot "
@@ -515,7 +521,8 @@ def read_checkpoint(path: str, state: ParallelState, models: Mapping[str, Any]) 
             )
     rng = None
     if dp_source is None:
-        rng = _load_dict(os.path.join(path, "rng", f"rank{state.rank:05d}.pt"))
+        rng_file = os.path.join(path, "rng", f"rank{state.rank:05d}.pt")
+        rng = _load_dict(rng_file, ("python", "numpy", "torch", "tracker"))
     trainer = _load_dict(os.path.join(path, "trainer.pt"))
     return {"meta": meta, "models": saved_models, "rng": rng, "trainer": trainer}
 

@@ -197,17 +197,19 @@ def test_fallback_loads_the_previous_complete_checkpoint(tmp_path, caplog):
     from hpc_rlhf.trainer.checkpoint import load_latest_checkpoint
 
     root = str(tmp_path / "ckpt")
-    save_steps(root, [1, 2, 3])
-    with open(actor_file(root, 3), "wb") as fh:
+    save_steps(root, [1, 2, 3, 4])
+    with open(actor_file(root, 4), "wb") as fh:
         fh.write(b"not a checkpoint")
-    # `latest` may also name a directory that is gone
-    os.rename(os.path.join(root, "step_000002"), os.path.join(root, "elsewhere"))
+    torch.save({"weights": torch.zeros(2)}, actor_file(root, 3))  # readable, wrong content
+    os.rename(os.path.join(root, "step_000002"), os.path.join(root, "elsewhere"))  # gone
     model = TinyModel(seed=0)
     with caplog.at_level(logging.WARNING):
         path, saved = load_latest_checkpoint(root, fake_state(), {"actor": model}, fallback=True)
     assert path == os.path.join(root, "step_000001") and saved["step"] == 1
     assert torch.equal(model.chunk.weight.detach(), weight_of(1))
-    assert any("falling back to" in r.getMessage() for r in caplog.records)
+    warned = "\n".join(r.getMessage() for r in caplog.records)
+    assert actor_file(root, 4) in warned and actor_file(root, 3) in warned
+    assert "falling back to" in warned
 
 
 def test_latest_naming_a_missing_directory_lists_the_older_ones(tmp_path):
