@@ -5,8 +5,8 @@ A trainer (pretraining, PPO, and the ones to come) builds its models and data on
 
 * ``Run(...)``: the host-memory launch policy, the distributed world, rank-0 logging, the
   config checked against the world size, ``save_dir`` checked writable and seen by every
-  rank (a shared filesystem) and ``hf_export_dir`` checked writable, the tokenizer (checked against the model's
-  vocabulary), the parallel groups and the metrics sinks;
+  rank (a shared filesystem) and ``hf_export_dir`` checked writable, the tokenizer
+  (checked against the model's vocabulary), the parallel groups and the metrics sinks;
 * ``resume(models)``: the newest complete checkpoint of ``save_dir`` loaded into the
   models (``trainer.checkpoint.load_latest_checkpoint``: every rank agrees, an unreadable
   checkpoint raises or, with ``resume_fallback``, falls back to the previous one); returns
