@@ -81,12 +81,26 @@ def load_mcore_checkpoint(path: str) -> tuple[ModelConfig, dict, dict]:
         file_path = os.path.join(path, mcore_rank_dir(t, p, pp), "model.pt")
         if not os.path.exists(file_path):
             raise FileNotFoundError(f"megatron checkpoint shard not found: {file_path}")
-        payload = torch.load(file_path, map_location="cpu", weights_only=True)
+        payload = _load_shard(file_path)
         if vpp is None:
             shards[(p, t)] = [payload["model"]]
         else:
             shards[(p, t)] = [payload[f"model{c}"] for c in range(vpp)]
     return model_cfg, shards, meta
+
+
+def _load_shard(path: str) -> dict:
+    """One rank's ``model.pt``, read with ``weights_only=True`` (tensors and plain containers
+    only: a shard someone hands you cannot run code); failures name the file."""
+    try:
+        payload = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as err:  # noqa: BLE001 - re-raised with the file named
+        raise ConversionError(
+            f"cannot read megatron checkpoint shard {path}: {type(err).__name__}: {err}"
+        ) from err
+    if not isinstance(payload, dict):
+        raise ConversionError(f"megatron checkpoint shard {path} holds no dict")
+    return payload
 
 
 def _parser() -> argparse.ArgumentParser:

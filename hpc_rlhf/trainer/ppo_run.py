@@ -26,7 +26,7 @@ PROGRESS_KEYS = (
 
 def build_trainer(cfg: PPORunConfig, out_dir: str | None = None) -> tuple[Run, PPOTrainer]:
     """The run set-up (``trainer.run``), the prompt and ptx data, and the trainer."""
-    run = Run(cfg, RunSettings.of(cfg.ppo), out_dir, PROGRESS_KEYS, cfg.data.tokenizer)
+    run = Run(cfg, RunSettings.of(cfg.ppo, "ppo"), out_dir, PROGRESS_KEYS, cfg.data.tokenizer)
     prompts = PromptDataset(
         cfg.data.prompts,
         run.tokenizer,
@@ -62,7 +62,7 @@ def run_ppo(cfg: PPORunConfig, out_dir: str | None = None) -> list[dict[str, flo
                     f"{err} at PPO step {trainer.step_count + 1}; last good checkpoint: "
                     f"{run.last_checkpoint()}"
                 ) from err
-            history.append(metrics)
+            history.append({"step": trainer.step_count, **metrics})  # for reward_table
             run.end_step(
                 trainer.step_count, metrics, trainer.trainable_models(), trainer.trainer_state
             )
@@ -84,14 +84,17 @@ def export_actor(trainer: PPOTrainer, path: str) -> None:
 
 
 def reward_table(history: list[dict[str, float]], rows: int = 6) -> str:
-    """A short table of the mean reward (and KL) over the run."""
+    """A short table of the mean reward (and KL) over the run; steps are numbered by the
+    entries' ``step`` (as ``run_ppo`` records them: a resumed run does not restart at 1),
+    else by position."""
     if not history:
         return ""
     idx = sorted({round(i * (len(history) - 1) / (rows - 1)) for i in range(rows)})
     lines = ["step | reward mean |   kl    | resp len", "-----+-------------+---------+---------"]
     for i in idx:
         m = history[i]
+        step = int(m.get("step", i + 1))
         lines.append(
-            f"{i + 1:4d} | {m['reward_mean']:11.4f} | {m['kl']:7.4f} | {m['response_length']:7.1f}"
+            f"{step:4d} | {m['reward_mean']:11.4f} | {m['kl']:7.4f} | {m['response_length']:7.1f}"
         )
     return "\n".join(lines)

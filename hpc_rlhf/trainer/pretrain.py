@@ -22,7 +22,7 @@ def run_pretrain(
 ) -> list[tuple[int, float]]:
     """Train for ``cfg.train.steps`` steps; return ``[(step, loss)]`` (on every rank)."""
     t = cfg.train
-    run = Run(cfg, RunSettings.of(t), out_dir, ("loss", "lr", "grad_norm"), tokenizer_path)
+    run = Run(cfg, RunSettings.of(t, "train"), out_dir, ("loss", "lr", "grad_norm"), tokenizer_path)
     state = run.state
     data = LMWindows(
         corpus or default_corpus_path(), run.tokenizer, t.seq_length, t.seed, cfg.model.vocab_size

@@ -40,25 +40,52 @@ def setup_logging(rank: int, level: int = logging.INFO) -> None:
 
 
 class MetricsSink:
-    """Writes step metrics to a JSONL file and TensorBoard (rank 0 only; others no-op)."""
+    """Writes step metrics to a JSONL file and TensorBoard (rank 0 only; others no-op).
+
+    One run, one history: ``begin(resumed_step)`` starts it. A fresh run (``None``)
+    truncates ``metrics.jsonl``; a resumed run keeps the records of steps up to
+    ``resumed_step`` and appends after them, so steps redone after a crash are not
+    duplicated. TensorBoard readers drop the older events of the steps this run writes
+    (``purge_step``). ``write`` before ``begin`` begins a fresh history."""
 
     def __init__(self, out_dir: str | None, enabled: bool, tensorboard: bool = True):
         self.enabled = enabled and out_dir is not None
+        self.out_dir = out_dir
+        self.tensorboard = tensorboard
+        self._begun = False
         self._jsonl: IO[str] | None = None
         self._tb = None
-        if not self.enabled or out_dir is None:
+        if self.enabled and out_dir is not None:
+            os.makedirs(out_dir, exist_ok=True)
+
+    @property
+    def path(self) -> str | None:
+        """The JSONL file (``None`` when disabled)."""
+        return (
+            os.path.join(self.out_dir, "metrics.jsonl") if self.enabled and self.out_dir else None
+        )
+
+    def begin(self, resumed_step: int | None) -> None:
+        """Start this run's history (see the class docstring); once per sink."""
+        if self._begun:
+            raise RuntimeError("MetricsSink.begin called twice")
+        self._begun = True
+        path = self.path
+        if path is None or self.out_dir is None:
             return
-        os.makedirs(out_dir, exist_ok=True)
-        self._jsonl = open(os.path.join(out_dir, "metrics.jsonl"), "a")
-        if tensorboard:
-            try:
-                from torch.utils.tensorboard import SummaryWriter
-            except ImportError:  # tensorboard is optional; say so once
-                logging.getLogger(__name__).info("tensorboard not installed: JSONL metrics only")
-            else:
-                self._tb = SummaryWriter(os.path.join(out_dir, "tb"))
+        kept = _records_up_to(path, resumed_step) if resumed_step is not None else []
+        tmp = f"{path}.tmp-{os.getpid()}"
+        with open(tmp, "w") as fh:
+            fh.writelines(kept)
+        os.replace(tmp, path)
+        self._jsonl = open(path, "a")
+        if self.tensorboard:
+            self._tb = _summary_writer(os.path.join(self.out_dir, "tb"), (resumed_step or 0) + 1)
 
     def write(self, step: int, metrics: dict[str, float]) -> None:
+        """Append one step's metrics."""
+        if not self._begun:
+            self.begin(None)
         if self._jsonl is None:
             return
         self._jsonl.write(json.dumps({"step": step, **metrics}) + "\n")
@@ -72,6 +99,39 @@ class MetricsSink:
             self._jsonl.close()
         if self._tb is not None:
             self._tb.close()
+
+
+def _records_up_to(path: str, last_step: int) -> list[str]:
+    """The lines of JSONL file ``path`` whose ``step`` is at most ``last_step`` (a torn last
+    line from a crash is dropped with a warning)."""
+    if not os.path.exists(path):
+        return []
+    kept = []
+    with open(path) as fh:
+        for number, line in enumerate(fh, 1):
+            if not line.strip():
+                continue
+            try:
+                step = json.loads(line)["step"]
+            except (ValueError, KeyError, TypeError):
+                logging.getLogger(__name__).warning(
+                    "%s:%d: unreadable record dropped", path, number
+                )
+                continue
+            if step <= last_step:
+                kept.append(line if line.endswith("\n") else line + "\n")
+    return kept
+
+
+def _summary_writer(log_dir: str, purge_step: int):
+    """A TensorBoard writer whose readers drop older events from ``purge_step`` on, or
+    ``None`` when tensorboard is not installed (said once)."""
+    try:
+        from torch.utils.tensorboard import SummaryWriter
+    except ImportError:  # tensorboard is optional; say so once
+        logging.getLogger(__name__).info("tensorboard not installed: JSONL metrics only")
+        return None
+    return SummaryWriter(log_dir, purge_step=purge_step)
 
 
 class Progress:
