@@ -14,7 +14,7 @@ import argparse
 import os
 import sys
 
-from hpc_rlhf.config import ConfigError, load_config
+from hpc_rlhf.config import ConfigError, InputError, load_config
 
 
 def _pretrain(args: argparse.Namespace) -> int:
@@ -86,12 +86,13 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _user_errors() -> tuple[type[BaseException], ...]:
-    """Errors that describe the user's input or run (config, data, checkpoint, a
-    non-finite loss): one line, no traceback. Anything else is a bug: a traceback."""
+    """Errors that describe the user's input or run (config, data and model files, rule
+    rewards, checkpoints, a non-finite loss or reward): one line, no traceback. Anything
+    else is a bug: a traceback."""
     from hpc_rlhf.trainer.checkpoint import CheckpointError
     from hpc_rlhf.trainer.trainable_model import NonFiniteLossError
 
-    return (ConfigError, CheckpointError, NonFiniteLossError, FileNotFoundError, PermissionError)
+    return (InputError, CheckpointError, NonFiniteLossError, FileNotFoundError, PermissionError)
 
 
 def _collective_errors() -> tuple[type[BaseException], ...]:

@@ -17,10 +17,22 @@ from typing import Any
 
 import yaml
 
-from hpc_rlhf.inference.config import EngineConfigError, GenerationConfig, require_at_least
+from hpc_rlhf.inference.config import (
+    CacheShape,
+    CacheTooSmallError,
+    EngineConfigError,
+    GenerationConfig,
+    require_at_least,
+    require_capacity,
+)
 
 
-class ConfigError(ValueError):
+class InputError(ValueError):
+    """Bad user input (a config value, a data or model file, a rule reward), named in the
+    message: the CLI prints it as one line, without a traceback."""
+
+
+class ConfigError(InputError):
     """A configuration value is unknown, of the wrong type, or impossible."""
 
 
@@ -248,7 +260,9 @@ class TrainConfig:
     seed: int = 1234
     log_interval: int = 1
     save_dir: str | None = None
-    save_interval: int = 0  # 0: no periodic checkpoints
+    save_interval: int = 0  # 0: no periodic checkpoints (the last step is still saved)
+    # resume from the previous complete checkpoint when the newest cannot be read
+    resume_fallback: bool = False
 
     def validate(self, model: ModelConfig) -> None:
         """Raise ``ConfigError`` naming the ``train.`` key of an impossible value."""
@@ -433,7 +447,8 @@ class PPOConfig:
     seed: int = 1234
     log_interval: int = 1
     save_dir: str | None = None
-    save_interval: int = 0
+    save_interval: int = 0  # 0: no periodic checkpoints (the last step is still saved)
+    resume_fallback: bool = False  # the previous complete checkpoint if the newest is bad
     hf_export_dir: str | None = None  # write the final actor in HF format here
 
     @property
@@ -535,8 +550,6 @@ class PPORunConfig:
                 f"{where} exceeds model.max_position_embeddings="
                 f"{self.model.max_position_embeddings}"
             )
-        from hpc_rlhf.inference.kv_cache import CacheShape, CacheTooSmallError, require_capacity
-
         engine = self.generation.engine
         shape = CacheShape.for_model(
             self.model,

@@ -14,6 +14,12 @@ from typing import Any
 
 import torch
 
+from hpc_rlhf.config import InputError
+
+
+class RuleRewardError(InputError, TypeError):
+    """A rule reward returned something that is not one number."""
+
 
 def target_token_fraction(prompt_ids, response_ids, tokenizer, target: str = "the") -> float:
     """Fraction of response tokens equal to the token of ``target`` (a toy task with a known
@@ -36,17 +42,17 @@ def target_id_fraction(prompt_ids, response_ids, tokenizer=None, target_id: int 
 def load_rule(spec: str) -> Callable:
     """Import ``module:function``; errors name what could not be found."""
     if ":" not in spec:
-        raise ValueError(f"rule reward {spec!r} must be 'module:function'")
+        raise InputError(f"rule reward {spec!r} must be 'module:function'")
     module_name, fn_name = spec.split(":", 1)
     try:
         module = importlib.import_module(module_name)
     except Exception as err:  # a missing module, or the module's own code failing
-        raise ValueError(
+        raise InputError(
             f"rule reward {spec!r}: cannot import {module_name!r} ({type(err).__name__}: {err})"
         ) from err
     fn = getattr(module, fn_name, None)
     if not callable(fn):
-        raise ValueError(f"rule reward {spec!r}: {module_name} has no function {fn_name!r}")
+        raise InputError(f"rule reward {spec!r}: {module_name} has no function {fn_name!r}")
     return fn
 
 
@@ -62,7 +68,7 @@ def rule_score(spec: str, value: Any) -> float:
         return float(value.item())
     shown = repr(value)
     shown = shown if len(shown) <= 60 else shown[:57] + "..."
-    raise TypeError(
+    raise RuleRewardError(
         f"rule reward {spec!r} returned {type(value).__name__} {shown}: expected a number "
         "(a float, or a tensor/array of one element)"
     )

@@ -11,6 +11,7 @@ import os
 
 import torch
 
+from hpc_rlhf.config import InputError
 from hpc_rlhf.data.text_files import check_token_ids, numbered_lines
 from hpc_rlhf.data.tokenizer import ASSETS_DIR
 from hpc_rlhf.models.runner import MicroBatch
@@ -38,7 +39,7 @@ class LMWindows:
                 ids.extend(line_ids)
         n_windows = (len(ids) - 1) // seq_length
         if n_windows < 1:
-            raise ValueError(f"{path}: {len(ids)} tokens is shorter than one window")
+            raise InputError(f"{path}: {len(ids)} tokens is shorter than one window")
         tokens_NS = torch.tensor(ids[: n_windows * seq_length + 1])
         self.windows_NS1 = torch.stack(
             [tokens_NS[i * seq_length : (i + 1) * seq_length + 1] for i in range(n_windows)]

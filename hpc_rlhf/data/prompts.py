@@ -18,6 +18,7 @@ import os
 
 import torch
 
+from hpc_rlhf.config import InputError
 from hpc_rlhf.data.text_files import check_token_ids, numbered_lines
 from hpc_rlhf.data.tokenizer import ASSETS_DIR
 
@@ -44,12 +45,12 @@ def read_numbered_prompts(path: str) -> list[tuple[int, str]]:
         try:
             record = json.loads(line)
         except json.JSONDecodeError as err:
-            raise ValueError(f"{path}:{number}: not valid JSON ({err.msg})") from err
+            raise InputError(f"{path}:{number}: not valid JSON ({err.msg})") from err
         if not isinstance(record, dict) or not isinstance(record.get("prompt"), str):
-            raise ValueError(f'{path}:{number}: expected an object with a "prompt" string')
+            raise InputError(f'{path}:{number}: expected an object with a "prompt" string')
         prompts.append((number, record["prompt"]))
     if not prompts:
-        raise ValueError(f"{path}: no prompts")
+        raise InputError(f"{path}: no prompts")
     return prompts
 
 
@@ -72,9 +73,9 @@ class PromptDataset:
     ):
         path = path or default_prompts_path()
         if chat_template is not None and "{prompt}" not in chat_template:
-            raise ValueError("data.chat_template must contain '{prompt}'")
+            raise InputError("data.chat_template must contain '{prompt}'")
         if max_prompt_length < 1 or truncation_side not in ("left", "right"):
-            raise ValueError(
+            raise InputError(
                 f"max_prompt_length={max_prompt_length} must be >= 1 and "
                 f"truncation_side={truncation_side!r} 'left' or 'right'"
             )
@@ -115,7 +116,7 @@ class PromptDataset:
         tail = tok.encode(tail_text.format())
         room = self.max_prompt_length - len(head) - len(tail)
         if room < 1:
-            raise ValueError(
+            raise InputError(
                 f"data.max_prompt_length={self.max_prompt_length} leaves no room for the prompt "
                 f"text: BOS and the chat template {template!r} take {len(head) + len(tail)} tokens"
             )

@@ -6,6 +6,8 @@ from __future__ import annotations
 import os
 from collections.abc import Iterator
 
+from hpc_rlhf.config import InputError
+
 
 def numbered_lines(path: str, what: str) -> Iterator[tuple[int, str]]:
     """``(line number, text)`` of each line of ``path`` (1-based, newline stripped).
@@ -19,7 +21,7 @@ def numbered_lines(path: str, what: str) -> Iterator[tuple[int, str]]:
             try:
                 text = raw.decode("utf-8")
             except UnicodeDecodeError as err:
-                raise ValueError(
+                raise InputError(
                     f"{path}:{number}: not valid UTF-8 ({err.reason} at byte {err.start} of "
                     "the line); re-encode the file as UTF-8"
                 ) from err
@@ -34,7 +36,7 @@ def check_token_ids(ids: list[int], vocab_size: int | None, where: str, tokenize
     low, high = min(ids), max(ids)
     if low < 0 or high >= vocab_size:
         bad = low if low < 0 else high
-        raise ValueError(
+        raise InputError(
             f"{where}: token id {bad} is outside the model's vocabulary [0, {vocab_size}) "
             f"(model.vocab_size={vocab_size}; tokenizer {getattr(tokenizer, 'path', '?')} "
             f"has {tokenizer.vocab_size} tokens): use the actor's tokenizer or a matching model"

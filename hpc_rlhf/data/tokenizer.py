@@ -11,6 +11,8 @@ from __future__ import annotations
 import os
 from typing import Protocol
 
+from hpc_rlhf.config import InputError
+
 
 class Tokenizer(Protocol):
     vocab_size: int
@@ -71,7 +73,7 @@ class JsonTokenizer:
     def _special(self, token: str) -> int:
         idx = self._tok.token_to_id(token)
         if idx is None:
-            raise ValueError(f"tokenizer {self.path} has no token {token!r}")
+            raise InputError(f"tokenizer {self.path} has no token {token!r}")
         return idx
 
     def encode(self, text: str) -> list[int]:

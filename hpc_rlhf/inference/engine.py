@@ -37,9 +37,9 @@ import torch
 
 from hpc_rlhf.config import ModelConfig
 from hpc_rlhf.inference import attention as attn
-from hpc_rlhf.inference.config import GenerationConfig
+from hpc_rlhf.inference.config import CacheShape, GenerationConfig, pool_blocks, require_capacity
 from hpc_rlhf.inference.forward import DecoderRunner, TPComm
-from hpc_rlhf.inference.kv_cache import CacheShape, PagedKVCache, pool_blocks, require_capacity
+from hpc_rlhf.inference.kv_cache import PagedKVCache
 from hpc_rlhf.inference.sampling import (
     FINISH_LENGTH,
     FINISH_STOP,

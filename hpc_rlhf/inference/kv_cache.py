@@ -20,74 +20,12 @@ from __future__ import annotations
 
 import heapq
 import logging
-from dataclasses import dataclass
 
 import torch
 
-from hpc_rlhf.inference.config import GenerationConfig
+from hpc_rlhf.inference.config import CacheShape
 
 logger = logging.getLogger(__name__)
-
-
-class CacheTooSmallError(RuntimeError):
-    """The KV-cache budget cannot hold even one sequence of the request."""
-
-
-@dataclass(frozen=True)
-class CacheShape:
-    """Geometry of the pool of one TP rank."""
-
-    num_layers: int
-    num_kv_heads: int  # of this TP rank
-    head_dim: int
-    block_size: int
-    dtype: torch.dtype
-
-    @classmethod
-    def for_model(cls, model_cfg, tp_size: int, block_size: int, dtype: torch.dtype) -> CacheShape:
-        """The pool geometry of one TP rank for a ``config.ModelConfig``."""
-        return cls(
-            num_layers=model_cfg.num_layers,
-            num_kv_heads=model_cfg.query_groups // tp_size,
-            head_dim=model_cfg.head_dim,
-            block_size=block_size,
-            dtype=dtype,
-        )
-
-    @property
-    def bytes_per_block(self) -> int:
-        """K and V of one block over all layers."""
-        elem = torch.empty((), dtype=self.dtype).element_size()
-        return 2 * self.num_layers * self.num_kv_heads * self.block_size * self.head_dim * elem
-
-    def blocks_for_budget(self, budget_bytes: int) -> int:
-        """How many blocks fit in ``budget_bytes``."""
-        return budget_bytes // self.bytes_per_block
-
-    def blocks_for_tokens(self, tokens: int) -> int:
-        """Blocks needed to hold ``tokens`` tokens of one sequence."""
-        return -(-tokens // self.block_size)
-
-
-def pool_blocks(shape: CacheShape, config: GenerationConfig) -> int:
-    """Blocks of the KV pool ``config`` asks for (``cache_budget_blocks`` wins over bytes)."""
-    if config.cache_budget_blocks is not None:
-        return config.cache_budget_blocks
-    return shape.blocks_for_budget(config.cache_budget_bytes)
-
-
-def require_capacity(shape: CacheShape, config: GenerationConfig, tokens: int) -> None:
-    """Raise ``CacheTooSmallError`` when the pool of ``config`` cannot hold one sequence of
-    ``tokens`` tokens (the engine checks each request; a run checks its longest possible
-    sequence at start)."""
-    need = shape.blocks_for_tokens(tokens)
-    usable = pool_blocks(shape, config) - (1 if config.cuda_graphs else 0)  # scratch block
-    if need > usable:
-        raise CacheTooSmallError(
-            f"KV-cache budget of {usable} blocks ({config.block_size} tokens each, "
-            f"{shape.bytes_per_block} bytes per block) cannot hold one sequence of {tokens} "
-            f"tokens ({need} blocks)"
-        )
 
 
 class BlockAllocator:

@@ -12,10 +12,10 @@ spec keeps the two norms inside the following linear layers (``_TE_NORMS``).
 
 from __future__ import annotations
 
-from hpc_rlhf.config import ModelConfig
+from hpc_rlhf.config import InputError, ModelConfig
 
 
-class ConversionError(ValueError):
+class ConversionError(InputError):
     """A checkpoint or layout cannot be converted; the message names the problem."""
 
 

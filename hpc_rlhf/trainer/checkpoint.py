@@ -58,6 +58,7 @@ import torch
 
 from hpc_rlhf.parallel.comm import barrier, broadcast_object, gather_objects, world
 from hpc_rlhf.parallel.state import ParallelState
+from hpc_rlhf.trainer.trainable_model import sub_optimizers
 
 logger = logging.getLogger(__name__)
 
@@ -174,7 +175,7 @@ def model_checkpoint_state(model) -> dict:
         out["optimizer"] = model.optimizer.state_dict()
         if model.state.config.use_distributed_optimizer:
             out["optimizer_param_state"] = [
-                opt.get_parameter_state_dp_reshardable() for opt in _sub_optimizers(model)
+                opt.get_parameter_state_dp_reshardable() for opt in sub_optimizers(model.optimizer)
             ]
         out["scheduler"] = model.scheduler.state_dict()
     return out
@@ -197,7 +198,7 @@ def load_model_checkpoint_state(model, saved: Mapping) -> None:
     model.optimizer.load_state_dict(saved["optimizer"])
     _own_optimizer_state(model)
     if "optimizer_param_state" in saved:
-        subs = _sub_optimizers(model)
+        subs = sub_optimizers(model.optimizer)
         if len(subs) != len(saved["optimizer_param_state"]):
             raise CheckpointError("checkpoint and run have different optimizer groupings")
         for opt, param_state in zip(subs, saved["optimizer_param_state"]):
@@ -219,17 +220,12 @@ def _own_optimizer_state(model) -> None:
     tensors that come out of ``torch.load`` sit in storages that cannot be resized, which
     the generation time-sharing (``inference.memory``) needs to release them.
     """
-    for opt in _sub_optimizers(model):
+    for opt in sub_optimizers(model.optimizer):
         inner = getattr(opt, "optimizer", None)
         for param_state in getattr(inner, "state", {}).values():
             for key, value in list(param_state.items()):
                 if isinstance(value, torch.Tensor):
                     param_state[key] = value.clone()
-
-
-def _sub_optimizers(model) -> list:
-    """The per-group optimizers inside megatron's ``ChainedOptimizer`` (or the one)."""
-    return list(getattr(model.optimizer, "chained_optimizers", [model.optimizer]))
 
 
 def _mark_no_padding(param_state: dict) -> None:
@@ -446,8 +442,9 @@ def _older_hint(older: list[str], fallback: bool) -> str:
     hint = f"\nolder complete checkpoints (newest first):\n  {listed}"
     if not fallback:
         hint += (
-            f"\nresume with fallback=True (RunSettings.resume_fallback) to load {older[0]} "
-            "instead, or move the broken directory away"
+            f"\nset resume_fallback=true in the run's section (ppo.resume_fallback=true, "
+            f"train.resume_fallback=true) to load {older[0]} instead, or move the broken "
+            "directory away"
         )
     return hint
 

@@ -7,7 +7,7 @@ import logging
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
-from hpc_rlhf.config import PPORunConfig
+from hpc_rlhf.config import InputError, PPORunConfig
 from hpc_rlhf.parallel.state import ParallelState
 from hpc_rlhf.trainer.trainable_model import TrainableModel
 
@@ -52,7 +52,7 @@ def _check_same_architecture(cfg: PPORunConfig, hf_cfg, path: str) -> None:
     for name in fields:
         ours, theirs = getattr(cfg.model, name), getattr(hf_cfg, name)
         if ours != theirs:
-            raise ValueError(f"{path}: {name}={theirs} but the config says model.{name}={ours}")
+            raise InputError(f"{path}: {name}={theirs} but the config says model.{name}={ours}")
 
 
 def _total_updates(cfg: PPORunConfig) -> int:
@@ -67,7 +67,7 @@ def check_vocabularies(cfg: PPORunConfig, tokenizer=None) -> None:
     (today's alternative: an ``IndexError`` deep in torch during the first step)."""
     vocab = cfg.model.vocab_size
     if tokenizer is not None and tokenizer.vocab_size > vocab:
-        raise ValueError(
+        raise InputError(
             f"tokenizer {getattr(tokenizer, 'path', cfg.data.tokenizer)} has "
             f"{tokenizer.vocab_size} tokens but model.vocab_size={vocab}: ids >= {vocab} have "
             "no embedding (use the actor's tokenizer, or the actor's vocab_size)"
@@ -77,7 +77,7 @@ def check_vocabularies(cfg: PPORunConfig, tokenizer=None) -> None:
     for spec in cfg.reward.models:
         rm_vocab = load_hf_config(spec.path).vocab_size
         if rm_vocab < vocab:
-            raise ValueError(
+            raise InputError(
                 f"reward model {spec.path}: vocab_size={rm_vocab} in its config.json is smaller "
                 f"than the actor's model.vocab_size={vocab}, so the actor's token ids >= "
                 f"{rm_vocab} have no embedding in it (a reward model must share the actor's "
@@ -125,7 +125,7 @@ def _load_reward_model(path: str, cfg: PPORunConfig, state: ParallelState):
 
     rm_cfg, hf_state = load_hf_checkpoint(path)
     if "score.weight" not in hf_state:
-        raise ValueError(f"reward model {path} has no score head (score.weight)")
+        raise InputError(f"reward model {path} has no score head (score.weight)")
     rm_cfg = dataclasses.replace(
         rm_cfg, params_dtype=cfg.model.params_dtype, transformer_impl=cfg.model.transformer_impl
     )

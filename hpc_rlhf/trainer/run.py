@@ -73,7 +73,7 @@ class RunSettings:
             save_dir=section.save_dir,
             save_interval=section.save_interval,
             hf_export_dir=getattr(section, "hf_export_dir", None),
-            resume_fallback=bool(getattr(section, "resume_fallback", False)),
+            resume_fallback=section.resume_fallback,
             section=name,
         )
 

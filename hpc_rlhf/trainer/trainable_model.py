@@ -67,9 +67,8 @@ def _use_fused_cpu_adam(optimizer) -> int:
     transformer-engine) to PyTorch's fused kernel when every parameter is on the CPU: torch
     defaults to a per-parameter loop of ~10 ops there (foreach/fused are CUDA defaults).
     Same update rule. Returns the number of param groups switched."""
-    inner = getattr(optimizer, "chained_optimizers", [optimizer])
     switched = 0
-    for wrapper in inner:
+    for wrapper in sub_optimizers(optimizer):
         torch_opt = getattr(wrapper, "optimizer", None)
         if not isinstance(torch_opt, (torch.optim.Adam, torch.optim.AdamW)):
             continue
@@ -334,7 +333,7 @@ class TrainableModel:
                 f"{self.role}: gradient norm is {grad_norm} - stopping before the optimizer "
                 "step (weights and optimizer state unchanged)"
             )
-        for sub in _sub_optimizers(self.optimizer):
+        for sub in sub_optimizers(self.optimizer):
             params = sub.get_parameters()
             if params and sub.config.clip_grad > 0.0:
                 decoupled = sub.config.use_precision_aware_optimizer_no_fp8_or_ds_fp8
@@ -397,7 +396,7 @@ def is_max_metric(name: str) -> bool:
     return name.endswith("_max")
 
 
-def _sub_optimizers(optimizer) -> list:
+def sub_optimizers(optimizer) -> list:
     """The per-group optimizers inside megatron's ``ChainedOptimizer`` (or the one)."""
     return list(getattr(optimizer, "chained_optimizers", [optimizer]))
 

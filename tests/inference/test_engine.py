@@ -83,8 +83,8 @@ def _tied_greedy(tied_weights, prompts) -> list[list[int]]:
 
 def _tp1_world(rank, world_size, hf_weights, prompts, greedy_ref, tied_weights):
     from hpc_rlhf.config import ParallelConfig
+    from hpc_rlhf.inference.config import CacheTooSmallError
     from hpc_rlhf.inference.engine import GenerationConfig, GenerationEngine
-    from hpc_rlhf.inference.kv_cache import CacheTooSmallError
     from hpc_rlhf.inference.sampling import SamplingParams
     from hpc_rlhf.inference.weights import StaleWeightsError
 

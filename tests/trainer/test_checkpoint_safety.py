@@ -190,7 +190,7 @@ def test_a_truncated_file_is_named_with_the_older_checkpoints_listed(tmp_path):
     assert broken in message
     older = [os.path.join(root, "step_000002"), os.path.join(root, "step_000001")]
     assert message.index(older[0]) < message.index(older[1])  # newest first
-    assert "fallback=True" in message
+    assert "ppo.resume_fallback=true" in message
 
 
 def test_fallback_loads_the_previous_complete_checkpoint(tmp_path, caplog):

@@ -131,7 +131,7 @@ def _nan_run(rank, world, cfg, root):
     return None, latest_checkpoint(root)
 
 
-def test_nan_loss_stops_with_a_clear_error_and_keeps_the_checkpoint(tmp_path):
+def test_nan_reward_stops_naming_its_rule_and_keeps_the_checkpoint(tmp_path):
     root = str(tmp_path / "ckpt")
     per_step = 8 * 4  # samples scored per step on the single rank
     cfg = make_cfg(
@@ -143,7 +143,10 @@ def test_nan_loss_stops_with_a_clear_error_and_keeps_the_checkpoint(tmp_path):
         },
     )
     message, latest = run_world(_nan_run, 1, cfg, root)[0]
-    assert message is not None and "value_loss is nan" in message and "PPO step 2" in message
+    assert message is not None and "PPO step 2" in message
+    # the cause is named where it enters (the rule), before it poisons a loss
+    assert "reward rule tests.trainer.rules:nan_after gave NaN/inf for 32 of 32" in message
+    assert message.endswith("last good checkpoint: " + os.path.join(root, "step_000001"))
     assert latest.endswith("step_000001")
     assert os.path.exists(os.path.join(latest, "actor", "tp00_pp000_dp000.pt"))
     assert not [p for p in os.listdir(root) if ".tmp-" in p]
