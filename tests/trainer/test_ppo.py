@@ -23,7 +23,7 @@ BASE = {
         "vocab_size": 512,
         "max_position_embeddings": 256,
     },
-    "actor_optimizer": {"lr": 1e-2, "lr_decay_style": "constant"},
+    "actor_optimizer": {"lr": 2e-2, "lr_decay_style": "constant"},
     "critic_optimizer": {"lr": 5e-3, "lr_decay_style": "constant"},
     "ppo": {
         "steps": 16,
