@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import os
+import zlib
+from contextlib import contextmanager
 
 import torch
 
@@ -32,6 +34,22 @@ TOL = {
 
 
 FP32_EPS = torch.finfo(torch.float32).eps
+
+
+def stable_seed(*parts, modulo: int = 2**31 - 1) -> int:
+    """A seed derived from a test's parameters, equal in every process: the CRC-32 of their
+    ``repr`` (``hash`` of a str, or of a tuple holding one, is salted per process, so seeds
+    drawn from it change between runs)."""
+    return zlib.crc32(repr(parts).encode()) % modulo
+
+
+@contextmanager
+def seed_in_failures(seed: int):
+    """Re-raise an ``AssertionError`` of the block with the seed of its inputs appended."""
+    try:
+        yield seed
+    except AssertionError as err:
+        raise AssertionError(f"{err}\n(inputs drawn with seed {seed})") from err
 
 
 def assert_matmul_close(got: torch.Tensor, want64: torch.Tensor, a: torch.Tensor, b: torch.Tensor):
@@ -88,6 +106,49 @@ def masked_mean64(per_token, mask, reduction):
     if not keep.any():
         return (per_token * m).sum() * 0
     return ((per_token * m).sum(1)[keep] / rows[keep]).mean()
+
+
+def oracle_ppo_loss(logp, old, adv, mask, clip_low, clip_high, dual_clip, reduction):
+    """float64 PPO clipped (and dual-clipped) loss, d loss / d logp and the stats."""
+    lp = logp.detach().double().requires_grad_(True)
+    ratio = torch.exp(lp - old.double())
+    a = adv.double()
+    per = -torch.min(ratio * a, torch.clamp(ratio, 1 - clip_low, 1 + clip_high) * a)
+    if dual_clip is not None:
+        per = torch.where(a < 0, torch.min(per, -dual_clip * a), per)
+    loss = masked_mean64(per, mask, reduction)
+    loss.backward()
+    m = mask.bool()
+    clipped = (torch.clamp(ratio, 1 - clip_low, 1 + clip_high) * a < ratio * a)[m]
+    r = ratio.detach()[m]
+    stats = {
+        "clip_frac": clipped.double().mean() if m.any() else torch.tensor(0.0),
+        "approx_kl": (old.double() - lp.detach())[m].mean() if m.any() else torch.tensor(0.0),
+        "ratio_mean": r.mean() if m.any() else torch.tensor(0.0),
+        "ratio_max": r.max() if m.any() else torch.tensor(0.0),
+    }
+    return loss.detach(), lp.grad, stats
+
+
+def oracle_value_loss(values, old, returns, mask, clip, reduction):
+    """float64 clipped value loss, d loss / d values and the stats."""
+    v = values.detach().double().requires_grad_(True)
+    r, o = returns.double(), old.double()
+    sq = (v - r) ** 2
+    per = sq
+    if clip is not None:
+        sq_clip = (torch.clamp(v, o - clip, o + clip) - r) ** 2
+        per = torch.max(sq, sq_clip)
+    loss = 0.5 * masked_mean64(per, mask, reduction)
+    loss.backward()
+    m = mask.bool()
+    clipped = (per > sq).detach()[m]
+    stats = {
+        "clip_frac": clipped.double().mean() if m.any() else torch.tensor(0.0),
+        "value_mean": v.detach()[m].mean() if m.any() else torch.tensor(0.0),
+        "value_mse": sq.detach()[m].mean() if m.any() else torch.tensor(0.0),
+    }
+    return loss.detach(), v.grad, stats
 
 
 def random_mask(b, t, gen, kind):
