@@ -1,12 +1,14 @@
 """Continuous batching over a paged KV cache: admission, slot reservation, preemption.
 
 Sequences wait in a FIFO of groups: the ``n`` samples of a fresh prompt form one group (one
-prefill, prompt blocks shared by reference count), a preempted sequence is a group of one
-that goes back to the *front* of the queue. Each engine iteration:
+prefill, prompt blocks shared by reference count; split into groups of at most
+``max_running`` when ``n`` is larger), a preempted sequence is a group of one that goes back
+to the *front* of the queue. Each engine iteration:
 
 1. ``schedule_prefill`` admits groups from the head of the queue while the batch limits and
    free blocks allow (a group needs blocks for its tokens plus the next one); no skipping
-   ahead, so nothing starves.
+   ahead, so nothing starves. ``max_prefill_tokens`` limits a batch of several groups: a
+   group longer than it is prefilled whole, alone in its batch (no chunked prefill).
 2. ``reserve_decode_slots`` makes sure every running sequence owns the block its next token
    goes to (a new block at a block boundary, a private copy of a shared block). When the
    pool is empty the most recently admitted sequence is preempted: its blocks are freed and
@@ -74,8 +76,12 @@ class Scheduler:
         self.peak_blocks = 0
 
     def add(self, group: list[Sequence]) -> None:
-        """Queue the samples of one prompt (they will share its prefill)."""
-        self.waiting.append(group)
+        """Queue the samples of one prompt (they will share its prefill). More samples than
+        ``max_running`` are queued as several groups of at most ``max_running`` (one prefill
+        each): a group is admitted whole, and the decode batch must never exceed the limit
+        (the CUDA-graph decoder has no bucket above it)."""
+        for start in range(0, len(group), self.max_running):
+            self.waiting.append(group[start : start + self.max_running])
 
     def has_work(self) -> bool:
         return bool(self.waiting or self.running)

@@ -81,6 +81,30 @@ def _tied_greedy(tied_weights, prompts) -> list[list[int]]:
     return [o.token_ids for o in outs]
 
 
+def _never_synced_checks(actor, state, prompts) -> dict:
+    """``generate`` before any ``sync_weights`` raises ``StaleWeightsError`` up front (no KV
+    pool allocated: ``keep_cache`` would keep one), with or without a policy version; so
+    does asking for a version when the weights were synced without one."""
+    from hpc_rlhf.inference.engine import GenerationConfig, GenerationEngine
+    from hpc_rlhf.inference.sampling import SamplingParams
+    from hpc_rlhf.inference.weights import StaleWeightsError
+
+    config = GenerationConfig(block_size=4, cache_budget_blocks=100, keep_cache=True)
+    engine = GenerationEngine(actor, CFG, state, config)
+    greedy = SamplingParams(greedy=True, max_new_tokens=2)
+    messages = []
+    for version in (None, 0):
+        with pytest.raises(StaleWeightsError) as err:
+            engine.generate(prompts, greedy, policy_version=version)
+        messages.append(str(err.value))
+    out = {"never_synced_messages": messages, "never_synced_no_cache": engine.cache is None}
+    engine.sync_weights()  # no version stamp
+    with pytest.raises(StaleWeightsError, match="version None"):
+        engine.generate(prompts, greedy, policy_version=0)
+    out["unversioned_generates"] = len(engine.generate(prompts, greedy)) == len(prompts)
+    return out
+
+
 def _tp1_world(rank, world_size, hf_weights, prompts, greedy_ref, tied_weights):
     from hpc_rlhf.config import ParallelConfig
     from hpc_rlhf.inference.config import CacheTooSmallError
@@ -149,6 +173,7 @@ def _tp1_world(rank, world_size, hf_weights, prompts, greedy_ref, tied_weights):
     with pytest.raises(StaleWeightsError, match="version 0"):
         engine.generate(prompts, greedy, policy_version=1)
     res["stale_raises"] = True
+    res.update(_never_synced_checks(actor, state, prompts))
     res["cache_freed"] = engine.cache is None
     res["tied_greedy"] = _tied_greedy(tied_weights, prompts)
     return res
@@ -215,3 +240,6 @@ def test_n_samples_share_prefill(tp1):
 def test_errors(tp1):
     _, _, res = tp1
     assert res["too_small_raises"] and res["stale_raises"]
+    assert all("call sync_weights" in m for m in res["never_synced_messages"])
+    assert res["never_synced_no_cache"] is True
+    assert res["unversioned_generates"] is True
