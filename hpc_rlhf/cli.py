@@ -89,7 +89,7 @@ def _user_errors() -> tuple[type[BaseException], ...]:
     """Errors that describe the user's input or run (config, data and model files, rule
     rewards, checkpoints, a non-finite loss or reward): one line, no traceback. Anything
     else is a bug: a traceback."""
-    from hpc_rlhf.trainer.checkpoint import CheckpointError
+    from hpc_rlhf.trainer.checkpoint_files import CheckpointError
     from hpc_rlhf.trainer.trainable_model import NonFiniteLossError
 
     return (InputError, CheckpointError, NonFiniteLossError, FileNotFoundError, PermissionError)
@@ -98,7 +98,7 @@ def _user_errors() -> tuple[type[BaseException], ...]:
 def _collective_errors() -> tuple[type[BaseException], ...]:
     """User errors every rank raises alike (same config; checkpoint loads and loss checks
     agree over the world), so rank 0 alone reports them."""
-    from hpc_rlhf.trainer.checkpoint import CheckpointError
+    from hpc_rlhf.trainer.checkpoint_files import CheckpointError
     from hpc_rlhf.trainer.trainable_model import NonFiniteLossError
 
     return (ConfigError, CheckpointError, NonFiniteLossError)

@@ -40,33 +40,34 @@ change is refused with a ``CheckpointError`` saying what is supported.
 
 from __future__ import annotations
 
-import importlib
 import json
 import logging
 import os
 import random
 import re
 import shutil
-import socket
 import time
-import uuid
 from collections.abc import Mapping
 from typing import Any
 
 import numpy as np
 import torch
 
-from hpc_rlhf.parallel.comm import barrier, broadcast_object, gather_objects, world
+from hpc_rlhf.parallel.comm import barrier, broadcast_object, world
 from hpc_rlhf.parallel.state import ParallelState
+from hpc_rlhf.trainer.checkpoint_files import (
+    CheckpointError,
+    atomic_write_text,
+    fsync_dir,
+    load_file,
+    on_every_rank,
+    save_synced,
+)
 from hpc_rlhf.trainer.trainable_model import sub_optimizers
 
 logger = logging.getLogger(__name__)
 
 _STEP_DIR = re.compile(r"^step_(\d+)$")
-
-
-class CheckpointError(RuntimeError):
-    """A checkpoint is missing, incomplete, unreadable, or does not match the layout."""
 
 
 def _rank_file(state: ParallelState, dp_rank: int | None = None) -> str:
@@ -80,48 +81,6 @@ def _layout(state: ParallelState) -> dict:
 
 def _distributed_optimizer(state: ParallelState) -> bool:
     return bool(getattr(getattr(state, "config", None), "use_distributed_optimizer", False))
-
-
-def _numpy_rng_globals() -> list:
-    """What a pickled NumPy RNG state array needs (checkpoints written before the RNG state
-    was stored as tensors)."""
-    try:
-        multiarray = importlib.import_module("numpy._core.multiarray")
-    except ImportError:  # numpy < 2
-        multiarray = importlib.import_module("numpy.core.multiarray")
-    return [multiarray._reconstruct, np.ndarray, np.dtype, type(np.dtype(np.uint32))]
-
-
-def load_file(path: str) -> Any:
-    """``torch.load(path, weights_only=True)`` on CPU: tensors and plain containers only, so a
-    checkpoint cannot run code (only NumPy's array types are allowed besides, for old RNG
-    files). Any failure raises ``CheckpointError`` naming ``path``."""
-    if not os.path.exists(path):
-        raise CheckpointError(f"checkpoint file is missing: {path}")
-    try:
-        with torch.serialization.safe_globals(_numpy_rng_globals()):
-            return torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as err:  # noqa: BLE001 - re-raised with the file named
-        raise CheckpointError(
-            f"cannot read checkpoint file {path}: {type(err).__name__}: {err}"
-        ) from err
-
-
-def _save_synced(obj: Any, path: str) -> None:
-    """``torch.save`` then fsync, so the bytes are on disk before the checkpoint is published."""
-    with open(path, "wb") as fh:
-        torch.save(obj, fh)
-        fh.flush()
-        os.fsync(fh.fileno())
-
-
-def _fsync_dir(path: str) -> None:
-    """Make the entries of directory ``path`` (created files, renames) durable."""
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 def rng_state() -> dict:
@@ -247,21 +206,6 @@ def _broadcast_str(value: str | None) -> str:
     return value
 
 
-def _on_every_rank(obj: Any) -> list[Any]:
-    """Every rank's picklable ``obj``, in rank order, on every rank."""
-    gathered = gather_objects(obj, 0, world())
-    return broadcast_object(gathered, 0, world())
-
-
-def _atomic_write_text(path: str, text: str) -> None:
-    tmp = f"{path}.tmp-{os.getpid()}"
-    with open(tmp, "w") as fh:
-        fh.write(text)
-        fh.flush()
-        os.fsync(fh.fileno())
-    os.replace(tmp, path)
-
-
 def save_checkpoint(
     root: str,
     step: int,
@@ -287,12 +231,10 @@ def save_checkpoint(
             os.makedirs(os.path.join(tmp, model_name))
     barrier()
     for model_name, model in models.items():
-        _save_synced(
-            model_checkpoint_state(model), os.path.join(tmp, model_name, _rank_file(state))
-        )
-    _save_synced(rng_state(), os.path.join(tmp, "rng", f"rank{state.rank:05d}.pt"))
+        save_synced(model_checkpoint_state(model), os.path.join(tmp, model_name, _rank_file(state)))
+    save_synced(rng_state(), os.path.join(tmp, "rng", f"rank{state.rank:05d}.pt"))
     if state.rank == 0:
-        _save_synced(trainer_state or {}, os.path.join(tmp, "trainer.pt"))
+        save_synced(trainer_state or {}, os.path.join(tmp, "trainer.pt"))
         meta = {
             "step": step,
             "layout": _layout(state),
@@ -301,7 +243,7 @@ def save_checkpoint(
             "world_size": state.world_size,
             "config": config or {},
         }
-        _atomic_write_text(os.path.join(tmp, "meta.json"), json.dumps(meta, indent=1))
+        atomic_write_text(os.path.join(tmp, "meta.json"), json.dumps(meta, indent=1))
     barrier()
     if state.rank == 0:
         _publish(root, tmp, final, [*models, "rng"])
@@ -312,8 +254,8 @@ def save_checkpoint(
 def _publish(root: str, tmp: str, final: str, subdirs: list[str]) -> None:
     """Rank 0: make ``tmp`` durable, rename it to ``final``, point ``latest`` at it."""
     for sub in subdirs:
-        _fsync_dir(os.path.join(tmp, sub))
-    _fsync_dir(tmp)
+        fsync_dir(os.path.join(tmp, sub))
+    fsync_dir(tmp)
     if os.path.exists(final):
         aside = f"{final}.replaced-{time.strftime('%Y%m%d-%H%M%S')}-{os.getpid()}"
         os.replace(final, aside)
@@ -324,9 +266,9 @@ def _publish(root: str, tmp: str, final: str, subdirs: list[str]) -> None:
             aside,
         )
     os.replace(tmp, final)
-    _fsync_dir(root)
-    _atomic_write_text(os.path.join(root, "latest"), os.path.basename(final) + "\n")
-    _fsync_dir(root)
+    fsync_dir(root)
+    atomic_write_text(os.path.join(root, "latest"), os.path.basename(final) + "\n")
+    fsync_dir(root)
     _remove_stale_tmp(root)
 
 
@@ -335,57 +277,6 @@ def _remove_stale_tmp(root: str) -> None:
         if ".tmp-" in entry:
             path = os.path.join(root, entry)
             shutil.rmtree(path, ignore_errors=True) if os.path.isdir(path) else os.remove(path)
-
-
-def writable_error(path: str) -> str | None:
-    """Why ``path`` cannot take a checkpoint (create it, write and remove a probe file), or
-    ``None`` when it can."""
-    probe = os.path.join(path, f".write-probe-{uuid.uuid4().hex}")
-    try:
-        os.makedirs(path, exist_ok=True)
-        with open(probe, "w") as fh:
-            fh.write("probe")
-        os.remove(probe)
-    except OSError as err:
-        return f"{type(err).__name__}: {err}"
-    return None
-
-
-def check_shared_directory(path: str, rank: int, key: str = "save_dir") -> None:
-    """Collective: check that every rank sees the directory rank 0 writes to.
-
-    Rank 0 creates ``path`` and a probe file holding a random nonce there; every rank reads
-    it at its own ``path`` (the same string in a run; tests pass different ones). Raises
-    ``CheckpointError`` on every rank naming ``key``, ``path`` and the ranks (with their
-    hosts) that do not see the probe, or naming ``key`` and ``path`` when rank 0 cannot
-    write there. A multi-node run needs ``path`` on a filesystem shared by all nodes."""
-    sent = None
-    if rank == 0:
-        nonce = uuid.uuid4().hex
-        probe_name = f".shared-probe-{nonce}"
-        error = writable_error(path)
-        if error is None:
-            _atomic_write_text(os.path.join(path, probe_name), nonce)
-        sent = (probe_name, nonce, error, socket.gethostname())
-    probe_name, nonce, error, host0 = broadcast_object(sent, 0, world())
-    if error is not None:
-        raise CheckpointError(f"{key}={path!r} is not writable: {error}")
-    probe = os.path.join(path, probe_name)
-    try:
-        with open(probe) as fh:
-            seen = fh.read() == nonce
-    except OSError:
-        seen = False
-    reports = _on_every_rank((rank, socket.gethostname(), seen))  # every rank has read
-    if rank == 0:
-        os.remove(probe)
-    blind = [f"rank {r} on {host}" for r, host, ok in reports if not ok]
-    if blind:
-        raise CheckpointError(
-            f"{key}={path!r}: {', '.join(blind)} cannot see the file rank 0 (on {host0}) "
-            "wrote there. Every rank writes its part of a checkpoint into this directory: "
-            "a multi-node run needs it on a filesystem shared by all nodes"
-        )
 
 
 def _step_of(name: str) -> int | None:
@@ -573,7 +464,7 @@ def _read_everywhere(path: str, state: ParallelState, models: Mapping[str, Any])
         loaded, error = read_checkpoint(path, state, models), None
     except CheckpointError as err:
         loaded, error = None, str(err)
-    return loaded, _failures(_on_every_rank(error))
+    return loaded, _failures(on_every_rank(error))
 
 
 def _apply_everywhere(path: str, loaded: dict, state: ParallelState, models) -> dict:
@@ -583,7 +474,7 @@ def _apply_everywhere(path: str, loaded: dict, state: ParallelState, models) -> 
         trainer_state = apply_checkpoint(loaded, state, models)
     except Exception as err:  # noqa: BLE001 - re-raised below once every rank knows
         caught, trainer_state = err, {}
-    failed = _failures(_on_every_rank(None if caught is None else f"{caught!r}"))
+    failed = _failures(on_every_rank(None if caught is None else f"{caught!r}"))
     if failed is not None:
         raise CheckpointError(
             f"loading {path} into the models failed (they are partly loaded):\n{failed}"

@@ -31,11 +31,13 @@ from hpc_rlhf.config import config_to_dict
 from hpc_rlhf.parallel.comm import broadcast_object, world
 from hpc_rlhf.parallel.state import ParallelState
 from hpc_rlhf.trainer.checkpoint import (
-    CheckpointError,
-    check_shared_directory,
     latest_checkpoint,
     load_latest_checkpoint,
     save_checkpoint,
+)
+from hpc_rlhf.trainer.checkpoint_files import (
+    CheckpointError,
+    check_shared_directory,
     writable_error,
 )
 from hpc_rlhf.utils.logging import MetricsSink, Progress

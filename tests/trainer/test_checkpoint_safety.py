@@ -292,11 +292,8 @@ def test_unwritable_save_dir_and_hf_export_dir_stop_the_run_at_start(tmp_path):
 
 def _two_ranks(rank, world, root, shared):
     from hpc_rlhf.parallel.comm import barrier
-    from hpc_rlhf.trainer.checkpoint import (
-        CheckpointError,
-        check_shared_directory,
-        load_latest_checkpoint,
-    )
+    from hpc_rlhf.trainer.checkpoint import load_latest_checkpoint
+    from hpc_rlhf.trainer.checkpoint_files import CheckpointError, check_shared_directory
 
     out = {}
     state = fake_state(rank=rank, world_size=2, dp_rank=rank, dp_size=2)
