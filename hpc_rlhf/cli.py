@@ -58,6 +58,30 @@ def _ppo(args: argparse.Namespace) -> int:
     return 0
 
 
+def _sft(args: argparse.Namespace) -> int:
+    import torch.distributed as dist
+
+    from hpc_rlhf.config import SFTRunConfig
+    from hpc_rlhf.parallel.launch import shutdown_distributed
+    from hpc_rlhf.trainer.sft import run_sft
+
+    cfg = load_config(args.config, args.overrides, cls=SFTRunConfig)
+    history = run_sft(cfg, out_dir=args.out_dir)
+    if dist.get_rank() == 0 and history:
+        first, last = history[0]["loss"], history[-1]["loss"]
+        print(
+            f"\nSFT loss {first:.4f} -> {last:.4f} over {len(history)} steps "
+            f"({'falling' if last < first else 'NOT falling'})"
+        )
+        if "eval_loss" in history[-1]:
+            print(
+                f"held-out loss {history[-1]['eval_loss']:.4f}, "
+                f"perplexity {history[-1]['eval_ppl']:.2f}"
+            )
+    shutdown_distributed()
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="hpc-rlhf", description=__doc__)
     sub = parser.add_subparsers(dest="stage", required=True)
@@ -73,6 +97,11 @@ def main(argv: list[str] | None = None) -> int:
     ppo.add_argument("--out-dir", default="outputs/ppo", help="metrics JSONL/TensorBoard")
     ppo.add_argument("overrides", nargs="*", help="dotted.key=value overrides")
     ppo.set_defaults(func=_ppo)
+    sft = sub.add_parser("sft", help="supervised fine-tuning on conversations")
+    sft.add_argument("--config", required=True, help="YAML config file")
+    sft.add_argument("--out-dir", default="outputs/sft", help="metrics JSONL/TensorBoard")
+    sft.add_argument("overrides", nargs="*", help="dotted.key=value overrides")
+    sft.set_defaults(func=_sft)
     args = parser.parse_args(argv)
     try:
         return args.func(args)

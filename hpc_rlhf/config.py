@@ -251,10 +251,10 @@ class OptimizerConfig:
 
 @dataclass(frozen=True)
 class TrainConfig:
-    """A supervised/pre-training run (the foundation demo; SFT later)."""
+    """A supervised run's step loop (pre-training and SFT): batches, checkpoints, eval."""
 
     steps: int = 20
-    seq_length: int = 32
+    seq_length: int = 32  # pre-training: window length; SFT: longest sample (tokens)
     micro_batch_size_per_rank: int = 2
     global_batch_size: int = 8
     seed: int = 1234
@@ -263,6 +263,10 @@ class TrainConfig:
     save_interval: int = 0  # 0: no periodic checkpoints (the last step is still saved)
     # resume from the previous complete checkpoint when the newest cannot be read
     resume_fallback: bool = False
+    eval_interval: int = 0  # held-out loss every N steps and at the end (0: at the end only)
+    # run padded micro-batches as one packed row of their real tokens (THD format)
+    pack_sequences: bool = True
+    hf_export_dir: str | None = None  # write the trained model in HF format here
 
     def validate(self, model: ModelConfig) -> None:
         """Raise ``ConfigError`` naming the ``train.`` key of an impossible value."""
@@ -277,7 +281,7 @@ class TrainConfig:
                 "log_interval",
             ),
         )
-        _non_negative(self, "train.", ("save_interval",))
+        _non_negative(self, "train.", ("save_interval", "eval_interval"))
         if self.seq_length > model.max_position_embeddings:
             raise ConfigError(
                 f"train.seq_length={self.seq_length} exceeds "
@@ -308,6 +312,54 @@ class Config:
                     f"train.global_batch_size={self.train.global_batch_size} is not divisible "
                     f"by micro_batch_size_per_rank x data-parallel size = {per_step}"
                 )
+        return self
+
+
+@dataclass(frozen=True)
+class SFTDataConfig:
+    """Supervised fine-tuning data: JSONL rows ``{prompt_key: ..., response_key: ...}`` or
+    ``{messages_key: [{role_key: ..., content_key: ...}, ...]}``; the loss reads the
+    assistant turns (and their EOS) only."""
+
+    path: str | None = None  # None: the shipped tiny set
+    eval_path: str | None = None  # None: hold out eval_fraction of path's rows
+    eval_fraction: float = 0.05
+    tokenizer: str | None = None  # None: the shipped tiny sentencepiece model
+    chat_template: str | None = "<|user|> {prompt} <|assistant|>"  # wraps each user turn
+    prompt_key: str = "prompt"
+    response_key: str = "response"
+    messages_key: str = "messages"
+    role_key: str = "role"
+    content_key: str = "content"
+    truncation_side: str = "right"  # which end of a too long sample is cut
+    shuffle: bool = True
+
+    def validate(self) -> None:
+        """Raise ``ConfigError`` naming the ``data.`` key of an impossible value."""
+        if not 0.0 <= self.eval_fraction < 1.0:
+            raise ConfigError(f"data.eval_fraction={self.eval_fraction} must be in [0, 1)")
+        if self.truncation_side not in TRUNCATION_SIDES:
+            raise ConfigError(
+                f"data.truncation_side={self.truncation_side!r}: expected one of {TRUNCATION_SIDES}"
+            )
+        if self.chat_template is not None and "{prompt}" not in self.chat_template:
+            raise ConfigError(
+                f"data.chat_template={self.chat_template!r} must contain '{{prompt}}'"
+            )
+
+
+@dataclass(frozen=True)
+class SFTRunConfig(Config):
+    """Everything an SFT run needs (``hpc-rlhf sft --config FILE``): the supervised step
+    loop of ``Config`` with conversation data and optional initial weights."""
+
+    data: SFTDataConfig = field(default_factory=SFTDataConfig)
+    init: str | None = None  # HF checkpoint to fine-tune; None: seeded random weights
+
+    def validate(self, world_size: int | None = None) -> SFTRunConfig:
+        """Check every section and the layout; return self for chaining."""
+        super().validate(world_size)
+        self.data.validate()
         return self
 
 

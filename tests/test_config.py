@@ -40,6 +40,7 @@ WORLD_SIZES = {  # the cluster each shipped config is written for
     "ppo_llama2_13b_h100_2x8.yaml": 16,
     "ppo_llama2_70b_h100_8x8.yaml": 64,
     "tiny_cpu.yaml": 4,
+    "sft_tiny_cpu.yaml": 2,
 }
 
 
@@ -47,13 +48,13 @@ def test_shipped_example_configs_load_and_fit_their_clusters():
     import glob
     import os
 
-    from hpc_rlhf.config import PPORunConfig
+    from hpc_rlhf.config import PPORunConfig, SFTRunConfig
 
     paths = sorted(glob.glob("examples/configs/*.yaml"))
     assert {os.path.basename(p) for p in paths} == set(WORLD_SIZES)
     for path in paths:
         name = os.path.basename(path)
-        cls = PPORunConfig if name.startswith("ppo_") else Config
+        cls = {"ppo_": PPORunConfig, "sft_": SFTRunConfig}.get(name[:4], Config)
         cfg = load_config(path, cls=cls)
         cfg.validate(WORLD_SIZES[name])
 

@@ -7,7 +7,7 @@ import os
 
 import torch
 
-from hpc_rlhf.config import ConfigError, ModelConfig
+from hpc_rlhf.config import ConfigError, InputError, ModelConfig
 from hpc_rlhf.models.hf_config import hf_config_from_model, model_config_from_hf
 from hpc_rlhf.models.hf_names import HF_LM_HEAD, ConversionError
 from hpc_rlhf.models.param_layout import check_hf_state, detect_head
@@ -86,6 +86,26 @@ def load_hf_checkpoint(path: str, **overrides) -> tuple[ModelConfig, dict[str, t
             raise FileNotFoundError(f"safetensors shard listed in {INDEX_NAME} not found: {name}")
         state.update(_load_safetensors(file_path))
     return model_cfg, state
+
+
+def load_hf_checkpoint_for(model: ModelConfig, path: str) -> dict[str, torch.Tensor]:
+    """The HF state at ``path``, checked to be of ``model``'s architecture (``InputError``
+    naming the first field that differs): initial weights of a run's model."""
+    hf_cfg, state = load_hf_checkpoint(path)
+    fields = (
+        "num_layers",
+        "hidden_size",
+        "num_attention_heads",
+        "query_groups",
+        "ffn_hidden_size",
+        "vocab_size",
+        "tie_word_embeddings",
+    )
+    for name in fields:
+        ours, theirs = getattr(model, name), getattr(hf_cfg, name)
+        if ours != theirs:
+            raise InputError(f"{path}: {name}={theirs} but the config says model.{name}={ours}")
+    return state
 
 
 def _shard_groups(state: dict, max_shard_bytes: int) -> list[list[str]]:

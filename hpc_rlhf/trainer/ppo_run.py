@@ -9,6 +9,7 @@ from hpc_rlhf.data.lm import LMWindows
 from hpc_rlhf.data.prompts import PromptDataset
 from hpc_rlhf.trainer.ppo import PPOTrainer
 from hpc_rlhf.trainer.run import Run, RunSettings
+from hpc_rlhf.trainer.supervised import export_hf
 from hpc_rlhf.trainer.trainable_model import NonFiniteLossError
 
 logger = logging.getLogger(__name__)
@@ -69,18 +70,8 @@ def run_ppo(cfg: PPORunConfig, out_dir: str | None = None) -> list[dict[str, flo
     finally:
         run.close()
     if cfg.ppo.hf_export_dir:
-        export_actor(trainer, cfg.ppo.hf_export_dir)
+        export_hf(trainer.actor, cfg.ppo.hf_export_dir)
     return history
-
-
-def export_actor(trainer: PPOTrainer, path: str) -> None:
-    """Write the actor as an HF Llama checkpoint (collective; rank 0 writes)."""
-    from hpc_rlhf.models.hf_io import save_hf_checkpoint
-
-    hf_state = trainer.actor.gather_hf_state()
-    if hf_state is not None:
-        save_hf_checkpoint(path, trainer.cfg.model, hf_state)
-        logger.info("actor exported to %s (HF format)", path)
 
 
 def reward_table(history: list[dict[str, float]], rows: int = 6) -> str:

@@ -29,30 +29,12 @@ class PPOModels:
 def initial_actor_state(cfg: PPORunConfig) -> dict:
     """HF-format actor weights: the ``actor_init`` checkpoint, or seeded random weights."""
     if cfg.actor_init:
-        from hpc_rlhf.models.hf_io import load_hf_checkpoint
+        from hpc_rlhf.models.hf_io import load_hf_checkpoint_for
 
-        hf_cfg, state = load_hf_checkpoint(cfg.actor_init)
-        _check_same_architecture(cfg, hf_cfg, cfg.actor_init)
-        return state
+        return load_hf_checkpoint_for(cfg.model, cfg.actor_init)
     from hpc_rlhf.models.init import random_hf_state
 
     return random_hf_state(cfg.model, seed=cfg.ppo.seed)
-
-
-def _check_same_architecture(cfg: PPORunConfig, hf_cfg, path: str) -> None:
-    fields = (
-        "num_layers",
-        "hidden_size",
-        "num_attention_heads",
-        "query_groups",
-        "ffn_hidden_size",
-        "vocab_size",
-        "tie_word_embeddings",
-    )
-    for name in fields:
-        ours, theirs = getattr(cfg.model, name), getattr(hf_cfg, name)
-        if ours != theirs:
-            raise InputError(f"{path}: {name}={theirs} but the config says model.{name}={ours}")
 
 
 def _total_updates(cfg: PPORunConfig) -> int:

@@ -9,9 +9,8 @@ from __future__ import annotations
 
 from hpc_rlhf.config import Config
 from hpc_rlhf.data.lm import LMWindows, default_corpus_path
-from hpc_rlhf.trainer.losses import lm_loss_fn
 from hpc_rlhf.trainer.run import Run, RunSettings
-from hpc_rlhf.trainer.trainable_model import TrainableModel
+from hpc_rlhf.trainer.supervised import build_lm, train_supervised
 
 
 def run_pretrain(
@@ -23,28 +22,11 @@ def run_pretrain(
     """Train for ``cfg.train.steps`` steps; return ``[(step, loss)]`` (on every rank)."""
     t = cfg.train
     run = Run(cfg, RunSettings.of(t, "train"), out_dir, ("loss", "lr", "grad_norm"), tokenizer_path)
-    state = run.state
     data = LMWindows(
         corpus or default_corpus_path(), run.tokenizer, t.seq_length, t.seed, cfg.model.vocab_size
     )
-    models = {"actor": TrainableModel(cfg.model, cfg.optimizer, state, "actor", t.steps)}
-    n_micro = t.global_batch_size // (t.micro_batch_size_per_rank * state.dp_size)
-    saved = run.resume(models)
-    start = saved["step"] if saved else 0
-    loss_fn = lm_loss_fn(state.tp_group)
-    history = []
-    try:
-        for step in range(start, t.steps):
-            batches = data.step_microbatches(
-                step, n_micro, t.micro_batch_size_per_rank, state.dp_rank, state.dp_size
-            )
-            result = models["actor"].train_step(batches, loss_fn)
-            metrics = {**result.metrics, "lr": result.lr, "grad_norm": result.grad_norm or 0.0}
-            history.append((step + 1, metrics["loss"]))
-            run.end_step(step + 1, metrics, models)
-    finally:
-        run.close()
-    return history
+    history = train_supervised(cfg, run, data, build_lm(cfg, run))
+    return [(int(h["step"]), h["loss"]) for h in history]
 
 
 def print_loss_table(history: list[tuple[int, float]], rows: int = 6) -> str:

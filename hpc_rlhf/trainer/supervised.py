@@ -1,0 +1,97 @@
+"""The supervised step loop shared by pre-training and SFT.
+
+``train_supervised`` trains one language model (``"actor"``) on the micro-batches a data
+source gives per step (``step_microbatches(step, n_micro, micro_batch_size, dp_rank,
+dp_size)``): the loss is the masked next-token NLL as a global token mean over every
+micro-batch and data-parallel rank. Around the steps, ``trainer.run.Run`` resumes, records
+and saves; a held-out loss and perplexity (``eval_microbatches``) are measured every
+``train.eval_interval`` steps and at the end, and the model is exported in HF format to
+``train.hf_export_dir`` at the end.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from collections.abc import Sequence
+from typing import Any, Protocol
+
+from hpc_rlhf.config import Config
+from hpc_rlhf.models.runner import MicroBatch
+from hpc_rlhf.trainer.losses import lm_loss_fn
+from hpc_rlhf.trainer.run import Run
+from hpc_rlhf.trainer.trainable_model import TrainableModel
+
+logger = logging.getLogger(__name__)
+
+
+class SupervisedData(Protocol):
+    def step_microbatches(
+        self, step: int, n_micro: int, micro_batch_size: int, dp_rank: int, dp_size: int
+    ) -> list[MicroBatch]: ...
+
+
+def build_lm(cfg: Config, run: Run, init_state: dict | None = None) -> TrainableModel:
+    """The trained model, from HF-format ``init_state`` when given (else its random init)."""
+    t = cfg.train
+    model = TrainableModel(
+        cfg.model, cfg.optimizer, run.state, "actor", t.steps, pack_sequences=t.pack_sequences
+    )
+    if init_state is not None:
+        model.load_hf_state(init_state)
+    return model
+
+
+def evaluate(model: TrainableModel, microbatches: Sequence[MicroBatch]) -> dict[str, float]:
+    """Held-out ``eval_loss`` (global token mean over every rank's micro-batches) and
+    ``eval_ppl``; forward only."""
+    outputs = model.forward_backward(
+        microbatches, lm_loss_fn(model.state.tp_group), forward_only=True
+    )
+    loss = model.reduce_metrics(outputs)["loss"]
+    return {"eval_loss": loss, "eval_ppl": math.exp(min(loss, 50.0))}
+
+
+def train_supervised(
+    cfg: Config, run: Run, data: SupervisedData, model: TrainableModel, eval_data: Any = None
+) -> list[dict[str, float]]:
+    """Train ``model`` for ``cfg.train.steps`` steps (resuming from ``train.save_dir``);
+    return the per-step metrics (``step`` included) on every rank."""
+    t, state = cfg.train, run.state
+    models = {"actor": model}
+    n_micro = t.global_batch_size // (t.micro_batch_size_per_rank * state.dp_size)
+    eval_mbs = []
+    if eval_data is not None:
+        eval_mbs = eval_data.eval_microbatches(
+            t.micro_batch_size_per_rank, state.dp_rank, state.dp_size
+        )
+    saved = run.resume(models)
+    loss_fn = lm_loss_fn(state.tp_group)
+    history = []
+    try:
+        for step in range(saved["step"] if saved else 0, t.steps):
+            batches = data.step_microbatches(
+                step, n_micro, t.micro_batch_size_per_rank, state.dp_rank, state.dp_size
+            )
+            result = model.train_step(batches, loss_fn)
+            metrics = {**result.metrics, "lr": result.lr, "grad_norm": result.grad_norm or 0.0}
+            last = step + 1 == t.steps
+            if eval_mbs and (last or (t.eval_interval and (step + 1) % t.eval_interval == 0)):
+                metrics.update(evaluate(model, eval_mbs))
+            history.append({"step": step + 1, **metrics})
+            run.end_step(step + 1, metrics, models)
+    finally:
+        run.close()
+    if t.hf_export_dir:
+        export_hf(model, t.hf_export_dir)
+    return history
+
+
+def export_hf(model: TrainableModel, path: str) -> None:
+    """Write ``model`` as an HF Llama checkpoint (collective; rank 0 writes)."""
+    from hpc_rlhf.models.hf_io import save_hf_checkpoint
+
+    hf_state = model.gather_hf_state()
+    if hf_state is not None:
+        save_hf_checkpoint(path, model.model_cfg, hf_state)
+        logger.info("%s exported to %s (HF format)", model.role, path)
