@@ -82,6 +82,28 @@ def _sft(args: argparse.Namespace) -> int:
     return 0
 
 
+def _rm(args: argparse.Namespace) -> int:
+    import torch.distributed as dist
+
+    from hpc_rlhf.config import RMRunConfig
+    from hpc_rlhf.parallel.launch import shutdown_distributed
+    from hpc_rlhf.trainer.rm import run_rm
+
+    cfg = load_config(args.config, args.overrides, cls=RMRunConfig)
+    history = run_rm(cfg, out_dir=args.out_dir)
+    if dist.get_rank() == 0 and history:
+        first, last = history[0]["loss"], history[-1]["loss"]
+        print(f"\nreward-model loss {first:.4f} -> {last:.4f} over {len(history)} steps")
+        if "eval_accuracy" in history[-1]:
+            m = history[-1]
+            print(
+                f"held-out accuracy {m['eval_accuracy']:.3f} (better score "
+                f"{m['eval_better_score']:.3f}, worse score {m['eval_worse_score']:.3f})"
+            )
+    shutdown_distributed()
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="hpc-rlhf", description=__doc__)
     sub = parser.add_subparsers(dest="stage", required=True)
@@ -102,6 +124,11 @@ def main(argv: list[str] | None = None) -> int:
     sft.add_argument("--out-dir", default="outputs/sft", help="metrics JSONL/TensorBoard")
     sft.add_argument("overrides", nargs="*", help="dotted.key=value overrides")
     sft.set_defaults(func=_sft)
+    rm = sub.add_parser("rm", help="reward-model training on preference pairs / rankings")
+    rm.add_argument("--config", required=True, help="YAML config file")
+    rm.add_argument("--out-dir", default="outputs/rm", help="metrics JSONL/TensorBoard")
+    rm.add_argument("overrides", nargs="*", help="dotted.key=value overrides")
+    rm.set_defaults(func=_rm)
     args = parser.parse_args(argv)
     try:
         return args.func(args)

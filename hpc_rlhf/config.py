@@ -364,6 +364,79 @@ class SFTRunConfig(Config):
 
 
 @dataclass(frozen=True)
+class PreferenceDataConfig:
+    """Preference data for reward models: JSONL pairs ``{prompt_key, chosen_key,
+    rejected_key[, margin_key]}`` or K-wise rankings ``{prompt_key, responses_key: [...],
+    ranking_key: [best response index, ..., worst]}``."""
+
+    path: str | None = None  # None: the shipped tiny preference set
+    eval_path: str | None = None  # None: hold out eval_fraction of path's rows
+    eval_fraction: float = 0.1
+    tokenizer: str | None = None  # None: the shipped tiny sentencepiece model
+    chat_template: str | None = "<|user|> {prompt} <|assistant|>"
+    prompt_key: str = "prompt"
+    chosen_key: str = "chosen"
+    rejected_key: str = "rejected"
+    responses_key: str = "responses"
+    ranking_key: str = "ranking"
+    margin_key: str = "margin"  # a label of rm.margins, or a number; absent: margin 0
+    shuffle: bool = True
+
+    def validate(self) -> None:
+        """Raise ``ConfigError`` naming the ``data.`` key of an impossible value."""
+        if not 0.0 <= self.eval_fraction < 1.0:
+            raise ConfigError(f"data.eval_fraction={self.eval_fraction} must be in [0, 1)")
+        if self.chat_template is not None and "{prompt}" not in self.chat_template:
+            raise ConfigError(
+                f"data.chat_template={self.chat_template!r} must contain '{{prompt}}'"
+            )
+
+
+@dataclass(frozen=True)
+class RankingLossConfig:
+    """The reward model's ranking loss: ``-log sigmoid(r_chosen - r_rejected - margin)``
+    over every ordered pair of a sample, each sample weighted equally (InstructGPT), plus
+    ``regularization`` x the mean squared end score (Safe-RLHF)."""
+
+    # Llama-2's margin labels -> margin (its "large" variant); rows name a label or a number
+    margins: dict = field(
+        default_factory=lambda: {
+            "significantly_better": 3.0,
+            "better": 2.0,
+            "slightly_better": 1.0,
+            "negligibly_better": 0.0,
+        }
+    )
+    regularization: float = 0.0
+
+    def validate(self) -> None:
+        """Raise ``ConfigError`` naming the ``rm.`` key of an impossible value."""
+        for label, value in self.margins.items():
+            if not isinstance(value, int | float) or isinstance(value, bool):
+                raise ConfigError(f"rm.margins[{label!r}]={value!r}: expected a number")
+        if self.regularization < 0:
+            raise ConfigError(f"rm.regularization={self.regularization} must be >= 0")
+
+
+@dataclass(frozen=True)
+class RMRunConfig(Config):
+    """Everything a reward-model run needs (``hpc-rlhf rm --config FILE``): the supervised
+    step loop of ``Config`` (``train.global_batch_size`` counts samples, each with its
+    responses) on preference data, the ranking loss, optional initial weights."""
+
+    data: PreferenceDataConfig = field(default_factory=PreferenceDataConfig)
+    rm: RankingLossConfig = field(default_factory=RankingLossConfig)
+    init: str | None = None  # HF checkpoint (e.g. the SFT model); None: seeded random weights
+
+    def validate(self, world_size: int | None = None) -> RMRunConfig:
+        """Check every section and the layout; return self for chaining."""
+        super().validate(world_size)
+        self.data.validate()
+        self.rm.validate()
+        return self
+
+
+@dataclass(frozen=True)
 class RolloutConfig:
     """Sampling for rollouts, and the generation engine's settings (``engine``, the
     engine's own ``inference.config.GenerationConfig``)."""

@@ -41,6 +41,7 @@ WORLD_SIZES = {  # the cluster each shipped config is written for
     "ppo_llama2_70b_h100_8x8.yaml": 64,
     "tiny_cpu.yaml": 4,
     "sft_tiny_cpu.yaml": 2,
+    "rm_tiny_cpu.yaml": 2,
 }
 
 
@@ -48,13 +49,14 @@ def test_shipped_example_configs_load_and_fit_their_clusters():
     import glob
     import os
 
-    from hpc_rlhf.config import PPORunConfig, SFTRunConfig
+    from hpc_rlhf.config import PPORunConfig, RMRunConfig, SFTRunConfig
 
     paths = sorted(glob.glob("examples/configs/*.yaml"))
     assert {os.path.basename(p) for p in paths} == set(WORLD_SIZES)
     for path in paths:
         name = os.path.basename(path)
-        cls = {"ppo_": PPORunConfig, "sft_": SFTRunConfig}.get(name[:4], Config)
+        classes = {"ppo": PPORunConfig, "sft": SFTRunConfig, "rm": RMRunConfig}
+        cls = classes.get(name.split("_")[0], Config)
         cfg = load_config(path, cls=cls)
         cfg.validate(WORLD_SIZES[name])
 

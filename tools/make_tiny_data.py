@@ -1,9 +1,13 @@
-"""Regenerate the tiny conversation set shipped for SFT (``hpc_rlhf/assets/tiny_sft.jsonl``).
+"""Regenerate the tiny SFT and preference sets shipped in ``hpc_rlhf/assets/``.
 
-Deterministic: rows are built from the shipped corpus, three sentences per line. Most rows
-are one exchange (``prompt`` / ``response``: continue the story); every fourth is a
-two-turn ``messages`` conversation, every eighth with a system turn, so the multi-turn
-path is exercised too.
+Deterministic, built from the shipped corpus (three sentences per line):
+
+* ``tiny_sft.jsonl``: mostly one exchange (``prompt`` / ``response``: continue the story);
+  every fourth row a two-turn ``messages`` conversation, every eighth with a system turn;
+* ``tiny_preferences.jsonl``: a preference the tiny model can learn: a well-formed
+  sentence over the same words scrambled (seeded). Pairs carry Llama-2 margin labels (more
+  scrambled, larger margin); every fourth row is a 3-way ranking (intact, two words
+  swapped, scrambled).
 
     python tools/make_tiny_data.py
 """
@@ -12,6 +16,7 @@ from __future__ import annotations
 
 import json
 import os
+import random
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 ASSETS = os.path.join(ROOT, "hpc_rlhf", "assets")
@@ -38,6 +43,41 @@ def sft_row(index: int, parts: list[str]) -> dict:
     return {"messages": messages}
 
 
+def scrambled(sentence: str, rng: random.Random, swaps: int | None = None) -> str:
+    """``sentence`` with its words shuffled (or ``swaps`` random swaps), never unchanged."""
+    words = sentence.rstrip(".").split()
+    for _ in range(100):
+        out = list(words)
+        if swaps is None:
+            rng.shuffle(out)
+        else:
+            for _ in range(swaps):
+                i, j = rng.sample(range(len(out)), 2)
+                out[i], out[j] = out[j], out[i]
+        if out != words:
+            return " ".join(out) + "."
+    raise ValueError(f"cannot scramble {sentence!r}")
+
+
+LABELS = ("significantly_better", "better", "slightly_better")
+
+
+def preference_row(index: int, parts: list[str], rng: random.Random) -> dict:
+    """One pair (with a margin label) or, every fourth row, a 3-way ranking."""
+    prompt, answer = f"Continue the story: {parts[0]}", parts[1]
+    if index % 4 == 3:
+        responses = [scrambled(answer, rng), answer, scrambled(answer, rng, swaps=1)]
+        return {"prompt": prompt, "responses": responses, "ranking": [1, 2, 0]}
+    label = LABELS[index % 3]
+    swaps = {"significantly_better": None, "better": 3, "slightly_better": 1}[label]
+    return {
+        "prompt": prompt,
+        "chosen": answer,
+        "rejected": scrambled(answer, rng, swaps),
+        "margin": label,
+    }
+
+
 def main() -> None:
     with open(os.path.join(ASSETS, "tiny_corpus.txt")) as fh:
         lines = [sentences(line) for line in fh if line.strip()]
@@ -45,6 +85,11 @@ def main() -> None:
     with open(os.path.join(ASSETS, "tiny_sft.jsonl"), "w") as fh:
         for row in rows[:ROWS]:
             fh.write(json.dumps(row) + "\n")
+    rng = random.Random(1234)
+    usable = [p for p in lines if len(p) >= 3][ROWS : 2 * ROWS]  # not the SFT lines
+    with open(os.path.join(ASSETS, "tiny_preferences.jsonl"), "w") as fh:
+        for i, parts in enumerate(usable):
+            fh.write(json.dumps(preference_row(i, parts, rng)) + "\n")
 
 
 if __name__ == "__main__":

@@ -18,13 +18,13 @@ from __future__ import annotations
 
 import json
 import logging
-import math
 import os
 from dataclasses import dataclass
 
 import torch
 
 from hpc_rlhf.config import InputError, SFTDataConfig
+from hpc_rlhf.data.samples import SampleSet
 from hpc_rlhf.data.text_files import check_token_ids, numbered_lines
 from hpc_rlhf.data.tokenizer import ASSETS_DIR
 from hpc_rlhf.models.runner import MicroBatch
@@ -163,53 +163,18 @@ def collate(samples: list[Sample], pad_id: int) -> MicroBatch:
     )
 
 
-class SFTDataset:
-    """Training and held-out samples in a seeded order, as micro-batches per step."""
+class SFTDataset(SampleSet):
+    """SFT conversations: training and held-out samples as next-token micro-batches."""
 
     def __init__(
         self, cfg: SFTDataConfig, tokenizer, seq_length: int, seed: int, vocab_size: int | None
     ):
         path = cfg.path or default_sft_path()
-        samples = read_samples(path, tokenizer, cfg, seq_length, vocab_size)
-        if cfg.eval_path:
-            self.eval = read_samples(cfg.eval_path, tokenizer, cfg, seq_length, vocab_size)
-            self.train = samples
-        else:
-            order = torch.randperm(len(samples), generator=torch.Generator().manual_seed(seed))
-            n_eval = math.ceil(cfg.eval_fraction * len(samples))
-            self.eval = [samples[i] for i in order[:n_eval].tolist()]
-            self.train = [samples[i] for i in order[n_eval:].tolist()]
-        if not self.train:
-            raise InputError(f"{path}: no training rows left after holding out data.eval_fraction")
+        args = (tokenizer, cfg, seq_length, vocab_size)
+        samples = read_samples(path, *args)
+        held_out = read_samples(cfg.eval_path, *args) if cfg.eval_path else None
+        super().__init__(samples, held_out, cfg.eval_fraction, seed, cfg.shuffle, path)
         self.pad_id = tokenizer.pad_id
-        self.seed = seed
-        self.shuffle = cfg.shuffle
 
-    def _train_index(self, global_index: int) -> int:
-        epoch, offset = divmod(global_index, len(self.train))
-        if not self.shuffle:
-            return offset
-        gen = torch.Generator().manual_seed(self.seed + 1 + epoch)
-        return int(torch.randperm(len(self.train), generator=gen)[offset])
-
-    def step_microbatches(
-        self, step: int, n_micro: int, micro_batch_size: int, dp_rank: int, dp_size: int
-    ) -> list[MicroBatch]:
-        """This rank's micro-batches of global step ``step`` (``n_micro`` per rank)."""
-        per_step = n_micro * micro_batch_size * dp_size
-        out = []
-        for m in range(n_micro):
-            first = step * per_step + (m * dp_size + dp_rank) * micro_batch_size
-            rows = [self.train[self._train_index(first + i)] for i in range(micro_batch_size)]
-            out.append(collate(rows, self.pad_id))
-        return out
-
-    def eval_microbatches(
-        self, micro_batch_size: int, dp_rank: int, dp_size: int
-    ) -> list[MicroBatch]:
-        """This rank's share of the held-out samples (every sample once over the ranks)."""
-        mine = self.eval[dp_rank::dp_size]
-        return [
-            collate(mine[i : i + micro_batch_size], self.pad_id)
-            for i in range(0, len(mine), micro_batch_size)
-        ]
+    def collate(self, samples: list[Sample]) -> MicroBatch:
+        return collate(samples, self.pad_id)

@@ -139,7 +139,10 @@ def build_model(
         vp_stage=vp_stage,
     )
     if post and not lm_head:
-        gpt.output_layer = ScalarHead(model.hidden_size, state.sequence_parallel).to(
+        # a critic's value has a bias; a reward model's score head has none (HF's
+        # LlamaForSequenceClassification), and a pairwise loss could not train one
+        bias = role == "critic"
+        gpt.output_layer = ScalarHead(model.hidden_size, state.sequence_parallel, bias).to(
             config.params_dtype
         )
     overrides.install_model_overrides(gpt, model.overrides)

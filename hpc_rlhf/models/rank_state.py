@@ -43,7 +43,8 @@ def load_into_model_chunks(chunks: list[torch.nn.Module], shard_list: list[dict]
 
     Every non-``_extra_state`` tensor of each chunk must be given with the model's shape;
     a missing, unexpected or misshapen tensor raises ``ConversionError`` before any copy.
-    A scalar head's missing bias is set to zero.
+    A scalar head's missing bias is set to zero; a zero bias given to a head without one
+    (a reward model's) is dropped.
     """
     if len(chunks) != len(shard_list):
         raise ConversionError(f"{len(shard_list)} chunk state(s) for {len(chunks)} model chunk(s)")
@@ -52,6 +53,10 @@ def load_into_model_chunks(chunks: list[torch.nn.Module], shard_list: list[dict]
         given = {n: t for n, t in shard.items() if not n.endswith(EXTRA_STATE)}
         if MCORE_SCORE_BIAS in own and MCORE_SCORE_BIAS not in given:
             given[MCORE_SCORE_BIAS] = torch.zeros_like(own[MCORE_SCORE_BIAS])
+        elif MCORE_SCORE_BIAS in given and MCORE_SCORE_BIAS not in own:
+            if bool(given[MCORE_SCORE_BIAS].ne(0).any()):
+                raise ConversionError(f"model chunk {c}: its scalar head has no bias to load")
+            del given[MCORE_SCORE_BIAS]  # HF's score layer has none; a critic's has
         missing = sorted(set(own) - set(given))
         unexpected = sorted(set(given) - set(own))
         if missing or unexpected:

@@ -10,7 +10,7 @@ from __future__ import annotations
 from hpc_rlhf.config import Config
 from hpc_rlhf.data.lm import LMWindows, default_corpus_path
 from hpc_rlhf.trainer.run import Run, RunSettings
-from hpc_rlhf.trainer.supervised import build_lm, train_supervised
+from hpc_rlhf.trainer.supervised import build_trained_model, train_supervised
 
 
 def run_pretrain(
@@ -25,7 +25,7 @@ def run_pretrain(
     data = LMWindows(
         corpus or default_corpus_path(), run.tokenizer, t.seq_length, t.seed, cfg.model.vocab_size
     )
-    history = train_supervised(cfg, run, data, build_lm(cfg, run))
+    history = train_supervised(cfg, run, data, build_trained_model(cfg, run))
     return [(int(h["step"]), h["loss"]) for h in history]
 
 

@@ -4,10 +4,10 @@ the model exported in HF format for PPO's ``actor_init``."""
 
 from __future__ import annotations
 
-from hpc_rlhf.config import InputError, SFTRunConfig
+from hpc_rlhf.config import InputError, RMRunConfig, SFTRunConfig
 from hpc_rlhf.data.sft import SFTDataset
 from hpc_rlhf.trainer.run import Run, RunSettings
-from hpc_rlhf.trainer.supervised import build_lm, train_supervised
+from hpc_rlhf.trainer.supervised import build_trained_model, train_supervised
 
 PROGRESS_KEYS = ("loss", "eval_loss", "lr", "grad_norm")
 
@@ -23,11 +23,11 @@ def run_sft(cfg: SFTRunConfig, out_dir: str | None = None) -> list[dict[str, flo
             f"{len(data.eval)} held-out SFT samples for {run.state.dp_size} data-parallel "
             "ranks: raise data.eval_fraction or give a larger data.eval_path"
         )
-    model = build_lm(cfg, run, initial_state(cfg))
+    model = build_trained_model(cfg, run, initial_state(cfg))
     return train_supervised(cfg, run, data, model, data if data.eval else None)
 
 
-def initial_state(cfg: SFTRunConfig) -> dict:
+def initial_state(cfg: SFTRunConfig | RMRunConfig) -> dict:
     """HF-format initial weights: the ``init`` checkpoint, or seeded random weights (the
     same in every layout, as PPO's random actor)."""
     if cfg.init:

@@ -1,12 +1,12 @@
-"""The supervised step loop shared by pre-training and SFT.
+"""The supervised step loop shared by pre-training, SFT and reward models.
 
-``train_supervised`` trains one language model (``"actor"``) on the micro-batches a data
-source gives per step (``step_microbatches(step, n_micro, micro_batch_size, dp_rank,
-dp_size)``): the loss is the masked next-token NLL as a global token mean over every
-micro-batch and data-parallel rank. Around the steps, ``trainer.run.Run`` resumes, records
-and saves; a held-out loss and perplexity (``eval_microbatches``) are measured every
-``train.eval_interval`` steps and at the end, and the model is exported in HF format to
-``train.hf_export_dir`` at the end.
+``train_supervised`` trains one model on the micro-batches a data source gives per step
+(``step_microbatches(step, n_micro, micro_batch_size, dp_rank, dp_size)``) with a loss
+function (default: the masked next-token NLL, a global token mean over every micro-batch
+and data-parallel rank). Around the steps, ``trainer.run.Run`` resumes, records and saves;
+held-out metrics (``eval_microbatches``; perplexity for the language-model loss) are
+measured every ``train.eval_interval`` steps and at the end, and the model is exported in
+HF format to ``train.hf_export_dir`` at the end.
 """
 
 from __future__ import annotations
@@ -31,34 +31,48 @@ class SupervisedData(Protocol):
     ) -> list[MicroBatch]: ...
 
 
-def build_lm(cfg: Config, run: Run, init_state: dict | None = None) -> TrainableModel:
-    """The trained model, from HF-format ``init_state`` when given (else its random init)."""
+def build_trained_model(
+    cfg: Config, run: Run, init_state: dict | None = None, role: str = "actor"
+) -> TrainableModel:
+    """The trained model (an LM ``"actor"``, or a ``"reward"`` model read at each row's
+    last token), from HF-format ``init_state`` when given (else its random init)."""
     t = cfg.train
     model = TrainableModel(
-        cfg.model, cfg.optimizer, run.state, "actor", t.steps, pack_sequences=t.pack_sequences
+        cfg.model,
+        cfg.optimizer,
+        run.state,
+        role,
+        t.steps,
+        pack_sequences=t.pack_sequences,
+        output_positions="last_token" if role == "reward" else "head_mask",
     )
     if init_state is not None:
         model.load_hf_state(init_state)
     return model
 
 
-def evaluate(model: TrainableModel, microbatches: Sequence[MicroBatch]) -> dict[str, float]:
-    """Held-out ``eval_loss`` (global token mean over every rank's micro-batches) and
-    ``eval_ppl``; forward only."""
-    outputs = model.forward_backward(
-        microbatches, lm_loss_fn(model.state.tp_group), forward_only=True
-    )
-    loss = model.reduce_metrics(outputs)["loss"]
-    return {"eval_loss": loss, "eval_ppl": math.exp(min(loss, 50.0))}
+def evaluate(model: TrainableModel, microbatches: Sequence[Any], loss_fn: Any) -> dict:
+    """Held-out metrics: ``loss_fn``'s metrics over every rank's micro-batches (global
+    count-weighted means), forward only, named ``eval_<name>``."""
+    outputs = model.forward_backward(microbatches, loss_fn, forward_only=True)
+    return {f"eval_{k}": v for k, v in model.reduce_metrics(outputs).items()}
 
 
 def train_supervised(
-    cfg: Config, run: Run, data: SupervisedData, model: TrainableModel, eval_data: Any = None
+    cfg: Config,
+    run: Run,
+    data: SupervisedData,
+    model: TrainableModel,
+    eval_data: Any = None,
+    loss_fn: Any = None,
 ) -> list[dict[str, float]]:
-    """Train ``model`` for ``cfg.train.steps`` steps (resuming from ``train.save_dir``);
-    return the per-step metrics (``step`` included) on every rank."""
+    """Train ``model`` for ``cfg.train.steps`` steps (resuming from ``train.save_dir``) with
+    ``loss_fn`` (default: the language-model loss, whose held-out ``eval_loss`` also gives
+    ``eval_ppl``); return the per-step metrics (``step`` included) on every rank."""
     t, state = cfg.train, run.state
-    models = {"actor": model}
+    models = {model.role: model}
+    lm = loss_fn is None
+    loss_fn = lm_loss_fn(state.tp_group) if lm else loss_fn
     n_micro = t.global_batch_size // (t.micro_batch_size_per_rank * state.dp_size)
     eval_mbs = []
     if eval_data is not None:
@@ -66,7 +80,6 @@ def train_supervised(
             t.micro_batch_size_per_rank, state.dp_rank, state.dp_size
         )
     saved = run.resume(models)
-    loss_fn = lm_loss_fn(state.tp_group)
     history = []
     try:
         for step in range(saved["step"] if saved else 0, t.steps):
@@ -77,7 +90,9 @@ def train_supervised(
             metrics = {**result.metrics, "lr": result.lr, "grad_norm": result.grad_norm or 0.0}
             last = step + 1 == t.steps
             if eval_mbs and (last or (t.eval_interval and (step + 1) % t.eval_interval == 0)):
-                metrics.update(evaluate(model, eval_mbs))
+                metrics.update(evaluate(model, eval_mbs, loss_fn))
+                if lm:
+                    metrics["eval_ppl"] = math.exp(min(metrics["eval_loss"], 50.0))
             history.append({"step": step + 1, **metrics})
             run.end_step(step + 1, metrics, models)
     finally:

@@ -1,0 +1,195 @@
+"""Preference data for reward models: pairs and K-wise rankings, as packed micro-batches.
+
+A row is a pair ``{"prompt", "chosen", "rejected"[, "margin"]}`` or a ranking ``{"prompt",
+"responses": [r0, r1, ...], "ranking": [best index, ..., worst index]}`` (key names from
+``PreferenceDataConfig``). Each response becomes one sequence, tokenized as PPO and SFT see
+it (``data.sft.conversation_tokens``: BOS, the templated prompt, the response, EOS). A
+sample's K responses are forwarded once, side by side in one micro-batch, and the loss
+reads all K(K-1)/2 ordered pairs from their end scores (InstructGPT), never one forward
+per pair. ``margin``: a label of ``rm.margins`` (Llama-2) or a number; 0 when absent.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+from dataclasses import dataclass
+
+import torch
+
+from hpc_rlhf.config import InputError, PreferenceDataConfig
+from hpc_rlhf.data.samples import SampleSet
+from hpc_rlhf.data.sft import conversation_tokens
+from hpc_rlhf.data.text_files import check_token_ids, numbered_lines
+from hpc_rlhf.data.tokenizer import ASSETS_DIR
+from hpc_rlhf.models.runner import MicroBatch
+
+logger = logging.getLogger(__name__)
+
+
+def default_preference_path() -> str:
+    """The tiny preference set shipped with the package (``tools/make_tiny_data.py``)."""
+    return os.path.join(ASSETS_DIR, "tiny_preferences.jsonl")
+
+
+@dataclass(frozen=True)
+class PreferenceSample:
+    """One prompt's responses (full token sequences) and its ordered pairs
+    ``(better index, worse index, margin)``."""
+
+    sequences: list[list[int]]
+    pairs: list[tuple[int, int, float]]
+    where: str
+
+
+@dataclass(kw_only=True)
+class PreferenceMicroBatch(MicroBatch):
+    """The rows of several samples; ``pairs_P2`` holds (better row, worse row) of each pair,
+    ``margins_P`` its margin and ``pair_weights_P`` 1 / (pairs of its sample)."""
+
+    pairs_P2: torch.Tensor
+    margins_P: torch.Tensor
+    pair_weights_P: torch.Tensor
+    n_samples: int
+
+
+def _margin(row: dict, cfg: PreferenceDataConfig, margins: dict, where: str) -> float:
+    value = row.get(cfg.margin_key)
+    if value is None:
+        return 0.0
+    if isinstance(value, int | float) and not isinstance(value, bool):
+        return float(value)
+    if isinstance(value, str) and value in margins:
+        return float(margins[value])
+    raise InputError(
+        f"{where}: field {cfg.margin_key!r}={value!r}: expected a number or one of the "
+        f"rm.margins labels {sorted(margins)}"
+    )
+
+
+def _string(row: dict, key: str, where: str) -> str:
+    value = row.get(key)
+    if not isinstance(value, str):
+        raise InputError(f"{where}: expected a string field {key!r}")
+    return value
+
+
+def row_responses(
+    row: object, cfg: PreferenceDataConfig, margins: dict, where: str
+) -> tuple[str, list[str], list[tuple[int, int, float]]]:
+    """``(prompt, responses, pairs)`` of a JSON row in either layout."""
+    if not isinstance(row, dict):
+        raise InputError(f"{where}: expected a JSON object, got {type(row).__name__}")
+    prompt = _string(row, cfg.prompt_key, where)
+    if cfg.responses_key not in row:
+        chosen = _string(row, cfg.chosen_key, where)
+        rejected = _string(row, cfg.rejected_key, where)
+        return prompt, [chosen, rejected], [(0, 1, _margin(row, cfg, margins, where))]
+    responses, ranking = row[cfg.responses_key], row.get(cfg.ranking_key)
+    if not isinstance(responses, list) or len(responses) < 2:
+        raise InputError(f"{where}: field {cfg.responses_key!r} must list at least 2 responses")
+    for i, response in enumerate(responses):
+        if not isinstance(response, str):
+            raise InputError(f"{where}: field {cfg.responses_key}[{i}] must be a string")
+    if not isinstance(ranking, list) or sorted(ranking) != list(range(len(responses))):
+        raise InputError(
+            f"{where}: field {cfg.ranking_key!r}={ranking!r} must order the indices "
+            f"0..{len(responses) - 1} of {cfg.responses_key!r}, best first"
+        )
+    pairs = [
+        (ranking[a], ranking[b], 0.0)
+        for a in range(len(ranking))
+        for b in range(a + 1, len(ranking))
+    ]
+    return prompt, responses, pairs
+
+
+def read_preferences(
+    path: str,
+    tokenizer,
+    cfg: PreferenceDataConfig,
+    margins: dict,
+    seq_length: int,
+    vocab_size: int | None,
+) -> list[PreferenceSample]:
+    """Every row of the JSONL file ``path``, each response cut to ``seq_length`` tokens."""
+    samples, cut = [], 0
+    for number, text in numbered_lines(path, "preference data file"):
+        if not text.strip():
+            continue
+        where = f"{path}:{number}"
+        try:
+            row = json.loads(text)
+        except json.JSONDecodeError as err:
+            raise InputError(f"{where}: not valid JSON ({err.msg})") from err
+        prompt, responses, pairs = row_responses(row, cfg, margins, where)
+        sequences = []
+        for response in responses:
+            turns = [("user", prompt), ("assistant", response)]
+            ids, _ = conversation_tokens(turns, tokenizer, cfg.chat_template)
+            check_token_ids(ids, vocab_size, where, tokenizer)
+            cut += len(ids) > seq_length
+            sequences.append(ids[:seq_length])
+        samples.append(PreferenceSample(sequences, pairs, where))
+    if not samples:
+        raise InputError(f"{path}: no preference rows")
+    if cut:
+        logger.warning(
+            "%d responses of %s are longer than train.seq_length=%d tokens: their end is cut "
+            "(the end score then reads the cut response)",
+            cut,
+            path,
+            seq_length,
+        )
+    return samples
+
+
+def collate_preferences(samples: list[PreferenceSample], pad_id: int) -> PreferenceMicroBatch:
+    """Every response of ``samples`` as one right-padded row; pairs index those rows."""
+    rows = [seq for sample in samples for seq in sample.sequences]
+    B, S = len(rows), max(len(r) for r in rows)
+    input_ids_BS = torch.full((B, S), pad_id, dtype=torch.long)
+    attention_mask_BS = torch.zeros(B, S, dtype=torch.bool)
+    for b, row in enumerate(rows):
+        input_ids_BS[b, : len(row)] = torch.tensor(row)
+        attention_mask_BS[b, : len(row)] = True
+    pairs, margins, weights, offset = [], [], [], 0
+    for sample in samples:
+        for better, worse, margin in sample.pairs:
+            pairs.append((offset + better, offset + worse))
+            margins.append(margin)
+            weights.append(1.0 / len(sample.pairs))
+        offset += len(sample.sequences)
+    return PreferenceMicroBatch(
+        input_ids_BS=input_ids_BS,
+        attention_mask_BS=attention_mask_BS,
+        pairs_P2=torch.tensor(pairs, dtype=torch.long),
+        margins_P=torch.tensor(margins, dtype=torch.float64),
+        pair_weights_P=torch.tensor(weights, dtype=torch.float64),
+        n_samples=len(samples),
+    )
+
+
+class PreferenceDataset(SampleSet):
+    """Preference samples: training and held-out, as micro-batches of whole samples (all
+    the responses of a sample in one micro-batch)."""
+
+    def __init__(
+        self,
+        cfg: PreferenceDataConfig,
+        margins: dict,
+        tokenizer,
+        seq_length: int,
+        seed: int,
+        vocab_size: int | None,
+    ):
+        path = cfg.path or default_preference_path()
+        args = (tokenizer, cfg, margins, seq_length, vocab_size)
+        samples = read_preferences(path, *args)
+        held_out = read_preferences(cfg.eval_path, *args) if cfg.eval_path else None
+        super().__init__(samples, held_out, cfg.eval_fraction, seed, cfg.shuffle, path)
+        self.pad_id = tokenizer.pad_id
+
+    def collate(self, samples: list[PreferenceSample]) -> PreferenceMicroBatch:
+        return collate_preferences(samples, self.pad_id)
