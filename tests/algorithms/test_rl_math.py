@@ -156,3 +156,72 @@ def test_experience_layout_puts_logprobs_on_action_positions():
     # label at an action position is the response token the log-prob belongs to
     assert exp.labels_BS[0, 2].item() == 20 and exp.old_logp_BS[0, 2].item() == -0.5
     assert exp.labels_BS[1, 3].item() == 24 and exp.old_logp_BS[1, 3].item() == pytest.approx(-0.3)
+
+
+def _schulman_kl(logp: float, ref_logp: float, estimator: str) -> float:
+    """Schulman's estimators of KL(q || p), one sample x of the policy q, r = p(x) / q(x)
+    (http://joschu.net/blog/kl-approx.html): k1 = -log r, k2 = (log r)^2 / 2,
+    k3 = (r - 1) - log r."""
+    log_r = ref_logp - logp
+    r = math.exp(log_r)
+    return {"k1": -log_r, "k2": 0.5 * log_r**2, "k3": (r - 1.0) - log_r}[estimator]
+
+
+@pytest.mark.parametrize("estimator", ["k1", "k2", "k3"])
+def test_token_rewards_penalise_each_kl_estimator(estimator):
+    """Inside ``token_rewards``: every valid token gets ``-beta * k``, the last one also the
+    score, with ``k`` Schulman's estimator of the given kind (policy log-probs first)."""
+    gen = torch.Generator().manual_seed(4)
+    B, T, beta = 3, 6, 0.3
+    logp = -torch.rand(B, T, generator=gen) * 3
+    ref = -torch.rand(B, T, generator=gen) * 3
+    mask = torch.tensor(
+        [[0, 1, 1, 1, 0, 0], [1, 1, 1, 1, 1, 1], [0, 0, 0, 1, 1, 0]], dtype=torch.bool
+    )
+    score = torch.tensor([0.5, -1.0, 2.0])
+    rewards, kl = token_rewards(score, logp, ref, mask, beta, estimator)
+    for b in range(B):
+        valid = [t for t in range(T) if mask[b, t]]
+        for t in range(T):
+            k = _schulman_kl(float(logp[b, t]), float(ref[b, t]), estimator) if t in valid else 0.0
+            want = -beta * k + (float(score[b]) if t == valid[-1] else 0.0)
+            assert kl[b, t].item() == pytest.approx(k, rel=1e-5, abs=1e-6)
+            assert rewards[b, t].item() == pytest.approx(want, rel=1e-5, abs=1e-6)
+
+
+def _whiten_ref(rows: list[list[float]], shift_mean: bool) -> list[list[float]]:
+    """``(x - mean) / sqrt(var + 1e-8)`` over every value (population variance); without
+    ``shift_mean`` (TRL's convention) the mean is added back: unit spread, mean kept."""
+    flat = [x for row in rows for x in row]
+    mean = sum(flat) / len(flat)
+    std = math.sqrt(sum((x - mean) ** 2 for x in flat) / len(flat) + 1e-8)
+    return [[(x - mean) / std + (0.0 if shift_mean else mean) for x in row] for row in rows]
+
+
+def _whiten_shard(rank: int, world: int):
+    """This rank's share of one global batch (rows of different lengths, mean 2), whitened
+    over the world group, with and without mean shift."""
+    import torch.distributed as dist
+
+    gen = torch.Generator().manual_seed(5 + rank)
+    x = torch.randn(3, 5, generator=gen) * 1.5 + 2.0 + rank
+    mask = torch.arange(5).expand(3, 5) < torch.tensor([[2], [5], [3 + rank]])
+    out = {s: whiten(x, mask, dist.group.WORLD, shift_mean=s) for s in (True, False)}
+    return x, mask, out
+
+
+def test_whiten_with_and_without_mean_shift_across_a_group():
+    """Whitening over the valid tokens of both ranks of a group equals whitening the
+    concatenated batch; 0 off the mask."""
+    from tests.dist import run_world
+
+    shards = run_world(_whiten_shard, 2)
+    rows = [x[b][m[b]].double().tolist() for x, m, _ in shards for b in range(x.shape[0])]
+    for shift_mean in (True, False):
+        want = _whiten_ref(rows, shift_mean)
+        got = [o[shift_mean][b][m[b]].double().tolist() for x, m, o in shards for b in range(3)]
+        assert len(got) == len(want)
+        for g, w in zip(got, want):
+            assert g == pytest.approx(w, rel=1e-5, abs=1e-5)
+        for _, m, o in shards:
+            assert bool((o[shift_mean][~m] == 0).all())
