@@ -59,7 +59,8 @@ def token_rewards(
 
 
 class RunningMoments:
-    """Running mean/std of scalar rewards (Chan et al.'s parallel update), for normalisation."""
+    """Running mean and population variance (divided by the count, not count - 1) of scalar
+    rewards over every value seen (Chan et al.'s parallel update), for normalisation."""
 
     def __init__(self):
         self.mean, self.var, self.count = 0.0, 1.0, 1e-8

@@ -186,7 +186,7 @@ def _ptx_loss(mb: MicroBatch, logits, tp_group, coef: float, counts: GlobalCount
     return (
         coef * nll_sum / max(counts.ptx_tokens, 1.0),
         n.long(),
-        {"ptx_loss": nll_sum / n.clamp(min=1)},
+        {"ptx_loss": nll_sum.detach() / n.clamp(min=1)},
     )
 
 
