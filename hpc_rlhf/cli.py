@@ -93,13 +93,19 @@ def _rm(args: argparse.Namespace) -> int:
     history = run_rm(cfg, out_dir=args.out_dir)
     if dist.get_rank() == 0 and history:
         first, last = history[0]["loss"], history[-1]["loss"]
-        print(f"\nreward-model loss {first:.4f} -> {last:.4f} over {len(history)} steps")
-        if "eval_accuracy" in history[-1]:
-            m = history[-1]
-            print(
-                f"held-out accuracy {m['eval_accuracy']:.3f} (better score "
-                f"{m['eval_better_score']:.3f}, worse score {m['eval_worse_score']:.3f})"
+        print(
+            f"\n{cfg.rm.objective}-model loss {first:.4f} -> {last:.4f} over {len(history)} steps"
+        )
+        m = history[-1]
+        if "eval_accuracy" in m:
+            kind = "cost" if "eval_better_cost" in m else "score"
+            line = (
+                f"held-out accuracy {m['eval_accuracy']:.3f} (better {kind} "
+                f"{m[f'eval_better_{kind}']:.3f}, worse {kind} {m[f'eval_worse_{kind}']:.3f})"
             )
+            if "eval_sign_accuracy" in m:
+                line += f", safety-sign accuracy {m['eval_sign_accuracy']:.3f}"
+            print(line)
     shutdown_distributed()
     return 0
 

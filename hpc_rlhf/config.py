@@ -380,6 +380,11 @@ class PreferenceDataConfig:
     responses_key: str = "responses"
     ranking_key: str = "ranking"
     margin_key: str = "margin"  # a label of rm.margins, or a number; absent: margin 0
+    # safety labels (true = safe) a cost model needs: of a pair's responses, or one per
+    # response of a ranking
+    chosen_safe_key: str = "chosen_safe"
+    rejected_safe_key: str = "rejected_safe"
+    safe_key: str = "safe"
     shuffle: bool = True
 
     def validate(self) -> None:
@@ -408,9 +413,14 @@ class RankingLossConfig:
         }
     )
     regularization: float = 0.0
+    # "reward": the ranking loss above; "cost": Safe-RLHF's cost model (the less safe
+    # response costs more, costs have the sign of the safety labels; margins unused)
+    objective: str = "reward"
 
     def validate(self) -> None:
         """Raise ``ConfigError`` naming the ``rm.`` key of an impossible value."""
+        if self.objective not in ("reward", "cost"):
+            raise ConfigError(f"rm.objective={self.objective!r}: expected 'reward' or 'cost'")
         for label, value in self.margins.items():
             if not isinstance(value, int | float) or isinstance(value, bool):
                 raise ConfigError(f"rm.margins[{label!r}]={value!r}: expected a number")

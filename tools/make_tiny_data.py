@@ -7,7 +7,10 @@ Deterministic, built from the shipped corpus (three sentences per line):
 * ``tiny_preferences.jsonl``: a preference the tiny model can learn: a well-formed
   sentence over the same words scrambled (seeded). Pairs carry Llama-2 margin labels (more
   scrambled, larger margin); every fourth row is a 3-way ranking (intact, two words
-  swapped, scrambled).
+  swapped, scrambled);
+* ``tiny_safety.jsonl``: a cost model's data: a response's harm is how many of the words
+  "broken" and "storm" it holds (unsafe when any). Pairs of a safer and an unsafer
+  response with their safety labels; every fourth row a 3-way ranking (harm 0, 1, 2).
 
     python tools/make_tiny_data.py
 """
@@ -78,6 +81,36 @@ def preference_row(index: int, parts: list[str], rng: random.Random) -> dict:
     }
 
 
+HARMFUL = ("broken", "storm")
+
+
+def harm(text: str) -> int:
+    """How many harmful words ``text`` holds (the toy safety property)."""
+    return sum(text.count(word) for word in HARMFUL)
+
+
+def safety_row(index: int, by_harm: dict[int, list[str]], rng: random.Random) -> dict:
+    """A pair (safer first) with safety labels or, every fourth row, a ranking."""
+    prompt = f"Tell me about {rng.choice(by_harm[0]).split(' ', 2)[1]}."
+    if index % 4 == 3:
+        responses = [rng.choice(by_harm[h]) for h in (2, 0, 1)]
+        return {
+            "prompt": prompt,
+            "responses": responses,
+            "ranking": [1, 2, 0],
+            "safe": [False, True, False],
+        }
+    low, high = sorted(rng.sample([0, 1, 2], 2))
+    chosen, rejected = rng.choice(by_harm[low]), rng.choice(by_harm[high])
+    return {
+        "prompt": prompt,
+        "chosen": chosen,
+        "rejected": rejected,
+        "chosen_safe": low == 0,
+        "rejected_safe": False,
+    }
+
+
 def main() -> None:
     with open(os.path.join(ASSETS, "tiny_corpus.txt")) as fh:
         lines = [sentences(line) for line in fh if line.strip()]
@@ -90,6 +123,15 @@ def main() -> None:
     with open(os.path.join(ASSETS, "tiny_preferences.jsonl"), "w") as fh:
         for i, parts in enumerate(usable):
             fh.write(json.dumps(preference_row(i, parts, rng)) + "\n")
+    by_harm: dict[int, list[str]] = {0: [], 1: [], 2: []}
+    for parts in lines:
+        for a, b in zip(parts, parts[1:]):
+            response = f"{a} {b}"
+            if harm(response) <= 2:
+                by_harm[harm(response)].append(response)
+    with open(os.path.join(ASSETS, "tiny_safety.jsonl"), "w") as fh:
+        for i in range(ROWS):
+            fh.write(json.dumps(safety_row(i, by_harm, rng)) + "\n")
 
 
 if __name__ == "__main__":

@@ -28,9 +28,10 @@ from hpc_rlhf.models.runner import MicroBatch
 logger = logging.getLogger(__name__)
 
 
-def default_preference_path() -> str:
-    """The tiny preference set shipped with the package (``tools/make_tiny_data.py``)."""
-    return os.path.join(ASSETS_DIR, "tiny_preferences.jsonl")
+def default_preference_path(safety: bool = False) -> str:
+    """The tiny preference set shipped with the package (``tools/make_tiny_data.py``);
+    ``safety``: the one with safety labels, for cost models."""
+    return os.path.join(ASSETS_DIR, "tiny_safety.jsonl" if safety else "tiny_preferences.jsonl")
 
 
 @dataclass(frozen=True)
@@ -41,6 +42,7 @@ class PreferenceSample:
     sequences: list[list[int]]
     pairs: list[tuple[int, int, float]]
     where: str
+    safe: list[bool] | None = None  # per response, when the row has safety labels
 
 
 @dataclass(kw_only=True)
@@ -52,6 +54,7 @@ class PreferenceMicroBatch(MicroBatch):
     margins_P: torch.Tensor
     pair_weights_P: torch.Tensor
     n_samples: int
+    unsafe_B: torch.Tensor | None = None  # per row, when every sample has safety labels
 
 
 def _margin(row: dict, cfg: PreferenceDataConfig, margins: dict, where: str) -> float:
@@ -78,7 +81,8 @@ def _string(row: dict, key: str, where: str) -> str:
 def row_responses(
     row: object, cfg: PreferenceDataConfig, margins: dict, where: str
 ) -> tuple[str, list[str], list[tuple[int, int, float]]]:
-    """``(prompt, responses, pairs)`` of a JSON row in either layout."""
+    """``(prompt, responses, pairs)`` of a JSON row in either layout (``row_safety`` reads
+    its safety labels)."""
     if not isinstance(row, dict):
         raise InputError(f"{where}: expected a JSON object, got {type(row).__name__}")
     prompt = _string(row, cfg.prompt_key, where)
@@ -105,6 +109,23 @@ def row_responses(
     return prompt, responses, pairs
 
 
+def _flag(row: dict, key: str, where: str) -> bool:
+    value = row.get(key)
+    if not isinstance(value, bool):
+        raise InputError(f"{where}: expected a true/false field {key!r} (safety label)")
+    return value
+
+
+def row_safety(row: dict, cfg: PreferenceDataConfig, n: int, where: str) -> list[bool]:
+    """The safety label (true = safe) of each of a row's ``n`` responses."""
+    if cfg.responses_key not in row:
+        return [_flag(row, cfg.chosen_safe_key, where), _flag(row, cfg.rejected_safe_key, where)]
+    labels = row.get(cfg.safe_key)
+    if not isinstance(labels, list) or len(labels) != n:
+        raise InputError(f"{where}: field {cfg.safe_key!r} must list {n} safety labels")
+    return [_flag({cfg.safe_key: v}, cfg.safe_key, where) for v in labels]
+
+
 def read_preferences(
     path: str,
     tokenizer,
@@ -112,8 +133,10 @@ def read_preferences(
     margins: dict,
     seq_length: int,
     vocab_size: int | None,
+    safety: bool = False,
 ) -> list[PreferenceSample]:
-    """Every row of the JSONL file ``path``, each response cut to ``seq_length`` tokens."""
+    """Every row of the JSONL file ``path``, each response cut to ``seq_length`` tokens;
+    with ``safety``, every row's safety labels too (a cost model's data)."""
     samples, cut = [], 0
     for number, text in numbered_lines(path, "preference data file"):
         if not text.strip():
@@ -131,7 +154,8 @@ def read_preferences(
             check_token_ids(ids, vocab_size, where, tokenizer)
             cut += len(ids) > seq_length
             sequences.append(ids[:seq_length])
-        samples.append(PreferenceSample(sequences, pairs, where))
+        safe = row_safety(row, cfg, len(responses), where) if safety else None
+        samples.append(PreferenceSample(sequences, pairs, where, safe))
     if not samples:
         raise InputError(f"{path}: no preference rows")
     if cut:
@@ -168,7 +192,14 @@ def collate_preferences(samples: list[PreferenceSample], pad_id: int) -> Prefere
         margins_P=torch.tensor(margins, dtype=torch.float64),
         pair_weights_P=torch.tensor(weights, dtype=torch.float64),
         n_samples=len(samples),
+        unsafe_B=_unsafe_rows(samples),
     )
+
+
+def _unsafe_rows(samples: list[PreferenceSample]) -> torch.Tensor | None:
+    if any(sample.safe is None for sample in samples):
+        return None
+    return torch.tensor([not safe for sample in samples for safe in sample.safe or []])
 
 
 class PreferenceDataset(SampleSet):
@@ -183,9 +214,10 @@ class PreferenceDataset(SampleSet):
         seq_length: int,
         seed: int,
         vocab_size: int | None,
+        safety: bool = False,
     ):
-        path = cfg.path or default_preference_path()
-        args = (tokenizer, cfg, margins, seq_length, vocab_size)
+        path = cfg.path or default_preference_path(safety)
+        args = (tokenizer, cfg, margins, seq_length, vocab_size, safety)
         samples = read_preferences(path, *args)
         held_out = read_preferences(cfg.eval_path, *args) if cfg.eval_path else None
         super().__init__(samples, held_out, cfg.eval_fraction, seed, cfg.shuffle, path)

@@ -74,17 +74,23 @@ def lm_loss_fn(tp_group) -> Callable:
     return fn
 
 
-def ranking_loss_fn(regularization: float) -> Callable:
-    """Reward-model loss for ``train_step`` (``normalize="count"``, count = samples): the
-    pairwise ranking loss of ``algorithms.ranking`` on the end scores of a
+def ranking_loss_fn(regularization: float, objective: str = "reward") -> Callable:
+    """Reward- or cost-model loss for ``train_step`` (``normalize="count"``, count =
+    samples): ``algorithms.ranking``'s pairwise loss on the end scores of a
     ``PreferenceMicroBatch``; metrics are per-sample means."""
-    from hpc_rlhf.algorithms.ranking import pairwise_ranking_loss
+    from hpc_rlhf.algorithms.ranking import cost_ranking_loss, pairwise_ranking_loss
 
     def fn(mb, scores_BS1: torch.Tensor):
         scores_B = end_scores(scores_BS1.squeeze(-1).float(), mb.attention_mask_BS)
-        loss_sum, sums = pairwise_ranking_loss(
-            scores_B, mb.pairs_P2, mb.margins_P, mb.pair_weights_P, regularization
-        )
+        if objective == "cost":
+            unsafe_B = _required(mb.unsafe_B, "unsafe_B (safety labels)")
+            loss_sum, sums = cost_ranking_loss(
+                scores_B, mb.pairs_P2, unsafe_B, mb.pair_weights_P, regularization
+            )
+        else:
+            loss_sum, sums = pairwise_ranking_loss(
+                scores_B, mb.pairs_P2, mb.margins_P, mb.pair_weights_P, regularization
+            )
         n = mb.n_samples
         metrics = {"loss": loss_sum.detach() / n, **{k: v / n for k, v in sums.items()}}
         return loss_sum, n, metrics

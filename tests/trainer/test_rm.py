@@ -11,7 +11,7 @@ import math
 import pytest
 import torch
 
-from hpc_rlhf.config import RMRunConfig, config_from_dict
+from hpc_rlhf.config import RMRunConfig, config_from_dict, config_to_dict
 from tests.dist import run_world
 from tests.parallel.common import gather_grads_hf, max_rel_diff
 
@@ -71,6 +71,25 @@ def test_held_out_accuracy_rises_well_above_a_coin_flip(single, world, parallel)
     assert history[-1]["eval_accuracy"] > 0.8, history[-1]
     assert history[-1]["eval_better_score"] > history[-1]["eval_worse_score"]
     assert history[0]["loss"] == pytest.approx(single[0]["loss"], rel=1e-6)
+
+
+def _cost_cfg(parallel: dict | None = None) -> RMRunConfig:
+    cfg = make_cfg(parallel, seq_length=96)
+    return config_from_dict(
+        {**config_to_dict(cfg), "rm": {"objective": "cost", "regularization": 0.001}},
+        RMRunConfig,
+    )
+
+
+@pytest.mark.parametrize(
+    "world,parallel", [(1, None), (4, {"tensor_model_parallel_size": 2})], ids=["1proc", "tp2_dp2"]
+)
+def test_cost_model_ranks_harm_and_separates_safe_from_unsafe(world, parallel):
+    history = run_world(_rm, world, _cost_cfg(parallel))[0]
+    assert history[0]["sign_accuracy"] == 0.0  # zero costs have no sign yet
+    last = history[-1]
+    assert last["eval_accuracy"] > 0.8 and last["eval_sign_accuracy"] > 0.8, last
+    assert last["eval_worse_cost"] > 0 > last["eval_better_cost"]
 
 
 def _hf_rm_state(tmp_path) -> tuple[str, dict]:
