@@ -110,6 +110,22 @@ def _rm(args: argparse.Namespace) -> int:
     return 0
 
 
+def _eval(args: argparse.Namespace) -> int:
+    import torch.distributed as dist
+
+    from hpc_rlhf.config import EvalRunConfig
+    from hpc_rlhf.parallel.launch import shutdown_distributed
+    from hpc_rlhf.trainer.policy_eval import results_table, run_eval
+
+    cfg = load_config(args.config, args.overrides, cls=EvalRunConfig)
+    results = run_eval(cfg, out_dir=args.out_dir)
+    if dist.get_rank() == 0:
+        print("\n" + results_table(results))
+        print(f"\nwritten to {args.out_dir}/eval.json")
+    shutdown_distributed()
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="hpc-rlhf", description=__doc__)
     sub = parser.add_subparsers(dest="stage", required=True)
@@ -135,6 +151,11 @@ def main(argv: list[str] | None = None) -> int:
     rm.add_argument("--out-dir", default="outputs/rm", help="metrics JSONL/TensorBoard")
     rm.add_argument("overrides", nargs="*", help="dotted.key=value overrides")
     rm.set_defaults(func=_rm)
+    ev = sub.add_parser("eval", help="generate with a policy (and a baseline), score, compare")
+    ev.add_argument("--config", required=True, help="YAML config file")
+    ev.add_argument("--out-dir", default="outputs/eval", help="where eval.json is written")
+    ev.add_argument("overrides", nargs="*", help="dotted.key=value overrides")
+    ev.set_defaults(func=_eval)
     args = parser.parse_args(argv)
     try:
         return args.func(args)

@@ -624,6 +624,34 @@ class PPOConfig:
         return self.advantage == "gae"
 
 
+def check_sequence_fits(cfg: Any) -> None:
+    """For a run that generates (``cfg`` with ``model``, ``parallel``, ``data`` and
+    ``generation`` sections): the longest sequence (prompt + response) fits the model's
+    positions and one sequence fits the KV cache of ``generation.engine`` (else a later,
+    longer batch would fail mid-run)."""
+    longest = cfg.data.max_prompt_length + cfg.generation.max_new_tokens
+    where = (
+        f"data.max_prompt_length + generation.max_new_tokens = "
+        f"{cfg.data.max_prompt_length} + {cfg.generation.max_new_tokens} = {longest}"
+    )
+    if longest > cfg.model.max_position_embeddings:
+        raise ConfigError(
+            f"{where} exceeds model.max_position_embeddings={cfg.model.max_position_embeddings}"
+        )
+    engine = cfg.generation.engine
+    shape = CacheShape.for_model(
+        cfg.model,
+        cfg.parallel.tensor_model_parallel_size,
+        engine.block_size,
+        cfg.model.torch_dtype,
+    )
+    try:
+        require_capacity(shape, engine, longest)
+    except CacheTooSmallError as err:
+        key = "cache_budget_blocks" if engine.cache_budget_blocks else "cache_budget_bytes"
+        raise ConfigError(f"generation.engine.{key} is too small: {where}; {err}") from err
+
+
 @dataclass(frozen=True)
 class PPORunConfig:
     """Everything a PPO run needs (``hpc-rlhf ppo --config FILE``)."""
@@ -648,7 +676,7 @@ class PPORunConfig:
         self.generation.validate()
         self.reward.validate()
         self.data.validate()
-        self._check_sequence_fits()
+        check_sequence_fits(self)
         if self.ppo.critic_init == "reward" and not self.reward.models:
             raise ConfigError("ppo.critic_init='reward' needs at least one reward.models entry")
         if world_size is not None:
@@ -671,32 +699,66 @@ class PPORunConfig:
                 )
         return self
 
-    def _check_sequence_fits(self) -> None:
-        """The longest sequence (prompt + response) fits the model's positions and one
-        sequence fits the KV cache of ``generation.engine`` (else a later, longer batch
-        would fail mid-run)."""
-        longest = self.data.max_prompt_length + self.generation.max_new_tokens
-        where = (
-            f"data.max_prompt_length + generation.max_new_tokens = "
-            f"{self.data.max_prompt_length} + {self.generation.max_new_tokens} = {longest}"
+
+@dataclass(frozen=True)
+class ScorerSpec:
+    """A model that scores responses in ``hpc-rlhf eval``: an HF checkpoint with a
+    ``score`` head, read as a reward (higher is better) or a cost (> 0: unsafe)."""
+
+    path: str
+    kind: str = "reward"  # "reward" | "cost"
+    name: str | None = None  # None: the directory's name
+
+
+@dataclass(frozen=True)
+class EvalConfig:
+    """What ``hpc-rlhf eval`` measures."""
+
+    prompts: int = 64  # the first N prompts of data.prompts (over all data-parallel ranks)
+    samples_per_prompt: int = 1
+    seed: int = 1234
+    micro_batch_size_per_rank: int = 8  # rows per scoring micro-batch
+
+
+@dataclass(frozen=True)
+class EvalRunConfig:
+    """Everything ``hpc-rlhf eval --config FILE`` needs: a policy (and optionally a baseline
+    to compare it with, Safe-RLHF's arena) generating on a prompt set, scored by reward
+    and cost models."""
+
+    model: ModelConfig = field(default_factory=ModelConfig)
+    parallel: ParallelConfig = field(default_factory=ParallelConfig)
+    policy: str | None = None  # HF checkpoint (required)
+    baseline: str | None = None  # HF checkpoint to compare with (win rates)
+    scorers: tuple[ScorerSpec, ...] = ()
+    generation: RolloutConfig = field(default_factory=RolloutConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+
+    def validate(self, world_size: int | None = None) -> EvalRunConfig:
+        """Check every section and the layout; return self for chaining."""
+        self.model.validate()
+        self.parallel.validate(self.model, world_size)
+        self.generation.validate()
+        self.data.validate()
+        check_sequence_fits(self)
+        if not self.policy:
+            raise ConfigError("policy: give the HF checkpoint of the policy to evaluate")
+        if not self.scorers:
+            raise ConfigError("scorers: give at least one reward or cost model")
+        for i, scorer in enumerate(self.scorers):
+            if scorer.kind not in ("reward", "cost"):
+                raise ConfigError(f"scorers[{i}].kind={scorer.kind!r}: expected reward or cost")
+        _positive(
+            self.eval, "eval.", ("prompts", "samples_per_prompt", "micro_batch_size_per_rank")
         )
-        if longest > self.model.max_position_embeddings:
-            raise ConfigError(
-                f"{where} exceeds model.max_position_embeddings="
-                f"{self.model.max_position_embeddings}"
-            )
-        engine = self.generation.engine
-        shape = CacheShape.for_model(
-            self.model,
-            self.parallel.tensor_model_parallel_size,
-            engine.block_size,
-            self.model.torch_dtype,
-        )
-        try:
-            require_capacity(shape, engine, longest)
-        except CacheTooSmallError as err:
-            key = "cache_budget_blocks" if engine.cache_budget_blocks else "cache_budget_bytes"
-            raise ConfigError(f"generation.engine.{key} is too small: {where}; {err}") from err
+        if world_size is not None:
+            dp = self.parallel.data_parallel_size(world_size)
+            if self.eval.prompts % dp:
+                raise ConfigError(
+                    f"eval.prompts={self.eval.prompts} is not divisible by the data-parallel size {dp}"
+                )
+        return self
 
 
 # ----------------------------------------------------------------------------- loading

@@ -142,3 +142,38 @@ def build_experience(rollout: Rollout, pad_id: int, multiple_of: int = 1) -> Exp
         action_mask_BS=action_mask_BS,
         old_logp_BS=old_logp_BS,
     )
+
+
+def generate_rollout(
+    engine,
+    tokenizer,
+    prompt_ids: list[list[int]],
+    generation,
+    n: int,
+    seed: int,
+    version: int | None,
+    max_new_tokens: list[int] | None = None,
+) -> Rollout:
+    """``n`` sampled responses per prompt from ``engine`` with the sampling settings of
+    ``generation`` (a ``config.RolloutConfig``), in (prompt, sample) order.
+    ``max_new_tokens`` optionally limits each prompt's responses."""
+    from hpc_rlhf.inference.sampling import SamplingParams
+
+    sampling = SamplingParams(
+        temperature=generation.temperature,
+        top_k=generation.top_k,
+        top_p=generation.top_p,
+        max_new_tokens=generation.max_new_tokens,
+        stop_token_ids=(tokenizer.eos_id,) if generation.stop_at_eos else (),
+        n=n,
+        seed=seed,
+    )
+    completions = engine.generate(prompt_ids, sampling, version, max_new_tokens)
+    completions = sorted(completions, key=lambda c: (c.prompt_index, c.sample_index))
+    return Rollout(
+        prompt_ids=[prompt_ids[c.prompt_index] for c in completions],
+        response_ids=[list(c.token_ids) for c in completions],
+        response_logprobs=[list(c.logprobs) for c in completions],
+        finish_reasons=[c.finish_reason for c in completions],
+        prompt_index=[c.prompt_index for c in completions],
+    )

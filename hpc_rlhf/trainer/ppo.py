@@ -31,7 +31,12 @@ from hpc_rlhf.config import PPORunConfig
 from hpc_rlhf.models.runner import MicroBatch
 from hpc_rlhf.parallel.comm import all_gather_cat, group_sum
 from hpc_rlhf.parallel.state import ParallelState
-from hpc_rlhf.trainer.experience import ExperienceBatch, Rollout, build_experience
+from hpc_rlhf.trainer.experience import (
+    ExperienceBatch,
+    Rollout,
+    build_experience,
+    generate_rollout,
+)
 from hpc_rlhf.trainer.losses import (
     GlobalCounts,
     actor_loss_fn,
@@ -145,31 +150,18 @@ class PPOTrainer:
 
         ``max_new_tokens`` optionally limits each prompt's responses (benchmarks replay
         fixed response lengths this way)."""
-        from hpc_rlhf.inference.sampling import SamplingParams
-
-        g = self.cfg.generation
-        stop = (self.tokenizer.eos_id,) if g.stop_at_eos else ()
-        sampling = SamplingParams(
-            temperature=g.temperature,
-            top_k=g.top_k,
-            top_p=g.top_p,
-            max_new_tokens=g.max_new_tokens,
-            stop_token_ids=stop,
-            n=self.cfg.ppo.n_samples_per_prompt,
-            seed=self.cfg.ppo.seed * 1_000_003 + self.step_count * 1009 + self.state.dp_rank,
-        )
+        seed = self.cfg.ppo.seed * 1_000_003 + self.step_count * 1009 + self.state.dp_rank
         with self._training_memory_released():
-            completions = self.engine.generate(
-                prompt_ids, sampling, self.policy_version, max_new_tokens
+            return generate_rollout(
+                self.engine,
+                self.tokenizer,
+                prompt_ids,
+                self.cfg.generation,
+                self.cfg.ppo.n_samples_per_prompt,
+                seed,
+                self.policy_version,
+                max_new_tokens,
             )
-        completions = sorted(completions, key=lambda c: (c.prompt_index, c.sample_index))
-        return Rollout(
-            prompt_ids=[prompt_ids[c.prompt_index] for c in completions],
-            response_ids=[list(c.token_ids) for c in completions],
-            response_logprobs=[list(c.logprobs) for c in completions],
-            finish_reasons=[c.finish_reason for c in completions],
-            prompt_index=[c.prompt_index for c in completions],
-        )
 
     @contextmanager
     def _training_memory_released(self):

@@ -7,7 +7,7 @@ import logging
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
-from hpc_rlhf.config import InputError, PPORunConfig
+from hpc_rlhf.config import InputError, ModelConfig, PPORunConfig
 from hpc_rlhf.parallel.state import ParallelState
 from hpc_rlhf.trainer.trainable_model import TrainableModel
 
@@ -88,7 +88,9 @@ def build_models(cfg: PPORunConfig, state: ParallelState, tokenizer=None) -> PPO
     reference.load_hf_state(actor_state)
     reward_models, reward_states = [], []
     for spec in cfg.reward.models:
-        model, hf_state = _load_reward_model(spec.path, cfg, state)
+        model, hf_state = load_score_model(
+            spec.path, cfg.model, cfg.parallel, state, cfg.ppo.pack_sequences
+        )
         reward_models.append(model)
         reward_states.append(hf_state)
     critic = None
@@ -102,26 +104,23 @@ def build_models(cfg: PPORunConfig, state: ParallelState, tokenizer=None) -> PPO
     return PPOModels(actor, reference, critic, reward_models, engine)
 
 
-def _load_reward_model(path: str, cfg: PPORunConfig, state: ParallelState):
+def load_score_model(path: str, model: ModelConfig, parallel, state: ParallelState, pack: bool):
+    """A frozen reward or cost model (an HF checkpoint with a ``score`` head), in this run's
+    dtype, layout and packing, read at each row's last token; returns it with its HF state."""
     from hpc_rlhf.models.hf_io import load_hf_checkpoint
 
     rm_cfg, hf_state = load_hf_checkpoint(path)
     if "score.weight" not in hf_state:
         raise InputError(f"reward model {path} has no score head (score.weight)")
     rm_cfg = dataclasses.replace(
-        rm_cfg, params_dtype=cfg.model.params_dtype, transformer_impl=cfg.model.transformer_impl
+        rm_cfg, params_dtype=model.params_dtype, transformer_impl=model.transformer_impl
     )
-    cfg.parallel.validate(rm_cfg)
-    model = TrainableModel(
-        rm_cfg,
-        None,
-        state,
-        "reward",
-        pack_sequences=cfg.ppo.pack_sequences,
-        output_positions="last_token",  # only the end score is read
+    parallel.validate(rm_cfg)
+    scorer = TrainableModel(
+        rm_cfg, None, state, "reward", pack_sequences=pack, output_positions="last_token"
     )
-    model.load_hf_state(hf_state)
-    return model, hf_state
+    scorer.load_hf_state(hf_state)
+    return scorer, hf_state
 
 
 def build_engine(actor: TrainableModel, cfg: PPORunConfig, state: ParallelState):
