@@ -126,6 +126,22 @@ def _eval(args: argparse.Namespace) -> int:
     return 0
 
 
+def _pipeline(args: argparse.Namespace) -> int:
+    import torch.distributed as dist
+
+    from hpc_rlhf.config import PipelineConfig
+    from hpc_rlhf.parallel.launch import shutdown_distributed
+    from hpc_rlhf.trainer.pipeline import run_pipeline, summary_table
+
+    cfg = load_config(args.config, args.overrides, cls=PipelineConfig)
+    summaries = run_pipeline(cfg)
+    if dist.get_rank() == 0:
+        print("\n" + summary_table(summaries))
+        print(f"\npolicy: {cfg.export_dir('ppo')} (HF checkpoint)")
+    shutdown_distributed()
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="hpc-rlhf", description=__doc__)
     sub = parser.add_subparsers(dest="stage", required=True)
@@ -156,6 +172,10 @@ def main(argv: list[str] | None = None) -> int:
     ev.add_argument("--out-dir", default="outputs/eval", help="where eval.json is written")
     ev.add_argument("overrides", nargs="*", help="dotted.key=value overrides")
     ev.set_defaults(func=_eval)
+    pipe = sub.add_parser("pipeline", help="SFT -> reward model (-> cost model) -> PPO")
+    pipe.add_argument("--config", required=True, help="YAML config file")
+    pipe.add_argument("overrides", nargs="*", help="dotted.key=value overrides")
+    pipe.set_defaults(func=_pipeline)
     args = parser.parse_args(argv)
     try:
         return args.func(args)

@@ -761,6 +761,89 @@ class EvalRunConfig:
         return self
 
 
+PIPELINE_STAGES = ("sft", "rm", "cost", "ppo")
+
+
+@dataclass(frozen=True)
+class PipelineConfig:
+    """``hpc-rlhf pipeline``: SFT -> reward model (-> cost model) -> PPO on one model and
+    layout. Each stage section holds that stage's own sections (``sft``: optimizer, train,
+    data; ``rm`` / ``cost``: optimizer, train, data, rm; ``ppo``: actor_optimizer,
+    critic_optimizer, ppo, generation, reward, data); the pipeline wires the stages through
+    ``out_dir/<stage>/`` (``stage_config``): the reward and cost models and the PPO actor
+    start from the SFT model, PPO's critic and first reward model from the reward model."""
+
+    model: ModelConfig = field(default_factory=ModelConfig)
+    parallel: ParallelConfig = field(default_factory=ParallelConfig)
+    out_dir: str = "outputs/pipeline"
+    init: str | None = None  # the base model (HF checkpoint); None: seeded random weights
+    sft: dict = field(default_factory=dict)
+    rm: dict = field(default_factory=dict)
+    cost: dict | None = None  # a Safe-RLHF cost model too when given
+    ppo: dict = field(default_factory=dict)
+
+    def stages(self) -> tuple[str, ...]:
+        """The stages this pipeline runs, in order."""
+        return tuple(s for s in PIPELINE_STAGES if s != "cost" or self.cost is not None)
+
+    def stage_dir(self, stage: str) -> str:
+        """Where ``stage`` keeps its checkpoints, metrics and HF export."""
+        return os.path.join(self.out_dir, stage)
+
+    def export_dir(self, stage: str) -> str:
+        """The HF checkpoint ``stage`` produces."""
+        return os.path.join(self.stage_dir(stage), "hf")
+
+    def stage_config(self, stage: str) -> Any:
+        """The typed config of ``stage`` with the pipeline's wiring (keys the pipeline sets
+        may not be given in the stage's section)."""
+        section = getattr(self, stage) or {}
+        data = {**section, "model": dataclasses.asdict(self.model)}
+        data["parallel"] = dataclasses.asdict(self.parallel)
+        loop = "ppo" if stage == "ppo" else "train"
+        wired = {"save_dir": os.path.join(self.stage_dir(stage), "ckpt")}
+        wired["hf_export_dir"] = self.export_dir(stage)
+        data[loop] = _wire(stage, loop, data.get(loop), wired)
+        if stage == "ppo":
+            data["actor_init"] = self.export_dir("sft")
+            reward = dict(data.get("reward") or {})
+            models = [{"path": self.export_dir("rm")}, *reward.get("models", [])]
+            data["reward"] = {**reward, "models": models}
+            data["ppo"].setdefault("critic_init", "reward")
+            return config_from_dict(data, PPORunConfig, "ppo.")
+        data["init"] = self.init if stage == "sft" else self.export_dir("sft")
+        if stage == "sft":
+            return config_from_dict(data, SFTRunConfig, "sft.")
+        data["rm"] = _wire(stage, "rm", data.get("rm"), {"objective": stage_objective(stage)})
+        return config_from_dict(data, RMRunConfig, f"{stage}.")
+
+    def validate(self, world_size: int | None = None) -> PipelineConfig:
+        """Every stage's config, wired and checked (errors name the stage)."""
+        for stage in self.stages():
+            try:
+                self.stage_config(stage).validate(world_size)
+            except ConfigError as err:
+                raise ConfigError(f"pipeline stage {stage}: {err}") from err
+        return self
+
+
+def stage_objective(stage: str) -> str:
+    """The ranking objective of a reward-model stage (``rm`` or ``cost``)."""
+    return "cost" if stage == "cost" else "reward"
+
+
+def _wire(stage: str, key: str, section: Any, wired: dict) -> dict:
+    """``section`` (a stage's sub-section, a mapping) with the pipeline's keys set."""
+    if section is None:
+        section = {}
+    if not isinstance(section, dict):
+        raise ConfigError(f"{stage}.{key}: expected a mapping, got {type(section).__name__}")
+    given = sorted(set(section) & set(wired))
+    if given:
+        raise ConfigError(f"{stage}.{key}.{given[0]} is set by the pipeline; remove it")
+    return {**section, **wired}
+
+
 # ----------------------------------------------------------------------------- loading
 
 
@@ -839,9 +922,10 @@ def apply_overrides(data: dict, overrides: list[str]) -> dict:
     return data
 
 
-def config_from_dict(data: dict | None, cls: type = Config) -> Any:
-    """Build a config tree of type ``cls`` from a nested dict (unknown keys raise)."""
-    return _build(cls, data or {})
+def config_from_dict(data: dict | None, cls: type = Config, prefix: str = "") -> Any:
+    """Build a config tree of type ``cls`` from a nested dict (unknown keys raise, named
+    with ``prefix``)."""
+    return _build(cls, data or {}, prefix)
 
 
 def load_config(path: str | None, overrides: list[str] | None = None, cls: type = Config) -> Any:

@@ -8,6 +8,8 @@ Deterministic, built from the shipped corpus (three sentences per line):
   sentence over the same words scrambled (seeded). Pairs carry Llama-2 margin labels (more
   scrambled, larger margin); every fourth row is a 3-way ranking (intact, two words
   swapped, scrambled);
+* ``tiny_story_prompts.jsonl``: PPO prompts of the SFT and preference sets' kind
+  ("Continue the story: ..."), from corpus lines neither of them uses;
 * ``tiny_safety.jsonl``: a cost model's data: a response's harm is how many of the words
   "broken" and "storm" it holds (unsafe when any). Pairs of a safer and an unsafer
   response with their safety labels; every fourth row a 3-way ranking (harm 0, 1, 2).
@@ -123,6 +125,9 @@ def main() -> None:
     with open(os.path.join(ASSETS, "tiny_preferences.jsonl"), "w") as fh:
         for i, parts in enumerate(usable):
             fh.write(json.dumps(preference_row(i, parts, rng)) + "\n")
+    with open(os.path.join(ASSETS, "tiny_story_prompts.jsonl"), "w") as fh:
+        for parts in [p for p in lines if len(p) >= 3][2 * ROWS : 2 * ROWS + 256]:
+            fh.write(json.dumps({"prompt": f"Continue the story: {parts[0]}"}) + "\n")
     by_harm: dict[int, list[str]] = {0: [], 1: [], 2: []}
     for parts in lines:
         for a, b in zip(parts, parts[1:]):
