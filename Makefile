@@ -1,6 +1,7 @@
 # hpc_rlhf: every target sets itself up (creates .venv and installs on first use).
 #   make demo   - the main job: tiny PPO on CPU (4 gloo processes, TP=2 x DP=2)
 #   make test   - style checks + the test suite
+#   make demo-pipeline - SFT -> reward model -> PPO -> eval on the tiny model, CPU
 #   make bench  - kernels, generation and PPO benchmarks against their baselines
 VENV      ?= .venv
 PY        := $(VENV)/bin/python
@@ -8,7 +9,7 @@ TORCH_PIN ?= torch==2.13.0
 STAMP     := $(VENV)/.installed
 NPROC     ?= 4
 
-.PHONY: setup demo demo-pretrain test lint bench clean
+.PHONY: setup demo demo-pretrain demo-pipeline test lint bench clean
 
 $(STAMP): setup.py pyproject.toml $(wildcard csrc/*.cpp csrc/*.h)
 	test -x $(PY) || python3 -m venv $(VENV)
@@ -22,6 +23,12 @@ setup: $(STAMP)
 demo: $(STAMP)
 	OMP_NUM_THREADS=1 $(VENV)/bin/torchrun --standalone --nproc_per_node=$(NPROC) \
 		-m hpc_rlhf.cli ppo --config examples/configs/ppo_tiny_cpu.yaml
+
+demo-pipeline: $(STAMP)
+	OMP_NUM_THREADS=1 $(VENV)/bin/torchrun --standalone --nproc_per_node=$(NPROC) \
+		-m hpc_rlhf.cli pipeline --config examples/configs/pipeline_tiny_cpu.yaml
+	OMP_NUM_THREADS=1 $(VENV)/bin/torchrun --standalone --nproc_per_node=$(NPROC) \
+		-m hpc_rlhf.cli eval --config examples/configs/eval_tiny_cpu.yaml
 
 demo-pretrain: $(STAMP)
 	OMP_NUM_THREADS=1 $(VENV)/bin/torchrun --standalone --nproc_per_node=$(NPROC) \

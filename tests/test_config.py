@@ -42,6 +42,8 @@ WORLD_SIZES = {  # the cluster each shipped config is written for
     "tiny_cpu.yaml": 4,
     "sft_tiny_cpu.yaml": 2,
     "rm_tiny_cpu.yaml": 2,
+    "pipeline_tiny_cpu.yaml": 4,
+    "eval_tiny_cpu.yaml": 4,
 }
 
 
@@ -49,13 +51,25 @@ def test_shipped_example_configs_load_and_fit_their_clusters():
     import glob
     import os
 
-    from hpc_rlhf.config import PPORunConfig, RMRunConfig, SFTRunConfig
+    from hpc_rlhf.config import (
+        EvalRunConfig,
+        PipelineConfig,
+        PPORunConfig,
+        RMRunConfig,
+        SFTRunConfig,
+    )
 
     paths = sorted(glob.glob("examples/configs/*.yaml"))
     assert {os.path.basename(p) for p in paths} == set(WORLD_SIZES)
     for path in paths:
         name = os.path.basename(path)
-        classes = {"ppo": PPORunConfig, "sft": SFTRunConfig, "rm": RMRunConfig}
+        classes = {
+            "ppo": PPORunConfig,
+            "sft": SFTRunConfig,
+            "rm": RMRunConfig,
+            "pipeline": PipelineConfig,
+            "eval": EvalRunConfig,
+        }
         cls = classes.get(name.split("_")[0], Config)
         cfg = load_config(path, cls=cls)
         cfg.validate(WORLD_SIZES[name])
