@@ -44,6 +44,8 @@ WORLD_SIZES = {  # the cluster each shipped config is written for
     "rm_tiny_cpu.yaml": 2,
     "pipeline_tiny_cpu.yaml": 4,
     "eval_tiny_cpu.yaml": 4,
+    "sft_llama2_7b_a100_2x8.yaml": 16,
+    "rm_llama2_7b_a100_2x8.yaml": 16,
 }
 
 

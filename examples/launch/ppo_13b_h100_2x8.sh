@@ -1,4 +1,4 @@
 #!/usr/bin/env bash
 # Llama-2-13B PPO on 2 nodes x 8 A100/H100. On each node:
 #   NODE_RANK=<0|1> MASTER_ADDR=<node 0 host> bash examples/launch/ppo_13b_h100_2x8.sh
-NNODES=2 exec bash "$(dirname "$0")/ppo_cluster.sh" examples/configs/ppo_llama2_13b_h100_2x8.yaml "$@"
+NNODES=2 exec bash "$(dirname "$0")/cluster.sh" ppo examples/configs/ppo_llama2_13b_h100_2x8.yaml "$@"
