@@ -416,6 +416,9 @@ class RankingLossConfig:
     # "reward": the ranking loss above; "cost": Safe-RLHF's cost model (the less safe
     # response costs more, costs have the sign of the safety labels; margins unused)
     objective: str = "reward"
+    # after training, store (mean, std) of the end scores over the held-out responses with
+    # the HF export, so PPO and eval read (score - mean) / std: mean 0, std 1
+    normalize_scores: bool = False
 
     def validate(self) -> None:
         """Raise ``ConfigError`` naming the ``rm.`` key of an impossible value."""
@@ -443,6 +446,10 @@ class RMRunConfig(Config):
         super().validate(world_size)
         self.data.validate()
         self.rm.validate()
+        if self.rm.normalize_scores and not self.train.hf_export_dir:
+            raise ConfigError(
+                "rm.normalize_scores stores the statistics with the HF export: set train.hf_export_dir"
+            )
         return self
 
 

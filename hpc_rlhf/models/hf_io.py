@@ -163,3 +163,27 @@ def save_hf_checkpoint(
     total = sum(t.numel() * t.element_size() for t in state.values())
     with open(os.path.join(path, INDEX_NAME), "w") as fh:
         json.dump({"metadata": {"total_size": total}, "weight_map": weight_map}, fh, indent=2)
+
+
+SCORE_NORMALIZATION_FILE = "score_normalization.json"
+
+
+def write_score_normalization(path: str, mean: float, std: float) -> None:
+    """Store a reward model's score calibration (``(score - mean) / std`` has mean 0 and
+    std 1 over the responses it was measured on) beside its HF checkpoint."""
+    if not std > 0:
+        raise ValueError(f"score normalisation needs std > 0, got {std}")
+    with open(os.path.join(path, SCORE_NORMALIZATION_FILE), "w") as fh:
+        json.dump({"mean": mean, "std": std}, fh, indent=1)
+
+
+def read_score_normalization(path: str) -> tuple[float, float] | None:
+    """``(mean, std)`` stored with the reward model at ``path``, or ``None`` (raw scores)."""
+    file_path = os.path.join(path, SCORE_NORMALIZATION_FILE)
+    if not os.path.exists(file_path):
+        return None
+    data = _read_json(file_path)
+    mean, std = data.get("mean"), data.get("std")
+    if not isinstance(mean, int | float) or not isinstance(std, int | float) or not std > 0:
+        raise InputError(f"{file_path}: expected numbers 'mean' and 'std' > 0, got {data}")
+    return float(mean), float(std)

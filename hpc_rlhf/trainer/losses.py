@@ -128,6 +128,19 @@ def end_score_fn(mb: MicroBatch, scores_BS1: torch.Tensor) -> dict:
     return {"score": end_scores(scores_BS1.squeeze(-1).float(), mb.attention_mask_BS)}
 
 
+def calibrated_end_score_fn(normalization: tuple[float, float] | None) -> Callable:
+    """``end_score_fn`` with a reward model's stored calibration applied: ``(score - mean)
+    / std`` (``None``: raw scores)."""
+    if normalization is None:
+        return end_score_fn
+    mean, std = normalization
+
+    def fn(mb: MicroBatch, scores_BS1: torch.Tensor) -> dict:
+        return {"score": (end_score_fn(mb, scores_BS1)["score"] - mean) / std}
+
+    return fn
+
+
 # ----------------------------------------------------------------------------- PPO
 
 

@@ -21,7 +21,7 @@ from hpc_rlhf.config import EvalRunConfig, ScorerSpec
 from hpc_rlhf.data.prompts import PromptDataset
 from hpc_rlhf.parallel.comm import all_gather_cat, gather_objects
 from hpc_rlhf.trainer.experience import Rollout, build_experience, generate_rollout
-from hpc_rlhf.trainer.losses import end_score_fn
+from hpc_rlhf.trainer.losses import calibrated_end_score_fn
 from hpc_rlhf.trainer.ppo_setup import load_score_model
 from hpc_rlhf.trainer.run import Run, RunSettings
 from hpc_rlhf.trainer.trainable_model import TrainableModel
@@ -48,11 +48,12 @@ def _rollout(cfg: EvalRunConfig, run: Run, prompt_ids: list[list[int]], path: st
     return generate_rollout(engine, run.tokenizer, prompt_ids, cfg.generation, n, seed, 0)
 
 
-def _scores(cfg: EvalRunConfig, run: Run, scorer: TrainableModel, rollout: Rollout):
-    """Every rank's end scores of ``rollout`` under ``scorer``, gathered over DP ``[N]``."""
+def _scores(cfg: EvalRunConfig, run: Run, scorer: TrainableModel, rollout: Rollout, fn):
+    """Every rank's end scores of ``rollout`` under ``scorer`` (scoring function ``fn``),
+    gathered over DP ``[N]``."""
     exp = build_experience(rollout, run.tokenizer.pad_id, run.state.sequence_multiple)
     micro = exp.microbatches(cfg.eval.micro_batch_size_per_rank)
-    mine = torch.cat([out["score"] for out in scorer.infer(micro, end_score_fn)])
+    mine = torch.cat([out["score"] for out in scorer.infer(micro, fn)])
     return all_gather_cat(mine.double(), run.state.dp_group)
 
 
@@ -90,8 +91,11 @@ def run_eval(cfg: EvalRunConfig, out_dir: str | None = None) -> dict:
     results: dict = {name: {} for name in policies}
     all_scores: dict = {name: {} for name in policies}
     for spec in cfg.scorers:
-        scorer, _ = load_score_model(spec.path, cfg.model, cfg.parallel, state, pack=True)
-        scores = {name: _scores(cfg, run, scorer, r) for name, r in rollouts.items()}
+        scorer, _, calibration = load_score_model(
+            spec.path, cfg.model, cfg.parallel, state, pack=True
+        )
+        fn = calibrated_end_score_fn(calibration)
+        scores = {name: _scores(cfg, run, scorer, r, fn) for name, r in rollouts.items()}
         for name in policies:
             other = scores.get("baseline") if name == "policy" else None
             results[name][scorer_name(spec)] = summarize(spec.kind, scores[name], other)

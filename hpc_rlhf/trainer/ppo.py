@@ -40,8 +40,8 @@ from hpc_rlhf.trainer.experience import (
 from hpc_rlhf.trainer.losses import (
     GlobalCounts,
     actor_loss_fn,
+    calibrated_end_score_fn,
     critic_loss_fn,
-    end_score_fn,
     logprobs_fn,
     values_fn,
 )
@@ -97,6 +97,7 @@ class PPOTrainer:
         models = build_models(cfg, state, tokenizer)
         self.actor, self.reference, self.critic = models.actor, models.reference, models.critic
         self.reward_models, self.engine = models.reward_models, models.engine
+        self.reward_fns = [calibrated_end_score_fn(c) for c in models.reward_calibrations]
         self.kl_ctl = make_kl_controller(cfg.ppo.kl_coef, cfg.ppo.kl_target, cfg.ppo.kl_horizon)
         self.reward_moments = RunningMoments()
         self.step_count = 0
@@ -196,7 +197,7 @@ class PPOTrainer:
             exp.old_logp_BS = run(self.actor, logprobs_fn(self.state.tp_group, temperature), "logp")
         if self.critic is not None:
             exp.values_BS = run(self.critic, values_fn, "values")
-        scores = [run(model, end_score_fn, "score") for model in self.reward_models]
+        scores = [run(m, fn, "score") for m, fn in zip(self.reward_models, self.reward_fns)]
         exp.score_B = self._scores(rollout, scores)
         return exp
 

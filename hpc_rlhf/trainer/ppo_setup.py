@@ -23,6 +23,7 @@ class PPOModels:
     reference: TrainableModel
     critic: TrainableModel | None
     reward_models: list[TrainableModel]
+    reward_calibrations: list[tuple[float, float] | None]  # (mean, std) stored with each
     engine: GenerationEngine
 
 
@@ -86,12 +87,13 @@ def build_models(cfg: PPORunConfig, state: ParallelState, tokenizer=None) -> PPO
     actor.load_hf_state(actor_state)
     reference = TrainableModel(cfg.model, None, state, "reference", pack_sequences=pack)
     reference.load_hf_state(actor_state)
-    reward_models, reward_states = [], []
+    reward_models, reward_states, calibrations = [], [], []
     for spec in cfg.reward.models:
-        model, hf_state = load_score_model(
+        model, hf_state, calibration = load_score_model(
             spec.path, cfg.model, cfg.parallel, state, cfg.ppo.pack_sequences
         )
         reward_models.append(model)
+        calibrations.append(calibration)
         reward_states.append(hf_state)
     critic = None
     if cfg.ppo.uses_critic:
@@ -101,13 +103,14 @@ def build_models(cfg: PPORunConfig, state: ParallelState, tokenizer=None) -> PPO
         elif cfg.ppo.critic_init == "reward":
             critic.load_hf_state(reward_states[0])
     engine = build_engine(actor, cfg, state)
-    return PPOModels(actor, reference, critic, reward_models, engine)
+    return PPOModels(actor, reference, critic, reward_models, calibrations, engine)
 
 
 def load_score_model(path: str, model: ModelConfig, parallel, state: ParallelState, pack: bool):
     """A frozen reward or cost model (an HF checkpoint with a ``score`` head), in this run's
-    dtype, layout and packing, read at each row's last token; returns it with its HF state."""
-    from hpc_rlhf.models.hf_io import load_hf_checkpoint
+    dtype, layout and packing, read at each row's last token; returns it with its HF state
+    and its stored score calibration (``models.hf_io.read_score_normalization``)."""
+    from hpc_rlhf.models.hf_io import load_hf_checkpoint, read_score_normalization
 
     rm_cfg, hf_state = load_hf_checkpoint(path)
     if "score.weight" not in hf_state:
@@ -120,7 +123,7 @@ def load_score_model(path: str, model: ModelConfig, parallel, state: ParallelSta
         rm_cfg, None, state, "reward", pack_sequences=pack, output_positions="last_token"
     )
     scorer.load_hf_state(hf_state)
-    return scorer, hf_state
+    return scorer, hf_state, read_score_normalization(path)
 
 
 def build_engine(actor: TrainableModel, cfg: PPORunConfig, state: ParallelState):

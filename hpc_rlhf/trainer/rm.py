@@ -8,12 +8,20 @@ cost model), and the model exported as an HF checkpoint with a ``score`` head th
 
 from __future__ import annotations
 
+import logging
+
+import torch
+
 from hpc_rlhf.config import InputError, RMRunConfig
 from hpc_rlhf.data.preference import PreferenceDataset
-from hpc_rlhf.trainer.losses import ranking_loss_fn
+from hpc_rlhf.models.hf_io import write_score_normalization
+from hpc_rlhf.parallel.comm import all_gather_cat
+from hpc_rlhf.trainer.losses import end_score_fn, ranking_loss_fn
 from hpc_rlhf.trainer.run import Run, RunSettings
 from hpc_rlhf.trainer.sft import initial_state
 from hpc_rlhf.trainer.supervised import build_trained_model, train_supervised
+
+logger = logging.getLogger(__name__)
 
 PROGRESS_KEYS = ("loss", "accuracy", "eval_accuracy", "eval_sign_accuracy", "lr", "grad_norm")
 
@@ -34,4 +42,27 @@ def run_rm(cfg: RMRunConfig, out_dir: str | None = None) -> list[dict[str, float
         )
     model = build_trained_model(cfg, run, initial_state(cfg), role="reward")
     loss_fn = ranking_loss_fn(cfg.rm.regularization, cfg.rm.objective)
-    return train_supervised(cfg, run, data, model, data if data.eval else None, loss_fn)
+    history = train_supervised(cfg, run, data, model, data if data.eval else None, loss_fn)
+    if cfg.rm.normalize_scores and t.hf_export_dir:
+        mean, std = score_statistics(model, data, t.micro_batch_size_per_rank)
+        if run.state.rank == 0:
+            write_score_normalization(t.hf_export_dir, mean, std)
+            logger.info(
+                "score normalisation (mean %.4f, std %.4f) stored in %s", mean, std, t.hf_export_dir
+            )
+    return history
+
+
+def score_statistics(model, data: PreferenceDataset, micro_batch_size: int) -> tuple[float, float]:
+    """Mean and (population) std of ``model``'s end scores over every response of the
+    held-out samples (the training ones without a held-out split), split over the
+    data-parallel ranks."""
+    state = model.state
+    samples = data.eval or data.train
+    mine = samples[state.dp_rank :: state.dp_size]
+    size = micro_batch_size
+    mbs = [data.collate(mine[i : i + size]) for i in range(0, len(mine), size)]
+    scores = [out["score"] for out in model.infer(mbs, end_score_fn)] if mbs else []
+    local = torch.cat(scores).double() if scores else torch.zeros(0, dtype=torch.float64)
+    everyone = all_gather_cat(local, state.dp_group)
+    return float(everyone.mean()), float(everyone.std(unbiased=False).clamp(min=1e-6))

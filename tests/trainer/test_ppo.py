@@ -177,6 +177,9 @@ def test_reward_models_and_rules_combine_with_their_weights(tmp_path):
     )
     rm_dir = str(tmp_path / "rm")
     save_hf_checkpoint(rm_dir, cfg0.model, rm_state)
+    from hpc_rlhf.models.hf_io import write_score_normalization
+
+    write_score_normalization(rm_dir, 0.3, 2.0)  # PPO reads (score - 0.3) / 2
     cfg = make_cfg(
         ppo={
             "rollout_batch_size": 4,
@@ -206,7 +209,7 @@ def test_reward_models_and_rules_combine_with_their_weights(tmp_path):
             per_token = (
                 hf.model(torch.tensor([p + r])).last_hidden_state @ rm_state["score.weight"].T
             )
-        expected = 0.7 * float(per_token[0, -1, 0]) + 0.1 * len(r)
+        expected = 0.7 * (float(per_token[0, -1, 0]) - 0.3) / 2.0 + 0.1 * len(r)
         assert float(score) == pytest.approx(expected, rel=1e-4, abs=1e-5)
 
 

@@ -6,7 +6,9 @@ exported checkpoint is an HF sequence classifier giving the trained model's scor
 
 from __future__ import annotations
 
+import json
 import math
+import os
 
 import pytest
 import torch
@@ -210,17 +212,28 @@ def test_exported_reward_model_is_an_hf_sequence_classifier(tmp_path):
     from transformers import AutoConfig, LlamaForSequenceClassification
 
     cfg = make_cfg(steps=4, hf_export_dir=str(tmp_path / "hf"))
+    cfg = config_from_dict(
+        {**config_to_dict(cfg), "rm": {"regularization": 0.001, "normalize_scores": True}},
+        RMRunConfig,
+    )
     history, samples = run_world(_export, 1, cfg)[0]
     path = str(tmp_path / "hf")
     assert AutoConfig.from_pretrained(path).architectures == ["LlamaForSequenceClassification"]
     hf = LlamaForSequenceClassification.from_pretrained(path).double().eval()
-    accuracy = 0.0
+    accuracy, every_score = 0.0, []
     with torch.no_grad():
         for sample in samples:
             scores = [float(hf(torch.tensor([seq])).logits[0, 0]) for seq in sample.sequences]
+            every_score += scores
             for better, worse, _ in sample.pairs:
                 win = 1.0 if scores[better] > scores[worse] else 0.0
                 accuracy += win / len(sample.pairs)
+    # the calibration stored with the export: mean / population std of the held-out scores
+    stored = json.load(open(os.path.join(path, "score_normalization.json")))
+    mean = sum(every_score) / len(every_score)
+    std = math.sqrt(sum((x - mean) ** 2 for x in every_score) / len(every_score))
+    assert stored["mean"] == pytest.approx(mean, abs=1e-4)
+    assert stored["std"] == pytest.approx(std, rel=1e-4)
     # the held-out accuracy the run reported, recomputed from the exported HF model
     assert accuracy / len(samples) == pytest.approx(history[-1]["eval_accuracy"], abs=1e-6)
     assert history[-1]["eval_accuracy"] > 0.6  # a trained head, not the tied initial one
