@@ -35,7 +35,8 @@ def pairwise_ranking_loss(
     """A reward model's ``(loss_sum, sums)``: ``loss_sum = sum_p w_p * (-log sigmoid(r_better
     - r_worse - m_p) + regularization * (r_better^2 + r_worse^2) / 2)``, and weighted sums of
     the pair statistics (``accuracy``: the better response scored higher; ``better_score``,
-    ``worse_score``). Divide by the number of samples for means."""
+    ``worse_score``, ``margin``: their difference). Divide by the number of samples for
+    means."""
     better_P, worse_P, w_P = _pair_scores(scores_B, pairs_P2, weights_P)
     per_pair_P = -F.logsigmoid(better_P - worse_P - margins_P.to(better_P))
     if regularization:
@@ -44,6 +45,7 @@ def pairwise_ranking_loss(
         "accuracy": (w_P * _won(better_P, worse_P)).sum().detach(),
         "better_score": (w_P * better_P).sum().detach(),
         "worse_score": (w_P * worse_P).sum().detach(),
+        "margin": (w_P * (better_P - worse_P)).sum().detach(),
     }
     return (w_P * per_pair_P).sum(), sums
 

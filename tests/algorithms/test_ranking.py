@@ -63,6 +63,10 @@ def test_loss_statistics_and_gradient_match_the_formula(regularization):
     want, want_acc = _reference(scores.detach().tolist(), spec, regularization)
     assert float(loss) == pytest.approx(want, rel=1e-12)
     assert float(sums["accuracy"]) == pytest.approx(want_acc, rel=1e-12)
+    margin = sum(
+        w * (scores[b] - scores[c]) for (b, c), w in zip(mb.pairs_P2.tolist(), mb.pair_weights_P)
+    )
+    assert float(sums["margin"]) == pytest.approx(float(margin), rel=1e-12)
     loss.backward()
     eps = 1e-6
     for b in range(scores.shape[0]):
