@@ -2,9 +2,9 @@
 
 * A PPO run interrupted after a step past its last checkpoint and resumed in a *new*
   process group (fresh processes, fresh gloo world) reproduces the uninterrupted run bit
-  for bit at TP=2 x DP=2 (4 processes) and PP=2 (2 processes): every metric but the
-  timings, every actor and critic parameter, the KL controller, the reward statistics and
-  ``metrics.jsonl``. The run has the state a resume must carry: the adaptive KL
+  for bit at TP=2 x DP=2 with the distributed optimizer (4 processes) and PP=2 (2
+  processes): every metric but the timings, every actor parameter and critic shard, the
+  KL controller, the reward statistics and ``metrics.jsonl``. The run has the state a resume must carry: the adaptive KL
   controller moving every step, reward normalisation, and a warmup + cosine learning-rate
   schedule with a floor. Each phase (uninterrupted, interrupted, resumed) is its own
   ``run_world`` call, so nothing survives between them but the files.
@@ -65,7 +65,8 @@ SECTIONS = {
 }
 
 LAYOUTS = {
-    "tp2_dp2": (4, {"tensor_model_parallel_size": 2}),
+    # the distributed optimizer, as the cluster configs run: its state is sharded over DP
+    "tp2_dp2_distopt": (4, {"tensor_model_parallel_size": 2, "use_distributed_optimizer": True}),
     "pp2": (2, {"pipeline_model_parallel_size": 2}),
 }
 
