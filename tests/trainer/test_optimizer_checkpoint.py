@@ -35,7 +35,7 @@ def _train_save_resume(rank, world, parallel: ParallelConfig, ckpt_root: str):
 
     losses = [step().metrics["loss"] for _ in range(STEPS)]
     save_checkpoint(ckpt_root, STEPS, state, {"actor": trainable}, {"data_position": 7})
-    torch.manual_seed(1000 + rank)  # disturb RNG: resume must restore it
+    torch.manual_seed(1000 + rank)  # disturb the global RNG (its restore: test_resume_layouts)
     after = step()
     params_after = trainable.gather_hf_state()
     # Resume in place: the loaded state must reproduce the same next step exactly.
