@@ -13,7 +13,8 @@ inside the following linear layers, see ``hf_names``):
 * ``...linear_proj.weight`` [H, nh d/tp], ``mlp.linear_fc2.weight`` [H, F/tp]: row parallel.
 * ``mlp.linear_fc1.weight`` [2 F/tp, H]: ``[gate shard; up shard]`` of this rank.
 * ``decoder.final_layernorm.weight`` and ``output_layer.weight`` [V/tp, H] (LM head) or
-  ``output_layer.linear.{weight,bias}`` (scalar head) on the last chunk of the last stage.
+  ``output_layer.linear.weight`` (scalar head; a critic's also ``.bias``, optional here) on
+  the last chunk of the last stage.
   Tied embeddings: no output layer weight when one chunk is both first and last, else a
   copy of the word embeddings on the last stage.
 
@@ -152,8 +153,7 @@ def mcore_chunk_shapes(
     if layout.is_last(pp_rank, chunk):
         shapes[MCORE_FINAL_NORM] = (H,)
         if head == HEAD_SCORE:
-            shapes[MCORE_SCORE] = (1, H)
-            shapes[MCORE_SCORE_BIAS] = (1,)
+            shapes[MCORE_SCORE] = (1, H)  # a critic's head also has a bias (optional)
         elif layout.has_output_weight(pp_rank, chunk, head):
             shapes[MCORE_OUTPUT] = (V // tp, H)
     return shapes
@@ -221,10 +221,12 @@ def check_shards(shards: dict, layout: Layout, head: str) -> None:
             expected = mcore_chunk_shapes(layout, p, c, head)
             names = {n for n in chunk if not n.endswith(EXTRA_STATE)}
             optional = {MCORE_SCORE_BIAS}
+            if MCORE_SCORE in expected:  # a critic's value head carries a bias
+                expected[MCORE_SCORE_BIAS] = (1,)
             missing = sorted(set(expected) - names - optional)
             if missing:
                 raise ConversionError(f"{where} is missing tensor(s) {missing[:5]}")
-            unexpected = sorted(names - set(expected))
+            unexpected = sorted(names - set(expected) - optional)
             if unexpected:
                 raise ConversionError(f"{where} has unexpected tensor(s) {unexpected[:5]}")
             for name in names:

@@ -97,8 +97,7 @@ def _chunk_shard(hf: dict, layout: Layout, pp_rank: int, tp_rank: int, chunk: in
         out[MCORE_FINAL_NORM] = _own(hf[HF_FINAL_NORM])
         if head == HEAD_SCORE:
             score_1H = hf[HF_SCORE]
-            out[MCORE_SCORE] = _own(score_1H)
-            out[MCORE_SCORE_BIAS] = torch.zeros(1, dtype=score_1H.dtype)
+            out[MCORE_SCORE] = _own(score_1H)  # no bias: a critic's starts at zero on load
         elif layout.has_output_weight(pp_rank, chunk, head):
             name = HF_EMBEDDING if m.tie_word_embeddings else HF_LM_HEAD
             out[MCORE_OUTPUT] = _split(hf[name], tp, tp_rank, 0)

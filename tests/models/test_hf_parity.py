@@ -149,7 +149,10 @@ def check_role(model_cfg, parallel, role, ref) -> dict:
     head = hf_names.HEAD_LM if role in ("actor", "reference") else hf_names.HEAD_SCORE
     for c, chunk in enumerate(chunks):  # our layout description = what megatron built
         own = {n: tuple(t.shape) for n, t in chunk.state_dict().items() if "_extra" not in n}
-        assert own == param_layout.mcore_chunk_shapes(layout, state.pp_rank, c, head), (c, own)
+        expected = param_layout.mcore_chunk_shapes(layout, state.pp_rank, c, head)
+        if role == "critic" and hf_names.MCORE_SCORE in expected:  # a value head's bias
+            expected[hf_names.MCORE_SCORE_BIAS] = (1,)
+        assert own == expected, (c, own)
         chunk.eval()
     rank_state.load_hf_state_into_rank(chunks, state, model_cfg, hf_state)
     out = pipeline_forward(chunks, state, ids_BS, mask_BS)

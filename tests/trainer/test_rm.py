@@ -146,9 +146,8 @@ def test_first_loss_is_the_ranking_loss_of_transformers_end_scores(tmp_path, pac
                 mb.pairs_P2.tolist(), mb.margins_P.tolist(), mb.pair_weights_P.tolist()
             ):
                 diff = scores[better] - scores[worse] - margin
-                term = math.log1p(math.exp(-diff)) + reg * (
-                    scores[better] ** 2 + scores[worse] ** 2
-                )
+                squares = scores[better] ** 2 + scores[worse] ** 2
+                term = math.log1p(math.exp(-diff)) + reg * squares / 2
                 total += weight * term
             samples += mb.n_samples
     assert loss == pytest.approx(total / samples, rel=1e-5)
