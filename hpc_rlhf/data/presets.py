@@ -66,7 +66,7 @@ def sft_row(preset: str, row: object, where: str) -> list[Turn]:
     """The conversation of a ``preset`` row to fine-tune on (its chosen dialogue)."""
     row = _object(row, where)
     if preset == "hh_rlhf":
-        return transcript_turns(string_field(row, "chosen", where), "chosen", where)
+        return _ends_with_reply(row, "chosen", where)
     if preset == "ultrafeedback":
         return message_list(row.get("chosen"), "chosen", where)
     raise ValueError(f"data.preset {preset!r} has no SFT layout: expected one of {SFT_PRESETS}")

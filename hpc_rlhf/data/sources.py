@@ -103,14 +103,19 @@ def _datasets_rows(path: str, builder: str) -> Iterator[tuple[str, object]]:
     import datasets  # only Parquet/Arrow readers pay for importing it
     import pyarrow
 
-    ds = datasets.load_dataset(
-        builder,
-        data_files=glob.escape(os.path.abspath(path)),  # the file, never a pattern
-        split="train",
-        streaming=True,
-        download_config=datasets.DownloadConfig(local_files_only=True),
-    )
-    rows = iter(ds)
+    kind = "Parquet" if builder == "parquet" else "Arrow IPC"
+    try:
+        rows = iter(
+            datasets.load_dataset(
+                builder,
+                data_files=glob.escape(os.path.abspath(path)),  # the file, never a pattern
+                split="train",
+                streaming=True,
+                download_config=datasets.DownloadConfig(local_files_only=True),
+            )
+        )
+    except pyarrow.ArrowException as err:  # the Parquet footer is read here
+        raise InputError(f"{path}: not a readable {kind} file ({err})") from err
     index = 0
     while True:
         try:
@@ -118,7 +123,6 @@ def _datasets_rows(path: str, builder: str) -> Iterator[tuple[str, object]]:
         except StopIteration:
             return
         except pyarrow.ArrowException as err:
-            kind = "Parquet" if builder == "parquet" else "Arrow IPC"
             where = f"{path}:row {index + 1}" if index else path
             raise InputError(f"{where}: not a readable {kind} file ({err})") from err
         index += 1
