@@ -11,9 +11,9 @@ skipped) and ``path:row N`` for the others (1-based rows).
   rows disagree on its type into a JSON string (``"x"`` becomes ``'"x"'``, seen with
   datasets 5.2), which would silently change the text we train on.
 * ``.parquet`` / ``.arrow`` (Arrow IPC file or stream, as ``save_to_disk`` writes): through
-  ``datasets.load_dataset`` streaming the local file, so nothing is cached on disk and
-  nothing is downloaded (``local_files_only``; no hub access even without
-  ``HF_DATASETS_OFFLINE``).
+  ``datasets.load_dataset`` streaming the local file, so no Arrow copy is cached on disk
+  (its lock file goes to a temporary directory, not ``~/.cache``) and nothing is
+  downloaded (``local_files_only``; no hub access even without ``HF_DATASETS_OFFLINE``).
 
 Rows are whatever the file holds; the callers check their fields.
 """
@@ -23,6 +23,7 @@ from __future__ import annotations
 import glob
 import json
 import os
+import tempfile
 from collections.abc import Iterator
 
 from hpc_rlhf.config import InputError
@@ -104,18 +105,29 @@ def _datasets_rows(path: str, builder: str) -> Iterator[tuple[str, object]]:
     import pyarrow
 
     kind = "Parquet" if builder == "parquet" else "Arrow IPC"
-    try:
-        rows = iter(
-            datasets.load_dataset(
-                builder,
-                data_files=glob.escape(os.path.abspath(path)),  # the file, never a pattern
-                split="train",
-                streaming=True,
-                download_config=datasets.DownloadConfig(local_files_only=True),
+    # streaming still takes a lock file in its cache dir: a private one, not ~/.cache
+    with tempfile.TemporaryDirectory(prefix="hpc_rlhf-datasets-") as cache_dir:
+        try:
+            rows = iter(
+                datasets.load_dataset(
+                    builder,
+                    data_files=glob.escape(os.path.abspath(path)),  # the file, never a pattern
+                    split="train",
+                    streaming=True,
+                    cache_dir=cache_dir,
+                    download_config=datasets.DownloadConfig(local_files_only=True),
+                )
             )
-        )
-    except pyarrow.ArrowException as err:  # the Parquet footer is read here
-        raise InputError(f"{path}: not a readable {kind} file ({err})") from err
+        except pyarrow.ArrowException as err:  # the Parquet footer is read here
+            raise InputError(f"{path}: not a readable {kind} file ({err})") from err
+        yield from _numbered(rows, path, kind)
+
+
+def _numbered(rows: Iterator, path: str, kind: str) -> Iterator[tuple[str, object]]:
+    """``(path:row N, row)`` of a datasets row iterator; ``InputError`` naming the row
+    where the file stops being readable."""
+    import pyarrow
+
     index = 0
     while True:
         try:

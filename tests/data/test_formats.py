@@ -484,9 +484,16 @@ def test_parquet_and_arrow_are_read_without_any_connection(tmp_path, monkeypatch
         assert [row["prompt"] for _, row in got] == [r["prompt"] for r in rows]
 
 
-def test_reading_works_with_the_hub_offline(tmp_path):
+def test_reading_works_with_the_hub_offline_and_caches_nothing(tmp_path):
     path = _write(_fixture_rows("hh_rlhf"), tmp_path / "o.parquet")
-    env = {**os.environ, "HF_DATASETS_OFFLINE": "1", "HF_HUB_OFFLINE": "1"}
+    cache = tmp_path / "hf"
+    env = {
+        **os.environ,
+        "HF_DATASETS_OFFLINE": "1",
+        "HF_HUB_OFFLINE": "1",
+        "HF_HOME": str(cache),
+        "HF_DATASETS_CACHE": str(cache / "datasets"),
+    }
     code = (
         "import sys; from hpc_rlhf.data.sources import read_rows; "
         "print(len(list(read_rows(sys.argv[1], 'x'))))"
@@ -500,3 +507,4 @@ def test_reading_works_with_the_hub_offline(tmp_path):
     )
     assert out.returncode == 0, out.stderr
     assert out.stdout.strip() == "3"
+    assert not [p for p in cache.rglob("*") if p.is_file()]  # streamed: no Arrow cache
