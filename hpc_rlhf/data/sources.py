@@ -118,7 +118,7 @@ def _datasets_rows(path: str, builder: str) -> Iterator[tuple[str, object]]:
                     download_config=datasets.DownloadConfig(local_files_only=True),
                 )
             )
-        except pyarrow.ArrowException as err:  # the Parquet footer is read here
+        except (pyarrow.ArrowException, OSError) as err:  # the Parquet footer is read here
             raise InputError(f"{path}: not a readable {kind} file ({err})") from err
         yield from _numbered(rows, path, kind)
 
@@ -134,7 +134,7 @@ def _numbered(rows: Iterator, path: str, kind: str) -> Iterator[tuple[str, objec
             row = next(rows)
         except StopIteration:
             return
-        except pyarrow.ArrowException as err:
+        except (pyarrow.ArrowException, OSError) as err:  # e.g. a truncated file
             where = f"{path}:row {index + 1}" if index else path
             raise InputError(f"{where}: not a readable {kind} file ({err})") from err
         index += 1

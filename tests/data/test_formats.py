@@ -461,6 +461,19 @@ def test_unreadable_files_name_the_file_and_where(tmp_path):
         read_samples(str(tmp_path / "nope.parquet"), load_tokenizer(), SFTDataConfig(), SEQ, 512)
 
 
+def test_a_truncated_arrow_stream_names_the_first_row_it_cannot_read(tmp_path):
+    table = pa.table({"prompt": ["p" * 50] * 3, "response": ["r"] * 3})
+    path = tmp_path / "t.arrow"
+    with pa.OSFile(str(path), "wb") as fh, pa.ipc.new_stream(fh, table.schema) as writer:
+        for batch in table.to_batches(max_chunksize=1):
+            writer.write_batch(batch)
+    path.write_bytes(path.read_bytes()[:-60])  # into the last row's batch
+    rows = read_rows(str(path), "x")
+    assert [next(rows)[0], next(rows)[0]] == [f"{path}:row 1", f"{path}:row 2"]
+    with pytest.raises(InputError, match=r"t.arrow:row 3: not a readable Arrow IPC file"):
+        next(rows)
+
+
 def test_a_path_with_glob_characters_reads_that_file_only(tmp_path):
     (tmp_path / "d[1]").mkdir()
     _write([{"prompt": "p", "response": "r"}], tmp_path / "d[1]" / "x*.parquet")
