@@ -37,6 +37,9 @@ FORMATS: dict[str, str | None] = {
     ".arrow": "arrow",
 }
 
+# how the public sets ship some files (HH-RLHF: .jsonl.gz; PKU-SafeRLHF's first round: .xz)
+COMPRESSED = {".gz": "gunzip", ".xz": "unxz", ".bz2": "bunzip2", ".zst": "unzstd"}
+
 
 def read_rows(path: str, what: str) -> Iterator[tuple[str, object]]:
     """``(where, row)`` of every row of ``path`` (see the module docstring).
@@ -47,9 +50,10 @@ def read_rows(path: str, what: str) -> Iterator[tuple[str, object]]:
         raise FileNotFoundError(f"{what} not found: {path}")
     ext = os.path.splitext(path)[1].lower()
     if ext not in FORMATS:
+        hint = f" (decompress it first: {COMPRESSED[ext]})" if ext in COMPRESSED else ""
         raise InputError(
-            f"{path}: unknown {what} format {ext or '(no extension)'!r}: expected one of "
-            f"{', '.join(FORMATS)} (JSON Lines, JSON, Parquet, Arrow)"
+            f"{path}: unknown {what} format {ext or '(no extension)'!r}{hint}: expected one "
+            f"of {', '.join(FORMATS)} (JSON Lines, JSON, Parquet, Arrow)"
         )
     if ext == ".jsonl":
         yield from _json_lines(path, what)

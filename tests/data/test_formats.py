@@ -443,7 +443,8 @@ def test_a_json_column_of_mixed_types_is_read_as_written(tmp_path):
 
 def test_unreadable_files_name_the_file_and_where(tmp_path):
     bad = {
-        "d.csv": (b"prompt,response\n", r"d.csv: unknown SFT data file format '.csv'"),
+        "d.csv": (b"prompt,response\n", r"d.csv: unknown SFT data file format '.csv': "),
+        "d.jsonl.gz": (b"\x1f\x8b", r"format '.gz' \(decompress it first: gunzip\)"),
         "d.json": (b'[{"prompt": "a",\n "response": }]', r"d.json:2: not valid JSON"),
         "u.json": (b'[{"prompt": "a",\n "response": "\xff"}]', r"u.json:2: not valid UTF-8"),
         "u.jsonl": (
