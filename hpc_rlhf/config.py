@@ -345,6 +345,10 @@ class SFTDataConfig:
             raise ConfigError(f"data.eval_fraction={self.eval_fraction} must be in [0, 1)")
         if self.preset is not None and self.preset not in self.PRESETS:
             raise ConfigError(f"data.preset={self.preset!r}: expected one of {self.PRESETS}")
+        if self.preset is not None and self.path is None:
+            raise ConfigError(
+                f"data.preset={self.preset!r} needs data.path (the shipped set has our layout)"
+            )
         if self.truncation_side not in TRUNCATION_SIDES:
             raise ConfigError(
                 f"data.truncation_side={self.truncation_side!r}: expected one of {TRUNCATION_SIDES}"
@@ -405,6 +409,10 @@ class PreferenceDataConfig:
             raise ConfigError(f"data.eval_fraction={self.eval_fraction} must be in [0, 1)")
         if self.preset is not None and self.preset not in self.PRESETS:
             raise ConfigError(f"data.preset={self.preset!r}: expected one of {self.PRESETS}")
+        if self.preset is not None and self.path is None:
+            raise ConfigError(
+                f"data.preset={self.preset!r} needs data.path (the shipped set has our layout)"
+            )
         if self.chat_template is not None and "{prompt}" not in self.chat_template:
             raise ConfigError(
                 f"data.chat_template={self.chat_template!r} must contain '{{prompt}}'"

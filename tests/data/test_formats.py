@@ -218,8 +218,10 @@ def test_unknown_presets_are_config_errors():
         PreferenceDataConfig(preset="hh").validate()
     with pytest.raises(ConfigError, match=r"data.preset='pku_saferlhf': expected one of"):
         SFTDataConfig(preset="pku_saferlhf").validate()  # no response to imitate
-    PreferenceDataConfig(preset="pku_saferlhf").validate()
-    SFTDataConfig(preset="ultrafeedback").validate()
+    with pytest.raises(ConfigError, match=r"data.preset='hh_rlhf' needs data.path"):
+        SFTDataConfig(preset="hh_rlhf").validate()
+    PreferenceDataConfig(preset="pku_saferlhf", path="p.parquet").validate()
+    SFTDataConfig(preset="ultrafeedback", path="u.jsonl").validate()
 
 
 # ----------------------------------------------------------------------------- malformed rows
