@@ -81,6 +81,7 @@ setup(
         "pyyaml",
         "numpy",
         "tqdm",
+        "datasets>=3",  # Parquet / Arrow data files (data/sources.py)
     ],
     extras_require={
         "test": ["pytest>=8", "transformers>=4.45", "ruff", "mypy", "tensorboard"],

@@ -317,11 +317,16 @@ class Config:
 
 @dataclass(frozen=True)
 class SFTDataConfig:
-    """Supervised fine-tuning data: JSONL rows ``{prompt_key: ..., response_key: ...}`` or
-    ``{messages_key: [{role_key: ..., content_key: ...}, ...]}``; the loss reads the
-    assistant turns (and their EOS) only."""
+    """Supervised fine-tuning data: rows ``{prompt_key: ..., response_key: ...}`` or
+    ``{messages_key: [{role_key: ..., content_key: ...}, ...]}`` of a local .jsonl, .json,
+    .parquet or .arrow file, or the ``chosen`` dialogues of a public preference set's layout
+    (``preset``, ``data.presets``); the loss reads the assistant turns (and their EOS) only."""
+
+    # Anthropic HH-RLHF, UltraFeedback binarized
+    PRESETS: typing.ClassVar[tuple[str, ...]] = ("hh_rlhf", "ultrafeedback")
 
     path: str | None = None  # None: the shipped tiny set
+    preset: str | None = None  # a row layout of PRESETS; None: the keys below
     eval_path: str | None = None  # None: hold out eval_fraction of path's rows
     eval_fraction: float = 0.05
     tokenizer: str | None = None  # None: the shipped tiny sentencepiece model
@@ -338,6 +343,12 @@ class SFTDataConfig:
         """Raise ``ConfigError`` naming the ``data.`` key of an impossible value."""
         if not 0.0 <= self.eval_fraction < 1.0:
             raise ConfigError(f"data.eval_fraction={self.eval_fraction} must be in [0, 1)")
+        if self.preset is not None and self.preset not in self.PRESETS:
+            raise ConfigError(f"data.preset={self.preset!r}: expected one of {self.PRESETS}")
+        if self.preset is not None and self.path is None:
+            raise ConfigError(
+                f"data.preset={self.preset!r} needs data.path (the shipped set has our layout)"
+            )
         if self.truncation_side not in TRUNCATION_SIDES:
             raise ConfigError(
                 f"data.truncation_side={self.truncation_side!r}: expected one of {TRUNCATION_SIDES}"
@@ -365,11 +376,16 @@ class SFTRunConfig(Config):
 
 @dataclass(frozen=True)
 class PreferenceDataConfig:
-    """Preference data for reward models: JSONL pairs ``{prompt_key, chosen_key,
-    rejected_key[, margin_key]}`` or K-wise rankings ``{prompt_key, responses_key: [...],
-    ranking_key: [best response index, ..., worst]}``."""
+    """Preference data for reward models, rows of a local .jsonl, .json, .parquet or .arrow
+    file: pairs ``{prompt_key, chosen_key, rejected_key[, margin_key]}`` or K-wise rankings
+    ``{prompt_key, responses_key: [...], ranking_key: [best response index, ..., worst]}``,
+    or the layout of a public preference set (``preset``, ``data.presets``)."""
+
+    # Anthropic HH-RLHF, PKU-SafeRLHF (the one with safety labels), UltraFeedback binarized
+    PRESETS: typing.ClassVar[tuple[str, ...]] = ("hh_rlhf", "pku_saferlhf", "ultrafeedback")
 
     path: str | None = None  # None: the shipped tiny preference set
+    preset: str | None = None  # a row layout of PRESETS; None: the keys below
     eval_path: str | None = None  # None: hold out eval_fraction of path's rows
     eval_fraction: float = 0.1
     tokenizer: str | None = None  # None: the shipped tiny sentencepiece model
@@ -391,6 +407,12 @@ class PreferenceDataConfig:
         """Raise ``ConfigError`` naming the ``data.`` key of an impossible value."""
         if not 0.0 <= self.eval_fraction < 1.0:
             raise ConfigError(f"data.eval_fraction={self.eval_fraction} must be in [0, 1)")
+        if self.preset is not None and self.preset not in self.PRESETS:
+            raise ConfigError(f"data.preset={self.preset!r}: expected one of {self.PRESETS}")
+        if self.preset is not None and self.path is None:
+            raise ConfigError(
+                f"data.preset={self.preset!r} needs data.path (the shipped set has our layout)"
+            )
         if self.chat_template is not None and "{prompt}" not in self.chat_template:
             raise ConfigError(
                 f"data.chat_template={self.chat_template!r} must contain '{{prompt}}'"

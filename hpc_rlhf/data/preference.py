@@ -7,11 +7,14 @@ it (``data.sft.conversation_tokens``: BOS, the templated prompt, the response, E
 sample's K responses are forwarded once, side by side in one micro-batch, and the loss
 reads all K(K-1)/2 ordered pairs from their end scores (InstructGPT), never one forward
 per pair. ``margin``: a label of ``rm.margins`` (Llama-2) or a number; 0 when absent.
+
+Rows come from a .jsonl, .json, .parquet or .arrow file (``data.sources``); with
+``data.preset`` they have the layout of a public preference set (``data.presets``: its pair
+follows the conversation before the responses, every turn rendered as SFT renders it).
 """
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 from dataclasses import dataclass
@@ -19,9 +22,11 @@ from dataclasses import dataclass
 import torch
 
 from hpc_rlhf.config import InputError, PreferenceDataConfig
+from hpc_rlhf.data.presets import Turn, flag_field, preference_row, string_field
 from hpc_rlhf.data.samples import SampleSet
 from hpc_rlhf.data.sft import conversation_tokens
-from hpc_rlhf.data.text_files import check_token_ids, numbered_lines
+from hpc_rlhf.data.sources import read_rows
+from hpc_rlhf.data.text_files import check_token_ids
 from hpc_rlhf.data.tokenizer import ASSETS_DIR
 from hpc_rlhf.models.runner import MicroBatch
 
@@ -71,13 +76,6 @@ def _margin(row: dict, cfg: PreferenceDataConfig, margins: dict, where: str) -> 
     )
 
 
-def _string(row: dict, key: str, where: str) -> str:
-    value = row.get(key)
-    if not isinstance(value, str):
-        raise InputError(f"{where}: expected a string field {key!r}")
-    return value
-
-
 def row_responses(
     row: object, cfg: PreferenceDataConfig, margins: dict, where: str
 ) -> tuple[str, list[str], list[tuple[int, int, float]]]:
@@ -85,10 +83,10 @@ def row_responses(
     its safety labels)."""
     if not isinstance(row, dict):
         raise InputError(f"{where}: expected a JSON object, got {type(row).__name__}")
-    prompt = _string(row, cfg.prompt_key, where)
-    if cfg.responses_key not in row:
-        chosen = _string(row, cfg.chosen_key, where)
-        rejected = _string(row, cfg.rejected_key, where)
+    prompt = string_field(row, cfg.prompt_key, where)
+    if row.get(cfg.responses_key) is None:
+        chosen = string_field(row, cfg.chosen_key, where)
+        rejected = string_field(row, cfg.rejected_key, where)
         return prompt, [chosen, rejected], [(0, 1, _margin(row, cfg, margins, where))]
     responses, ranking = row[cfg.responses_key], row.get(cfg.ranking_key)
     if not isinstance(responses, list) or len(responses) < 2:
@@ -109,21 +107,33 @@ def row_responses(
     return prompt, responses, pairs
 
 
-def _flag(row: dict, key: str, where: str) -> bool:
-    value = row.get(key)
-    if not isinstance(value, bool):
-        raise InputError(f"{where}: expected a true/false field {key!r} (safety label)")
-    return value
-
-
 def row_safety(row: dict, cfg: PreferenceDataConfig, n: int, where: str) -> list[bool]:
     """The safety label (true = safe) of each of a row's ``n`` responses."""
-    if cfg.responses_key not in row:
-        return [_flag(row, cfg.chosen_safe_key, where), _flag(row, cfg.rejected_safe_key, where)]
+    if row.get(cfg.responses_key) is None:
+        return [
+            flag_field(row, cfg.chosen_safe_key, where),
+            flag_field(row, cfg.rejected_safe_key, where),
+        ]
     labels = row.get(cfg.safe_key)
     if not isinstance(labels, list) or len(labels) != n:
         raise InputError(f"{where}: field {cfg.safe_key!r} must list {n} safety labels")
-    return [_flag({cfg.safe_key: v}, cfg.safe_key, where) for v in labels]
+    return [flag_field({cfg.safe_key: v}, cfg.safe_key, where) for v in labels]
+
+
+def row_preference(
+    row: object, cfg: PreferenceDataConfig, margins: dict, where: str, safety: bool
+) -> tuple[list[Turn], list[str], list[tuple[int, int, float]], list[bool] | None]:
+    """``(context, responses, pairs, safe)`` of a row: the conversation before the
+    responses, the responses, their ordered pairs and, with ``safety``, their safety labels
+    (``row_responses`` and ``row_safety``, or ``cfg.preset``'s layout)."""
+    if cfg.preset is not None:
+        pair = preference_row(cfg.preset, row, where, safety)
+        safe = None if pair.safe is None else list(pair.safe)
+        return pair.context, [pair.chosen, pair.rejected], [(0, 1, 0.0)], safe
+    prompt, responses, pairs = row_responses(row, cfg, margins, where)
+    assert isinstance(row, dict)  # row_responses checked it
+    safe = row_safety(row, cfg, len(responses), where) if safety else None
+    return [("user", prompt)], responses, pairs, safe
 
 
 def read_preferences(
@@ -135,26 +145,19 @@ def read_preferences(
     vocab_size: int | None,
     safety: bool = False,
 ) -> list[PreferenceSample]:
-    """Every row of the JSONL file ``path``, each response cut to ``seq_length`` tokens;
-    with ``safety``, every row's safety labels too (a cost model's data)."""
+    """Every row of the data file ``path`` (``data.sources``), each response cut to
+    ``seq_length`` tokens; with ``safety``, every row's safety labels too (a cost model's
+    data)."""
     samples, cut = [], 0
-    for number, text in numbered_lines(path, "preference data file"):
-        if not text.strip():
-            continue
-        where = f"{path}:{number}"
-        try:
-            row = json.loads(text)
-        except json.JSONDecodeError as err:
-            raise InputError(f"{where}: not valid JSON ({err.msg})") from err
-        prompt, responses, pairs = row_responses(row, cfg, margins, where)
+    for where, row in read_rows(path, "preference data file"):
+        context, responses, pairs, safe = row_preference(row, cfg, margins, where, safety)
         sequences = []
         for response in responses:
-            turns = [("user", prompt), ("assistant", response)]
+            turns = [*context, ("assistant", response)]
             ids, _ = conversation_tokens(turns, tokenizer, cfg.chat_template)
             check_token_ids(ids, vocab_size, where, tokenizer)
             cut += len(ids) > seq_length
             sequences.append(ids[:seq_length])
-        safe = row_safety(row, cfg, len(responses), where) if safety else None
         samples.append(PreferenceSample(sequences, pairs, where, safe))
     if not samples:
         raise InputError(f"{path}: no preference rows")

@@ -1,8 +1,10 @@
 """Supervised fine-tuning data: conversations tokenized with the loss on assistant turns.
 
 A row is ``{"prompt": ..., "response": ...}`` (one exchange) or ``{"messages": [{"role":
-..., "content": ...}, ...]}`` (any number of turns; key names from ``SFTDataConfig``). The
-tokens are those PPO sees: ``BOS``, then per turn
+..., "content": ...}, ...]}`` (any number of turns; key names from ``SFTDataConfig``), or
+the chosen dialogue of a public preference set's row (``data.preset``, ``data.presets``),
+in a .jsonl, .json, .parquet or .arrow file (``data.sources``). The tokens are those PPO
+sees: ``BOS``, then per turn
 
 * ``user``: ``tokens(chat_template.format(prompt=content))`` (no loss),
 * ``system``: ``tokens(content)`` (no loss),
@@ -16,7 +18,6 @@ warned once); one with no assistant token left is an error naming its row.
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 from dataclasses import dataclass
@@ -24,14 +25,14 @@ from dataclasses import dataclass
 import torch
 
 from hpc_rlhf.config import InputError, SFTDataConfig
+from hpc_rlhf.data.presets import message_list, sft_row
 from hpc_rlhf.data.samples import SampleSet
-from hpc_rlhf.data.text_files import check_token_ids, numbered_lines
+from hpc_rlhf.data.sources import read_rows
+from hpc_rlhf.data.text_files import check_token_ids
 from hpc_rlhf.data.tokenizer import ASSETS_DIR
 from hpc_rlhf.models.runner import MicroBatch
 
 logger = logging.getLogger(__name__)
-
-ROLES = ("system", "user", "assistant")
 
 
 def default_sft_path() -> str:
@@ -45,35 +46,23 @@ class Sample:
 
     ids: list[int]
     loss_mask: list[bool]
-    where: str  # path:line, for errors
+    where: str  # path:line or path:row N, for errors
 
     def __len__(self) -> int:
         return len(self.ids)
 
 
 def row_messages(row: object, cfg: SFTDataConfig, where: str) -> list[tuple[str, str]]:
-    """``[(role, content), ...]`` of a JSON row in either layout; ``InputError`` naming
-    ``where`` and the field otherwise."""
+    """``[(role, content), ...]`` of a row in either layout (or ``cfg.preset``'s);
+    ``InputError`` naming ``where`` and the field otherwise."""
+    if cfg.preset is not None:
+        return sft_row(cfg.preset, row, where)
     if not isinstance(row, dict):
         raise InputError(f"{where}: expected a JSON object, got {type(row).__name__}")
-    if cfg.messages_key in row:
-        turns = row[cfg.messages_key]
-        if not isinstance(turns, list) or not turns:
-            raise InputError(f"{where}: field {cfg.messages_key!r} must be a non-empty list")
-        out = []
-        for i, turn in enumerate(turns):
-            field = f"{cfg.messages_key}[{i}]"
-            if not isinstance(turn, dict):
-                raise InputError(f"{where}: field {field} must be an object")
-            role, content = turn.get(cfg.role_key), turn.get(cfg.content_key)
-            if role not in ROLES:
-                raise InputError(
-                    f"{where}: field {field}.{cfg.role_key}={role!r}: expected {ROLES}"
-                )
-            if not isinstance(content, str):
-                raise InputError(f"{where}: field {field}.{cfg.content_key} must be a string")
-            out.append((role, content))
-        return out
+    if row.get(cfg.messages_key) is not None:
+        return message_list(
+            row[cfg.messages_key], cfg.messages_key, where, cfg.role_key, cfg.content_key
+        )
     for key in (cfg.prompt_key, cfg.response_key):
         if not isinstance(row.get(key), str):
             raise InputError(
@@ -102,16 +91,10 @@ def conversation_tokens(
 def read_samples(
     path: str, tokenizer, cfg: SFTDataConfig, seq_length: int, vocab_size: int | None
 ) -> list[Sample]:
-    """Every row of the JSONL file ``path`` tokenized, cut to ``seq_length + 1`` tokens."""
+    """Every row of the data file ``path`` (``data.sources``) tokenized, cut to
+    ``seq_length + 1`` tokens."""
     samples, cut = [], 0
-    for number, text in numbered_lines(path, "SFT data file"):
-        if not text.strip():
-            continue
-        where = f"{path}:{number}"
-        try:
-            row = json.loads(text)
-        except json.JSONDecodeError as err:
-            raise InputError(f"{where}: not valid JSON ({err.msg})") from err
+    for where, row in read_rows(path, "SFT data file"):
         ids, mask = conversation_tokens(row_messages(row, cfg, where), tokenizer, cfg.chat_template)
         check_token_ids(ids, vocab_size, where, tokenizer)
         if len(ids) > seq_length + 1:
