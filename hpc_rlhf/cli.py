@@ -17,86 +17,76 @@ import sys
 from hpc_rlhf.config import ConfigError, InputError, load_config
 
 
-def _pretrain(args: argparse.Namespace) -> int:
+def _stage(args: argparse.Namespace) -> int:
+    """Load the stage's config, run it, print its report on rank 0, shut down."""
     import torch.distributed as dist
 
     from hpc_rlhf.parallel.launch import shutdown_distributed
+
+    cls, run, report = STAGES[args.stage]()
+    cfg = load_config(args.config, args.overrides, cls=cls)
+    result = run(cfg, args)
+    if dist.get_rank() == 0 and result:
+        print("\n" + report(cfg, result, args))
+    shutdown_distributed()
+    return 0
+
+
+def _trend(name: str, first: float, last: float, steps: int, good: str, bad: str, up: bool):
+    better = last > first if up else last < first
+    return f"{name} {first:.4f} -> {last:.4f} over {steps} steps ({good if better else bad})"
+
+
+def _pretrain_stage():
+    from hpc_rlhf.config import Config
     from hpc_rlhf.trainer.pretrain import print_loss_table, run_pretrain
 
-    cfg = load_config(args.config, args.overrides)
-    history = run_pretrain(
-        cfg, corpus=args.data, tokenizer_path=args.tokenizer, out_dir=args.out_dir
-    )
-    if dist.get_rank() == 0:
-        print("\n" + print_loss_table(history))
+    def run(cfg, args):
+        return run_pretrain(cfg, args.data, args.tokenizer, args.out_dir)
+
+    def report(cfg, history, args):
         first, last = history[0][1], history[-1][1]
-        print(
-            f"\nloss {first:.4f} -> {last:.4f} over {len(history)} steps "
-            f"({'falling' if last < first else 'NOT falling'})"
-        )
-    shutdown_distributed()
-    return 0
+        trend = _trend("loss", first, last, len(history), "falling", "NOT falling", up=False)
+        return print_loss_table(history) + "\n\n" + trend
+
+    return Config, run, report
 
 
-def _ppo(args: argparse.Namespace) -> int:
-    import torch.distributed as dist
-
+def _ppo_stage():
     from hpc_rlhf.config import PPORunConfig
-    from hpc_rlhf.parallel.launch import shutdown_distributed
     from hpc_rlhf.trainer.ppo_run import reward_table, run_ppo
 
-    cfg = load_config(args.config, args.overrides, cls=PPORunConfig)
-    history = run_ppo(cfg, out_dir=args.out_dir)
-    if dist.get_rank() == 0 and history:
-        print("\n" + reward_table(history))
+    def report(cfg, history, args):
         first, last = history[0]["reward_mean"], history[-1]["reward_mean"]
-        print(
-            f"\nmean reward {first:.4f} -> {last:.4f} over {len(history)} PPO steps "
-            f"({'rising' if last > first else 'NOT rising'})"
-        )
-    shutdown_distributed()
-    return 0
+        trend = _trend("mean reward", first, last, len(history), "rising", "NOT rising", up=True)
+        return reward_table(history) + "\n\n" + trend.replace(" steps", " PPO steps")
+
+    return PPORunConfig, lambda cfg, args: run_ppo(cfg, args.out_dir), report
 
 
-def _sft(args: argparse.Namespace) -> int:
-    import torch.distributed as dist
-
+def _sft_stage():
     from hpc_rlhf.config import SFTRunConfig
-    from hpc_rlhf.parallel.launch import shutdown_distributed
     from hpc_rlhf.trainer.sft import run_sft
 
-    cfg = load_config(args.config, args.overrides, cls=SFTRunConfig)
-    history = run_sft(cfg, out_dir=args.out_dir)
-    if dist.get_rank() == 0 and history:
-        first, last = history[0]["loss"], history[-1]["loss"]
-        print(
-            f"\nSFT loss {first:.4f} -> {last:.4f} over {len(history)} steps "
-            f"({'falling' if last < first else 'NOT falling'})"
-        )
-        if "eval_loss" in history[-1]:
-            print(
-                f"held-out loss {history[-1]['eval_loss']:.4f}, "
-                f"perplexity {history[-1]['eval_ppl']:.2f}"
-            )
-    shutdown_distributed()
-    return 0
+    def report(cfg, history, args):
+        first, last, m = history[0]["loss"], history[-1]["loss"], history[-1]
+        lines = [_trend("SFT loss", first, last, len(history), "falling", "NOT falling", False)]
+        if "eval_loss" in m:
+            lines.append(f"held-out loss {m['eval_loss']:.4f}, perplexity {m['eval_ppl']:.2f}")
+        return "\n".join(lines)
+
+    return SFTRunConfig, lambda cfg, args: run_sft(cfg, args.out_dir), report
 
 
-def _rm(args: argparse.Namespace) -> int:
-    import torch.distributed as dist
-
+def _rm_stage():
     from hpc_rlhf.config import RMRunConfig
-    from hpc_rlhf.parallel.launch import shutdown_distributed
     from hpc_rlhf.trainer.rm import run_rm
 
-    cfg = load_config(args.config, args.overrides, cls=RMRunConfig)
-    history = run_rm(cfg, out_dir=args.out_dir)
-    if dist.get_rank() == 0 and history:
-        first, last = history[0]["loss"], history[-1]["loss"]
-        print(
-            f"\n{cfg.rm.objective}-model loss {first:.4f} -> {last:.4f} over {len(history)} steps"
-        )
-        m = history[-1]
+    def report(cfg, history, args):
+        first, last, m = history[0]["loss"], history[-1]["loss"], history[-1]
+        lines = [
+            f"{cfg.rm.objective}-model loss {first:.4f} -> {last:.4f} over {len(history)} steps"
+        ]
         if "eval_accuracy" in m:
             kind = "cost" if "eval_better_cost" in m else "score"
             line = (
@@ -105,77 +95,64 @@ def _rm(args: argparse.Namespace) -> int:
             )
             if "eval_sign_accuracy" in m:
                 line += f", safety-sign accuracy {m['eval_sign_accuracy']:.3f}"
-            print(line)
-    shutdown_distributed()
-    return 0
+            lines.append(line)
+        return "\n".join(lines)
+
+    return RMRunConfig, lambda cfg, args: run_rm(cfg, args.out_dir), report
 
 
-def _eval(args: argparse.Namespace) -> int:
-    import torch.distributed as dist
-
+def _eval_stage():
     from hpc_rlhf.config import EvalRunConfig
-    from hpc_rlhf.parallel.launch import shutdown_distributed
     from hpc_rlhf.trainer.policy_eval import results_table, run_eval
 
-    cfg = load_config(args.config, args.overrides, cls=EvalRunConfig)
-    results = run_eval(cfg, out_dir=args.out_dir)
-    if dist.get_rank() == 0:
-        print("\n" + results_table(results))
-        print(f"\nwritten to {args.out_dir}/eval.json")
-    shutdown_distributed()
-    return 0
+    def report(cfg, results, args):
+        return results_table(results) + f"\n\nwritten to {args.out_dir}/eval.json"
+
+    return EvalRunConfig, lambda cfg, args: run_eval(cfg, args.out_dir), report
 
 
-def _pipeline(args: argparse.Namespace) -> int:
-    import torch.distributed as dist
-
+def _pipeline_stage():
     from hpc_rlhf.config import PipelineConfig
-    from hpc_rlhf.parallel.launch import shutdown_distributed
     from hpc_rlhf.trainer.pipeline import run_pipeline, summary_table
 
-    cfg = load_config(args.config, args.overrides, cls=PipelineConfig)
-    summaries = run_pipeline(cfg)
-    if dist.get_rank() == 0:
-        print("\n" + summary_table(summaries))
-        print(f"\npolicy: {cfg.export_dir('ppo')} (HF checkpoint)")
-    shutdown_distributed()
-    return 0
+    def report(cfg, summaries, args):
+        return summary_table(summaries) + f"\n\npolicy: {cfg.export_dir('ppo')} (HF checkpoint)"
+
+    return PipelineConfig, lambda cfg, args: run_pipeline(cfg), report
+
+
+# command -> () -> (config class, run(cfg, args), report(cfg, result, args)); imported lazily
+STAGES = {
+    "pretrain": _pretrain_stage,
+    "ppo": _ppo_stage,
+    "sft": _sft_stage,
+    "rm": _rm_stage,
+    "eval": _eval_stage,
+    "pipeline": _pipeline_stage,
+}
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="hpc-rlhf", description=__doc__)
     sub = parser.add_subparsers(dest="stage", required=True)
-    pre = sub.add_parser("pretrain", help="language-model training of the actor")
-    pre.add_argument("--config", required=True, help="YAML config file")
-    pre.add_argument("--data", default=None, help="text file (default: shipped tiny corpus)")
-    pre.add_argument("--tokenizer", default=None, help="sentencepiece .model or tokenizer.json")
-    pre.add_argument("--out-dir", default="outputs/pretrain", help="metrics JSONL/TensorBoard")
-    pre.add_argument("overrides", nargs="*", help="dotted.key=value overrides")
-    pre.set_defaults(func=_pretrain)
-    ppo = sub.add_parser("ppo", help="PPO (GRPO / RLOO) with the colocated generation engine")
-    ppo.add_argument("--config", required=True, help="YAML config file")
-    ppo.add_argument("--out-dir", default="outputs/ppo", help="metrics JSONL/TensorBoard")
-    ppo.add_argument("overrides", nargs="*", help="dotted.key=value overrides")
-    ppo.set_defaults(func=_ppo)
-    sft = sub.add_parser("sft", help="supervised fine-tuning on conversations")
-    sft.add_argument("--config", required=True, help="YAML config file")
-    sft.add_argument("--out-dir", default="outputs/sft", help="metrics JSONL/TensorBoard")
-    sft.add_argument("overrides", nargs="*", help="dotted.key=value overrides")
-    sft.set_defaults(func=_sft)
-    rm = sub.add_parser("rm", help="reward-model training on preference pairs / rankings")
-    rm.add_argument("--config", required=True, help="YAML config file")
-    rm.add_argument("--out-dir", default="outputs/rm", help="metrics JSONL/TensorBoard")
-    rm.add_argument("overrides", nargs="*", help="dotted.key=value overrides")
-    rm.set_defaults(func=_rm)
-    ev = sub.add_parser("eval", help="generate with a policy (and a baseline), score, compare")
-    ev.add_argument("--config", required=True, help="YAML config file")
-    ev.add_argument("--out-dir", default="outputs/eval", help="where eval.json is written")
-    ev.add_argument("overrides", nargs="*", help="dotted.key=value overrides")
-    ev.set_defaults(func=_eval)
-    pipe = sub.add_parser("pipeline", help="SFT -> reward model (-> cost model) -> PPO")
-    pipe.add_argument("--config", required=True, help="YAML config file")
-    pipe.add_argument("overrides", nargs="*", help="dotted.key=value overrides")
-    pipe.set_defaults(func=_pipeline)
+    commands = (
+        ("pretrain", "language-model training of the actor", "outputs/pretrain"),
+        ("ppo", "PPO (GRPO / RLOO) with the colocated generation engine", "outputs/ppo"),
+        ("sft", "supervised fine-tuning on conversations", "outputs/sft"),
+        ("rm", "reward- or cost-model training on preference pairs / rankings", "outputs/rm"),
+        ("eval", "generate with a policy (and a baseline), score, compare", "outputs/eval"),
+        ("pipeline", "SFT -> reward model (-> cost model) -> PPO", None),
+    )
+    for name, help_text, out_dir in commands:
+        command = sub.add_parser(name, help=help_text)
+        command.add_argument("--config", required=True, help="YAML config file")
+        if out_dir is not None:
+            command.add_argument("--out-dir", default=out_dir, help="metrics and results")
+        if name == "pretrain":
+            command.add_argument("--data", default=None, help="text file (default: tiny corpus)")
+            command.add_argument("--tokenizer", default=None, help="sentencepiece / tokenizer.json")
+        command.add_argument("overrides", nargs="*", help="dotted.key=value overrides")
+        command.set_defaults(func=_stage)
     args = parser.parse_args(argv)
     try:
         return args.func(args)

@@ -56,6 +56,30 @@ def _non_negative(section: object, prefix: str, names: tuple[str, ...]) -> None:
 HOST_ALLOCATORS = ("caching", "system")  # see parallel/host_allocator.py
 
 
+def _check_chat_template(data: Any) -> None:
+    if data.chat_template is not None and "{prompt}" not in data.chat_template:
+        raise ConfigError(f"data.chat_template={data.chat_template!r} must contain '{{prompt}}'")
+
+
+def _check_truncation_side(data: Any) -> None:
+    if data.truncation_side not in TRUNCATION_SIDES:
+        raise ConfigError(
+            f"data.truncation_side={data.truncation_side!r}: expected one of {TRUNCATION_SIDES}"
+        )
+
+
+def _check_training_data(data: Any) -> None:
+    """The held-out split and preset of an SFT or preference ``data`` section."""
+    if not 0.0 <= data.eval_fraction < 1.0:
+        raise ConfigError(f"data.eval_fraction={data.eval_fraction} must be in [0, 1)")
+    if data.preset is not None and data.preset not in data.PRESETS:
+        raise ConfigError(f"data.preset={data.preset!r}: expected one of {data.PRESETS}")
+    if data.preset is not None and data.path is None:
+        raise ConfigError(
+            f"data.preset={data.preset!r} needs data.path (the shipped set has our layout)"
+        )
+
+
 @dataclass(frozen=True)
 class MegatronOverrides:
     """Which of hpc_rlhf's substitutions in megatron-core are on (``models.overrides``
@@ -341,22 +365,9 @@ class SFTDataConfig:
 
     def validate(self) -> None:
         """Raise ``ConfigError`` naming the ``data.`` key of an impossible value."""
-        if not 0.0 <= self.eval_fraction < 1.0:
-            raise ConfigError(f"data.eval_fraction={self.eval_fraction} must be in [0, 1)")
-        if self.preset is not None and self.preset not in self.PRESETS:
-            raise ConfigError(f"data.preset={self.preset!r}: expected one of {self.PRESETS}")
-        if self.preset is not None and self.path is None:
-            raise ConfigError(
-                f"data.preset={self.preset!r} needs data.path (the shipped set has our layout)"
-            )
-        if self.truncation_side not in TRUNCATION_SIDES:
-            raise ConfigError(
-                f"data.truncation_side={self.truncation_side!r}: expected one of {TRUNCATION_SIDES}"
-            )
-        if self.chat_template is not None and "{prompt}" not in self.chat_template:
-            raise ConfigError(
-                f"data.chat_template={self.chat_template!r} must contain '{{prompt}}'"
-            )
+        _check_training_data(self)
+        _check_truncation_side(self)
+        _check_chat_template(self)
 
 
 @dataclass(frozen=True)
@@ -405,18 +416,8 @@ class PreferenceDataConfig:
 
     def validate(self) -> None:
         """Raise ``ConfigError`` naming the ``data.`` key of an impossible value."""
-        if not 0.0 <= self.eval_fraction < 1.0:
-            raise ConfigError(f"data.eval_fraction={self.eval_fraction} must be in [0, 1)")
-        if self.preset is not None and self.preset not in self.PRESETS:
-            raise ConfigError(f"data.preset={self.preset!r}: expected one of {self.PRESETS}")
-        if self.preset is not None and self.path is None:
-            raise ConfigError(
-                f"data.preset={self.preset!r} needs data.path (the shipped set has our layout)"
-            )
-        if self.chat_template is not None and "{prompt}" not in self.chat_template:
-            raise ConfigError(
-                f"data.chat_template={self.chat_template!r} must contain '{{prompt}}'"
-            )
+        _check_training_data(self)
+        _check_chat_template(self)
 
 
 @dataclass(frozen=True)
@@ -566,14 +567,8 @@ class DataConfig:
     def validate(self) -> None:
         """Raise ``ConfigError`` naming the ``data.`` key of an impossible value."""
         _positive(self, "data.", ("max_prompt_length",))
-        if self.truncation_side not in TRUNCATION_SIDES:
-            raise ConfigError(
-                f"data.truncation_side={self.truncation_side!r}: expected one of {TRUNCATION_SIDES}"
-            )
-        if self.chat_template is not None and "{prompt}" not in self.chat_template:
-            raise ConfigError(
-                f"data.chat_template={self.chat_template!r} must contain '{{prompt}}'"
-            )
+        _check_truncation_side(self)
+        _check_chat_template(self)
 
 
 @dataclass(frozen=True)
