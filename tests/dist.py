@@ -69,3 +69,33 @@ def run_world(fn: Callable[..., Any], world_size: int, *args: Any) -> list[Any]:
                 raise RuntimeError(f"rank {rank} of {world_size} failed:\n{record['error']}")
             results.append(record["value"])
         return results
+
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def torchrun_cli(command: str, config: str, *args: str, nproc: int = 2):
+    """``torchrun --nproc_per_node=nproc -m hpc_rlhf.cli command --config config args...``
+    from the repository root (``OMP_NUM_THREADS=1``); the completed process."""
+    import subprocess
+
+    return subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            "--standalone",
+            f"--nproc_per_node={nproc}",
+            "-m",
+            "hpc_rlhf.cli",
+            command,
+            "--config",
+            config,
+            *args,
+        ],
+        cwd=ROOT,
+        env={**os.environ, "OMP_NUM_THREADS": "1"},
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )

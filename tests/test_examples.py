@@ -10,6 +10,8 @@ import shlex
 import subprocess
 import sys
 
+from tests.dist import torchrun_cli
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 PPO_STEPS = 8  # see test_tiny_cpu_launch_script_runs_ppo_end_to_end
@@ -75,26 +77,7 @@ def test_tiny_cpu_launch_script_runs_ppo_end_to_end(tmp_path):
 
 
 def _torchrun_cli(*overrides: str, nproc: int = 2) -> subprocess.CompletedProcess:
-    return subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "torch.distributed.run",
-            "--standalone",
-            f"--nproc_per_node={nproc}",
-            "-m",
-            "hpc_rlhf.cli",
-            "ppo",
-            "--config",
-            "examples/configs/ppo_tiny_cpu.yaml",
-            *overrides,
-        ],
-        cwd=ROOT,
-        env={**os.environ, "OMP_NUM_THREADS": "1"},
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
+    return torchrun_cli("ppo", "examples/configs/ppo_tiny_cpu.yaml", *overrides, nproc=nproc)
 
 
 def test_bad_config_key_is_named_once_and_exits_nonzero():

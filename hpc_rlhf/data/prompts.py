@@ -149,3 +149,19 @@ class PromptDataset:
 
     def load_state_dict(self, state: dict) -> None:
         self.position = int(state["position"])
+
+
+def prompts_from_config(
+    data, tokenizer, vocab_size: int, seed: int, shuffle: bool
+) -> PromptDataset:
+    """The prompt set of a ``config.DataConfig`` section (PPO and eval read prompts alike)."""
+    return PromptDataset(
+        data.prompts,
+        tokenizer,
+        data.max_prompt_length,
+        data.chat_template,
+        seed=seed,
+        shuffle=shuffle,
+        truncation_side=data.truncation_side,
+        vocab_size=vocab_size,
+    )

@@ -18,7 +18,7 @@ import os
 import torch
 
 from hpc_rlhf.config import EvalRunConfig, ScorerSpec
-from hpc_rlhf.data.prompts import PromptDataset
+from hpc_rlhf.data.prompts import prompts_from_config
 from hpc_rlhf.parallel.comm import all_gather_cat, gather_objects
 from hpc_rlhf.trainer.experience import Rollout, build_experience, generate_rollout
 from hpc_rlhf.trainer.losses import calibrated_end_score_fn
@@ -74,15 +74,8 @@ def run_eval(cfg: EvalRunConfig, out_dir: str | None = None) -> dict:
     rank) are also written to ``out_dir/eval.json`` by rank 0."""
     run = Run(cfg, RunSettings(steps=1, seed=cfg.eval.seed), out_dir, (), cfg.data.tokenizer)
     state = run.state
-    prompts = PromptDataset(
-        cfg.data.prompts,
-        run.tokenizer,
-        cfg.data.max_prompt_length,
-        cfg.data.chat_template,
-        seed=cfg.eval.seed,
-        shuffle=False,
-        truncation_side=cfg.data.truncation_side,
-        vocab_size=cfg.model.vocab_size,
+    prompts = prompts_from_config(
+        cfg.data, run.tokenizer, cfg.model.vocab_size, cfg.eval.seed, False
     )
     prompt_ids = prompts.next_batch(cfg.eval.prompts, state.dp_rank, state.dp_size)
     assert cfg.policy is not None

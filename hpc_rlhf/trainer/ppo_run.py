@@ -6,7 +6,7 @@ import logging
 
 from hpc_rlhf.config import PPORunConfig
 from hpc_rlhf.data.lm import LMWindows
-from hpc_rlhf.data.prompts import PromptDataset
+from hpc_rlhf.data.prompts import prompts_from_config
 from hpc_rlhf.trainer.ppo import PPOTrainer
 from hpc_rlhf.trainer.run import Run, RunSettings
 from hpc_rlhf.trainer.supervised import export_hf
@@ -28,15 +28,8 @@ PROGRESS_KEYS = (
 def build_trainer(cfg: PPORunConfig, out_dir: str | None = None) -> tuple[Run, PPOTrainer]:
     """The run set-up (``trainer.run``), the prompt and ptx data, and the trainer."""
     run = Run(cfg, RunSettings.of(cfg.ppo, "ppo"), out_dir, PROGRESS_KEYS, cfg.data.tokenizer)
-    prompts = PromptDataset(
-        cfg.data.prompts,
-        run.tokenizer,
-        cfg.data.max_prompt_length,
-        cfg.data.chat_template,
-        seed=cfg.ppo.seed,
-        shuffle=cfg.data.shuffle,
-        truncation_side=cfg.data.truncation_side,
-        vocab_size=cfg.model.vocab_size,
+    prompts = prompts_from_config(
+        cfg.data, run.tokenizer, cfg.model.vocab_size, cfg.ppo.seed, cfg.data.shuffle
     )
     ptx = None
     if cfg.data.ptx_data and cfg.ppo.ptx_coef:

@@ -239,33 +239,16 @@ def test_exported_reward_model_is_an_hf_sequence_classifier(tmp_path):
 
 
 def test_rm_command_under_torchrun_reports_held_out_accuracy(tmp_path):
-    import os
     import re
-    import subprocess
-    import sys
 
-    root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-    result = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "torch.distributed.run",
-            "--standalone",
-            "--nproc_per_node=2",
-            "-m",
-            "hpc_rlhf.cli",
-            "rm",
-            "--config",
-            "examples/configs/rm_tiny_cpu.yaml",
-            "--out-dir",
-            str(tmp_path / "out"),
-            "train.steps=12",
-        ],
-        cwd=root,
-        env={**os.environ, "OMP_NUM_THREADS": "1"},
-        capture_output=True,
-        text=True,
-        timeout=300,
+    from tests.dist import torchrun_cli
+
+    result = torchrun_cli(
+        "rm",
+        "examples/configs/rm_tiny_cpu.yaml",
+        "--out-dir",
+        str(tmp_path / "out"),
+        "train.steps=12",
     )
     assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-2000:]
     accuracy = re.search(r"held-out accuracy ([0-9.]+)", result.stdout)

@@ -187,33 +187,15 @@ def test_resumed_sft_reproduces_the_uninterrupted_run_and_exports_hf(tmp_path):
 
 
 def test_sft_command_under_torchrun_reports_falling_losses(tmp_path):
-    import os
-    import subprocess
-    import sys
+    from tests.dist import torchrun_cli
 
-    root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-    result = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "torch.distributed.run",
-            "--standalone",
-            "--nproc_per_node=2",
-            "-m",
-            "hpc_rlhf.cli",
-            "sft",
-            "--config",
-            "examples/configs/sft_tiny_cpu.yaml",
-            "--out-dir",
-            str(tmp_path / "out"),
-            "train.steps=10",
-            f"train.hf_export_dir={tmp_path / 'hf'}",
-        ],
-        cwd=root,
-        env={**os.environ, "OMP_NUM_THREADS": "1"},
-        capture_output=True,
-        text=True,
-        timeout=300,
+    result = torchrun_cli(
+        "sft",
+        "examples/configs/sft_tiny_cpu.yaml",
+        "--out-dir",
+        str(tmp_path / "out"),
+        "train.steps=10",
+        f"train.hf_export_dir={tmp_path / 'hf'}",
     )
     assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-2000:]
     assert "over 10 steps (falling)" in result.stdout
