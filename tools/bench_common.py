@@ -186,6 +186,17 @@ def bench_child_env() -> dict:
     return {**os.environ, "OMP_NUM_THREADS": str(os.cpu_count() or 1)}
 
 
+def environment_line() -> str:
+    """One line on the process environment of the supervised benchmarks' systems."""
+    from hpc_rlhf.parallel.host_allocator import launch_env
+
+    ours = " ".join(f"{k}={v}" for k, v in launch_env().items())
+    return (
+        f"process environment: OMP_NUM_THREADS={os.cpu_count() or 1} for both; hpc_rlhf adds "
+        f"{ours} and its caching host allocator (its run set-up); baseline PyTorch defaults"
+    )
+
+
 def run_bench_child(script: str, system: str, argv: list[str], workdir: str) -> dict:
     """Run ``script --system SYSTEM argv`` in a fresh process (its own peak RSS), the
     machine's matmul rate sampled just before and after; return its JSON report."""
@@ -278,4 +289,9 @@ def print_supervised(
     )
     rb, ro = base["matmul_gflops"], ours["matmul_gflops"]
     print(f"{'fp32 matmul GF/s around run':<30} {rb:10.0f} {ro:10.0f}   (torch.mm 1024^3)")
+    print(
+        "tokens/s: real (non-padding) tokens of the step's sequences per second of step; "
+        "positions: token positions run through the decoder (the baseline's padded batch, "
+        "hpc_rlhf's packed rows)"
+    )
     return {"speedup": speed, "memory_ratio": mem}

@@ -20,13 +20,14 @@ timed; both systems' losses on it are printed: same weights and samples, so they
 agree); the next ``--steps`` steps are timed. Tokens/s counts real tokens (prompt +
 response of every sequence, no padding) per second of training step (collation included).
 
-    python tools/bench_rm.py            # 8 pairs per step, 3 timed steps
+    python tools/bench_rm.py            # 8 pairs per step, 4 timed steps
     python tools/bench_rm.py --quick    # 4 pairs per step, lengths / 8, 2 timed steps
 """
 
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import os
 import sys
@@ -42,6 +43,7 @@ from bench_common import (  # noqa: E402
     OPTIMIZER,
     PAD_ID,
     cpu_model,
+    environment_line,
     matmul_gflops,
     model_dict,
     peak_rss_gb,
@@ -66,13 +68,14 @@ def parse_args() -> argparse.Namespace:
         default=4,
         help="hpc_rlhf's pairs per packed micro-batch (gradient accumulation over the rest)",
     )
-    p.add_argument("--steps", type=int, default=3, help="timed steps after the warm-up step")
+    p.add_argument("--steps", type=int, default=4, help="timed steps after the warm-up step")
     p.add_argument("--quick", action="store_true", help="4 pairs per step, lengths / 8")
     p.add_argument(
         "--profile",
         choices=["ours", "baseline"],
         help="print a torch.profiler table of this system's last step (an extra, untimed step)",
     )
+    p.add_argument("--baseline-first", action="store_true", help="run the baseline's process first")
     p.add_argument("--system", choices=["ours", "baseline"], help=argparse.SUPPRESS)
     p.add_argument("--workdir", help=argparse.SUPPRESS)
     p.add_argument("--out", help=argparse.SUPPRESS)
@@ -82,9 +85,14 @@ def parse_args() -> argparse.Namespace:
     return args
 
 
+@functools.lru_cache(maxsize=1)
+def _workload(n: int, quick: bool):
+    return preference_workload(n, quick)
+
+
 def step_samples(args, step: int):
     """The pairs of step ``step`` (0: the warm-up; a profiled extra step reuses step 1's)."""
-    pairs = preference_workload(args.pairs * (args.steps + 1), args.quick)
+    pairs = _workload(args.pairs * (args.steps + 1), args.quick)  # seeded, cached
     step = step if step <= args.steps else 1
     return pairs[step * args.pairs : (step + 1) * args.pairs]
 
@@ -224,6 +232,7 @@ def main() -> None:
         f"CPU: {cpu_model()}, {os.cpu_count()} cores, OMP_NUM_THREADS={os.cpu_count()} per system"
     )
     print(f"fp32 matmul: torch.mm 1024^3 best of 5 now: {matmul_gflops():.0f} GFLOP/s")
+    print(environment_line())
     print(
         f"reward model: {args.pairs} pairs per optimizer step, {args.steps} timed steps after "
         f"1 warm-up; hpc_rlhf in packed micro-batches of {args.micro_batch} pairs"
@@ -241,8 +250,10 @@ def main() -> None:
     argv += ["--profile", args.profile] if args.profile else []
     with tempfile.TemporaryDirectory() as workdir:
         write_checkpoints(workdir)
-        ours = run_bench_child(os.path.abspath(__file__), "ours", argv, workdir)
-        base = run_bench_child(os.path.abspath(__file__), "baseline", argv, workdir)
+        script = os.path.abspath(__file__)
+        order = ("baseline", "ours") if args.baseline_first else ("ours", "baseline")
+        reports = {system: run_bench_child(script, system, argv, workdir) for system in order}
+        ours, base = reports["ours"], reports["baseline"]
     print_supervised("reward model: hpc_rlhf vs Safe-RLHF-style", ours, base, TARGETS)
 
 

@@ -22,13 +22,14 @@ agree); the next ``--steps`` steps are timed. Tokens/s counts real tokens (promp
 response of every conversation, no padding) per second of training step (collation
 included).
 
-    python tools/bench_sft.py            # 8 conversations per step, 3 timed steps
+    python tools/bench_sft.py            # 8 conversations per step, 4 timed steps
     python tools/bench_sft.py --quick    # 4 per step, lengths / 8, 2 timed steps
 """
 
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import os
 import sys
@@ -44,6 +45,7 @@ from bench_common import (  # noqa: E402
     OPTIMIZER,
     PAD_ID,
     cpu_model,
+    environment_line,
     matmul_gflops,
     model_dict,
     peak_rss_gb,
@@ -68,13 +70,14 @@ def parse_args() -> argparse.Namespace:
         default=4,
         help="hpc_rlhf's conversations per packed micro-batch (gradient accumulation)",
     )
-    p.add_argument("--steps", type=int, default=3, help="timed steps after the warm-up step")
+    p.add_argument("--steps", type=int, default=4, help="timed steps after the warm-up step")
     p.add_argument("--quick", action="store_true", help="4 per step, lengths / 8")
     p.add_argument(
         "--profile",
         choices=["ours", "baseline"],
         help="print a torch.profiler table of this system's last step (an extra, untimed step)",
     )
+    p.add_argument("--baseline-first", action="store_true", help="run the baseline's process first")
     p.add_argument("--system", choices=["ours", "baseline"], help=argparse.SUPPRESS)
     p.add_argument("--workdir", help=argparse.SUPPRESS)
     p.add_argument("--out", help=argparse.SUPPRESS)
@@ -84,10 +87,15 @@ def parse_args() -> argparse.Namespace:
     return args
 
 
+@functools.lru_cache(maxsize=1)
+def _workload(n: int, quick: bool):
+    return sft_workload(n, quick)
+
+
 def step_samples(args, step: int):
     """The conversations of step ``step`` (0: the warm-up; a profiled extra step reuses
     step 1's)."""
-    convs = sft_workload(args.batch * (args.steps + 1), args.quick)
+    convs = _workload(args.batch * (args.steps + 1), args.quick)  # seeded, cached
     step = step if step <= args.steps else 1
     return convs[step * args.batch : (step + 1) * args.batch]
 
@@ -215,6 +223,7 @@ def main() -> None:
     torch.set_num_threads(os.cpu_count() or 1)
     print(f"CPU: {cpu_model()}, {os.cpu_count()} cores, OMP_NUM_THREADS={os.cpu_count()} each")
     print(f"fp32 matmul: torch.mm 1024^3, best of 5, now {matmul_gflops():.0f} GFLOP/s")
+    print(environment_line())
     print(
         f"SFT: {args.batch} conversations per optimizer step, {args.steps} timed steps after "
         f"1 warm-up; hpc_rlhf in packed micro-batches of {args.micro_batch} conversations"
@@ -227,8 +236,9 @@ def main() -> None:
     script = os.path.abspath(__file__)
     with tempfile.TemporaryDirectory() as workdir:
         write_checkpoints(workdir)
-        ours = run_bench_child(script, "ours", argv, workdir)
-        base = run_bench_child(script, "baseline", argv, workdir)
+        order = ("baseline", "ours") if args.baseline_first else ("ours", "baseline")
+        reports = {system: run_bench_child(script, system, argv, workdir) for system in order}
+        ours, base = reports["ours"], reports["baseline"]
     print_supervised("SFT: hpc_rlhf vs HF-style loop", ours, base, TARGETS)
 
 
