@@ -2,7 +2,8 @@
 #   make demo   - the main job: tiny PPO on CPU (4 gloo processes, TP=2 x DP=2)
 #   make test   - style checks + the test suite
 #   make demo-pipeline - SFT -> reward model -> PPO -> eval on the tiny model, CPU
-#   make bench  - kernels, generation and PPO benchmarks against their baselines
+#   make bench  - kernels, generation, PPO, reward-model and SFT benchmarks against their
+#                 baselines
 VENV      ?= .venv
 PY        := $(VENV)/bin/python
 TORCH_PIN ?= torch==2.13.0
@@ -47,6 +48,8 @@ bench: $(STAMP)
 	$(PY) tools/bench_kernels.py
 	$(PY) tools/bench_generate.py
 	$(PY) tools/bench_ppo.py --repeat 2 --plot docs/bench_ppo.png
+	$(PY) tools/bench_rm.py
+	$(PY) tools/bench_sft.py
 
 clean:
 	rm -rf build *.egg-info hpc_rlhf/_C*.so

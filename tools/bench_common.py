@@ -125,3 +125,173 @@ def ppo_flops(system: str, m: ModelConfig, prompts, lengths, report: dict) -> fl
             forward[kind] -= 2 * mlp * (work[f"{kind}_tokens"] - work[f"{kind}_final_mlp_rows"])
     score, train = forward["infer"], 3 * forward["train"]
     return gen + score + train
+
+
+# ----------------------------------------------------------------------------- supervised
+# Shared by bench_rm.py and bench_sft.py: one training step loop per system, each system in
+# its own subprocess, the same seeded samples for both.
+
+OPTIMIZER = {  # both systems: AdamW, these hyper-parameters, gradient norm clipped at 1
+    "lr": 1e-5,
+    "weight_decay": 0.01,
+    "adam_beta1": 0.9,
+    "adam_beta2": 0.95,
+    "adam_eps": 1e-8,
+    "clip_grad": 1.0,
+}
+
+
+def model_dict(m: ModelConfig = BENCH_MODEL) -> dict:
+    """The ``model`` section of a run config for ``m``."""
+    keys = (
+        "num_layers",
+        "hidden_size",
+        "num_attention_heads",
+        "ffn_hidden_size",
+        "vocab_size",
+        "max_position_embeddings",
+    )
+    return {k: getattr(m, k) for k in keys}
+
+
+def _lengths(rng: random.Random, lo: int, hi: int, scale: int) -> int:
+    return rng.randint(lo // scale, hi // scale)
+
+
+def preference_workload(n_pairs: int, quick: bool = False, seed: int = 0):
+    """``n_pairs`` seeded ``(prompt, chosen, rejected)`` token lists: prompt lengths 32-256,
+    each response 16-256 (both / 8 with ``quick``); a response ends with EOS."""
+    rng, scale, vocab = random.Random(seed), 8 if quick else 1, BENCH_MODEL.vocab_size
+    out = []
+    for _ in range(n_pairs):
+        prompt = [rng.randrange(3, vocab) for _ in range(_lengths(rng, 32, 256, scale))]
+        responses = []
+        for _ in range(2):
+            n = _lengths(rng, 16, 256, scale)
+            responses.append([rng.randrange(3, vocab) for _ in range(n - 1)] + [EOS_ID])
+        out.append((prompt, responses[0], responses[1]))
+    return out
+
+
+def sft_workload(n: int, quick: bool = False, seed: int = 0):
+    """``n`` seeded ``(prompt, response)`` token lists: prompt lengths 32-256, responses
+    16-256 (both / 8 with ``quick``) ending with EOS; the loss reads the response tokens."""
+    return [(p, r) for p, r, _ in preference_workload(n, quick, seed)]
+
+
+def bench_child_env() -> dict:
+    """Every system's process environment in the supervised benchmarks: PyTorch's defaults
+    and one OpenMP thread per core (hpc_rlhf's run set-up then applies its own launch
+    environment inside its process, as every hpc_rlhf run does)."""
+    return {**os.environ, "OMP_NUM_THREADS": str(os.cpu_count() or 1)}
+
+
+def environment_line() -> str:
+    """One line on the process environment of the supervised benchmarks' systems."""
+    from hpc_rlhf.parallel.host_allocator import launch_env
+
+    ours = " ".join(f"{k}={v}" for k, v in launch_env().items())
+    return (
+        f"process environment: OMP_NUM_THREADS={os.cpu_count() or 1} for both; hpc_rlhf adds "
+        f"{ours} and its caching host allocator (its run set-up); baseline PyTorch defaults"
+    )
+
+
+def run_bench_child(script: str, system: str, argv: list[str], workdir: str) -> dict:
+    """Run ``script --system SYSTEM argv`` in a fresh process (its own peak RSS), the
+    machine's matmul rate sampled just before and after; return its JSON report."""
+    import json
+    import subprocess
+    import sys
+
+    out = os.path.join(workdir, f"{system}.json")
+    cmd = [sys.executable, script, "--system", system, "--workdir", workdir, "--out", out]
+    before = matmul_gflops()
+    subprocess.run([*cmd, *argv], check=True, env=bench_child_env())
+    after = matmul_gflops()
+    with open(out) as fh:
+        report = json.load(fh)
+    report["matmul_gflops"] = (before + after) / 2
+    return report
+
+
+def peak_rss_gb() -> float:
+    """This process's peak resident set size (GB; Linux ``ru_maxrss`` is in KiB)."""
+    import resource
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
+
+
+def timed_steps(step_fn, n_steps: int, profile: bool = False) -> tuple[float, list[float], float]:
+    """Call ``step_fn(i)`` (returning its loss) for ``i`` in ``0..n_steps``: step 0 is the
+    warm-up, untimed in the result's list. Returns (first loss, timed seconds, warm-up s).
+    ``profile``: one more step, ``step_fn(n_steps + 1)`` under ``torch.profiler`` (untimed),
+    and its table of operators by self CPU time printed."""
+    times, first = [], float("nan")
+    for i in range(n_steps + 1):
+        t = time.perf_counter()
+        loss = step_fn(i)
+        times.append(time.perf_counter() - t)
+        if i == 0:
+            first = float(loss)
+    if profile:
+        from torch.profiler import ProfilerActivity
+        from torch.profiler import profile as torch_profile
+
+        with torch_profile(activities=[ProfilerActivity.CPU]) as prof:
+            step_fn(n_steps + 1)
+        print(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=25))
+    return first, times[1:], times[0]
+
+
+def print_supervised(
+    title: str, ours: dict, base: dict, targets: tuple[float, float]
+) -> dict[str, float]:
+    """The comparison table of a supervised benchmark (reports of ``timed_steps`` runs with
+    per-step ``real_tokens`` and ``positions``); returns its ratios."""
+    speed_target, memory_target = targets
+    assert ours["real_tokens"] == base["real_tokens"], "the systems ran different samples"
+    tokens = sum(ours["real_tokens"])
+    n = len(ours["step_seconds"])
+    tb, to = sum(base["step_seconds"]), sum(ours["step_seconds"])
+    rel = abs(ours["first_loss"] - base["first_loss"]) / max(abs(base["first_loss"]), 1e-12)
+    same = "same computation" if rel <= 1e-4 else "MISMATCH"
+    print(f"\n=== {title} ===")
+    print(f"{'':<30} {'baseline':>10} {'hpc_rlhf':>10} {'ratio':>7}")
+    print(
+        f"{'first-step loss':<30} {base['first_loss']:10.6f} {ours['first_loss']:10.6f}"
+        f"   relative difference {rel:.1e} ({same})"
+    )
+    print(
+        f"{'warm-up step s (untimed)':<30} {base['warmup_seconds']:10.2f} {ours['warmup_seconds']:10.2f}"
+    )
+    for name, report in (("baseline", base), ("hpc_rlhf", ours)):
+        each = " ".join(f"{s:.2f}" for s in report["step_seconds"])
+        print(f"{f'timed steps s, {name}':<30} {each}")
+    print(f"{'seconds per step (mean)':<30} {tb / n:10.2f} {to / n:10.2f} {tb / to:7.2f}")
+    speed = tb / to
+    ok = "met" if speed >= speed_target else "NOT met"
+    print(
+        f"{'real tokens/s':<30} {tokens / tb:10.0f} {tokens / to:10.0f} {speed:6.2f}x"
+        f"  (target >= {speed_target}x: {ok})"
+    )
+    pb, po = sum(base["positions"]) / n, sum(ours["positions"]) / n
+    print(
+        f"{'positions run per step':<30} {pb:10.0f} {po:10.0f}"
+        f"   (real tokens per step {tokens / n:.0f})"
+    )
+    mem_b, mem_o = base["peak_rss_gb"], ours["peak_rss_gb"]
+    mem = mem_o / mem_b
+    ok = "met" if mem <= memory_target else "NOT met"
+    print(
+        f"{'peak RSS GB':<30} {mem_b:10.2f} {mem_o:10.2f} {mem:6.2f}x"
+        f"  (ours / baseline; target <= {memory_target}: {ok})"
+    )
+    rb, ro = base["matmul_gflops"], ours["matmul_gflops"]
+    print(f"{'fp32 matmul GF/s around run':<30} {rb:10.0f} {ro:10.0f}   (torch.mm 1024^3)")
+    print(
+        "tokens/s: real (non-padding) tokens of the step's sequences per second of step; "
+        "positions: token positions run through the decoder (the baseline's padded batch, "
+        "hpc_rlhf's packed rows)"
+    )
+    return {"speedup": speed, "memory_ratio": mem}

@@ -1,0 +1,261 @@
+"""Reward-model training two ways, in one run: hpc_rlhf vs a Safe-RLHF-style trainer.
+
+Same random weights (Llama-style, 4 layers, hidden 512, vocab 32000, fp32, a linear score
+head), the same seeded preference pairs (prompts of 32-256 tokens, each response 16-256),
+the same pairs per optimizer step, AdamW with the same hyper-parameters and gradient
+clipping, loss ``-log sigmoid(r_chosen - r_rejected)`` averaged over the step's pairs:
+
+* **baseline** (Safe-RLHF's ``RewardTrainer`` design): a ``transformers`` Llama decoder with
+  a per-token linear score head (Safe-RLHF's ``ScoreModel``), chosen and rejected
+  concatenated into one right-padded batch of 2B rows, the end score read at each row's
+  last real token, one full forward and backward per step, ``torch.optim.AdamW``;
+* **hpc_rlhf**: the reward-model stage's training step (``TrainableModel`` with role
+  ``reward``, ``output_positions="last_token"``, ``train.pack_sequences``) on micro-batches
+  from ``data.preference.collate_preferences`` (both responses of a sample in one
+  micro-batch), gradient accumulation over the step's micro-batches, the ranking loss of
+  ``hpc-rlhf rm``.
+
+Each system runs in its own subprocess (peak RSS is its own). Step 0 is a warm-up (not
+timed; both systems' losses on it are printed: same weights and samples, so they must
+agree); the next ``--steps`` steps are timed. Tokens/s counts real tokens (prompt +
+response of every sequence, no padding) per second of training step (collation included).
+
+    python tools/bench_rm.py            # 8 pairs per step, 4 timed steps
+    python tools/bench_rm.py --quick    # 4 pairs per step, lengths / 8, 2 timed steps
+"""
+
+from __future__ import annotations
+
+import argparse
+import functools
+import json
+import os
+import sys
+import tempfile
+
+import torch
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+sys.path.insert(0, os.path.join(ROOT, "tools"))
+
+from bench_common import (  # noqa: E402
+    OPTIMIZER,
+    PAD_ID,
+    cpu_model,
+    environment_line,
+    matmul_gflops,
+    model_dict,
+    peak_rss_gb,
+    preference_workload,
+    print_supervised,
+    run_bench_child,
+    timed_steps,
+    write_checkpoints,
+)
+
+TARGETS = (3.0, 0.5)  # tokens/s at least 3x the baseline's, peak memory at most 1/2
+
+
+def parse_args() -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument(
+        "--pairs", type=int, default=8, help="preference pairs per optimizer step, both systems"
+    )
+    p.add_argument(
+        "--micro-batch",
+        type=int,
+        default=4,
+        help="hpc_rlhf's pairs per packed micro-batch (gradient accumulation over the rest)",
+    )
+    p.add_argument("--steps", type=int, default=4, help="timed steps after the warm-up step")
+    p.add_argument("--quick", action="store_true", help="4 pairs per step, lengths / 8")
+    p.add_argument(
+        "--profile",
+        choices=["ours", "baseline"],
+        help="print a torch.profiler table of this system's last step (an extra, untimed step)",
+    )
+    p.add_argument("--baseline-first", action="store_true", help="run the baseline's process first")
+    p.add_argument("--system", choices=["ours", "baseline"], help=argparse.SUPPRESS)
+    p.add_argument("--workdir", help=argparse.SUPPRESS)
+    p.add_argument("--out", help=argparse.SUPPRESS)
+    args = p.parse_args()
+    if args.quick:
+        args.pairs, args.micro_batch, args.steps = 4, 2, 2
+    return args
+
+
+@functools.lru_cache(maxsize=1)
+def _workload(n: int, quick: bool):
+    return preference_workload(n, quick)
+
+
+def step_samples(args, step: int):
+    """The pairs of step ``step`` (0: the warm-up; a profiled extra step reuses step 1's)."""
+    pairs = _workload(args.pairs * (args.steps + 1), args.quick)  # seeded, cached
+    step = step if step <= args.steps else 1
+    return pairs[step * args.pairs : (step + 1) * args.pairs]
+
+
+def run_ours(args) -> dict:
+    """hpc_rlhf's reward-model step: set up as ``hpc-rlhf rm`` does (``Run``, the trained
+    model from the HF checkpoint, the ranking loss), stepped on collated micro-batches."""
+    from bench_systems import _BenchTokenizer
+
+    from hpc_rlhf.config import RMRunConfig, config_from_dict
+    from hpc_rlhf.data.preference import PreferenceSample, collate_preferences
+    from hpc_rlhf.trainer.losses import ranking_loss_fn
+    from hpc_rlhf.trainer.run import Run, RunSettings
+    from hpc_rlhf.trainer.sft import initial_state
+    from hpc_rlhf.trainer.supervised import build_trained_model
+
+    cfg = config_from_dict(
+        {
+            "model": model_dict(),
+            "init": os.path.join(args.workdir, "reward"),
+            "optimizer": {**OPTIMIZER, "lr_decay_style": "constant"},
+            "train": {
+                "steps": args.steps + 1,
+                "seq_length": 512,
+                "micro_batch_size_per_rank": args.micro_batch,
+                "global_batch_size": args.pairs,
+                "pack_sequences": True,
+                "seed": 0,
+            },
+        },
+        RMRunConfig,
+    )
+    run = Run(cfg, RunSettings.of(cfg.train, "train"), tokenizer=_BenchTokenizer())
+    model = build_trained_model(cfg, run, initial_state(cfg), role="reward")
+    loss_fn = ranking_loss_fn(cfg.rm.regularization, cfg.rm.objective)
+    mb = args.micro_batch
+    positions = []
+
+    def step(i: int) -> float:
+        samples = [
+            PreferenceSample([p + c, p + r], [(0, 1, 0.0)], "bench")
+            for p, c, r in step_samples(args, i)
+        ]
+        batches = [
+            collate_preferences(samples[j : j + mb], PAD_ID) for j in range(0, len(samples), mb)
+        ]
+        before = model.work["train_tokens"]
+        loss = model.train_step(batches, loss_fn).metrics["loss"]
+        positions.append(model.work["train_tokens"] - before)
+        return loss
+
+    return _report(args, step, positions)
+
+
+def run_baseline(args) -> dict:
+    """Safe-RLHF's reward-model step on a ``transformers`` model with the same weights."""
+    import torch.nn.functional as F
+    from ppo_baseline import ScoreModel
+    from transformers import LlamaForSequenceClassification
+
+    torch.manual_seed(0)
+    hf = LlamaForSequenceClassification.from_pretrained(
+        os.path.join(args.workdir, "reward"), attn_implementation="sdpa"
+    )
+    model = ScoreModel(hf.model, hf.score.weight.detach()).train()
+    del hf
+    params = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(
+        [
+            {
+                "params": [p for p in params if p.ndim >= 2],
+                "weight_decay": OPTIMIZER["weight_decay"],
+            },
+            {"params": [p for p in params if p.ndim < 2], "weight_decay": 0.0},
+        ],
+        lr=OPTIMIZER["lr"],
+        betas=(OPTIMIZER["adam_beta1"], OPTIMIZER["adam_beta2"]),
+        eps=OPTIMIZER["adam_eps"],
+    )
+    positions = []
+
+    def step(i: int) -> float:
+        pairs = step_samples(args, i)
+        rows = [p + c for p, c, _ in pairs] + [p + r for p, _, r in pairs]  # 2B rows
+        B2, S = len(rows), max(len(r) for r in rows)
+        ids_BS = torch.full((B2, S), PAD_ID, dtype=torch.long)
+        mask_BS = torch.zeros(B2, S, dtype=torch.long)
+        for b, row in enumerate(rows):
+            ids_BS[b, : len(row)] = torch.tensor(row)
+            mask_BS[b, : len(row)] = 1
+        positions.append(B2 * S)
+        scores_BS = model(ids_BS, mask_BS)
+        last_B = mask_BS.sum(1) - 1
+        end_B = scores_BS.gather(1, last_B[:, None]).squeeze(1)
+        higher, lower = end_B.chunk(2)
+        loss = -F.logsigmoid(higher - lower).mean()
+        optimizer.zero_grad()
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, OPTIMIZER["clip_grad"])
+        optimizer.step()
+        return float(loss.detach())
+
+    return _report(args, step, positions)
+
+
+def _report(args, step, positions: list[int]) -> dict:
+    """Run the warm-up and timed steps; per timed step: seconds, real tokens (prompt +
+    response of both responses of every pair) and positions the model ran (with padding)."""
+    first, times, warmup = timed_steps(step, args.steps, profile=args.profile == args.system)
+    real = [
+        sum(2 * len(p) + len(c) + len(r) for p, c, r in step_samples(args, i))
+        for i in range(1, args.steps + 1)
+    ]
+    return {
+        "first_loss": first,
+        "warmup_seconds": warmup,
+        "step_seconds": times,
+        "real_tokens": real,
+        "positions": positions[1 : args.steps + 1],
+    }
+
+
+def child_main(args) -> None:
+    report = run_ours(args) if args.system == "ours" else run_baseline(args)
+    report["peak_rss_gb"] = peak_rss_gb()
+    with open(args.out, "w") as fh:
+        json.dump(report, fh)
+
+
+def main() -> None:
+    args = parse_args()
+    if args.system:
+        child_main(args)
+        return
+    torch.set_num_threads(os.cpu_count() or 1)
+    print(
+        f"CPU: {cpu_model()}, {os.cpu_count()} cores, OMP_NUM_THREADS={os.cpu_count()} per system"
+    )
+    print(f"fp32 matmul: torch.mm 1024^3 best of 5 now: {matmul_gflops():.0f} GFLOP/s")
+    print(environment_line())
+    print(
+        f"reward model: {args.pairs} pairs per optimizer step, {args.steps} timed steps after "
+        f"1 warm-up; hpc_rlhf in packed micro-batches of {args.micro_batch} pairs"
+        + (" (--quick: lengths / 8)" if args.quick else "")
+    )
+    argv = [
+        "--pairs",
+        str(args.pairs),
+        "--micro-batch",
+        str(args.micro_batch),
+        "--steps",
+        str(args.steps),
+    ]
+    argv += ["--quick"] if args.quick else []
+    argv += ["--profile", args.profile] if args.profile else []
+    with tempfile.TemporaryDirectory() as workdir:
+        write_checkpoints(workdir)
+        script = os.path.abspath(__file__)
+        order = ("baseline", "ours") if args.baseline_first else ("ours", "baseline")
+        reports = {system: run_bench_child(script, system, argv, workdir) for system in order}
+        ours, base = reports["ours"], reports["baseline"]
+    print_supervised("reward model: hpc_rlhf vs Safe-RLHF-style", ours, base, TARGETS)
+
+
+if __name__ == "__main__":
+    main()

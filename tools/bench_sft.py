@@ -1,0 +1,246 @@
+"""Supervised fine-tuning two ways, in one run: hpc_rlhf vs an HF-style training loop.
+
+Same random weights (Llama-style, 4 layers, hidden 512, vocab 32000, fp32), the same
+seeded conversations (a prompt of 32-256 tokens, a response of 16-256 ending with EOS; the
+loss on the response tokens only), the same conversations per optimizer step, AdamW with
+the same hyper-parameters and gradient clipping, loss the mean next-token cross entropy
+over the step's response tokens:
+
+* **baseline** (the ``transformers`` way, as HF's ``Trainer`` and Safe-RLHF's SFT trainer
+  run it): ``LlamaForCausalLM`` on one right-padded batch per step, labels ``-100`` on
+  prompt and padding, the model's own loss (the full-vocabulary logits of every position,
+  cross entropy over all of them with the ignored ones masked), one forward and backward,
+  ``torch.optim.AdamW``;
+* **hpc_rlhf**: the SFT stage's training step (``TrainableModel`` with role ``actor``,
+  ``train.pack_sequences``, the LM head only on loss positions, fused log-probs) on
+  micro-batches from ``data.sft.collate``, gradient accumulation over the step's
+  micro-batches, the loss of ``hpc-rlhf sft``.
+
+Each system runs in its own subprocess (peak RSS is its own). Step 0 is a warm-up (not
+timed; both systems' losses on it are printed: same weights and samples, so they must
+agree); the next ``--steps`` steps are timed. Tokens/s counts real tokens (prompt +
+response of every conversation, no padding) per second of training step (collation
+included).
+
+    python tools/bench_sft.py            # 8 conversations per step, 4 timed steps
+    python tools/bench_sft.py --quick    # 4 per step, lengths / 8, 2 timed steps
+"""
+
+from __future__ import annotations
+
+import argparse
+import functools
+import json
+import os
+import sys
+import tempfile
+
+import torch
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+sys.path.insert(0, os.path.join(ROOT, "tools"))
+
+from bench_common import (  # noqa: E402
+    OPTIMIZER,
+    PAD_ID,
+    cpu_model,
+    environment_line,
+    matmul_gflops,
+    model_dict,
+    peak_rss_gb,
+    print_supervised,
+    run_bench_child,
+    sft_workload,
+    timed_steps,
+    write_checkpoints,
+)
+
+TARGETS = (2.5, 0.5)  # tokens/s at least 2.5x the baseline's, peak memory at most 1/2
+
+
+def parse_args() -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument(
+        "--batch", type=int, default=8, help="conversations per optimizer step, both systems"
+    )
+    p.add_argument(
+        "--micro-batch",
+        type=int,
+        default=4,
+        help="hpc_rlhf's conversations per packed micro-batch (gradient accumulation)",
+    )
+    p.add_argument("--steps", type=int, default=4, help="timed steps after the warm-up step")
+    p.add_argument("--quick", action="store_true", help="4 per step, lengths / 8")
+    p.add_argument(
+        "--profile",
+        choices=["ours", "baseline"],
+        help="print a torch.profiler table of this system's last step (an extra, untimed step)",
+    )
+    p.add_argument("--baseline-first", action="store_true", help="run the baseline's process first")
+    p.add_argument("--system", choices=["ours", "baseline"], help=argparse.SUPPRESS)
+    p.add_argument("--workdir", help=argparse.SUPPRESS)
+    p.add_argument("--out", help=argparse.SUPPRESS)
+    args = p.parse_args()
+    if args.quick:
+        args.batch, args.micro_batch, args.steps = 4, 2, 2
+    return args
+
+
+@functools.lru_cache(maxsize=1)
+def _workload(n: int, quick: bool):
+    return sft_workload(n, quick)
+
+
+def step_samples(args, step: int):
+    """The conversations of step ``step`` (0: the warm-up; a profiled extra step reuses
+    step 1's)."""
+    convs = _workload(args.batch * (args.steps + 1), args.quick)  # seeded, cached
+    step = step if step <= args.steps else 1
+    return convs[step * args.batch : (step + 1) * args.batch]
+
+
+def run_ours(args) -> dict:
+    """hpc_rlhf's SFT step: set up as ``hpc-rlhf sft`` does (``Run``, the trained model
+    from the HF checkpoint, the LM loss), stepped on collated micro-batches."""
+    from bench_systems import _BenchTokenizer
+
+    from hpc_rlhf.config import SFTRunConfig, config_from_dict
+    from hpc_rlhf.data.sft import Sample, collate
+    from hpc_rlhf.trainer.losses import lm_loss_fn
+    from hpc_rlhf.trainer.run import Run, RunSettings
+    from hpc_rlhf.trainer.sft import initial_state
+    from hpc_rlhf.trainer.supervised import build_trained_model
+
+    cfg = config_from_dict(
+        {
+            "model": model_dict(),
+            "init": os.path.join(args.workdir, "actor"),
+            "optimizer": {**OPTIMIZER, "lr_decay_style": "constant"},
+            "train": {
+                "steps": args.steps + 1,
+                "seq_length": 512,
+                "micro_batch_size_per_rank": args.micro_batch,
+                "global_batch_size": args.batch,
+                "pack_sequences": True,
+                "seed": 0,
+            },
+        },
+        SFTRunConfig,
+    )
+    run = Run(cfg, RunSettings.of(cfg.train, "train"), tokenizer=_BenchTokenizer())
+    model = build_trained_model(cfg, run, initial_state(cfg))
+    loss_fn = lm_loss_fn(run.state.tp_group)
+    mb = args.micro_batch
+    positions = []
+
+    def step(i: int) -> float:
+        samples = [
+            Sample(p + r, [False] * len(p) + [True] * len(r), "bench")
+            for p, r in step_samples(args, i)
+        ]
+        batches = [collate(samples[j : j + mb], PAD_ID) for j in range(0, len(samples), mb)]
+        before = model.work["train_tokens"]
+        loss = model.train_step(batches, loss_fn).metrics["loss"]
+        positions.append(model.work["train_tokens"] - before)
+        return loss
+
+    return _report(args, step, positions)
+
+
+def run_baseline(args) -> dict:
+    """The HF-style SFT step on ``LlamaForCausalLM`` with the same weights."""
+    from transformers import LlamaForCausalLM
+
+    torch.manual_seed(0)
+    model = LlamaForCausalLM.from_pretrained(
+        os.path.join(args.workdir, "actor"), attn_implementation="sdpa"
+    ).train()
+    params = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(
+        [
+            {
+                "params": [p for p in params if p.ndim >= 2],
+                "weight_decay": OPTIMIZER["weight_decay"],
+            },
+            {"params": [p for p in params if p.ndim < 2], "weight_decay": 0.0},
+        ],
+        lr=OPTIMIZER["lr"],
+        betas=(OPTIMIZER["adam_beta1"], OPTIMIZER["adam_beta2"]),
+        eps=OPTIMIZER["adam_eps"],
+    )
+    positions = []
+
+    def step(i: int) -> float:
+        convs = step_samples(args, i)
+        B, S = len(convs), max(len(p) + len(r) for p, r in convs)
+        ids_BS = torch.full((B, S), PAD_ID, dtype=torch.long)
+        mask_BS = torch.zeros(B, S, dtype=torch.long)
+        labels_BS = torch.full((B, S), -100, dtype=torch.long)
+        for b, (p, r) in enumerate(convs):
+            ids_BS[b, : len(p) + len(r)] = torch.tensor(p + r)
+            mask_BS[b, : len(p) + len(r)] = 1
+            labels_BS[b, len(p) : len(p) + len(r)] = torch.tensor(r)
+        positions.append(B * S)
+        loss = model(input_ids=ids_BS, attention_mask=mask_BS, labels=labels_BS).loss
+        optimizer.zero_grad()
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, OPTIMIZER["clip_grad"])
+        optimizer.step()
+        return float(loss.detach())
+
+    return _report(args, step, positions)
+
+
+def _report(args, step, positions: list[int]) -> dict:
+    """Run the warm-up and timed steps; per timed step: seconds, real tokens (prompt +
+    response of every conversation) and positions the model ran (with padding)."""
+    first, times, warmup = timed_steps(step, args.steps, profile=args.profile == args.system)
+    real = [
+        sum(len(p) + len(r) for p, r in step_samples(args, i)) for i in range(1, args.steps + 1)
+    ]
+    return {
+        "first_loss": first,
+        "warmup_seconds": warmup,
+        "step_seconds": times,
+        "real_tokens": real,
+        "positions": positions[1 : args.steps + 1],
+    }
+
+
+def child_main(args) -> None:
+    report = run_ours(args) if args.system == "ours" else run_baseline(args)
+    report["peak_rss_gb"] = peak_rss_gb()
+    with open(args.out, "w") as fh:
+        json.dump(report, fh)
+
+
+def main() -> None:
+    args = parse_args()
+    if args.system:
+        child_main(args)
+        return
+    torch.set_num_threads(os.cpu_count() or 1)
+    print(f"CPU: {cpu_model()}, {os.cpu_count()} cores, OMP_NUM_THREADS={os.cpu_count()} each")
+    print(f"fp32 matmul: torch.mm 1024^3, best of 5, now {matmul_gflops():.0f} GFLOP/s")
+    print(environment_line())
+    print(
+        f"SFT: {args.batch} conversations per optimizer step, {args.steps} timed steps after "
+        f"1 warm-up; hpc_rlhf in packed micro-batches of {args.micro_batch} conversations"
+        + (" (--quick: lengths / 8)" if args.quick else "")
+    )
+    argv = ["--batch", str(args.batch), "--micro-batch", str(args.micro_batch)]
+    argv += ["--steps", str(args.steps)]
+    argv += ["--quick"] if args.quick else []
+    argv += ["--profile", args.profile] if args.profile else []
+    script = os.path.abspath(__file__)
+    with tempfile.TemporaryDirectory() as workdir:
+        write_checkpoints(workdir)
+        order = ("baseline", "ours") if args.baseline_first else ("ours", "baseline")
+        reports = {system: run_bench_child(script, system, argv, workdir) for system in order}
+        ours, base = reports["ours"], reports["baseline"]
+    print_supervised("SFT: hpc_rlhf vs HF-style loop", ours, base, TARGETS)
+
+
+if __name__ == "__main__":
+    main()
