@@ -295,3 +295,98 @@ def print_supervised(
         "hpc_rlhf's packed rows)"
     )
     return {"speedup": speed, "memory_ratio": mem}
+
+
+# ------------------------------------------------------------------ supervised benchmarks
+
+
+def supervised_args(description: str, flag: str, unit: str):
+    """The command line of a supervised benchmark (``bench_rm``, ``bench_sft``); ``flag``
+    (e.g. ``--pairs``) sets ``args.batch``, the ``unit``s per optimizer step."""
+    import argparse
+
+    p = argparse.ArgumentParser(description=description)
+    p.add_argument(
+        flag, dest="batch", type=int, default=8, help=f"{unit} per optimizer step, both systems"
+    )
+    p.add_argument(
+        "--micro-batch",
+        type=int,
+        default=4,
+        help=f"hpc_rlhf's {unit} per packed micro-batch (gradient accumulation over the rest)",
+    )
+    p.add_argument("--steps", type=int, default=4, help="timed steps after the warm-up step")
+    p.add_argument("--quick", action="store_true", help=f"4 {unit} per step, lengths / 8")
+    p.add_argument(
+        "--profile",
+        choices=["ours", "baseline"],
+        help="print a torch.profiler table of this system's last step (an extra, untimed step)",
+    )
+    p.add_argument("--baseline-first", action="store_true", help="run the baseline's process first")
+    p.add_argument("--system", choices=["ours", "baseline"], help=argparse.SUPPRESS)
+    p.add_argument("--workdir", help=argparse.SUPPRESS)
+    p.add_argument("--out", help=argparse.SUPPRESS)
+    args = p.parse_args()
+    args.flag = flag
+    if args.quick:
+        args.batch, args.micro_batch, args.steps = 4, 2, 2
+    return args
+
+
+_WORKLOADS: dict = {}
+
+
+def step_items(args, workload_fn, step: int) -> list:
+    """The samples of step ``step`` (0: the warm-up; a profiled extra step reuses step 1's)
+    from ``workload_fn(n, quick)``, built once per process (seeded)."""
+    key = (workload_fn, args.batch * (args.steps + 1), args.quick)
+    if key not in _WORKLOADS:
+        _WORKLOADS[key] = workload_fn(key[1], args.quick)
+    step = step if step <= args.steps else 1
+    return _WORKLOADS[key][step * args.batch : (step + 1) * args.batch]
+
+
+def supervised_report(args, step_fn, positions: list[int], real_tokens) -> dict:
+    """Run the warm-up and timed steps of ``step_fn``; per timed step: seconds, real tokens
+    (``real_tokens(step)``) and positions the model ran (with padding)."""
+    first, times, warmup = timed_steps(step_fn, args.steps, profile=args.profile == args.system)
+    return {
+        "first_loss": first,
+        "warmup_seconds": warmup,
+        "step_seconds": times,
+        "real_tokens": [real_tokens(i) for i in range(1, args.steps + 1)],
+        "positions": positions[1 : args.steps + 1],
+    }
+
+
+def supervised_main(args, script: str, title: str, what: str, targets, run_ours, run_baseline):
+    """A supervised benchmark: as a child (``--system``) run one system and write its report;
+    else run both systems' processes and print the comparison. ``what``: the workload, as
+    "reward model: N pairs" reads."""
+    import json
+    import tempfile
+
+    if args.system:
+        report = run_ours(args) if args.system == "ours" else run_baseline(args)
+        report["peak_rss_gb"] = peak_rss_gb()
+        with open(args.out, "w") as fh:
+            json.dump(report, fh)
+        return
+    torch.set_num_threads(os.cpu_count() or 1)
+    print(f"CPU: {cpu_model()}, {os.cpu_count()} cores, OMP_NUM_THREADS={os.cpu_count()} each")
+    print(f"fp32 matmul: torch.mm 1024^3 best of 5 now: {matmul_gflops():.0f} GFLOP/s")
+    print(environment_line())
+    print(
+        f"{what} per optimizer step, {args.steps} timed steps after 1 warm-up; hpc_rlhf in "
+        f"packed micro-batches of {args.micro_batch}"
+        + (" (--quick: lengths / 8)" if args.quick else "")
+    )
+    argv = [args.flag, str(args.batch), "--micro-batch", str(args.micro_batch)]
+    argv += ["--steps", str(args.steps)]
+    argv += ["--quick"] if args.quick else []
+    argv += ["--profile", args.profile] if args.profile else []
+    with tempfile.TemporaryDirectory() as workdir:
+        write_checkpoints(workdir)
+        order = ("baseline", "ours") if args.baseline_first else ("ours", "baseline")
+        reports = {system: run_bench_child(script, system, argv, workdir) for system in order}
+    print_supervised(title, reports["ours"], reports["baseline"], targets)

@@ -28,12 +28,8 @@ included).
 
 from __future__ import annotations
 
-import argparse
-import functools
-import json
 import os
 import sys
-import tempfile
 
 import torch
 
@@ -44,60 +40,24 @@ sys.path.insert(0, os.path.join(ROOT, "tools"))
 from bench_common import (  # noqa: E402
     OPTIMIZER,
     PAD_ID,
-    cpu_model,
-    environment_line,
-    matmul_gflops,
     model_dict,
-    peak_rss_gb,
-    print_supervised,
-    run_bench_child,
     sft_workload,
-    timed_steps,
-    write_checkpoints,
+    step_items,
+    supervised_args,
+    supervised_main,
+    supervised_report,
 )
 
 TARGETS = (2.5, 0.5)  # tokens/s at least 2.5x the baseline's, peak memory at most 1/2
 
 
-def parse_args() -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument(
-        "--batch", type=int, default=8, help="conversations per optimizer step, both systems"
-    )
-    p.add_argument(
-        "--micro-batch",
-        type=int,
-        default=4,
-        help="hpc_rlhf's conversations per packed micro-batch (gradient accumulation)",
-    )
-    p.add_argument("--steps", type=int, default=4, help="timed steps after the warm-up step")
-    p.add_argument("--quick", action="store_true", help="4 per step, lengths / 8")
-    p.add_argument(
-        "--profile",
-        choices=["ours", "baseline"],
-        help="print a torch.profiler table of this system's last step (an extra, untimed step)",
-    )
-    p.add_argument("--baseline-first", action="store_true", help="run the baseline's process first")
-    p.add_argument("--system", choices=["ours", "baseline"], help=argparse.SUPPRESS)
-    p.add_argument("--workdir", help=argparse.SUPPRESS)
-    p.add_argument("--out", help=argparse.SUPPRESS)
-    args = p.parse_args()
-    if args.quick:
-        args.batch, args.micro_batch, args.steps = 4, 2, 2
-    return args
-
-
-@functools.lru_cache(maxsize=1)
-def _workload(n: int, quick: bool):
-    return sft_workload(n, quick)
+def parse_args():
+    return supervised_args(__doc__.split("\n")[0], "--batch", "conversations")
 
 
 def step_samples(args, step: int):
-    """The conversations of step ``step`` (0: the warm-up; a profiled extra step reuses
-    step 1's)."""
-    convs = _workload(args.batch * (args.steps + 1), args.quick)  # seeded, cached
-    step = step if step <= args.steps else 1
-    return convs[step * args.batch : (step + 1) * args.batch]
+    """The conversations of step ``step`` (seeded, shared by both systems)."""
+    return step_items(args, sft_workload, step)
 
 
 def run_ours(args) -> dict:
@@ -193,53 +153,19 @@ def run_baseline(args) -> dict:
 
 
 def _report(args, step, positions: list[int]) -> dict:
-    """Run the warm-up and timed steps; per timed step: seconds, real tokens (prompt +
-    response of every conversation) and positions the model ran (with padding)."""
-    first, times, warmup = timed_steps(step, args.steps, profile=args.profile == args.system)
-    real = [
-        sum(len(p) + len(r) for p, r in step_samples(args, i)) for i in range(1, args.steps + 1)
-    ]
-    return {
-        "first_loss": first,
-        "warmup_seconds": warmup,
-        "step_seconds": times,
-        "real_tokens": real,
-        "positions": positions[1 : args.steps + 1],
-    }
-
-
-def child_main(args) -> None:
-    report = run_ours(args) if args.system == "ours" else run_baseline(args)
-    report["peak_rss_gb"] = peak_rss_gb()
-    with open(args.out, "w") as fh:
-        json.dump(report, fh)
+    """The timed steps' report; real tokens: prompt + response of every sequence."""
+    return supervised_report(
+        args, step, positions, lambda i: sum(len(p) + len(r) for p, r in step_samples(args, i))
+    )
 
 
 def main() -> None:
     args = parse_args()
-    if args.system:
-        child_main(args)
-        return
-    torch.set_num_threads(os.cpu_count() or 1)
-    print(f"CPU: {cpu_model()}, {os.cpu_count()} cores, OMP_NUM_THREADS={os.cpu_count()} each")
-    print(f"fp32 matmul: torch.mm 1024^3, best of 5, now {matmul_gflops():.0f} GFLOP/s")
-    print(environment_line())
-    print(
-        f"SFT: {args.batch} conversations per optimizer step, {args.steps} timed steps after "
-        f"1 warm-up; hpc_rlhf in packed micro-batches of {args.micro_batch} conversations"
-        + (" (--quick: lengths / 8)" if args.quick else "")
-    )
-    argv = ["--batch", str(args.batch), "--micro-batch", str(args.micro_batch)]
-    argv += ["--steps", str(args.steps)]
-    argv += ["--quick"] if args.quick else []
-    argv += ["--profile", args.profile] if args.profile else []
     script = os.path.abspath(__file__)
-    with tempfile.TemporaryDirectory() as workdir:
-        write_checkpoints(workdir)
-        order = ("baseline", "ours") if args.baseline_first else ("ours", "baseline")
-        reports = {system: run_bench_child(script, system, argv, workdir) for system in order}
-        ours, base = reports["ours"], reports["baseline"]
-    print_supervised("SFT: hpc_rlhf vs HF-style loop", ours, base, TARGETS)
+    what = f"SFT: {args.batch} conversations"
+    supervised_main(
+        args, script, "SFT: hpc_rlhf vs HF-style loop", what, TARGETS, run_ours, run_baseline
+    )
 
 
 if __name__ == "__main__":
