@@ -390,3 +390,63 @@ def supervised_main(args, script: str, title: str, what: str, targets, run_ours,
         order = ("baseline", "ours") if args.baseline_first else ("ours", "baseline")
         reports = {system: run_bench_child(script, system, argv, workdir) for system in order}
     print_supervised(title, reports["ours"], reports["baseline"], targets)
+
+
+def ours_model(args, cls: type, init: str, role: str = "actor"):
+    """hpc_rlhf's trained model set up as its stage command does (``Run``, the stage config
+    ``cls``, the trained model from the HF checkpoint ``workdir/init``); returns
+    ``(cfg, run, model)``."""
+    from bench_systems import _BenchTokenizer
+
+    from hpc_rlhf.config import config_from_dict
+    from hpc_rlhf.trainer.run import Run, RunSettings
+    from hpc_rlhf.trainer.sft import initial_state
+    from hpc_rlhf.trainer.supervised import build_trained_model
+
+    cfg = config_from_dict(
+        {
+            "model": model_dict(),
+            "init": os.path.join(args.workdir, init),
+            "optimizer": {**OPTIMIZER, "lr_decay_style": "constant"},
+            "train": {
+                "steps": args.steps + 1,
+                "seq_length": 512,
+                "micro_batch_size_per_rank": args.micro_batch,
+                "global_batch_size": args.batch,
+                "pack_sequences": True,
+                "seed": 0,
+            },
+        },
+        cls,
+    )
+    run = Run(cfg, RunSettings.of(cfg.train, "train"), tokenizer=_BenchTokenizer())
+    return cfg, run, build_trained_model(cfg, run, initial_state(cfg), role=role)
+
+
+def ours_step(model, loss_fn, microbatches_of, positions: list[int]):
+    """The step function of ``supervised_report`` for hpc_rlhf: ``train_step`` on step
+    ``i``'s micro-batches (``microbatches_of(i)``), recording the positions it ran."""
+
+    def step(i: int) -> float:
+        before = model.work["train_tokens"]
+        loss = model.train_step(microbatches_of(i), loss_fn).metrics["loss"]
+        positions.append(model.work["train_tokens"] - before)
+        return loss
+
+    return step
+
+
+def baseline_adamw(params: list) -> torch.optim.AdamW:
+    """The baselines' AdamW (no weight decay on 1-D parameters, as HF's Trainer does)."""
+    return torch.optim.AdamW(
+        [
+            {
+                "params": [p for p in params if p.ndim >= 2],
+                "weight_decay": OPTIMIZER["weight_decay"],
+            },
+            {"params": [p for p in params if p.ndim < 2], "weight_decay": 0.0},
+        ],
+        lr=OPTIMIZER["lr"],
+        betas=(OPTIMIZER["adam_beta1"], OPTIMIZER["adam_beta2"]),
+        eps=OPTIMIZER["adam_eps"],
+    )

@@ -38,7 +38,9 @@ sys.path.insert(0, os.path.join(ROOT, "tools"))
 from bench_common import (  # noqa: E402
     OPTIMIZER,
     PAD_ID,
-    model_dict,
+    baseline_adamw,
+    ours_model,
+    ours_step,
     preference_workload,
     step_items,
     supervised_args,
@@ -61,51 +63,25 @@ def step_samples(args, step: int):
 def run_ours(args) -> dict:
     """hpc_rlhf's reward-model step: set up as ``hpc-rlhf rm`` does (``Run``, the trained
     model from the HF checkpoint, the ranking loss), stepped on collated micro-batches."""
-    from bench_systems import _BenchTokenizer
-
-    from hpc_rlhf.config import RMRunConfig, config_from_dict
+    from hpc_rlhf.config import RMRunConfig
     from hpc_rlhf.data.preference import PreferenceSample, collate_preferences
     from hpc_rlhf.trainer.losses import ranking_loss_fn
-    from hpc_rlhf.trainer.run import Run, RunSettings
-    from hpc_rlhf.trainer.sft import initial_state
-    from hpc_rlhf.trainer.supervised import build_trained_model
 
-    cfg = config_from_dict(
-        {
-            "model": model_dict(),
-            "init": os.path.join(args.workdir, "reward"),
-            "optimizer": {**OPTIMIZER, "lr_decay_style": "constant"},
-            "train": {
-                "steps": args.steps + 1,
-                "seq_length": 512,
-                "micro_batch_size_per_rank": args.micro_batch,
-                "global_batch_size": args.batch,
-                "pack_sequences": True,
-                "seed": 0,
-            },
-        },
-        RMRunConfig,
-    )
-    run = Run(cfg, RunSettings.of(cfg.train, "train"), tokenizer=_BenchTokenizer())
-    model = build_trained_model(cfg, run, initial_state(cfg), role="reward")
-    loss_fn = ranking_loss_fn(cfg.rm.regularization, cfg.rm.objective)
+    cfg, _, model = ours_model(args, RMRunConfig, "reward", role="reward")
     mb = args.micro_batch
-    positions = []
 
-    def step(i: int) -> float:
+    def microbatches(i: int) -> list:
         samples = [
             PreferenceSample([p + c, p + r], [(0, 1, 0.0)], "bench")
             for p, c, r in step_samples(args, i)
         ]
-        batches = [
+        return [
             collate_preferences(samples[j : j + mb], PAD_ID) for j in range(0, len(samples), mb)
         ]
-        before = model.work["train_tokens"]
-        loss = model.train_step(batches, loss_fn).metrics["loss"]
-        positions.append(model.work["train_tokens"] - before)
-        return loss
 
-    return _report(args, step, positions)
+    positions: list[int] = []
+    loss_fn = ranking_loss_fn(cfg.rm.regularization, cfg.rm.objective)
+    return _report(args, ours_step(model, loss_fn, microbatches, positions), positions)
 
 
 def run_baseline(args) -> dict:
@@ -121,18 +97,7 @@ def run_baseline(args) -> dict:
     model = ScoreModel(hf.model, hf.score.weight.detach()).train()
     del hf
     params = [p for p in model.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(
-        [
-            {
-                "params": [p for p in params if p.ndim >= 2],
-                "weight_decay": OPTIMIZER["weight_decay"],
-            },
-            {"params": [p for p in params if p.ndim < 2], "weight_decay": 0.0},
-        ],
-        lr=OPTIMIZER["lr"],
-        betas=(OPTIMIZER["adam_beta1"], OPTIMIZER["adam_beta2"]),
-        eps=OPTIMIZER["adam_eps"],
-    )
+    optimizer = baseline_adamw(params)
     positions = []
 
     def step(i: int) -> float:

@@ -40,7 +40,9 @@ sys.path.insert(0, os.path.join(ROOT, "tools"))
 from bench_common import (  # noqa: E402
     OPTIMIZER,
     PAD_ID,
-    model_dict,
+    baseline_adamw,
+    ours_model,
+    ours_step,
     sft_workload,
     step_items,
     supervised_args,
@@ -63,48 +65,22 @@ def step_samples(args, step: int):
 def run_ours(args) -> dict:
     """hpc_rlhf's SFT step: set up as ``hpc-rlhf sft`` does (``Run``, the trained model
     from the HF checkpoint, the LM loss), stepped on collated micro-batches."""
-    from bench_systems import _BenchTokenizer
-
-    from hpc_rlhf.config import SFTRunConfig, config_from_dict
+    from hpc_rlhf.config import SFTRunConfig
     from hpc_rlhf.data.sft import Sample, collate
     from hpc_rlhf.trainer.losses import lm_loss_fn
-    from hpc_rlhf.trainer.run import Run, RunSettings
-    from hpc_rlhf.trainer.sft import initial_state
-    from hpc_rlhf.trainer.supervised import build_trained_model
 
-    cfg = config_from_dict(
-        {
-            "model": model_dict(),
-            "init": os.path.join(args.workdir, "actor"),
-            "optimizer": {**OPTIMIZER, "lr_decay_style": "constant"},
-            "train": {
-                "steps": args.steps + 1,
-                "seq_length": 512,
-                "micro_batch_size_per_rank": args.micro_batch,
-                "global_batch_size": args.batch,
-                "pack_sequences": True,
-                "seed": 0,
-            },
-        },
-        SFTRunConfig,
-    )
-    run = Run(cfg, RunSettings.of(cfg.train, "train"), tokenizer=_BenchTokenizer())
-    model = build_trained_model(cfg, run, initial_state(cfg))
-    loss_fn = lm_loss_fn(run.state.tp_group)
+    _, run, model = ours_model(args, SFTRunConfig, "actor")
     mb = args.micro_batch
-    positions = []
 
-    def step(i: int) -> float:
+    def microbatches(i: int) -> list:
         samples = [
             Sample(p + r, [False] * len(p) + [True] * len(r), "bench")
             for p, r in step_samples(args, i)
         ]
-        batches = [collate(samples[j : j + mb], PAD_ID) for j in range(0, len(samples), mb)]
-        before = model.work["train_tokens"]
-        loss = model.train_step(batches, loss_fn).metrics["loss"]
-        positions.append(model.work["train_tokens"] - before)
-        return loss
+        return [collate(samples[j : j + mb], PAD_ID) for j in range(0, len(samples), mb)]
 
+    positions: list[int] = []
+    step = ours_step(model, lm_loss_fn(run.state.tp_group), microbatches, positions)
     return _report(args, step, positions)
 
 
@@ -117,18 +93,7 @@ def run_baseline(args) -> dict:
         os.path.join(args.workdir, "actor"), attn_implementation="sdpa"
     ).train()
     params = [p for p in model.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(
-        [
-            {
-                "params": [p for p in params if p.ndim >= 2],
-                "weight_decay": OPTIMIZER["weight_decay"],
-            },
-            {"params": [p for p in params if p.ndim < 2], "weight_decay": 0.0},
-        ],
-        lr=OPTIMIZER["lr"],
-        betas=(OPTIMIZER["adam_beta1"], OPTIMIZER["adam_beta2"]),
-        eps=OPTIMIZER["adam_eps"],
-    )
+    optimizer = baseline_adamw(params)
     positions = []
 
     def step(i: int) -> float:
