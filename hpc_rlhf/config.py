@@ -9,6 +9,7 @@ follow from others are properties, never mutated fields.
 from __future__ import annotations
 
 import dataclasses
+import math
 import os
 import types
 import typing
@@ -452,6 +453,11 @@ class RankingLossConfig:
                 raise ConfigError(f"rm.margins[{label!r}]={value!r}: expected a number")
         if self.regularization < 0:
             raise ConfigError(f"rm.regularization={self.regularization} must be >= 0")
+        if self.objective == "cost" and self.normalize_scores:
+            raise ConfigError(
+                "rm.normalize_scores with rm.objective=cost: a cost's sign is its safety verdict "
+                "(> 0: unsafe), and centring the scores would move that zero"
+            )
 
 
 @dataclass(frozen=True)
@@ -510,10 +516,13 @@ class RolloutConfig:
 
 @dataclass(frozen=True)
 class RewardModelSpec:
-    """A reward model (HF checkpoint directory with a score head) and its weight."""
+    """A reward (or cost) model: an HF checkpoint directory with a score head, and its
+    weight. ``role`` names a reward model's part in ``reward.combine: llama2_safety``
+    ("helpfulness" or "safety")."""
 
     path: str
     weight: float = 1.0
+    role: str | None = None
 
 
 @dataclass(frozen=True)
@@ -525,28 +534,97 @@ class RuleRewardSpec:
     kwargs: dict = field(default_factory=dict)
 
 
+REWARD_COMBINES = ("sum", "llama2_safety")
+
+
 @dataclass(frozen=True)
 class RewardConfig:
-    """Reward models and rule-based rewards, combined linearly."""
+    """Reward models and rule-based rewards. ``combine: sum`` (the default) adds their
+    weighted scores; ``combine: llama2_safety`` takes a helpfulness and a safety reward model
+    (``role``) and uses the safety score where the prompt is tagged unsafe
+    (``data.safety_field``) or ``sigmoid(safety score) < safety_threshold``, the helpfulness
+    score elsewhere, whitened over the batch (Llama-2, section 3.2.2); rules are added to
+    it with their weights. The same section type lists PPO-Lagrangian's costs (``cost``)."""
 
     models: tuple[RewardModelSpec, ...] = ()
     rules: tuple[RuleRewardSpec, ...] = ()
     score_clip: float | None = None
     normalize: bool = False  # running mean/std of the combined score
+    combine: str = "sum"
+    safety_threshold: float = 0.15  # on sigmoid(safety score), llama2_safety only
 
-    def validate(self) -> None:
+    def validate(self, prefix: str = "reward.") -> None:
         """Raise ``ConfigError`` naming the ``reward.`` key of an impossible value (rules are
         imported when the trainer starts, ``rule_rewards.load_rule``)."""
         if not self.models and not self.rules:
-            raise ConfigError("reward: give at least one of reward.models or reward.rules")
+            raise ConfigError(
+                f"{prefix[:-1]}: give at least one of {prefix}models or {prefix}rules"
+            )
         for i, rule in enumerate(self.rules):
             module, _, function = rule.function.partition(":")
             if not module or not function:
                 raise ConfigError(
-                    f"reward.rules[{i}].function={rule.function!r}: expected 'module:function'"
+                    f"{prefix}rules[{i}].function={rule.function!r}: expected 'module:function'"
                 )
         if self.score_clip is not None and not self.score_clip > 0:
-            raise ConfigError(f"reward.score_clip={self.score_clip} must be > 0 (or null: off)")
+            raise ConfigError(f"{prefix}score_clip={self.score_clip} must be > 0 (or null: off)")
+        if self.combine not in REWARD_COMBINES:
+            raise ConfigError(
+                f"{prefix}combine={self.combine!r}: expected one of {REWARD_COMBINES}"
+            )
+        roles = [m.role for m in self.models]
+        if self.combine == "llama2_safety":
+            if sorted(r for r in roles if r) != ["helpfulness", "safety"]:
+                raise ConfigError(
+                    f"{prefix}combine=llama2_safety needs one {prefix}models entry with "
+                    f"role: helpfulness and one with role: safety (got roles {roles})"
+                )
+            if not 0 < self.safety_threshold < 1:
+                raise ConfigError(
+                    f"{prefix}safety_threshold={self.safety_threshold} must be in (0, 1) "
+                    "(it is compared with sigmoid(safety score))"
+                )
+        elif any(roles):
+            raise ConfigError(
+                f"{prefix}models[].role is read only with {prefix}combine=llama2_safety"
+            )
+
+    def model_index(self, role: str) -> int:
+        """Position in ``models`` of the model with ``role``."""
+        return [m.role for m in self.models].index(role)
+
+
+@dataclass(frozen=True)
+class LagrangianConfig:
+    """PPO-Lagrangian's multiplier (Safe-RLHF's arguments): ``log lambda`` is learned by SGD
+    on ``-(J_c - threshold) * lambda``, ``J_c`` the mean cost of the last
+    ``episode_cost_window_size`` episodes over all data-parallel ranks, once per PPO step
+    from step ``lambda_update_delay_steps`` on; ``lambda_max`` caps it. ``lambda_lr: 0``
+    keeps lambda fixed (``lambda_init: 0`` then ignores the cost)."""
+
+    threshold: float = 0.0
+    lambda_init: float = 1.0
+    lambda_lr: float = 0.1
+    lambda_max: float | None = None
+    lambda_update_delay_steps: int = 0
+    episode_cost_window_size: int = 128
+
+    def validate(self) -> None:
+        """Raise ``ConfigError`` naming the ``lagrangian.`` key of an impossible value."""
+        _positive(self, "lagrangian.", ("episode_cost_window_size",))
+        _non_negative(self, "lagrangian.", ("lambda_lr", "lambda_update_delay_steps"))
+        if not math.isfinite(self.threshold):
+            raise ConfigError(f"lagrangian.threshold={self.threshold} must be finite")
+        if self.lambda_init < 0 or (self.lambda_init == 0 and self.lambda_lr):
+            raise ConfigError(
+                f"lagrangian.lambda_init={self.lambda_init} must be > 0 for a learned multiplier "
+                "(log lambda is learned; 0 only with lagrangian.lambda_lr: 0)"
+            )
+        if self.lambda_max is not None and not self.lambda_max >= self.lambda_init:
+            raise ConfigError(
+                f"lagrangian.lambda_max={self.lambda_max} must be >= lagrangian.lambda_init="
+                f"{self.lambda_init} (or null: no cap)"
+            )
 
 
 @dataclass(frozen=True)
@@ -563,6 +641,9 @@ class DataConfig:
     truncation_side: str = "left"
     ptx_data: str | None = None  # text file for the ptx (pre-training) loss
     shuffle: bool = True
+    # a boolean field of the prompt rows: true tags an unsafe (adversarial) prompt, which
+    # reward.combine=llama2_safety scores with the safety model; None: no tags
+    safety_field: str | None = None
 
     def validate(self) -> None:
         """Raise ``ConfigError`` naming the ``data.`` key of an impossible value."""
@@ -573,8 +654,12 @@ class DataConfig:
 
 @dataclass(frozen=True)
 class PPOConfig:
-    """PPO (and its GRPO / RLOO variants) hyper-parameters."""
+    """PPO (and its GRPO / RLOO variants) hyper-parameters. ``algorithm: ppo_lag`` is
+    Safe-RLHF's PPO-Lagrangian: costs (the run's ``cost`` section) learned by a cost critic,
+    the actor's advantage ``(A_reward - lambda * A_cost) / (1 + lambda)`` with the
+    multiplier of the ``lagrangian`` section."""
 
+    algorithm: str = "ppo"  # "ppo" | "ppo_lag"
     steps: int = 10
     rollout_batch_size: int = 16  # prompts per step, over all data-parallel ranks
     n_samples_per_prompt: int = 1
@@ -600,6 +685,9 @@ class PPOConfig:
     loss_reduction: str = "token_mean"
     whiten_advantages: bool = True
     critic_init: str = "actor"  # "actor" | "reward" (the first reward model) | "random"
+    # ppo_lag: "cost" (the first cost model, Safe-RLHF's default) | "actor" | "random";
+    # None: "cost" when cost.models are given, else "actor"
+    cost_critic_init: str | None = None
     recompute_old_logprobs: bool = False  # else reuse the engine's (identical) log-probs
     # run padded micro-batches as one packed row of their real tokens (THD format)
     pack_sequences: bool = True
@@ -640,12 +728,26 @@ class PPOConfig:
             raise ConfigError(f"ppo.loss_reduction={self.loss_reduction!r}")
         if self.critic_init not in ("actor", "reward", "random"):
             raise ConfigError(f"ppo.critic_init={self.critic_init!r}")
+        if self.algorithm not in ("ppo", "ppo_lag"):
+            raise ConfigError(f"ppo.algorithm={self.algorithm!r}: expected ppo or ppo_lag")
+        if self.algorithm == "ppo_lag" and self.advantage != "gae":
+            raise ConfigError(
+                f"ppo.algorithm=ppo_lag learns reward and cost critics: it needs ppo.advantage=gae "
+                f"(got {self.advantage})"
+            )
+        if self.cost_critic_init not in (None, "cost", "actor", "random"):
+            raise ConfigError(f"ppo.cost_critic_init={self.cost_critic_init!r}")
         if self.dual_clip is not None and self.dual_clip <= 1:
             raise ConfigError(f"ppo.dual_clip={self.dual_clip} must be > 1")
 
     @property
     def uses_critic(self) -> bool:
         return self.advantage == "gae"
+
+    @property
+    def constrained(self) -> bool:
+        """PPO-Lagrangian: a cost critic and a learned multiplier."""
+        return self.algorithm == "ppo_lag"
 
 
 def check_sequence_fits(cfg: Any) -> None:
@@ -689,6 +791,39 @@ class PPORunConfig:
     reward: RewardConfig = field(default_factory=RewardConfig)
     data: DataConfig = field(default_factory=DataConfig)
     actor_init: str | None = None  # HF checkpoint directory; None: random weights
+    # ppo.algorithm=ppo_lag: cost models / rule costs (> 0: unsafe), the cost critic's
+    # optimizer and the multiplier
+    cost: RewardConfig | None = None
+    cost_critic_optimizer: OptimizerConfig = field(default_factory=OptimizerConfig)
+    lagrangian: LagrangianConfig = field(default_factory=LagrangianConfig)
+
+    @property
+    def cost_critic_init(self) -> str:
+        """Where the cost critic starts: ``ppo.cost_critic_init`` or its default."""
+        if self.ppo.cost_critic_init:
+            return self.ppo.cost_critic_init
+        return "cost" if self.cost is not None and self.cost.models else "actor"
+
+    def _validate_constraint(self) -> None:
+        """The ``cost`` / ``lagrangian`` sections against ``ppo.algorithm``."""
+        if not self.ppo.constrained:
+            if self.cost is not None:
+                raise ConfigError("cost is read only with ppo.algorithm=ppo_lag")
+            return
+        if self.cost is None:
+            raise ConfigError(
+                "ppo.algorithm=ppo_lag needs a cost section (cost.models or cost.rules)"
+            )
+        self.cost.validate("cost.")
+        if self.cost.combine != "sum" or self.cost.normalize:
+            raise ConfigError(
+                "cost: costs combine as a weighted sum, unnormalised (their sign is "
+                "the safety verdict); remove cost.combine / cost.normalize"
+            )
+        self.cost_critic_optimizer.validate("cost_critic_optimizer.")
+        self.lagrangian.validate()
+        if self.cost_critic_init == "cost" and not self.cost.models:
+            raise ConfigError("ppo.cost_critic_init='cost' needs at least one cost.models entry")
 
     def validate(self, world_size: int | None = None) -> PPORunConfig:
         """Check every section and the layout; return self for chaining."""
@@ -703,6 +838,7 @@ class PPORunConfig:
         check_sequence_fits(self)
         if self.ppo.critic_init == "reward" and not self.reward.models:
             raise ConfigError("ppo.critic_init='reward' needs at least one reward.models entry")
+        self._validate_constraint()
         if world_size is not None:
             dp = self.parallel.data_parallel_size(world_size)
             if self.ppo.rollout_batch_size % dp:
@@ -795,7 +931,9 @@ class PipelineConfig:
     data; ``rm`` / ``cost``: optimizer, train, data, rm; ``ppo``: actor_optimizer,
     critic_optimizer, ppo, generation, reward, data); the pipeline wires the stages through
     ``out_dir/<stage>/`` (``stage_config``): the reward and cost models and the PPO actor
-    start from the SFT model, PPO's critic and first reward model from the reward model."""
+    start from the SFT model, PPO's critic and first reward model from the reward model;
+    with ``ppo: {ppo: {algorithm: ppo_lag}}`` the cost model is PPO's first cost model
+    (and, by default, its cost critic's start)."""
 
     model: ModelConfig = field(default_factory=ModelConfig)
     parallel: ParallelConfig = field(default_factory=ParallelConfig)
@@ -834,6 +972,10 @@ class PipelineConfig:
             models = [{"path": self.export_dir("rm")}, *reward.get("models", [])]
             data["reward"] = {**reward, "models": models}
             data["ppo"].setdefault("critic_init", "reward")
+            if self.cost is not None and data["ppo"].get("algorithm") == "ppo_lag":
+                cost = dict(data.get("cost") or {})
+                cost_models = [{"path": self.export_dir("cost")}, *cost.get("models", [])]
+                data["cost"] = {**cost, "models": cost_models}
             return config_from_dict(data, PPORunConfig, "ppo.")
         data["init"] = self.init if stage == "sft" else self.export_dir("sft")
         if stage == "sft":

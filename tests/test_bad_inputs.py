@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import json
 import os
-from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -17,6 +16,7 @@ from hpc_rlhf.config import PPORunConfig, config_from_dict
 from hpc_rlhf.models.hf_names import ConversionError
 from hpc_rlhf.trainer.experience import Rollout
 from hpc_rlhf.trainer.ppo import NonFiniteRewardError, PPOTrainer
+from hpc_rlhf.trainer.score_sources import ScoreSources
 from hpc_rlhf.trainer.trainable_model import NonFiniteLossError
 
 HERE = "tests.test_bad_inputs"
@@ -83,15 +83,19 @@ def test_rule_numbers_of_every_kind_are_accepted(value, expected):
     assert rule_score("m:f", value) == expected
 
 
-def _trainer(rules: list[dict], models: list[dict] = ()) -> PPOTrainer:
-    """A trainer holding just what ``_scores`` reads (no models, one process)."""
-    cfg = config_from_dict({"reward": {"rules": rules, "models": list(models)}}, PPORunConfig)
-    trainer = PPOTrainer.__new__(PPOTrainer)
-    trainer.cfg = cfg
-    trainer.state = SimpleNamespace(dp_group=None)
-    trainer.tokenizer = None
-    trainer.rules = [(spec, load_rule(spec.function)) for spec in cfg.reward.rules]
-    return trainer
+class _Scores:
+    """The reward sources of a config without models (their scores are given), one process."""
+
+    def __init__(self, rules: list[dict], models: list[dict] = ()):
+        cfg = config_from_dict({"reward": {"rules": rules, "models": list(models)}}, PPORunConfig)
+        self.sources = ScoreSources(cfg.reward, "reward", [], [None] * len(models))
+
+    def _scores(self, rollout, model_scores):
+        return self.sources.combined(rollout, model_scores, None, None)
+
+
+def _trainer(rules: list[dict], models: list[dict] = ()) -> _Scores:
+    return _Scores(rules, models)
 
 
 ROLLOUT = Rollout(

@@ -116,7 +116,7 @@ def run_ours(
     models = {"actor": trainer.actor, "reference": trainer.reference}
     if trainer.critic is not None:
         models["critic"] = trainer.critic
-    models.update({f"reward{i}": m for i, m in enumerate(trainer.reward_models)})
+    models.update({f"reward{i}": m for i, m in enumerate(trainer.rewards.models)})
     report["work"] = {name: dict(m.work) for name, m in models.items()}
     per_row = [len(p) + n for p, n in zip(prompts, lengths)]
     report["mean_padded_length"] = sum(per_row) / len(per_row)

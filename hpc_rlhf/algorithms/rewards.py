@@ -2,7 +2,9 @@
 
 ``token_rewards``: every response token gets ``-kl_coef * KL_t``; the last response token of
 each sequence also gets the (clipped) sequence score. Scores of several reward models are
-combined linearly first (e.g. Llama-2's helpfulness + safety).
+combined linearly first, or gated as Llama-2 gates helpfulness and safety
+(``llama2_safety_gate``); PPO-Lagrangian splits the KL penalty between the reward and
+cost signals (``lagrangian_token_signals``).
 """
 
 from __future__ import annotations
@@ -56,6 +58,47 @@ def token_rewards(
     rows_B = torch.arange(score_B.shape[0], device=score_B.device)[has_tokens_B]
     rewards_BS[rows_B, last_B[has_tokens_B]] += score_B[has_tokens_B]
     return rewards_BS, kl_BS
+
+
+def lagrangian_token_signals(
+    score_B: torch.Tensor,
+    cost_B: torch.Tensor,
+    logp_BS: torch.Tensor,
+    ref_logp_BS: torch.Tensor,
+    mask_BS: torch.Tensor,
+    kl_coef: float,
+    estimator: str = "k1",
+    score_clip: float | None = None,
+    cost_clip: float | None = None,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``(rewards_BS, costs_BS, kl_BS)`` for PPO-Lagrangian: the KL penalty is shared as
+    Safe-RLHF shares it, half as a penalty on the reward signal (``-kl_coef/2 * KL_t``) and
+    half as a cost (``+kl_coef/2 * KL_t``); the end score and the end cost go on each
+    row's last response token. The actor's ``(A_r - lambda A_c) / (1 + lambda)`` then
+    sees ``kl_coef/2`` whatever lambda is."""
+    rewards_BS, kl_BS = token_rewards(
+        score_B, logp_BS, ref_logp_BS, mask_BS, 0.5 * kl_coef, estimator, score_clip
+    )
+    costs_BS, _ = token_rewards(
+        cost_B, logp_BS, ref_logp_BS, mask_BS, -0.5 * kl_coef, estimator, cost_clip
+    )
+    return rewards_BS, costs_BS, kl_BS
+
+
+def llama2_safety_gate(
+    helpful_B: torch.Tensor,
+    safety_B: torch.Tensor,
+    unsafe_prompt_B: torch.Tensor,
+    threshold: float = 0.15,
+) -> torch.Tensor:
+    """Llama-2's gated reward (Touvron et al. 2023, section 3.2.2) before whitening:
+    the safety model's score where the prompt is tagged unsafe or ``sigmoid(safety) <
+    threshold``, the helpfulness model's elsewhere, as a logit. The paper's scores are
+    ``sigmoid`` of the models' outputs and it takes their ``logit``; ``logit(sigmoid(x))
+    = x``, so the chosen model's raw score is returned (no round trip through a
+    probability that saturates for ``|x| > 17`` in float32)."""
+    use_safety_B = unsafe_prompt_B.bool() | (torch.sigmoid(safety_B.float()) < threshold)
+    return torch.where(use_safety_B, safety_B.float(), helpful_B.float())
 
 
 class RunningMoments:

@@ -21,15 +21,24 @@ class RuleRewardError(InputError, TypeError):
     """A rule reward returned something that is not one number."""
 
 
-def target_token_fraction(prompt_ids, response_ids, tokenizer, target: str = "the") -> float:
-    """Fraction of response tokens equal to the token of ``target`` (a toy task with a known
-    optimum: 1.0, reached by emitting only that token)."""
+def target_token_fraction(
+    prompt_ids, response_ids, tokenizer, target: str | list[str] = "the", others: bool = False
+) -> float:
+    """Fraction of response tokens equal to the token of ``target`` (or to any of a list of
+    tokens): a toy task with a known optimum, 1.0, reached by emitting only those tokens.
+    ``others``: the fraction of the other tokens instead (as a PPO-Lagrangian cost, it
+    penalises every token but the targets)."""
     if not response_ids:
         return 0.0
-    target_id = tokenizer.token_id(target) if hasattr(tokenizer, "token_id") else int(target)
-    if target_id < 0:
-        raise ValueError(f"target token {target!r} is not in the tokenizer's vocabulary")
-    return sum(1 for t in response_ids if t == target_id) / len(response_ids)
+    targets = [target] if isinstance(target, str) else list(target)
+    ids = set()
+    for name in targets:
+        token_id = tokenizer.token_id(name) if hasattr(tokenizer, "token_id") else int(name)
+        if token_id < 0:
+            raise ValueError(f"target token {name!r} is not in the tokenizer's vocabulary")
+        ids.add(token_id)
+    hits = sum(1 for t in response_ids if (t in ids) != others)
+    return hits / len(response_ids)
 
 
 def target_id_fraction(prompt_ids, response_ids, tokenizer=None, target_id: int = 5) -> float:

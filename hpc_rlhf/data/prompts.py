@@ -38,6 +38,14 @@ def read_prompts(path: str) -> list[str]:
 def read_numbered_prompts(path: str) -> list[tuple[int, str]]:
     """``(line number, prompt)`` of a JSONL file; a line that is not UTF-8, not JSON or
     not ``{"prompt": str}`` raises ``ValueError`` naming ``path:line``."""
+    return [(number, text) for number, text, _ in read_tagged_prompts(path)]
+
+
+def read_tagged_prompts(path: str, safety_field: str | None = None) -> list[tuple[int, str, bool]]:
+    """``(line number, prompt, unsafe)`` of a JSONL file, ``unsafe`` the boolean
+    ``safety_field`` of each row (``False`` without a field name). A line that is not UTF-8,
+    not JSON, not ``{"prompt": str}`` or whose ``safety_field`` is missing or not a boolean
+    raises ``InputError`` naming ``path:line``."""
     prompts = []
     for number, line in numbered_lines(path, "prompt file"):
         if not line.strip():
@@ -48,7 +56,13 @@ def read_numbered_prompts(path: str) -> list[tuple[int, str]]:
             raise InputError(f"{path}:{number}: not valid JSON ({err.msg})") from err
         if not isinstance(record, dict) or not isinstance(record.get("prompt"), str):
             raise InputError(f'{path}:{number}: expected an object with a "prompt" string')
-        prompts.append((number, record["prompt"]))
+        tag = False if safety_field is None else record.get(safety_field)
+        if not isinstance(tag, bool):
+            raise InputError(
+                f"{path}:{number}: data.safety_field {safety_field!r} must be true or false "
+                f"in every row (got {tag!r})"
+            )
+        prompts.append((number, record["prompt"], tag))
     if not prompts:
         raise InputError(f"{path}: no prompts")
     return prompts
@@ -58,7 +72,8 @@ class PromptDataset:
     """Tokenized prompts in a seeded, resumable order.
 
     ``vocab_size`` (the model's) makes a prompt with a token id outside ``[0, vocab_size)``
-    raise ``ValueError`` naming its file and line."""
+    raise ``ValueError`` naming its file and line. ``safety_field`` names a boolean field
+    of the rows tagging unsafe prompts (``unsafe(i)``)."""
 
     def __init__(
         self,
@@ -70,6 +85,7 @@ class PromptDataset:
         shuffle: bool = True,
         truncation_side: str = "left",
         vocab_size: int | None = None,
+        safety_field: str | None = None,
     ):
         path = path or default_prompts_path()
         if chat_template is not None and "{prompt}" not in chat_template:
@@ -84,11 +100,13 @@ class PromptDataset:
         self.chat_template = chat_template
         self.truncation_side = truncation_side
         self.token_ids: list[list[int]] = []
+        self.unsafe_tags: list[bool] = []
         truncated = 0
-        for number, text in read_numbered_prompts(path):
+        for number, text, unsafe in read_tagged_prompts(path, safety_field):
             ids, cut = self._tokenize(text)
             check_token_ids(ids, vocab_size, f"{path}:{number}", tokenizer)
             self.token_ids.append(ids)
+            self.unsafe_tags.append(unsafe)
             truncated += cut
         if truncated:
             logger.warning(
@@ -136,13 +154,23 @@ class PromptDataset:
         )
         return int(order[offset])
 
-    def next_batch(self, rollout_batch_size: int, dp_rank: int, dp_size: int) -> list[list[int]]:
-        """This rank's prompts of the next step; advances ``position`` by the global batch."""
+    def next_indices(self, rollout_batch_size: int, dp_rank: int, dp_size: int) -> list[int]:
+        """Indices of this rank's prompts of the next step; advances ``position`` by the
+        global batch."""
         per_rank = rollout_batch_size // dp_size
         start = self.position + dp_rank * per_rank
-        batch = [self.token_ids[self._index(start + i)] for i in range(per_rank)]
+        indices = [self._index(start + i) for i in range(per_rank)]
         self.position += rollout_batch_size
-        return batch
+        return indices
+
+    def next_batch(self, rollout_batch_size: int, dp_rank: int, dp_size: int) -> list[list[int]]:
+        """This rank's prompts of the next step; advances ``position`` by the global batch."""
+        indices = self.next_indices(rollout_batch_size, dp_rank, dp_size)
+        return [self.token_ids[i] for i in indices]
+
+    def unsafe(self, index: int) -> bool:
+        """Whether prompt ``index`` is tagged unsafe (``safety_field``)."""
+        return self.unsafe_tags[index]
 
     def state_dict(self) -> dict:
         return {"position": self.position}
@@ -164,4 +192,5 @@ def prompts_from_config(
         shuffle=shuffle,
         truncation_side=data.truncation_side,
         vocab_size=vocab_size,
+        safety_field=data.safety_field,
     )

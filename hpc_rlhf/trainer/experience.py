@@ -30,6 +30,7 @@ class Rollout:
     response_logprobs: list[list[float]]
     finish_reasons: list[str | None]  # "stop" | "length" (generate() returns finished ones)
     prompt_index: list[int]  # which prompt of this rank's batch each sample answers
+    unsafe_prompt: list[bool] | None = None  # per sample: its prompt is tagged unsafe
 
     def __len__(self) -> int:
         return len(self.response_ids)
@@ -51,6 +52,11 @@ class ExperienceBatch:
     kl_BS: torch.Tensor | None = None
     advantages_BS: torch.Tensor | None = None
     returns_BS: torch.Tensor | None = None
+    # PPO-Lagrangian: end costs, the cost critic's values, KL-shared token costs, returns
+    cost_B: torch.Tensor | None = None
+    cost_values_BS: torch.Tensor | None = None
+    costs_BS: torch.Tensor | None = None
+    cost_returns_BS: torch.Tensor | None = None
 
     @property
     def size(self) -> int:
@@ -92,6 +98,8 @@ class ExperienceBatch:
                 advantages_BS=_rows_of(self.advantages_BS, rows),
                 returns_BS=_rows_of(self.returns_BS, rows),
                 values_BS=_rows_of(self.values_BS, rows),
+                cost_values_BS=_rows_of(self.cost_values_BS, rows),
+                cost_returns_BS=_rows_of(self.cost_returns_BS, rows),
             )
             if trim_multiple:
                 longest = int(mb.attention_mask_BS.sum(dim=1).max())

@@ -35,6 +35,8 @@ class RolloutMicroBatch(MicroBatch):
     advantages_BS: torch.Tensor | None = None
     returns_BS: torch.Tensor | None = None
     values_BS: torch.Tensor | None = None
+    cost_returns_BS: torch.Tensor | None = None  # PPO-Lagrangian's cost critic
+    cost_values_BS: torch.Tensor | None = None
 
 
 @dataclass(frozen=True)
@@ -209,16 +211,20 @@ def _ptx_loss(mb: MicroBatch, logits, tp_group, coef: float, counts: GlobalCount
     )
 
 
-def critic_loss_fn(cfg: PPOConfig, counts: GlobalCounts) -> Callable:
-    """Clipped value loss, pre-normalised by global counts (``normalize="none"``)."""
+def critic_loss_fn(cfg: PPOConfig, counts: GlobalCounts, signal: str = "reward") -> Callable:
+    """Clipped value loss, pre-normalised by global counts (``normalize="none"``), on the
+    reward critic's values and returns, or (``signal="cost"``) the cost critic's, whose
+    metrics are prefixed ``cost_``."""
+    prefix = "cost_" if signal == "cost" else ""
 
     def fn(mb: RolloutMicroBatch, values_BS1: torch.Tensor):
         mask_BS = _required(mb.loss_mask_BS, "loss_mask_BS")
         values_BS = values_BS1.squeeze(-1).float()
+        old_name, returns_name = f"{prefix}values_BS", f"{prefix}returns_BS"
         loss, stats = value_loss(
             values_BS,
-            _required(mb.values_BS, "values_BS"),
-            _required(mb.returns_BS, "returns_BS"),
+            _required(getattr(mb, old_name), old_name),
+            _required(getattr(mb, returns_name), returns_name),
             mask_BS,
             clip=cfg.value_clip,
             reduction=cfg.loss_reduction,
@@ -229,6 +235,6 @@ def critic_loss_fn(cfg: PPOConfig, counts: GlobalCounts) -> Callable:
         metrics.update(
             {f"value_{k}" if not k.startswith("value") else k: v.detach() for k, v in stats.items()}
         )
-        return scaled, n_tokens.long(), metrics
+        return scaled, n_tokens.long(), {prefix + k: v for k, v in metrics.items()}
 
     return fn

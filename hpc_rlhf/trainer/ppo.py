@@ -1,4 +1,6 @@
-"""PPO over an actor, a critic, a frozen reference and reward models (+ rule rewards).
+"""PPO over an actor, a critic, a frozen reference and reward models (+ rule rewards);
+with ``ppo.algorithm: ppo_lag``, Safe-RLHF's PPO-Lagrangian: cost models (+ rule costs), a
+cost critic and a learned Lagrange multiplier beside them.
 
 ``PPOTrainer.step()`` is the six stages of one iteration, in order, each timed:
 
@@ -7,9 +9,12 @@
                    (optimizer state and gradients released meanwhile);
 3. ``score``       reward models' end scores, rule rewards; reference log-probs and critic
                    values (fused vocab-parallel log-probs); the actor's log-probs come from
-                   the engine (or are recomputed, ``ppo.recompute_old_logprobs``);
+                   the engine (or are recomputed, ``ppo.recompute_old_logprobs``); costs
+                   and cost values likewise;
 4. ``advantages``  KL-penalised token rewards, GAE (or GRPO / RLOO), whitening across DP;
-5. ``train``       critic then actor updates over epochs x mini-batches x micro-batches;
+                   the multiplier's update and ``(A_r - lambda A_c) / (1 + lambda)``;
+5. ``train``       critic (and cost critic) then actor updates over epochs x mini-batches
+                   x micro-batches;
 6. ``handoff``     the updated weights go to the engine, stamped with a new policy version.
 """
 
@@ -25,8 +30,8 @@ import torch
 
 from hpc_rlhf.algorithms.advantages import compute_advantages, masked_mean_var, whiten
 from hpc_rlhf.algorithms.kl import make_kl_controller
-from hpc_rlhf.algorithms.rewards import RunningMoments, combine_scores, token_rewards
-from hpc_rlhf.algorithms.rule_rewards import load_rule, rule_score
+from hpc_rlhf.algorithms.lagrange import LagrangeMultiplier, combined_advantage
+from hpc_rlhf.algorithms.rewards import RunningMoments, lagrangian_token_signals, token_rewards
 from hpc_rlhf.config import PPORunConfig
 from hpc_rlhf.models.runner import MicroBatch
 from hpc_rlhf.parallel.comm import all_gather_cat, group_sum
@@ -40,19 +45,16 @@ from hpc_rlhf.trainer.experience import (
 from hpc_rlhf.trainer.losses import (
     GlobalCounts,
     actor_loss_fn,
-    calibrated_end_score_fn,
     critic_loss_fn,
     logprobs_fn,
     values_fn,
 )
-from hpc_rlhf.trainer.trainable_model import NonFiniteLossError, TrainableModel, is_max_metric
+from hpc_rlhf.trainer.score_sources import NonFiniteRewardError, load_rules_first
+from hpc_rlhf.trainer.trainable_model import TrainableModel, is_max_metric
 
 logger = logging.getLogger(__name__)
 
-
-class NonFiniteRewardError(NonFiniteLossError):
-    """A reward model or rule reward scored samples NaN/inf; nothing was trained on them
-    (a ``NonFiniteLossError``, so a run stops as for a NaN loss, checkpoint intact)."""
+__all__ = ["Iteration", "NonFiniteRewardError", "PPOTrainer", "StageTimer"]
 
 
 class StageTimer:
@@ -92,12 +94,22 @@ class PPOTrainer:
         self.tokenizer = tokenizer
         self.prompts = prompts
         self.ptx = ptx
-        # rules first: a rule that does not import fails before the models are built
-        self.rules = [(spec, load_rule(spec.function)) for spec in cfg.reward.rules]
+        load_rules_first(cfg)
         models = build_models(cfg, state, tokenizer)
         self.actor, self.reference, self.critic = models.actor, models.reference, models.critic
-        self.reward_models, self.engine = models.reward_models, models.engine
-        self.reward_fns = [calibrated_end_score_fn(c) for c in models.reward_calibrations]
+        self.rewards, self.engine = models.rewards, models.engine
+        self.costs, self.cost_critic = models.costs, models.cost_critic
+        self.multiplier = None
+        if cfg.ppo.constrained:
+            lag = cfg.lagrangian
+            self.multiplier = LagrangeMultiplier(
+                lag.lambda_init,
+                lag.lambda_lr,
+                lag.threshold,
+                lag.episode_cost_window_size,
+                lag.lambda_max,
+                lag.lambda_update_delay_steps,
+            )
         self.kl_ctl = make_kl_controller(cfg.ppo.kl_coef, cfg.ppo.kl_target, cfg.ppo.kl_horizon)
         self.reward_moments = RunningMoments()
         self.step_count = 0
@@ -121,15 +133,20 @@ class PPOTrainer:
         benchmark replays fixed response lengths this way); with ``rollout``, this rank's
         samples are given and nothing is generated (layout-parity tests replay one)."""
         timer = StageTimer()
+        unsafe_prompts = None
         with timer("prompts"):
             if prompt_ids is None and rollout is None:
-                prompt_ids = self.prompts.next_batch(
+                indices = self.prompts.next_indices(
                     self.cfg.ppo.rollout_batch_size, self.state.dp_rank, self.state.dp_size
                 )
+                prompt_ids = [self.prompts.token_ids[i] for i in indices]
+                unsafe_prompts = [self.prompts.unsafe(i) for i in indices]
         with timer("generate"):
             if rollout is None:
                 assert prompt_ids is not None
                 rollout = self.generate(prompt_ids, max_new_tokens)
+                if unsafe_prompts is not None:
+                    rollout.unsafe_prompt = [unsafe_prompts[i] for i in rollout.prompt_index]
         with timer("score"):
             exp = self.score(rollout)
         with timer("advantages"):
@@ -173,7 +190,7 @@ class PPOTrainer:
         from hpc_rlhf.inference.memory import training_memory_released
 
         with ExitStack() as stack:
-            for model in (self.actor, self.critic):
+            for model in (self.actor, self.critic, self.cost_critic):
                 if model is not None:
                     stack.enter_context(training_memory_released(model))
             yield
@@ -197,91 +214,105 @@ class PPOTrainer:
             exp.old_logp_BS = run(self.actor, logprobs_fn(self.state.tp_group, temperature), "logp")
         if self.critic is not None:
             exp.values_BS = run(self.critic, values_fn, "values")
-        scores = [run(m, fn, "score") for m, fn in zip(self.reward_models, self.reward_fns)]
-        exp.score_B = self._scores(rollout, scores)
+        unsafe_B = None
+        if rollout.unsafe_prompt is not None:
+            unsafe_B = torch.tensor(rollout.unsafe_prompt, dtype=torch.bool)
+        sources = [(self.rewards, "score_B")]
+        if self.costs is not None:
+            assert self.cost_critic is not None
+            exp.cost_values_BS = run(self.cost_critic, values_fn, "values")
+            sources.append((self.costs, "cost_B"))
+        for source, name in sources:
+            scores = [run(m, fn, "score") for m, fn in zip(source.models, source.score_fns)]
+            combined_B = source.combined(
+                rollout, scores, self.tokenizer, self.state.dp_group, unsafe_B
+            )
+            setattr(exp, name, combined_B)
         return exp
 
     def _trim(self) -> int | None:
         """Per-microbatch lengths need PP=1 (pipeline p2p shapes are fixed per schedule)."""
         return self.state.sequence_multiple if self.state.pp_size == 1 else None
 
-    def _scores(self, rollout: Rollout, model_scores: list[torch.Tensor]) -> torch.Tensor:
-        """Reward models' end scores and rule rewards, combined with their weights.
-
-        A rule returning something other than a number raises ``TypeError`` naming it; NaN
-        or inf scores raise ``NonFiniteRewardError`` naming each source (``_check_finite``)
-        before they reach the advantages and the loss."""
-        scores = list(model_scores)
-        weights = [spec.weight for spec in self.cfg.reward.models]
-        sources = [f"reward model {spec.path}" for spec in self.cfg.reward.models]
-        for spec, fn in self.rules:
-            values = [
-                rule_score(spec.function, fn(p, r, self.tokenizer, **spec.kwargs))
-                for p, r in zip(rollout.prompt_ids, rollout.response_ids)
-            ]
-            scores.append(torch.tensor(values))
-            weights.append(spec.weight)
-            sources.append(f"reward rule {spec.function}")
-        self._check_finite(sources, scores)
-        return combine_scores(scores, weights)
-
-    def _check_finite(self, sources: list[str], scores: list[torch.Tensor]) -> None:
-        """Raise ``NonFiniteRewardError`` on every rank when a source scored any sample
-        NaN/inf on any data-parallel rank (counts summed over DP: one small all-reduce)."""
-        counts = [float((~torch.isfinite(s)).sum()) for s in scores]
-        counts_K = torch.tensor([*counts, float(len(scores[0]))], dtype=torch.float64)
-        group_sum(counts_K, self.state.dp_group)
-        total = int(counts_K[-1])
-        bad = [
-            f"{source} gave NaN/inf for {int(n)} of {total} samples"
-            for source, n in zip(sources, counts_K[:-1].tolist())
-            if n
-        ]
-        if bad:
-            raise NonFiniteRewardError("non-finite reward scores: " + "; ".join(bad))
-
     # ------------------------------------------------------------------ stage 4
     def compute_advantages(self, exp: ExperienceBatch) -> tuple[ExperienceBatch, dict]:
-        """Token rewards (KL penalty + score), advantages and returns; whitened across DP."""
+        """Token rewards (KL penalty + score), advantages and returns; whitened across DP.
+        PPO-Lagrangian: the KL penalty shared with the cost signal, cost advantages and
+        returns beside them, the multiplier updated and the advantages combined."""
         p = self.cfg.ppo
         if exp.score_B is None or exp.ref_logp_BS is None:
             raise ValueError("compute_advantages needs a scored batch: run score() first")
-        raw_score_B = exp.score_B
-        score_B = raw_score_B
+        score_B = exp.score_B
         if self.cfg.reward.normalize:
-            self.reward_moments.update(all_gather_cat(raw_score_B, self.state.dp_group))
-            score_B = self.reward_moments.normalize(raw_score_B)
+            self.reward_moments.update(all_gather_cat(score_B, self.state.dp_group))
+            score_B = self.reward_moments.normalize(score_B)
         mask_BS = exp.action_mask_BS
-        exp.rewards_BS, exp.kl_BS = token_rewards(
-            score_B,
-            exp.old_logp_BS,
-            exp.ref_logp_BS,
-            mask_BS,
-            self.kl_ctl.value,
-            p.kl_estimator,
-            self.cfg.reward.score_clip,
-        )
-        adv_BS, ret_BS = compute_advantages(
-            p.advantage,
-            exp.rewards_BS,
-            mask_BS,
-            exp.values_BS,
-            gamma=p.gamma,
-            lam=p.lam,
-            group_size=p.n_samples_per_prompt,
-        )
-        exp.returns_BS = ret_BS
-        exp.advantages_BS = (
-            whiten(adv_BS, mask_BS, self.state.dp_group) if p.whiten_advantages else adv_BS
-        )
+        kl_args = (exp.old_logp_BS, exp.ref_logp_BS, mask_BS, self.kl_ctl.value, p.kl_estimator)
+        if self.multiplier is None:
+            exp.rewards_BS, exp.kl_BS = token_rewards(score_B, *kl_args, self.cfg.reward.score_clip)
+        else:
+            assert exp.cost_B is not None and self.cfg.cost is not None
+            exp.rewards_BS, exp.costs_BS, exp.kl_BS = lagrangian_token_signals(
+                score_B, exp.cost_B, *kl_args, self.cfg.reward.score_clip, self.cfg.cost.score_clip
+            )
+        adv_BS, exp.returns_BS = self._advantages(p.advantage, exp.rewards_BS, exp.values_BS, exp)
+        exp.advantages_BS = self._whitened(adv_BS, mask_BS)
         kl_mean, _ = masked_mean_var(exp.kl_BS, mask_BS, self.state.dp_group)
         adv_mean, adv_var = masked_mean_var(adv_BS, mask_BS, self.state.dp_group)
         n_samples = p.rollout_batch_size * p.n_samples_per_prompt
         self.kl_ctl.update(self._sequence_kl(exp), n_samples)
-        return exp, {
+        metrics = {
             "kl": float(kl_mean),
             "advantage_mean": float(adv_mean),
             "advantage_std": float(adv_var.sqrt()),
+        }
+        if self.multiplier is not None:
+            metrics.update(self._constrain(exp))
+        return exp, metrics
+
+    def _advantages(self, estimator: str, rewards_BS, values_BS, exp: ExperienceBatch):
+        """``(advantages_BS, returns_BS)`` of one token signal (``ppo.gamma`` / ``lam``)."""
+        p = self.cfg.ppo
+        return compute_advantages(
+            estimator,
+            rewards_BS,
+            exp.action_mask_BS,
+            values_BS,
+            gamma=p.gamma,
+            lam=p.lam,
+            group_size=p.n_samples_per_prompt,
+        )
+
+    def _whitened(self, adv_BS: torch.Tensor, mask_BS: torch.Tensor) -> torch.Tensor:
+        if not self.cfg.ppo.whiten_advantages:
+            return adv_BS
+        return whiten(adv_BS, mask_BS, self.state.dp_group)
+
+    def _constrain(self, exp: ExperienceBatch) -> dict[str, float]:
+        """PPO-Lagrangian's part of stage 4: cost advantages (GAE on the cost critic), the
+        episode costs of every data-parallel rank into the multiplier's window, one
+        multiplier update, then the actor's ``(A_r - lambda A_c) / (1 + lambda)``."""
+        assert self.multiplier is not None and exp.cost_B is not None
+        mask_BS = exp.action_mask_BS
+        cost_adv_BS, exp.cost_returns_BS = self._advantages(
+            "gae", exp.costs_BS, exp.cost_values_BS, exp
+        )
+        costs_N = all_gather_cat(exp.cost_B.double(), self.state.dp_group)
+        self.multiplier.observe(costs_N)
+        multiplier = self.multiplier.update(self.step_count)
+        reward_adv_BS = exp.advantages_BS
+        assert reward_adv_BS is not None
+        exp.advantages_BS = combined_advantage(
+            reward_adv_BS, self._whitened(cost_adv_BS, mask_BS), multiplier
+        )
+        cost_adv_mean, cost_adv_var = masked_mean_var(cost_adv_BS, mask_BS, self.state.dp_group)
+        return {
+            "lambda": multiplier,
+            "episode_cost": self.multiplier.episode_cost,
+            "cost_mean": float(costs_N.mean()),
+            "cost_positive_frac": float((costs_N > 0).double().mean()),
+            "cost_advantage_mean": float(cost_adv_mean),
+            "cost_advantage_std": float(cost_adv_var.sqrt()),
         }
 
     def _sequence_kl(self, exp: ExperienceBatch) -> float:
@@ -330,6 +361,11 @@ class PPOTrainer:
             result = self.critic.train_step(mbs, critic_loss_fn(p, counts), normalize="none")
             metrics.update(result.metrics)
             metrics["critic_grad_norm"] = result.grad_norm or 0.0
+        if self.cost_critic is not None:
+            loss_fn = critic_loss_fn(p, counts, signal="cost")
+            result = self.cost_critic.train_step(mbs, loss_fn, normalize="none")
+            metrics.update(result.metrics)
+            metrics["cost_critic_grad_norm"] = result.grad_norm or 0.0
         loss_fn = actor_loss_fn(p, self.state.tp_group, counts, self.cfg.generation.temperature)
         result = self.actor.train_step(mbs + ptx_mbs, loss_fn, normalize="none")
         metrics.update(result.metrics)
@@ -397,6 +433,7 @@ class PPOTrainer:
             "prompts": self.prompts.state_dict(),
             "kl_ctl": self.kl_ctl.state_dict(),
             "reward_moments": self.reward_moments.state_dict(),
+            **({"multiplier": self.multiplier.state_dict()} if self.multiplier else {}),
         }
 
     def load_trainer_state(self, saved: dict) -> None:
@@ -405,10 +442,19 @@ class PPOTrainer:
         self.prompts.load_state_dict(saved["prompts"])
         self.kl_ctl.load_state_dict(saved["kl_ctl"])
         self.reward_moments.load_state_dict(saved["reward_moments"])
+        if self.multiplier is not None:
+            if "multiplier" not in saved:
+                raise ValueError(
+                    "this checkpoint holds no Lagrange multiplier: it was not written by a "
+                    "ppo.algorithm=ppo_lag run"
+                )
+            self.multiplier.load_state_dict(saved["multiplier"])
         self.engine.sync_weights(self.policy_version)
 
     def trainable_models(self) -> dict[str, TrainableModel]:
         models = {"actor": self.actor}
         if self.critic is not None:
             models["critic"] = self.critic
+        if self.cost_critic is not None:
+            models["cost_critic"] = self.cost_critic
         return models

@@ -9,6 +9,7 @@ from typing import TYPE_CHECKING
 
 from hpc_rlhf.config import InputError, ModelConfig, PPORunConfig
 from hpc_rlhf.parallel.state import ParallelState
+from hpc_rlhf.trainer.score_sources import ScoreSources
 from hpc_rlhf.trainer.trainable_model import TrainableModel
 
 if TYPE_CHECKING:  # the engine module pulls in the inference stack; import it lazily
@@ -22,9 +23,10 @@ class PPOModels:
     actor: TrainableModel
     reference: TrainableModel
     critic: TrainableModel | None
-    reward_models: list[TrainableModel]
-    reward_calibrations: list[tuple[float, float] | None]  # (mean, std) stored with each
+    rewards: ScoreSources
     engine: GenerationEngine
+    costs: ScoreSources | None = None  # ppo.algorithm=ppo_lag
+    cost_critic: TrainableModel | None = None
 
 
 def initial_actor_state(cfg: PPORunConfig) -> dict:
@@ -57,19 +59,22 @@ def check_vocabularies(cfg: PPORunConfig, tokenizer=None) -> None:
         )
     from hpc_rlhf.models.hf_io import load_hf_config
 
-    for spec in cfg.reward.models:
+    specs = [("reward", s) for s in cfg.reward.models]
+    specs += [("cost", s) for s in (cfg.cost.models if cfg.cost is not None else ())]
+    for kind, spec in specs:
         rm_vocab = load_hf_config(spec.path).vocab_size
         if rm_vocab < vocab:
             raise InputError(
-                f"reward model {spec.path}: vocab_size={rm_vocab} in its config.json is smaller "
+                f"{kind} model {spec.path}: vocab_size={rm_vocab} in its config.json is smaller "
                 f"than the actor's model.vocab_size={vocab}, so the actor's token ids >= "
                 f"{rm_vocab} have no embedding in it (a reward model must share the actor's "
                 "tokenizer)"
             )
         if rm_vocab != vocab:
             logger.warning(
-                "reward model %s has vocab_size=%d, the actor %d: it must use the actor's "
+                "%s model %s has vocab_size=%d, the actor %d: it must use the actor's "
                 "tokenizer (a padded vocabulary is fine)",
+                kind,
                 spec.path,
                 rm_vocab,
                 vocab,
@@ -77,36 +82,66 @@ def check_vocabularies(cfg: PPORunConfig, tokenizer=None) -> None:
 
 
 def build_models(cfg: PPORunConfig, state: ParallelState, tokenizer=None) -> PPOModels:
-    """Actor, reference (frozen copy), critic, reward models and the generation engine
-    (vocabularies checked first against ``tokenizer`` when given, ``check_vocabularies``)."""
+    """Actor, reference (frozen copy), critic, reward models (and PPO-Lagrangian's cost
+    models and cost critic) and the generation engine (vocabularies checked first against
+    ``tokenizer`` when given, ``check_vocabularies``)."""
     check_vocabularies(cfg, tokenizer)
     actor_state = initial_actor_state(cfg)
-    updates = _total_updates(cfg)
     pack = cfg.ppo.pack_sequences
-    actor = TrainableModel(cfg.model, cfg.actor_optimizer, state, "actor", updates, pack)
-    actor.load_hf_state(actor_state)
+    actor = _trained_model(cfg, state, "actor", cfg.actor_optimizer, actor_state)
     reference = TrainableModel(cfg.model, None, state, "reference", pack_sequences=pack)
     reference.load_hf_state(actor_state)
-    reward_models, reward_states, calibrations = [], [], []
-    for spec in cfg.reward.models:
-        model, hf_state, calibration = load_score_model(
-            spec.path, cfg.model, cfg.parallel, state, cfg.ppo.pack_sequences
-        )
-        reward_models.append(model)
-        calibrations.append(calibration)
-        reward_states.append(hf_state)
+    rewards, reward_states = _score_sources(cfg, state, cfg.reward, "reward")
     critic = None
     if cfg.ppo.uses_critic:
-        critic = TrainableModel(cfg.model, cfg.critic_optimizer, state, "critic", updates, pack)
-        if cfg.ppo.critic_init == "actor":
-            critic.load_hf_state(actor_state)  # decoder from the actor, value head zero
-        elif cfg.ppo.critic_init == "reward":
-            critic.load_hf_state(reward_states[0])
+        init = {"actor": actor_state, "reward": (reward_states or [None])[0]}
+        critic_state = init.get(cfg.ppo.critic_init)  # random: the value head and decoder seeded
+        critic = _trained_model(cfg, state, "critic", cfg.critic_optimizer, critic_state)
+    costs, cost_critic = None, None
+    if cfg.ppo.constrained:
+        assert cfg.cost is not None  # PPORunConfig.validate
+        costs, cost_states = _score_sources(cfg, state, cfg.cost, "cost")
+        init = {"actor": actor_state, "cost": (cost_states or [None])[0]}
+        cost_critic = _trained_model(
+            cfg, state, "critic", cfg.cost_critic_optimizer, init.get(cfg.cost_critic_init)
+        )
     engine = build_engine(actor, cfg, state)
-    return PPOModels(actor, reference, critic, reward_models, calibrations, engine)
+    return PPOModels(actor, reference, critic, rewards, engine, costs, cost_critic)
 
 
-def load_score_model(path: str, model: ModelConfig, parallel, state: ParallelState, pack: bool):
+def _trained_model(cfg: PPORunConfig, state, role: str, optimizer, hf_state: dict | None):
+    """A trained PPO model (actor, critic or cost critic) from ``hf_state`` (a critic takes
+    the decoder of an actor or the decoder and score head of a reward / cost model; its
+    value head starts at zero from an actor); ``None``: seeded random weights."""
+    updates = _total_updates(cfg)
+    model = TrainableModel(cfg.model, optimizer, state, role, updates, cfg.ppo.pack_sequences)
+    if hf_state is not None:
+        model.load_hf_state(hf_state)
+    return model
+
+
+def _score_sources(cfg: PPORunConfig, state, section, kind: str) -> tuple[ScoreSources, list]:
+    """The frozen models of a ``reward`` / ``cost`` section with its rules, and the models'
+    HF states (a critic may start from the first)."""
+    models, hf_states, calibrations = [], [], []
+    for spec in section.models:
+        model, hf_state, calibration = load_score_model(
+            spec.path, cfg.model, cfg.parallel, state, cfg.ppo.pack_sequences, kind
+        )
+        models.append(model)
+        hf_states.append(hf_state)
+        calibrations.append(calibration)
+    return ScoreSources(section, kind, models, calibrations), hf_states
+
+
+def load_score_model(
+    path: str,
+    model: ModelConfig,
+    parallel,
+    state: ParallelState,
+    pack: bool,
+    kind: str = "reward",
+):
     """A frozen reward or cost model (an HF checkpoint with a ``score`` head), in this run's
     dtype, layout and packing, read at each row's last token; returns it with its HF state
     and its stored score calibration (``models.hf_io.read_score_normalization``)."""
@@ -114,7 +149,7 @@ def load_score_model(path: str, model: ModelConfig, parallel, state: ParallelSta
 
     rm_cfg, hf_state = load_hf_checkpoint(path)
     if "score.weight" not in hf_state:
-        raise InputError(f"reward model {path} has no score head (score.weight)")
+        raise InputError(f"{kind} model {path} has no score head (score.weight)")
     rm_cfg = dataclasses.replace(
         rm_cfg, params_dtype=model.params_dtype, transformer_impl=model.transformer_impl
     )

@@ -7,7 +7,11 @@ Two runs share one 1-process world (module fixture):
   iterations), running reward normalisation then score clip, sequence-mean PPO loss with
   dual clip and asymmetric clip range, entropy bonus, ptx loss;
 * ``grpo``: GRPO over groups of 4 samples, k2 KL penalty, score clip on raw scores,
-  token-mean PPO loss, no whitening.
+  token-mean PPO loss, no whitening;
+* ``ppo_lag``: Safe-RLHF's PPO-Lagrangian over two iterations: rule costs, the KL
+  penalty split between reward and cost, cost GAE on the cost critic, the multiplier's
+  SGD step on ``log lambda`` from a window of episode costs spanning both iterations, the
+  combined advantage ``(A_r - lambda A_c) / (1 + lambda)`` and the cost critic's loss.
 
 The behaviour log-probs are injected (``recompute_old_logprobs=False``) as the
 reference model's log-probs plus designed log-ratios (``LOG_RATIOS``): at the first
@@ -46,7 +50,7 @@ import torch
 
 from hpc_rlhf.config import PPORunConfig
 from tests.dist import run_world
-from tests.trainer.test_ppo_parity import _cfg, _fixed_rollout, _per_row
+from tests.trainer.test_ppo_parity import _cfg, _fixed_rollout, _per_row, lagrangian_sections
 
 TOL = 2e-5
 # designed log(old / ref) per token, cycled over (row, token): ratios exp(-x) are
@@ -364,14 +368,35 @@ class _ObjectiveRecorder:
 
 
 def _experience_rows(exp) -> dict:
-    """The experience's per-token quantities on action positions, its scores."""
+    """The experience's per-token quantities on action positions, its scores (and costs)."""
     mask_BS = exp.action_mask_BS
-    rows = {
-        key: _per_row(getattr(exp, f"{key}_BS"), mask_BS)
-        for key in ("old_logp", "ref_logp", "values", "rewards", "kl", "advantages", "returns")
-    }
+    keys = ["old_logp", "ref_logp", "values", "rewards", "kl", "advantages", "returns"]
+    if exp.cost_B is not None:
+        keys += ["cost_values", "costs", "cost_returns"]
+    rows = {key: _per_row(getattr(exp, f"{key}_BS"), mask_BS) for key in keys}
     rows["score"] = exp.score_B.double().tolist()
+    if exp.cost_B is not None:
+        rows["cost"] = exp.cost_B.double().tolist()
     return rows
+
+
+def _lag_cfg() -> PPORunConfig:
+    """PPO-Lagrangian run: the parity test's ``ppo_lag`` option set, one update per
+    iteration, k1 KL at a fixed coefficient, whitened advantages."""
+    base = _cfg("ppo_lag", {})
+    ppo = replace(
+        base.ppo,
+        ppo_epochs=1,
+        mini_batches_per_rollout=1,
+        recompute_old_logprobs=False,
+        kl_coef=GAE_KL_COEF,
+        kl_estimator="k1",
+        kl_target=None,
+        gamma=GAMMA,
+        lam=LAM,
+        whiten_advantages=True,
+    )
+    return replace(base, ppo=ppo)
 
 
 def _metrics(it) -> dict[str, float]:
@@ -409,6 +434,21 @@ def _formula_runs(rank, world):
         "kl_target": trainer.cfg.ppo.kl_target,
         "n_samples": exp.size,
     }
+
+    run, trainer = build_trainer(_lag_cfg())
+    first = _fixed_rollout(0, 1)
+    iterations = []
+    for rollout in (first, _more_target_tokens(first)):
+        it = trainer.iterate(rollout=_injected(trainer, rollout))
+        iterations.append(
+            {
+                "rows": _experience_rows(it.experience),
+                "metrics": _metrics(it),
+                "responses": rollout.response_ids,
+            }
+        )
+    run.close()
+    out["ppo_lag"] = {"iterations": iterations}
 
     run, trainer = build_trainer(_grpo_cfg())
     rollout = _injected(trainer, _grouped(_fixed_rollout(0, 1)))
@@ -604,3 +644,90 @@ def test_seq_mean_value_loss(runs):
     _assert_close(
         "value_loss", runs["gae"]["iterations"][0]["metrics"]["value_loss"], _mean(per_seq)
     )
+
+
+# ----------------------------------------------------------------------------- PPO-Lagrangian
+
+
+def _lagrangian_refs(run) -> list[dict]:
+    """Per iteration, from the stored inputs only: the rule costs, the KL-split token
+    signals, both GAEs whitened, lambda after its SGD step and the combined advantage."""
+    lag = lagrangian_sections()["lagrangian"]
+    log_lam, window, out = math.log(lag["lambda_init"]), [], []
+    for it in run["iterations"]:
+        rows = it["rows"]
+        costs = [2.0 * sum(t == 7 for t in r) / len(r) - 0.05 * len(r) for r in it["responses"]]
+        kls = _kl_rows(rows, "k1")
+        rewards = _token_rewards_ref(kls, rows["score"], GAE_KL_COEF / 2)
+        cost_signal = _token_rewards_ref(kls, costs, -GAE_KL_COEF / 2)
+        reward_adv = _gae_ref(rewards, rows["values"], GAMMA, LAM)
+        cost_adv = _gae_ref(cost_signal, rows["cost_values"], GAMMA, LAM)
+        window = (window + costs)[-lag["episode_cost_window_size"] :]
+        j_c = _mean(window)
+        log_lam += lag["lambda_lr"] * (j_c - lag["threshold"]) * math.exp(log_lam)
+        lam = math.exp(log_lam)
+        combined = [
+            [(r - lam * c) / (1 + lam) for r, c in zip(r_row, c_row)]
+            for r_row, c_row in zip(_whiten_ref(reward_adv), _whiten_ref(cost_adv))
+        ]
+        out.append(
+            {
+                "costs": costs,
+                "rewards": rewards,
+                "cost_signal": cost_signal,
+                "cost_adv": cost_adv,
+                "lambda": lam,
+                "episode_cost": j_c,
+                "advantages": combined,
+            }
+        )
+    return out
+
+
+def test_lagrangian_costs_kl_split_and_cost_gae(runs):
+    run = runs["ppo_lag"]
+    for i, (it, ref) in enumerate(zip(run["iterations"], _lagrangian_refs(run))):
+        rows = it["rows"]
+        assert 0 < sum(c > 0 for c in ref["costs"]) < len(ref["costs"])  # both signs
+        _assert_close(f"iteration {i + 1} cost", rows["cost"], ref["costs"])
+        _assert_close(f"iteration {i + 1} rewards", rows["rewards"], ref["rewards"])
+        _assert_close(f"iteration {i + 1} token costs", rows["costs"], ref["cost_signal"])
+        returns = [
+            [a + v for a, v in zip(ar, vr)] for ar, vr in zip(ref["cost_adv"], rows["cost_values"])
+        ]
+        _assert_close(f"iteration {i + 1} cost returns", rows["cost_returns"], returns)
+        m = it["metrics"]
+        flat = [a for row in ref["cost_adv"] for a in row]
+        _assert_close("cost_advantage_mean", m["cost_advantage_mean"], _mean(flat))
+        _assert_close("cost_advantage_std", m["cost_advantage_std"], math.sqrt(_pop_var(flat)))
+        _assert_close("cost_mean", m["cost_mean"], _mean(ref["costs"]))
+        positive = sum(c > 0 for c in ref["costs"]) / len(ref["costs"])
+        _assert_close("cost_positive_frac", m["cost_positive_frac"], positive)
+
+
+def test_lagrange_multiplier_and_combined_advantage_over_two_iterations(runs):
+    """The window (20 episodes) spans both iterations' 16 costs in the second; lambda
+    moves each iteration, and the actor's advantage combines the whitened advantages."""
+    run = runs["ppo_lag"]
+    refs = _lagrangian_refs(run)
+    assert abs(refs[1]["lambda"] - refs[0]["lambda"]) > 1e-3
+    assert abs(refs[0]["lambda"] - lagrangian_sections()["lagrangian"]["lambda_init"]) > 1e-3
+    for i, (it, ref) in enumerate(zip(run["iterations"], refs)):
+        _assert_close(f"iteration {i + 1} lambda", it["metrics"]["lambda"], ref["lambda"])
+        _assert_close(
+            f"iteration {i + 1} episode_cost", it["metrics"]["episode_cost"], ref["episode_cost"]
+        )
+        _assert_close(f"iteration {i + 1} advantages", it["rows"]["advantages"], ref["advantages"])
+
+
+def test_cost_critic_value_loss(runs):
+    """First cost-critic update at the scored values: token mean of ``0.5 (V_c - R_c)^2``."""
+    it = runs["ppo_lag"]["iterations"][0]
+    rows = it["rows"]
+    losses = [
+        0.5 * (v - r) ** 2
+        for vs, rs in zip(rows["cost_values"], rows["cost_returns"])
+        for v, r in zip(vs, rs)
+    ]
+    _assert_close("cost_value_loss", it["metrics"]["cost_value_loss"], _mean(losses))
+    assert it["metrics"]["cost_value_loss"] != it["metrics"]["value_loss"]

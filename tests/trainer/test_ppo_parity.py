@@ -4,9 +4,11 @@ PP=2 x DP=2, TP=2 with sequence parallelism and PP=2 with virtual stages give th
 single-process run's score-stage outputs (reference log-probs, values, scores),
 advantages, returns, logged metrics and parameters, within 1e-6 relative (fp32).
 
-Three option sets cover the layout-sensitive reductions: GAE with token-mean loss, ptx,
+Four option sets cover the layout-sensitive reductions: GAE with token-mean loss, ptx,
 entropy bonus, reward normalisation, whitening and the adaptive KL controller (global
-counts, moments and sequence KL over DP); GRPO with the sequence-mean loss; RLOO. Groups
+counts, moments and sequence KL over DP); GRPO with the sequence-mean loss; RLOO;
+PPO-Lagrangian (cost critic, KL split, the multiplier's window over DP, combined
+advantage: at DP=2 and TP=2 x DP=2). Groups
 of samples of one prompt stay on one rank (prompts are split over DP, then sampled), so
 group baselines are rank-local by construction and still compared here.
 """
@@ -47,7 +49,11 @@ def _cfg(option_set: str, parallel: dict) -> PPORunConfig:
         ]
     }
     data: dict = {"max_prompt_length": 16}
-    if option_set == "gae":
+    extra: dict = {}
+    if option_set == "ppo_lag":
+        ppo.update(advantage="gae", algorithm="ppo_lag")
+        extra = lagrangian_sections()
+    elif option_set == "gae":
         ppo.update(advantage="gae", ptx_coef=0.3, entropy_coef=0.01, kl_target=0.045, kl_horizon=50)
         reward["normalize"] = True
         data["ptx_data"] = default_corpus_path()
@@ -73,9 +79,34 @@ def _cfg(option_set: str, parallel: dict) -> PPORunConfig:
             "generation": {"max_new_tokens": 12, "engine": {"cache_budget_bytes": 4 << 20}},
             "reward": reward,
             "data": data,
+            **extra,
         },
         PPORunConfig,
     )
+
+
+def lagrangian_sections() -> dict:
+    """PPO-Lagrangian's sections for the fixed rollout: rule costs of both signs (token 7
+    is frequent in it; longer responses cost less), a multiplier that moves every step."""
+    return {
+        "cost": {
+            "rules": [
+                {
+                    "function": "hpc_rlhf.algorithms.rule_rewards:target_id_fraction",
+                    "weight": 2.0,
+                    "kwargs": {"target_id": 7},
+                },
+                {"function": "tests.trainer.rules:response_length", "weight": -0.05},
+            ]
+        },
+        "cost_critic_optimizer": {"lr": 1e-4, "lr_decay_style": "constant"},
+        "lagrangian": {
+            "lambda_init": 0.5,
+            "lambda_lr": 0.5,
+            "threshold": 0.05,
+            "episode_cost_window_size": 20,
+        },
+    }
 
 
 def _fixed_rollout(dp_rank: int, dp_size: int):
@@ -139,6 +170,9 @@ def _iterations(rank, world, option_sets: tuple[str, ...], parallel: dict):
                         "advantages": _per_row(exp.advantages_BS, mask_BS),
                         "returns": _per_row(exp.returns_BS, mask_BS),
                         "score": [[float(s)] for s in exp.score_B],
+                        "cost_values": _per_row(exp.cost_values_BS, mask_BS),
+                        "cost_returns": _per_row(exp.cost_returns_BS, mask_BS),
+                        "cost": None if exp.cost_B is None else [[float(c)] for c in exp.cost_B],
                     },
                 }
             )
@@ -166,7 +200,7 @@ def _global_rows(results, option_set: str, step: int) -> dict[str, list[float]]:
     return merged
 
 
-OPTION_SETS = ("gae", "grpo", "rloo")
+OPTION_SETS = ("gae", "grpo", "rloo", "ppo_lag")
 
 
 @pytest.fixture(scope="module")
@@ -182,10 +216,10 @@ def _close(ours: float, want: float) -> bool:
 
 
 LAYOUTS = [
-    (2, {}, ("gae", "grpo", "rloo")),
+    (2, {}, ("gae", "grpo", "rloo", "ppo_lag")),
     (2, {"tensor_model_parallel_size": 2}, ("gae",)),
     (2, {"pipeline_model_parallel_size": 2}, ("gae",)),
-    (4, {"tensor_model_parallel_size": 2}, ("gae", "grpo")),
+    (4, {"tensor_model_parallel_size": 2}, ("gae", "grpo", "ppo_lag")),
     (4, {"pipeline_model_parallel_size": 2}, ("gae", "rloo")),
     (2, {"tensor_model_parallel_size": 2, "sequence_parallel": True}, ("gae",)),
     (
