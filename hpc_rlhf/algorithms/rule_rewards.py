@@ -41,6 +41,16 @@ def target_token_fraction(
     return hits / len(response_ids)
 
 
+def id_range_fraction(
+    prompt_ids, response_ids, tokenizer=None, low: int = 0, high: int = 1
+) -> float:
+    """Fraction of response tokens with ``low <= id < high``: a dense toy signal (a random
+    policy over ``V`` ids scores ``(high - low) / V`` from the first step)."""
+    if not response_ids:
+        return 0.0
+    return sum(1 for t in response_ids if low <= t < high) / len(response_ids)
+
+
 def target_id_fraction(prompt_ids, response_ids, tokenizer=None, target_id: int = 5) -> float:
     """Fraction of response tokens equal to ``target_id``."""
     if not response_ids:

@@ -49,7 +49,7 @@ def summarize(stage: str, history: list[dict]) -> dict:
         "sft": ("loss", "eval_loss"),
         "rm": ("loss", "eval_accuracy"),
         "cost": ("loss", "eval_accuracy", "eval_sign_accuracy"),
-        "ppo": ("reward_mean", "kl"),
+        "ppo": ("reward_mean", "kl", "cost_mean", "lambda"),  # the last two: ppo_lag
     }[stage]
     out = {"steps": len(history)}
     for key in keys:

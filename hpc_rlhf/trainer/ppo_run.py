@@ -23,11 +23,19 @@ PROGRESS_KEYS = (
     "response_length",
     "tokens_per_s",
 )
+LAGRANGIAN_PROGRESS_KEYS = ("cost_mean", "lambda")  # after reward_mean, ppo.algorithm=ppo_lag
+
+
+def progress_keys(cfg: PPORunConfig) -> tuple[str, ...]:
+    """The metrics of the progress line (each is also in ``metrics.jsonl``)."""
+    if not cfg.ppo.constrained:
+        return PROGRESS_KEYS
+    return (PROGRESS_KEYS[0], *LAGRANGIAN_PROGRESS_KEYS, *PROGRESS_KEYS[1:])
 
 
 def build_trainer(cfg: PPORunConfig, out_dir: str | None = None) -> tuple[Run, PPOTrainer]:
     """The run set-up (``trainer.run``), the prompt and ptx data, and the trainer."""
-    run = Run(cfg, RunSettings.of(cfg.ppo, "ppo"), out_dir, PROGRESS_KEYS, cfg.data.tokenizer)
+    run = Run(cfg, RunSettings.of(cfg.ppo, "ppo"), out_dir, progress_keys(cfg), cfg.data.tokenizer)
     prompts = prompts_from_config(
         cfg.data, run.tokenizer, cfg.model.vocab_size, cfg.ppo.seed, cfg.data.shuffle
     )

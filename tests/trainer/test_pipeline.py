@@ -32,7 +32,9 @@ def _pipeline(out_dir: str, ppo_rules: list | None = None) -> PipelineConfig:
             "n_samples_per_prompt": 2,
             "micro_batch_size_per_rank": 4,
             "save_interval": 1,
+            "algorithm": "ppo_lag",  # the cost stage's model is PPO-Lagrangian's cost
         },
+        "lagrangian": {"threshold": 0.0, "lambda_lr": 0.5},
         "generation": {"max_new_tokens": 6, "engine": {"cache_budget_bytes": 4 << 20}},
         "data": {"max_prompt_length": 32},
     }
@@ -60,6 +62,8 @@ def test_stages_are_wired_through_their_exports(tmp_path):
     assert ppo.actor_init == str(tmp_path / "sft" / "hf")
     assert ppo.reward.models[0].path == str(tmp_path / "rm" / "hf")
     assert ppo.ppo.critic_init == "reward"
+    assert [m.path for m in ppo.cost.models] == [str(tmp_path / "cost" / "hf")]
+    assert ppo.cost_critic_init == "cost" and ppo.lagrangian.lambda_lr == 0.5
     assert ppo.ppo.save_dir == str(tmp_path / "ppo" / "ckpt")
     for stage_cfg in (sft, rm, cost, ppo):
         assert stage_cfg.model.num_layers == 2
@@ -111,6 +115,7 @@ def test_pipeline_runs_end_to_end_skips_finished_stages_and_resumes_an_interrupt
     assert all(summaries[s].get("skipped") for s in ("sft", "rm", "cost"))
     assert summaries["ppo"]["first_step"] == 2 and summaries["ppo"]["last_step"] == 3
     assert "skipped" not in summaries["ppo"]
+    assert summaries["ppo"]["lambda_last"] != summaries["ppo"]["lambda_first"]  # PPO-Lagrangian
     for stage, mtime in done_times.items():
         assert os.path.getmtime(os.path.join(out, stage, "done.json")) == mtime
     with open(os.path.join(out, "sft", "done.json")) as fh:

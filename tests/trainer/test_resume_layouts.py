@@ -174,7 +174,9 @@ def test_resume_in_a_new_process_group_reproduces_the_uninterrupted_run(tmp_path
     # value *= 1 + error x 8 / 16, error clipped to [-0.2, 0.2]
     errors = [2 * (b / a - 1) for a, b in zip(coefs, coefs[1:])]
     assert all(e != 0 for e in errors), f"adaptive KL did not move every step: {errors}"
-    assert any(abs(e) < 0.19 for e in errors), f"KL error always at its clip: {errors}"
+    # the observed KL drives it: at least once by less than the clip (Intel Xeon), or both
+    # ways (AMD EPYC: errors -0.2, -0.2, +0.2, +0.2)
+    assert any(abs(e) < 0.19 for e in errors) or min(errors) < 0 < max(errors), errors
     lrs = [h["actor_lr"] for h in history]
     assert lrs[0] < lrs[1] and lrs[3] < lrs[2], f"no warmup then decay: {lrs}"
     assert full["reward_moments"]["count"] == pytest.approx(STEPS * 8)
