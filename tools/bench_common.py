@@ -42,9 +42,9 @@ def cpu_model() -> str:
     return f"{name} ({', '.join(extensions) or 'no AVX-512/AMX'})"
 
 
-def matmul_gflops(n: int = 1024, reps: int = 5) -> float:
-    """Best-of fp32 ``torch.mm`` rate at ``n^3`` (GFLOP/s)."""
-    a, b = torch.randn(n, n), torch.randn(n, n)
+def matmul_gflops(n: int = 1024, reps: int = 5, dtype: torch.dtype = torch.float32) -> float:
+    """Best-of ``torch.mm`` rate at ``n^3`` in ``dtype`` (GFLOP/s; fp32 unless asked)."""
+    a, b = torch.randn(n, n, dtype=dtype), torch.randn(n, n, dtype=dtype)
     torch.mm(a, b)
     best = float("inf")
     for _ in range(reps):
@@ -71,18 +71,20 @@ def workload(shape: str, n_prompts: int, quick: bool = False, seed: int = 0):
     return prompts, r_lens
 
 
-def write_checkpoints(workdir: str) -> None:
-    """Random actor (LM) and reward (score head) HF checkpoints under ``workdir``."""
+def write_checkpoints(workdir: str, cost: bool = False) -> None:
+    """Random actor (LM) and reward (score head) HF checkpoints under ``workdir``; with
+    ``cost``, a cost model (``workdir/cost``) too, built as the reward model is."""
     from hpc_rlhf.models.hf_io import save_hf_checkpoint
     from hpc_rlhf.models.init import random_hf_state
 
     actor = random_hf_state(BENCH_MODEL, seed=1)
     save_hf_checkpoint(os.path.join(workdir, "actor"), BENCH_MODEL, actor)
-    reward = random_hf_state(BENCH_MODEL, seed=2)
-    reward.pop("lm_head.weight")
-    gen = torch.Generator().manual_seed(3)
-    reward["score.weight"] = 0.02 * torch.randn(1, BENCH_MODEL.hidden_size, generator=gen)
-    save_hf_checkpoint(os.path.join(workdir, "reward"), BENCH_MODEL, reward)
+    for name, seed in (("reward", 2), ("cost", 4))[: 2 if cost else 1]:
+        scorer = random_hf_state(BENCH_MODEL, seed=seed)
+        scorer.pop("lm_head.weight")
+        gen = torch.Generator().manual_seed(seed + 1)
+        scorer["score.weight"] = 0.02 * torch.randn(1, BENCH_MODEL.hidden_size, generator=gen)
+        save_hf_checkpoint(os.path.join(workdir, name), BENCH_MODEL, scorer)
 
 
 def _model_sizes(m: ModelConfig) -> tuple[int, int, float]:
@@ -96,17 +98,20 @@ def _model_sizes(m: ModelConfig) -> tuple[int, int, float]:
 
 def ppo_flops(system: str, m: ModelConfig, prompts, lengths, report: dict) -> float:
     """Executed model matmul FLOPs of one iteration (forward = 2 x params x tokens, backward
-    twice that; attention counted over the keys each query sees)."""
+    twice that; attention counted over the keys each query sees). ``report["critics"]``:
+    trained value models, 1 (PPO) or 2 (PPO-Lagrangian's cost critic too), each with a
+    frozen score model beside it in the baseline's experience stage."""
     dec, head, attn = _model_sizes(m)
     B, S = report["padded_shape"]
     if system == "baseline":
+        critics = report["critics"]
         P = max(len(p) for p in prompts)
         steps = max(lengths)
         gen = 2 * dec * B * P + 2 * head * B + attn * B * P * P / 2
         gen += steps * B * 2 * (dec + head) + attn * B * sum(P + t for t in range(steps))
         full = 2 * dec * B * S + attn * B * S * S / 2
-        score = 2 * (full + 2 * head * B * S) + 2 * full
-        train = 3 * (full + 2 * head * B * S) + 3 * full
+        score = 2 * (full + 2 * head * B * S) + 2 * critics * full
+        train = 3 * (full + 2 * head * B * S) + 3 * critics * full
         return gen + score + train
     resp = sum(lengths)
     prefill = sum(len(p) for p in prompts)

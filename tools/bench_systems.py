@@ -1,5 +1,6 @@
 """The two systems bench_ppo.py compares, each set up from the same checkpoints and run
-for one PPO iteration on the same prompts and response lengths."""
+for one PPO iteration on the same prompts and response lengths; ``algorithm``: "ppo", or
+"ppo_lag" (PPO-Lagrangian: a cost model and a cost critic from ``workdir/cost`` too)."""
 
 from __future__ import annotations
 
@@ -18,6 +19,14 @@ PPO_SETTINGS = {
     "actor_lr": 1e-6,
     "critic_lr": 5e-6,
     "seed": 0,
+}
+# PPO-Lagrangian's multiplier, both systems: Safe-RLHF's defaults
+LAGRANGIAN = {
+    "threshold": 0.0,
+    "lambda_init": 1.0,
+    "lambda_lr": 0.1,
+    "lambda_max": None,
+    "episode_cost_window_size": 128,
 }
 
 
@@ -40,11 +49,25 @@ class _BenchTokenizer:
 
 
 def ours_config(
-    workdir: str, n_prompts: int, mini_batch: int, micro_batch: int, max_new: int, score_micro: int
+    workdir: str,
+    n_prompts: int,
+    mini_batch: int,
+    micro_batch: int,
+    max_new: int,
+    score_micro: int,
+    algorithm: str = "ppo",
 ):
     from hpc_rlhf.config import PPORunConfig, config_from_dict
 
     s = PPO_SETTINGS
+    critic_optimizer = {"lr": s["critic_lr"], "weight_decay": 0.01, "lr_decay_style": "constant"}
+    lag = {}
+    if algorithm == "ppo_lag":
+        lag = {
+            "cost": {"models": [{"path": os.path.join(workdir, "cost"), "weight": 1.0}]},
+            "cost_critic_optimizer": critic_optimizer,
+            "lagrangian": LAGRANGIAN,
+        }
     return config_from_dict(
         {
             "model": {
@@ -64,12 +87,9 @@ def ours_config(
                 "weight_decay": 0.01,
                 "lr_decay_style": "constant",
             },
-            "critic_optimizer": {
-                "lr": s["critic_lr"],
-                "weight_decay": 0.01,
-                "lr_decay_style": "constant",
-            },
+            "critic_optimizer": critic_optimizer,
             "ppo": {
+                "algorithm": algorithm,
                 "steps": 1,
                 "rollout_batch_size": n_prompts,
                 "micro_batch_size_per_rank": micro_batch,
@@ -93,20 +113,29 @@ def ours_config(
                 "engine": {"cache_budget_bytes": 2 << 30},
             },
             "reward": {"models": [{"path": os.path.join(workdir, "reward"), "weight": 1.0}]},
+            **lag,
         },
         PPORunConfig,
     )
 
 
 def run_ours(
-    workdir: str, prompts, lengths, mini_batch: int, micro_batch: int, score_micro: int
+    workdir: str,
+    prompts,
+    lengths,
+    mini_batch: int,
+    micro_batch: int,
+    score_micro: int,
+    algorithm: str = "ppo",
 ) -> dict:
     """hpc_rlhf's PPO iteration (one process): ``PPOTrainer.iterate`` on the given prompts
     with the given response lengths, set up as every run is (``trainer.run.Run``)."""
     from hpc_rlhf.trainer.ppo import PPOTrainer
     from hpc_rlhf.trainer.run import Run, RunSettings
 
-    cfg = ours_config(workdir, len(prompts), mini_batch, micro_batch, max(lengths), score_micro)
+    cfg = ours_config(
+        workdir, len(prompts), mini_batch, micro_batch, max(lengths), score_micro, algorithm
+    )
     run = Run(cfg, RunSettings.of(cfg.ppo), tokenizer=_BenchTokenizer())
     trainer = PPOTrainer(cfg, run.state, run.tokenizer, _FixedPrompts(prompts))
     it = trainer.iterate(prompts, max_new_tokens=lengths)
@@ -117,16 +146,22 @@ def run_ours(
     if trainer.critic is not None:
         models["critic"] = trainer.critic
     models.update({f"reward{i}": m for i, m in enumerate(trainer.rewards.models)})
+    if trainer.costs is not None:
+        models["cost_critic"] = trainer.cost_critic
+        models.update({f"cost{i}": m for i, m in enumerate(trainer.costs.models)})
+        report["lambda"] = it.metrics["lambda"]
     report["work"] = {name: dict(m.work) for name, m in models.items()}
     per_row = [len(p) + n for p, n in zip(prompts, lengths)]
     report["mean_padded_length"] = sum(per_row) / len(per_row)
     return report
 
 
-def run_baseline(workdir: str, prompts, lengths, mini_batch: int, micro_batch: int) -> dict:
+def run_baseline(
+    workdir: str, prompts, lengths, mini_batch: int, micro_batch: int, algorithm: str = "ppo"
+) -> dict:
     """The Safe-RLHF-style iteration on transformers models with the same weights."""
-    from ppo_baseline import BaselinePPO, ScoreModel
-    from transformers import LlamaForCausalLM, LlamaForSequenceClassification
+    from ppo_baseline import BaselinePPO
+    from transformers import LlamaForCausalLM
 
     torch.manual_seed(0)
     actor = LlamaForCausalLM.from_pretrained(
@@ -135,21 +170,35 @@ def run_baseline(workdir: str, prompts, lengths, mini_batch: int, micro_batch: i
     reference = LlamaForCausalLM.from_pretrained(
         os.path.join(workdir, "actor"), attn_implementation="sdpa"
     ).eval()
-    rm = LlamaForSequenceClassification.from_pretrained(
-        os.path.join(workdir, "reward"), attn_implementation="sdpa"
-    )
-    critic_rm = LlamaForSequenceClassification.from_pretrained(
-        os.path.join(workdir, "reward"), attn_implementation="sdpa"
-    )
-    reward = ScoreModel(rm.model, rm.score.weight.detach()).eval()
-    critic = ScoreModel(critic_rm.model, critic_rm.score.weight.detach())
+    reward, critic = _scorer_and_critic(os.path.join(workdir, "reward"))
+    cost, cost_critic = None, None
+    if algorithm == "ppo_lag":
+        cost, cost_critic = _scorer_and_critic(os.path.join(workdir, "cost"))
     settings = {**PPO_SETTINGS, "pad_id": PAD_ID, "eos_id": EOS_ID, "micro_batch": mini_batch}
-    baseline = BaselinePPO(actor, reference, reward, critic, settings)
+    settings["lagrangian"] = LAGRANGIAN
+    baseline = BaselinePPO(actor, reference, reward, critic, settings, cost, cost_critic)
     times = baseline.iteration(prompts, lengths)
     shape = times.pop("padded_shape")
     tokens = times.pop("response_tokens")
     assert int(tokens) == sum(lengths), (tokens, sum(lengths))
-    return _report(times, tokens, shape, prompts)
+    report = _report(times, tokens, shape, prompts)
+    report["critics"] = len(baseline.critics)
+    if baseline.constrained:
+        report["lambda"] = float(baseline.log_lambda.detach().exp())
+    return report
+
+
+def _scorer_and_critic(path: str):
+    """A frozen score model and a trained critic, both from the score-model checkpoint
+    ``path`` (Safe-RLHF starts a critic from its reward / cost model)."""
+    from ppo_baseline import ScoreModel
+    from transformers import LlamaForSequenceClassification
+
+    models = []
+    for _ in range(2):
+        hf = LlamaForSequenceClassification.from_pretrained(path, attn_implementation="sdpa")
+        models.append(ScoreModel(hf.model, hf.score.weight.detach()))
+    return models[0].eval(), models[1]
 
 
 def _report(times: dict, response_tokens: float, padded_shape, prompts) -> dict:

@@ -11,12 +11,22 @@ What it does, as Safe-RLHF's ``PPOTrainer`` does (transformers models, eager PyT
 4. **update**: actor then critic over micro-batches (one optimizer step per micro-batch),
    each a full forward with full logits, ``log_softmax`` + ``gather``, clipped losses.
 
+With a cost model and a cost critic, as Safe-RLHF's ``PPOLagTrainer`` (PPO-Lagrangian):
+the experience stage runs two more full-batch forwards (the cost model's end score, the
+cost critic's values); the KL penalty goes half to the reward and half, with the opposite
+sign, to the cost; cost GAE (its own Python loop) beside the reward's; ``log lambda``
+takes one SGD step on ``-(J_c - threshold) * lambda`` (``J_c`` the mean of a window of
+episode costs) and the actor's advantage is ``(A_r - lambda * A_c) / (1 + lambda)``; the
+cost critic is updated after the reward critic, the same way.
+
 Response lengths are forced exactly like ours: a stop token at each row's drawn length.
 """
 
 from __future__ import annotations
 
+import math
 import time
+from collections import deque
 from typing import Any
 
 import torch
@@ -79,13 +89,30 @@ def gae_python_loop(rewards_BS, values_BS, gamma: float, lam: float):
 
 
 class BaselinePPO:
-    """The four models and one PPO iteration of the baseline."""
+    """The models and one PPO iteration of the baseline; PPO-Lagrangian when given a
+    ``cost`` model and a ``cost_critic`` (``settings["lagrangian"]``: its multiplier)."""
 
-    def __init__(self, actor, reference, reward, critic, settings: dict):
+    def __init__(
+        self, actor, reference, reward, critic, settings: dict, cost=None, cost_critic=None
+    ):
         self.actor, self.reference, self.reward, self.critic = actor, reference, reward, critic
+        self.cost, self.cost_critic = cost, cost_critic
         self.s = settings
         self.actor_opt = torch.optim.AdamW(actor.parameters(), lr=settings["actor_lr"])
-        self.critic_opt = torch.optim.AdamW(critic.parameters(), lr=settings["critic_lr"])
+        # (critic, its optimizer, the experience keys of its values and returns), in order
+        self.critics = [(critic, self._critic_opt(critic), "values", "ret")]
+        self.constrained = cost is not None
+        if self.constrained:
+            lag = settings["lagrangian"]
+            self.critics.append(
+                (cost_critic, self._critic_opt(cost_critic), "cost_values", "cost_ret")
+            )
+            self.log_lambda = nn.Parameter(torch.tensor(math.log(lag["lambda_init"])))
+            self.lambda_opt = torch.optim.SGD([self.log_lambda], lr=lag["lambda_lr"])
+            self.episode_costs: deque[float] = deque(maxlen=lag["episode_cost_window_size"])
+
+    def _critic_opt(self, critic) -> torch.optim.Optimizer:
+        return torch.optim.AdamW(critic.parameters(), lr=self.s["critic_lr"])
 
     def generate(self, prompts: list[list[int]], lengths: list[int]):
         """Left-pad the prompts (as Safe-RLHF's prompt collator) and sample."""
@@ -112,55 +139,80 @@ class BaselinePPO:
         return out_BS, P
 
     def experience(self, seq_BS, prompt_len: int):
-        """Four full-batch forwards: actor/reference log-probs, reward score, critic values."""
+        """Full-batch forwards: actor/reference log-probs, the reward's (and cost's) end
+        score, the critic's (and cost critic's) values."""
         pad, eos = self.s["pad_id"], self.s["eos_id"]
         resp = seq_BS[:, prompt_len:]
         after_eos = (resp == eos).long().cumsum(1) - (resp == eos).long() > 0  # tokens past eos
         attn_BS = torch.cat([seq_BS[:, :prompt_len] != pad, ~after_eos], dim=1).long()
         labels_BS = seq_BS[:, 1:]
+        exp = {"seq": seq_BS, "attn": attn_BS}
+        scorers = [("score", self.reward)] + [("cost", self.cost)] * self.constrained
         with torch.no_grad():
-            logp = gather_logprobs(
+            exp["logp"] = gather_logprobs(
                 self.actor(seq_BS, attention_mask=attn_BS).logits[:, :-1], labels_BS
             )
-            ref_logp = gather_logprobs(
+            exp["ref_logp"] = gather_logprobs(
                 self.reference(seq_BS, attention_mask=attn_BS).logits[:, :-1], labels_BS
             )
             last_B = attn_BS.shape[1] - 1 - attn_BS.flip(1).argmax(1)
-            score_B = self.reward(seq_BS, attn_BS).gather(1, last_B[:, None]).squeeze(1)
-            values_BS = self.critic(seq_BS, attn_BS)[:, :-1]
+            for key, scorer in scorers:
+                exp[key] = scorer(seq_BS, attn_BS).gather(1, last_B[:, None]).squeeze(1)
+            for critic, _, values_key, _ in self.critics:
+                exp[values_key] = critic(seq_BS, attn_BS)[:, :-1]
         action_mask = attn_BS[:, 1:].clone()
         action_mask[:, : prompt_len - 1] = 0
-        return {
-            "seq": seq_BS,
-            "attn": attn_BS,
-            "logp": logp,
-            "ref_logp": ref_logp,
-            "score": score_B,
-            "values": values_BS,
-            "mask": action_mask.float(),
-        }
-
-    def advantages(self, exp: dict) -> dict:
-        """KL-penalised rewards (score on the last response token) and Python-loop GAE."""
-        mask = exp["mask"]
-        rewards = -self.s["kl_coef"] * (exp["logp"] - exp["ref_logp"]) * mask
-        last = mask.shape[1] - 1 - mask.flip(1).argmax(1)
-        rewards[torch.arange(mask.shape[0]), last] += exp["score"]
-        adv, ret = gae_python_loop(
-            rewards * mask, exp["values"] * mask, self.s["gamma"], self.s["lam"]
-        )
-        exp["adv"], exp["ret"] = adv * mask, ret
+        exp["mask"] = action_mask.float()
         return exp
 
+    def advantages(self, exp: dict) -> dict:
+        """KL-penalised rewards (score on the last response token) and Python-loop GAE;
+        PPO-Lagrangian: half the KL penalty on the reward, half (opposite sign) on the
+        cost, cost GAE, the multiplier's update and the combined advantage."""
+        mask = exp["mask"]
+        kl_penalty = -self.s["kl_coef"] * (exp["logp"] - exp["ref_logp"]) * mask
+        last = mask.shape[1] - 1 - mask.flip(1).argmax(1)
+        # (end score, KL share, the keys of its values, advantages and returns)
+        signals = [("score", 1.0, "values", "adv", "ret")]
+        if self.constrained:
+            signals = [("score", 0.5, "values", "adv", "ret")]
+            signals.append(("cost", -0.5, "cost_values", "cost_adv", "cost_ret"))
+        for score_key, kl_share, values_key, adv_key, ret_key in signals:
+            rewards = kl_share * kl_penalty
+            rewards[torch.arange(mask.shape[0]), last] += exp[score_key]
+            adv, ret = gae_python_loop(
+                rewards * mask, exp[values_key] * mask, self.s["gamma"], self.s["lam"]
+            )
+            exp[adv_key], exp[ret_key] = adv * mask, ret
+        if self.constrained:
+            multiplier = self.update_multiplier(exp["cost"])
+            exp["adv"] = (exp["adv"] - multiplier * exp["cost_adv"]) / (1 + multiplier)
+        return exp
+
+    def update_multiplier(self, cost_B: torch.Tensor) -> float:
+        """One SGD step on ``log lambda`` from the window's mean episode cost; lambda."""
+        lag = self.s["lagrangian"]
+        self.episode_costs.extend(cost_B.tolist())
+        episode_cost = torch.tensor(list(self.episode_costs)).mean()
+        loss = -(episode_cost - lag["threshold"]) * self.log_lambda.exp()
+        self.lambda_opt.zero_grad()
+        loss.backward()
+        self.lambda_opt.step()
+        if lag.get("lambda_max") is not None:
+            with torch.no_grad():
+                self.log_lambda.clamp_(max=math.log(lag["lambda_max"]))
+        return float(self.log_lambda.detach().exp())
+
     def update(self, exp: dict) -> None:
-        """Actor then critic, one optimizer step per micro-batch."""
+        """Actor, then each critic (the cost critic last), one optimizer step per
+        micro-batch."""
         n, mb = exp["seq"].shape[0], self.s["micro_batch"]
-        for start in range(0, n, mb):
-            sl = slice(start, start + mb)
-            self._actor_step({k: v[sl] for k, v in exp.items()})
-        for start in range(0, n, mb):
-            sl = slice(start, start + mb)
-            self._critic_step({k: v[sl] for k, v in exp.items()})
+        batches = [{k: v[s : s + mb] for k, v in exp.items()} for s in range(0, n, mb)]
+        for b in batches:
+            self._actor_step(b)
+        for critic, opt, values_key, ret_key in self.critics:
+            for b in batches:
+                self._critic_step(b, critic, opt, b[values_key], b[ret_key])
 
     def _actor_step(self, b: dict) -> None:
         logits = self.actor(b["seq"], attention_mask=b["attn"]).logits[:, :-1]
@@ -173,15 +225,15 @@ class BaselinePPO:
         loss.backward()
         self.actor_opt.step()
 
-    def _critic_step(self, b: dict) -> None:
-        values = self.critic(b["seq"], b["attn"])[:, :-1]
+    def _critic_step(self, b: dict, critic, opt, old_values, returns) -> None:
+        values = critic(b["seq"], b["attn"])[:, :-1]
         clip = self.s["clip"]
-        clipped = b["values"] + (values - b["values"]).clamp(-clip, clip)
-        loss = 0.5 * torch.max((values - b["ret"]) ** 2, (clipped - b["ret"]) ** 2)
+        clipped = old_values + (values - old_values).clamp(-clip, clip)
+        loss = 0.5 * torch.max((values - returns) ** 2, (clipped - returns) ** 2)
         loss = (loss * b["mask"]).sum() / b["mask"].sum()
-        self.critic_opt.zero_grad()
+        opt.zero_grad()
         loss.backward()
-        self.critic_opt.step()
+        opt.step()
 
     def iteration(self, prompts, lengths) -> dict[str, float]:
         """One PPO iteration; returns seconds per stage and the response token count."""
