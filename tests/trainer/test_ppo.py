@@ -91,19 +91,27 @@ def test_mean_reward_rises_on_the_toy_task(world, sections):
         assert key in history[-1]
 
 
-def test_resume_reproduces_the_uninterrupted_run(tmp_path):
+def resumed_and_uninterrupted(tmp_path, cfg_of) -> list[dict]:
+    """Run ``cfg_of(ppo_section)`` for 4 steps, and for 2 then 2 more resumed from the
+    step-2 checkpoint (one process): every logged metric but timings must be equal.
+    Returns the uninterrupted run's metrics."""
     full_dir, half_dir = str(tmp_path / "full"), str(tmp_path / "half")
     ppo = {"steps": 4, "save_interval": 2}
-    cfg_full = make_cfg(ppo={**ppo, "save_dir": full_dir})
-    cfg_half = make_cfg(ppo={**ppo, "steps": 2, "save_dir": half_dir})
-    cfg_resume = make_cfg(ppo={**ppo, "save_dir": half_dir})
+    cfg_full = cfg_of({**ppo, "save_dir": full_dir})
+    cfg_half = cfg_of({**ppo, "steps": 2, "save_dir": half_dir})
+    cfg_resume = cfg_of({**ppo, "save_dir": half_dir})
     full, first, resumed = run_world(_resume2, 1, cfg_full, cfg_half, cfg_resume, half_dir)[0]
     assert len(resumed) == 2
     for ours, theirs in zip(first + resumed, full):
         for key, value in theirs.items():
             if not key.startswith("time_") and key != "tokens_per_s":
-                assert ours[key] == value, f"{key}: {ours[key]} != {value}"
+                assert ours[key] == value, f"step {theirs['step']} {key}: {ours[key]} != {value}"
     assert os.path.exists(os.path.join(full_dir, "step_000004", "meta.json"))
+    return full
+
+
+def test_resume_reproduces_the_uninterrupted_run(tmp_path):
+    resumed_and_uninterrupted(tmp_path, lambda ppo: make_cfg(ppo=ppo))
 
 
 def _resume2(rank, world, cfg_full, cfg_half, cfg_resume, half_dir):
