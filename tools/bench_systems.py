@@ -146,7 +146,7 @@ def run_ours(
     if trainer.critic is not None:
         models["critic"] = trainer.critic
     models.update({f"reward{i}": m for i, m in enumerate(trainer.rewards.models)})
-    if trainer.costs is not None:
+    if trainer.costs is not None and trainer.cost_critic is not None:
         models["cost_critic"] = trainer.cost_critic
         models.update({f"cost{i}": m for i, m in enumerate(trainer.costs.models)})
         report["lambda"] = it.metrics["lambda"]
@@ -174,7 +174,7 @@ def run_baseline(
     cost, cost_critic = None, None
     if algorithm == "ppo_lag":
         cost, cost_critic = _scorer_and_critic(os.path.join(workdir, "cost"))
-    settings = {**PPO_SETTINGS, "pad_id": PAD_ID, "eos_id": EOS_ID, "micro_batch": mini_batch}
+    settings: dict = {**PPO_SETTINGS, "pad_id": PAD_ID, "eos_id": EOS_ID, "micro_batch": mini_batch}
     settings["lagrangian"] = LAGRANGIAN
     baseline = BaselinePPO(actor, reference, reward, critic, settings, cost, cost_critic)
     times = baseline.iteration(prompts, lengths)
