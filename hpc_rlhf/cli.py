@@ -101,6 +101,26 @@ def _rm_stage():
     return RMRunConfig, lambda cfg, args: run_rm(cfg, args.out_dir), report
 
 
+def _dpo_stage():
+    from hpc_rlhf.config import DPORunConfig
+    from hpc_rlhf.trainer.dpo import run_dpo
+
+    def report(cfg, history, args):
+        first, last, m = history[0]["loss"], history[-1]["loss"], history[-1]
+        name = f"{cfg.dpo.loss} loss"
+        lines = [_trend(name, first, last, len(history), "falling", "NOT falling", False)]
+        if "eval_rewards/accuracies" in m:
+            lines.append(
+                f"held-out implicit-reward accuracy {m['eval_rewards/accuracies']:.3f}, "
+                f"margin {m['eval_rewards/margins']:.4f}"
+            )
+        elif "eval_rewards/chosen" in m:
+            lines.append(f"held-out desirable reward {m['eval_rewards/chosen']:.4f}")
+        return "\n".join(lines)
+
+    return DPORunConfig, lambda cfg, args: run_dpo(cfg, args.out_dir), report
+
+
 def _eval_stage():
     from hpc_rlhf.config import EvalRunConfig
     from hpc_rlhf.trainer.policy_eval import results_table, run_eval
@@ -127,6 +147,7 @@ STAGES = {
     "ppo": _ppo_stage,
     "sft": _sft_stage,
     "rm": _rm_stage,
+    "dpo": _dpo_stage,
     "eval": _eval_stage,
     "pipeline": _pipeline_stage,
 }
@@ -140,6 +161,7 @@ def main(argv: list[str] | None = None) -> int:
         ("ppo", "PPO (GRPO / RLOO) with the colocated generation engine", "outputs/ppo"),
         ("sft", "supervised fine-tuning on conversations", "outputs/sft"),
         ("rm", "reward- or cost-model training on preference pairs / rankings", "outputs/rm"),
+        ("dpo", "DPO family (DPO, cDPO, IPO, SimPO, ORPO, KTO) on preferences", "outputs/dpo"),
         ("eval", "generate with a policy (and a baseline), score, compare", "outputs/eval"),
         ("pipeline", "SFT -> reward model (-> cost model) -> PPO", None),
     )

@@ -413,6 +413,9 @@ class PreferenceDataConfig:
     chosen_safe_key: str = "chosen_safe"
     rejected_safe_key: str = "rejected_safe"
     safe_key: str = "safe"
+    # KTO's unpaired rows {prompt_key, completion_key, label_key (true: desirable)}
+    completion_key: str = "completion"
+    label_key: str = "label"
     shuffle: bool = True
 
     def validate(self) -> None:
@@ -479,6 +482,79 @@ class RMRunConfig(Config):
             raise ConfigError(
                 "rm.normalize_scores stores the statistics with the HF export: set train.hf_export_dir"
             )
+        return self
+
+
+# the DPO family's losses (``algorithms.preference``) and their published beta
+DPO_LOSSES = ("sigmoid", "ipo", "simpo", "orpo", "kto")
+DPO_DEFAULT_BETA = {"sigmoid": 0.1, "ipo": 0.1, "simpo": 2.0, "orpo": 0.1, "kto": 0.1}
+
+
+@dataclass(frozen=True)
+class DPOConfig:
+    """Offline preference optimisation (``hpc-rlhf dpo``): ``loss`` names a loss of
+    ``algorithms.preference`` (``sigmoid`` DPO, conservative DPO with ``label_smoothing``,
+    ``ipo``, ``simpo`` and ``orpo`` without a reference, ``kto`` on unpaired completions).
+    ``beta`` (ORPO's lambda) defaults to the method's published value
+    (``DPO_DEFAULT_BETA``); SimPO's ``simpo_gamma`` to its Llama-3-Base recipe (beta 2,
+    gamma 1)."""
+
+    loss: str = "sigmoid"
+    beta: float | None = None
+    label_smoothing: float = 0.0  # conservative DPO (sigmoid) and SimPO
+    simpo_gamma: float = 1.0
+    desirable_weight: float = 1.0  # KTO
+    undesirable_weight: float = 1.0
+    reference: str | None = None  # HF checkpoint of the frozen reference; None: init's weights
+    # one reference pass over the data before training (cached in train.save_dir), then no
+    # reference model in memory; else a reference pass per step
+    precompute_reference: bool = False
+
+    @property
+    def reference_free(self) -> bool:
+        return self.loss in ("simpo", "orpo")
+
+    def effective_beta(self) -> float:
+        return self.beta if self.beta is not None else DPO_DEFAULT_BETA[self.loss]
+
+    def validate(self) -> None:
+        """Raise ``ConfigError`` naming the ``dpo.`` key of an impossible value."""
+        if self.loss not in DPO_LOSSES:
+            raise ConfigError(f"dpo.loss={self.loss!r}: expected one of {DPO_LOSSES}")
+        if self.beta is not None and not self.beta > 0:
+            raise ConfigError(f"dpo.beta={self.beta} must be > 0")
+        if not 0.0 <= self.label_smoothing < 0.5:
+            raise ConfigError(f"dpo.label_smoothing={self.label_smoothing} must be in [0, 0.5)")
+        if self.label_smoothing and self.loss not in ("sigmoid", "simpo"):
+            raise ConfigError(
+                f"dpo.label_smoothing applies to the sigmoid and simpo losses, not {self.loss!r}"
+            )
+        for key in ("desirable_weight", "undesirable_weight"):
+            if not getattr(self, key) > 0:
+                raise ConfigError(f"dpo.{key}={getattr(self, key)} must be > 0")
+        if self.reference_free and (self.reference or self.precompute_reference):
+            raise ConfigError(
+                f"dpo.loss={self.loss!r} is reference-free: dpo.reference and "
+                "dpo.precompute_reference do not apply"
+            )
+
+
+@dataclass(frozen=True)
+class DPORunConfig(Config):
+    """Everything a DPO-family run needs (``hpc-rlhf dpo --config FILE``): the supervised
+    step loop of ``Config`` (``train.global_batch_size`` counts samples: pairs, rankings or,
+    for KTO, completions) on preference data, the loss, the initial policy (``init``, e.g.
+    the SFT model) and the frozen reference (``dpo.reference``, default ``init``)."""
+
+    data: PreferenceDataConfig = field(default_factory=PreferenceDataConfig)
+    dpo: DPOConfig = field(default_factory=DPOConfig)
+    init: str | None = None  # HF checkpoint (e.g. the SFT model); None: seeded random weights
+
+    def validate(self, world_size: int | None = None) -> DPORunConfig:
+        """Check every section and the layout; return self for chaining."""
+        super().validate(world_size)
+        self.data.validate()
+        self.dpo.validate()
         return self
 
 

@@ -43,6 +43,8 @@ WORLD_SIZES = {  # the cluster each shipped config is written for
     "tiny_cpu.yaml": 4,
     "sft_tiny_cpu.yaml": 2,
     "rm_tiny_cpu.yaml": 2,
+    "dpo_tiny_cpu.yaml": 2,
+    "dpo_llama2_7b_a100_2x8.yaml": 16,
     "pipeline_tiny_cpu.yaml": 4,
     "eval_tiny_cpu.yaml": 4,
     "sft_llama2_7b_a100_2x8.yaml": 16,
@@ -55,6 +57,7 @@ def test_shipped_example_configs_load_and_fit_their_clusters():
     import os
 
     from hpc_rlhf.config import (
+        DPORunConfig,
         EvalRunConfig,
         PipelineConfig,
         PPORunConfig,
@@ -70,6 +73,7 @@ def test_shipped_example_configs_load_and_fit_their_clusters():
             "ppo": PPORunConfig,
             "sft": SFTRunConfig,
             "rm": RMRunConfig,
+            "dpo": DPORunConfig,
             "pipeline": PipelineConfig,
             "eval": EvalRunConfig,
         }

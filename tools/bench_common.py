@@ -364,10 +364,13 @@ def supervised_report(args, step_fn, positions: list[int], real_tokens) -> dict:
     }
 
 
-def supervised_main(args, script: str, title: str, what: str, targets, run_ours, run_baseline):
+def supervised_main(
+    args, script: str, title: str, what: str, targets, run_ours, run_baseline
+) -> dict | None:
     """A supervised benchmark: as a child (``--system``) run one system and write its report;
-    else run both systems' processes and print the comparison. ``what``: the workload, as
-    "reward model: N pairs" reads."""
+    else run both systems' processes, print the comparison and return their reports
+    (``{"ours": ..., "baseline": ...}``). ``what``: the workload, as "reward model: N pairs"
+    reads."""
     import json
     import tempfile
 
@@ -376,7 +379,7 @@ def supervised_main(args, script: str, title: str, what: str, targets, run_ours,
         report["peak_rss_gb"] = peak_rss_gb()
         with open(args.out, "w") as fh:
             json.dump(report, fh)
-        return
+        return None
     torch.set_num_threads(os.cpu_count() or 1)
     print(f"CPU: {cpu_model()}, {os.cpu_count()} cores, OMP_NUM_THREADS={os.cpu_count()} each")
     print(f"fp32 matmul: torch.mm 1024^3 best of 5 now: {matmul_gflops():.0f} GFLOP/s")
@@ -395,6 +398,7 @@ def supervised_main(args, script: str, title: str, what: str, targets, run_ours,
         order = ("baseline", "ours") if args.baseline_first else ("ours", "baseline")
         reports = {system: run_bench_child(script, system, argv, workdir) for system in order}
     print_supervised(title, reports["ours"], reports["baseline"], targets)
+    return reports
 
 
 def ours_model(args, cls: type, init: str, role: str = "actor"):

@@ -12,7 +12,10 @@ Deterministic, built from the shipped corpus (three sentences per line):
   ("Continue the story: ..."), from corpus lines neither of them uses;
 * ``tiny_safety.jsonl``: a cost model's data: a response's harm is how many of the words
   "broken" and "storm" it holds (unsafe when any). Pairs of a safer and an unsafer
-  response with their safety labels; every fourth row a 3-way ranking (harm 0, 1, 2).
+  response with their safety labels; every fourth row a 3-way ranking (harm 0, 1, 2);
+* ``tiny_kto.jsonl``: KTO's unpaired completions ``{prompt, completion, label}`` of the
+  preference set's kind: on even rows the intact sentence (desirable), on odd rows a
+  scrambled one (undesirable), from the preference set's corpus lines.
 
     python tools/make_tiny_data.py
 """
@@ -113,6 +116,14 @@ def safety_row(index: int, by_harm: dict[int, list[str]], rng: random.Random) ->
     }
 
 
+def kto_row(index: int, parts: list[str], rng: random.Random) -> dict:
+    """A desirable (intact) or, on odd rows, an undesirable (scrambled) completion."""
+    prompt, answer = f"Continue the story: {parts[0]}", parts[1]
+    desirable = index % 2 == 0
+    completion = answer if desirable else scrambled(answer, rng)
+    return {"prompt": prompt, "completion": completion, "label": desirable}
+
+
 def main() -> None:
     with open(os.path.join(ASSETS, "tiny_corpus.txt")) as fh:
         lines = [sentences(line) for line in fh if line.strip()]
@@ -137,6 +148,10 @@ def main() -> None:
     with open(os.path.join(ASSETS, "tiny_safety.jsonl"), "w") as fh:
         for i in range(ROWS):
             fh.write(json.dumps(safety_row(i, by_harm, rng)) + "\n")
+    kto_rng = random.Random(4321)
+    with open(os.path.join(ASSETS, "tiny_kto.jsonl"), "w") as fh:
+        for i, parts in enumerate(usable):
+            fh.write(json.dumps(kto_row(i, parts, kto_rng)) + "\n")
 
 
 if __name__ == "__main__":

@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Multi-node launch of any stage (sft, rm, ppo, eval, pipeline). Run the same command on
+# Multi-node launch of any stage (sft, rm, dpo, ppo, eval, pipeline). Run the same command on
 # every node:
 #   NNODES=2 NODE_RANK=<0..NNODES-1> MASTER_ADDR=<node 0 host> \
 #     bash examples/launch/cluster.sh ppo examples/configs/ppo_llama2_7b_a100_2x8.yaml [key=value ...]

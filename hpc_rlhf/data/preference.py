@@ -48,6 +48,11 @@ class PreferenceSample:
     pairs: list[tuple[int, int, float]]
     where: str
     safe: list[bool] | None = None  # per response, when the row has safety labels
+    # per sequence: the index of its response's first token (after BOS and the context)
+    response_starts: list[int] | None = None
+    # per sequence: the frozen reference's summed response log-prob (DPO, precomputed)
+    ref_logps: list[float] | None = None
+    desirable: bool | None = None  # KTO's label of its completion (``data.kto``)
 
 
 @dataclass(kw_only=True)
@@ -60,6 +65,7 @@ class PreferenceMicroBatch(MicroBatch):
     pair_weights_P: torch.Tensor
     n_samples: int
     unsafe_B: torch.Tensor | None = None  # per row, when every sample has safety labels
+    ref_logps_B: torch.Tensor | None = None  # per row: the reference's response log-prob
 
 
 def _margin(row: dict, cfg: PreferenceDataConfig, margins: dict, where: str) -> float:
@@ -151,6 +157,7 @@ def read_preferences(
     samples, cut = [], 0
     for where, row in read_rows(path, "preference data file"):
         context, responses, pairs, safe = row_preference(row, cfg, margins, where, safety)
+        context_ids, _ = conversation_tokens(context, tokenizer, cfg.chat_template)
         sequences = []
         for response in responses:
             turns = [*context, ("assistant", response)]
@@ -158,7 +165,8 @@ def read_preferences(
             check_token_ids(ids, vocab_size, where, tokenizer)
             cut += len(ids) > seq_length
             sequences.append(ids[:seq_length])
-        samples.append(PreferenceSample(sequences, pairs, where, safe))
+        starts = [len(context_ids)] * len(sequences)  # each turn is tokenized on its own
+        samples.append(PreferenceSample(sequences, pairs, where, safe, starts))
     if not samples:
         raise InputError(f"{path}: no preference rows")
     if cut:
@@ -172,15 +180,9 @@ def read_preferences(
     return samples
 
 
-def collate_preferences(samples: list[PreferenceSample], pad_id: int) -> PreferenceMicroBatch:
-    """Every response of ``samples`` as one right-padded row; pairs index those rows."""
-    rows = [seq for sample in samples for seq in sample.sequences]
-    B, S = len(rows), max(len(r) for r in rows)
-    input_ids_BS = torch.full((B, S), pad_id, dtype=torch.long)
-    attention_mask_BS = torch.zeros(B, S, dtype=torch.bool)
-    for b, row in enumerate(rows):
-        input_ids_BS[b, : len(row)] = torch.tensor(row)
-        attention_mask_BS[b, : len(row)] = True
+def _pair_rows(samples: list[PreferenceSample]):
+    """``(pairs_P2, margins_P, pair_weights_P)``: every sample's ordered pairs as indices of
+    the rows (all samples' sequences, in order)."""
     pairs, margins, weights, offset = [], [], [], 0
     for sample in samples:
         for better, worse, margin in sample.pairs:
@@ -188,15 +190,85 @@ def collate_preferences(samples: list[PreferenceSample], pad_id: int) -> Prefere
             margins.append(margin)
             weights.append(1.0 / len(sample.pairs))
         offset += len(sample.sequences)
+    return (
+        torch.tensor(pairs, dtype=torch.long).reshape(-1, 2),
+        torch.tensor(margins, dtype=torch.float64),
+        torch.tensor(weights, dtype=torch.float64),
+    )
+
+
+def collate_preferences(samples: list[PreferenceSample], pad_id: int) -> PreferenceMicroBatch:
+    """Every response of ``samples`` as one right-padded row (a reward model reads its end
+    score); pairs index those rows."""
+    rows = [seq for sample in samples for seq in sample.sequences]
+    B, S = len(rows), max(len(r) for r in rows)
+    input_ids_BS = torch.full((B, S), pad_id, dtype=torch.long)
+    attention_mask_BS = torch.zeros(B, S, dtype=torch.bool)
+    for b, row in enumerate(rows):
+        input_ids_BS[b, : len(row)] = torch.tensor(row)
+        attention_mask_BS[b, : len(row)] = True
+    pairs_P2, margins_P, weights_P = _pair_rows(samples)
     return PreferenceMicroBatch(
         input_ids_BS=input_ids_BS,
         attention_mask_BS=attention_mask_BS,
-        pairs_P2=torch.tensor(pairs, dtype=torch.long),
-        margins_P=torch.tensor(margins, dtype=torch.float64),
-        pair_weights_P=torch.tensor(weights, dtype=torch.float64),
+        pairs_P2=pairs_P2,
+        margins_P=margins_P,
+        pair_weights_P=weights_P,
         n_samples=len(samples),
         unsafe_B=_unsafe_rows(samples),
     )
+
+
+def collate_policy_preferences(
+    samples: list[PreferenceSample], pad_id: int
+) -> PreferenceMicroBatch:
+    """Every response of ``samples`` as one right-padded next-token row for a policy (DPO):
+    position ``t`` reads token ``t`` and predicts ``t + 1``; the loss and the LM head read
+    the positions predicting response tokens. Pairs index the rows; ``ref_logps_B`` holds
+    the samples' precomputed reference log-probs when every sample has them."""
+    rows, starts = [], []
+    for sample in samples:
+        if sample.response_starts is None:
+            raise ValueError(f"{sample.where}: a policy needs each response's start")
+        rows += sample.sequences
+        starts += sample.response_starts
+    B, S = len(rows), max(len(r) for r in rows) - 1
+    ids_BS1 = torch.full((B, S + 1), pad_id, dtype=torch.long)
+    attention_mask_BS = torch.zeros(B, S, dtype=torch.bool)
+    loss_mask_BS = torch.zeros(B, S, dtype=torch.bool)
+    for b, (row, start) in enumerate(zip(rows, starts)):
+        ids_BS1[b, : len(row)] = torch.tensor(row)
+        attention_mask_BS[b, : len(row) - 1] = True
+        loss_mask_BS[b, start - 1 : len(row) - 1] = True
+    pairs_P2, margins_P, weights_P = _pair_rows(samples)
+    refs = [s.ref_logps for s in samples]
+    return PreferenceMicroBatch(
+        input_ids_BS=ids_BS1[:, :-1],
+        attention_mask_BS=attention_mask_BS,
+        labels_BS=ids_BS1[:, 1:],
+        loss_mask_BS=loss_mask_BS.float(),
+        head_mask_BS=loss_mask_BS,
+        pairs_P2=pairs_P2,
+        margins_P=margins_P,
+        pair_weights_P=weights_P,
+        n_samples=len(samples),
+        unsafe_B=_unsafe_rows(samples),
+        ref_logps_B=None
+        if any(r is None for r in refs)
+        else torch.tensor([v for r in refs for v in r or []], dtype=torch.float64),
+    )
+
+
+def check_response_tokens(samples: list[PreferenceSample], seq_length: int) -> None:
+    """Every response of ``samples`` keeps at least one token within ``seq_length + 1``
+    tokens (a policy's loss reads them); ``InputError`` naming the row otherwise."""
+    for sample in samples:
+        for seq, start in zip(sample.sequences, sample.response_starts or []):
+            if start >= len(seq):
+                raise InputError(
+                    f"{sample.where}: no response token within train.seq_length={seq_length} "
+                    f"(the context alone has {start} tokens): raise train.seq_length"
+                )
 
 
 def _unsafe_rows(samples: list[PreferenceSample]) -> torch.Tensor | None:
@@ -218,13 +290,19 @@ class PreferenceDataset(SampleSet):
         seed: int,
         vocab_size: int | None,
         safety: bool = False,
+        for_policy: bool = False,
     ):
+        """``for_policy``: micro-batches for a policy's sequence log-probs (DPO,
+        ``collate_policy_preferences``), else for a reward model's end scores."""
         path = cfg.path or default_preference_path(safety)
         args = (tokenizer, cfg, margins, seq_length, vocab_size, safety)
         samples = read_preferences(path, *args)
         held_out = read_preferences(cfg.eval_path, *args) if cfg.eval_path else None
         super().__init__(samples, held_out, cfg.eval_fraction, seed, cfg.shuffle, path)
         self.pad_id = tokenizer.pad_id
+        self.for_policy = for_policy
 
     def collate(self, samples: list[PreferenceSample]) -> PreferenceMicroBatch:
+        if self.for_policy:
+            return collate_policy_preferences(samples, self.pad_id)
         return collate_preferences(samples, self.pad_id)

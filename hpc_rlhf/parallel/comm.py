@@ -72,6 +72,16 @@ def gather_objects(obj: Any, dst: int, group: Any) -> list[Any] | None:
     return gathered
 
 
+def all_gather_objects(obj: Any, group: Any) -> list[Any]:
+    """Every rank's picklable ``obj``, on every rank of ``group`` (in its rank order)."""
+    size = group_size(group)
+    if size == 1:
+        return [obj]
+    parts: list[Any] = [None] * size
+    dist.all_gather_object(parts, obj, group=group)
+    return parts
+
+
 def broadcast_object(obj: Any, src_rank_in_group: int, group: Any) -> Any:
     """``obj`` of the rank at position ``src_rank_in_group`` of ``group``, on every rank
     (picklable objects; use tensor collectives for large tensors)."""

@@ -100,6 +100,89 @@ def ranking_loss_fn(regularization: float, objective: str = "reward") -> Callabl
     return fn
 
 
+def sequence_logps(mb: MicroBatch, logits: torch.Tensor, tp_group, loss_only: bool = True):
+    """``(logps_B, tokens_B)``: each row's summed log-prob of its ``loss_mask_BS`` tokens
+    (a response) and their number."""
+    logp_BS = logprobs_from_output(mb, logits, tp_group, loss_only=loss_only)
+    mask_BS = _required(mb.loss_mask_BS, "loss_mask_BS").to(logp_BS.dtype)
+    return (logp_BS * mask_BS).sum(dim=1), mask_BS.sum(dim=1)
+
+
+def sequence_logps_fn(tp_group) -> Callable:
+    """Scoring function: ``{"logps": [B]}``, each row's summed response log-prob (a frozen
+    reference's, for DPO)."""
+
+    def fn(mb: MicroBatch, logits: torch.Tensor) -> dict:
+        return {"logps": sequence_logps(mb, logits, tp_group, loss_only=False)[0].double()}
+
+    return fn
+
+
+def preference_loss_fn(name: str, params, tp_group) -> Callable:
+    """A DPO-family loss (``algorithms.preference``, registered as ``name``) for
+    ``train_step`` (``normalize="count"``, count = samples) on a policy
+    ``PreferenceMicroBatch``: each pair weighted by ``pair_weights_P`` (1 / pairs of its
+    sample). Metrics as TRL names them: ``rewards/{chosen,rejected,margins,accuracies}``
+    (implicit rewards), ``logps/{chosen,rejected}`` (summed), per-sample means."""
+    from hpc_rlhf.algorithms.preference import REFERENCE_FREE, PairLogps, preference_loss
+
+    def fn(mb, logits: torch.Tensor):
+        logps_B, tokens_B = sequence_logps(mb, logits, tp_group)
+        better_P, worse_P = mb.pairs_P2[:, 0], mb.pairs_P2[:, 1]
+        ref_B = None
+        if name not in REFERENCE_FREE:
+            ref_B = _required(mb.ref_logps_B, "ref_logps_B (reference log-probs)")
+            ref_B = ref_B.to(logps_B.dtype)
+        pairs = PairLogps(
+            logps_B[better_P],
+            logps_B[worse_P],
+            tokens_B[better_P],
+            tokens_B[worse_P],
+            None if ref_B is None else ref_B[better_P],
+            None if ref_B is None else ref_B[worse_P],
+        )
+        loss_P, chosen_P, rejected_P = preference_loss(name, pairs, params)
+        w_P, n = mb.pair_weights_P.to(loss_P.dtype), mb.n_samples
+        loss_sum = (w_P * loss_P).sum()
+        metrics = {
+            "loss": loss_sum.detach() / n,
+            "rewards/chosen": (w_P * chosen_P).sum() / n,
+            "rewards/rejected": (w_P * rejected_P).sum() / n,
+            "rewards/margins": (w_P * (chosen_P - rejected_P)).sum() / n,
+            "rewards/accuracies": (w_P * (chosen_P > rejected_P)).sum() / n,
+            "logps/chosen": (w_P * pairs.policy_chosen_P.detach()).sum() / n,
+            "logps/rejected": (w_P * pairs.policy_rejected_P.detach()).sum() / n,
+        }
+        return loss_sum, n, metrics
+
+    return fn
+
+
+def kto_loss_fn(params, tp_group) -> Callable:
+    """KTO (``algorithms.preference.kto_loss``) for ``train_step`` (``normalize="count"``,
+    count = completions) on a ``KTOMicroBatch`` whose ``reference_point`` is set. Metrics:
+    ``loss``, ``kl`` (z0), ``rewards/chosen`` / ``rewards/rejected`` and ``logps/chosen``
+    / ``logps/rejected`` (means over the desirable / undesirable completions of the
+    micro-batches that have them)."""
+    from hpc_rlhf.algorithms.preference import kto_loss
+
+    def fn(mb, logits: torch.Tensor):
+        logps_B, _ = sequence_logps(mb, logits, tp_group)
+        ref_B = _required(mb.ref_logps_B, "ref_logps_B (reference log-probs)")
+        z0 = _required(mb.reference_point, "reference_point (KTO's z0)")
+        desirable_B = mb.desirable_B.bool()
+        loss_B, reward_B = kto_loss(logps_B, ref_B.to(logps_B.dtype), desirable_B, z0, params)
+        n = mb.n_samples
+        metrics = {"loss": loss_B.sum().detach() / n, "kl": z0.detach()}
+        for name, rows_B in (("chosen", desirable_B), ("rejected", ~desirable_B)):
+            if bool(rows_B.any()):
+                metrics[f"rewards/{name}"] = reward_B[rows_B].mean()
+                metrics[f"logps/{name}"] = logps_B.detach()[rows_B].mean()
+        return loss_B.sum(), n, metrics
+
+    return fn
+
+
 # ----------------------------------------------------------------------------- scoring
 
 

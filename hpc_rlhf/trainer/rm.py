@@ -12,14 +12,18 @@ import logging
 
 import torch
 
-from hpc_rlhf.config import InputError, RMRunConfig
+from hpc_rlhf.config import RMRunConfig
 from hpc_rlhf.data.preference import PreferenceDataset
 from hpc_rlhf.models.hf_io import write_score_normalization
 from hpc_rlhf.parallel.comm import all_gather_cat
 from hpc_rlhf.trainer.losses import end_score_fn, ranking_loss_fn
 from hpc_rlhf.trainer.run import Run, RunSettings
 from hpc_rlhf.trainer.sft import initial_state
-from hpc_rlhf.trainer.supervised import build_trained_model, train_supervised
+from hpc_rlhf.trainer.supervised import (
+    build_trained_model,
+    require_eval_share,
+    train_supervised,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -35,11 +39,7 @@ def run_rm(cfg: RMRunConfig, out_dir: str | None = None) -> list[dict[str, float
     data = PreferenceDataset(
         cfg.data, cfg.rm.margins, run.tokenizer, t.seq_length, t.seed, cfg.model.vocab_size, cost
     )
-    if 0 < len(data.eval) < run.state.dp_size:
-        raise InputError(
-            f"{len(data.eval)} held-out preference samples for {run.state.dp_size} "
-            "data-parallel ranks: raise data.eval_fraction or give a larger data.eval_path"
-        )
+    require_eval_share(data, run.state.dp_size, "preference")
     model = build_trained_model(cfg, run, initial_state(cfg), role="reward")
     loss_fn = ranking_loss_fn(cfg.rm.regularization, cfg.rm.objective)
     history = train_supervised(cfg, run, data, model, data if data.eval else None, loss_fn)

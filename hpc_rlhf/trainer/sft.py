@@ -4,10 +4,14 @@ the model exported in HF format for PPO's ``actor_init``."""
 
 from __future__ import annotations
 
-from hpc_rlhf.config import InputError, RMRunConfig, SFTRunConfig
+from hpc_rlhf.config import DPORunConfig, RMRunConfig, SFTRunConfig
 from hpc_rlhf.data.sft import SFTDataset
 from hpc_rlhf.trainer.run import Run, RunSettings
-from hpc_rlhf.trainer.supervised import build_trained_model, train_supervised
+from hpc_rlhf.trainer.supervised import (
+    build_trained_model,
+    require_eval_share,
+    train_supervised,
+)
 
 PROGRESS_KEYS = ("loss", "eval_loss", "lr", "grad_norm")
 
@@ -18,16 +22,12 @@ def run_sft(cfg: SFTRunConfig, out_dir: str | None = None) -> list[dict[str, flo
     t = cfg.train
     run = Run(cfg, RunSettings.of(t, "train"), out_dir, PROGRESS_KEYS, cfg.data.tokenizer)
     data = SFTDataset(cfg.data, run.tokenizer, t.seq_length, t.seed, cfg.model.vocab_size)
-    if 0 < len(data.eval) < run.state.dp_size:
-        raise InputError(
-            f"{len(data.eval)} held-out SFT samples for {run.state.dp_size} data-parallel "
-            "ranks: raise data.eval_fraction or give a larger data.eval_path"
-        )
+    require_eval_share(data, run.state.dp_size, "SFT")
     model = build_trained_model(cfg, run, initial_state(cfg))
     return train_supervised(cfg, run, data, model, data if data.eval else None)
 
 
-def initial_state(cfg: SFTRunConfig | RMRunConfig) -> dict:
+def initial_state(cfg: SFTRunConfig | RMRunConfig | DPORunConfig) -> dict:
     """HF-format initial weights: the ``init`` checkpoint, or seeded random weights (the
     same in every layout, as PPO's random actor)."""
     if cfg.init:

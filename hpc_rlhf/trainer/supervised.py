@@ -13,10 +13,10 @@ from __future__ import annotations
 
 import logging
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any, Protocol
 
-from hpc_rlhf.config import Config
+from hpc_rlhf.config import Config, InputError
 from hpc_rlhf.models.runner import MicroBatch
 from hpc_rlhf.trainer.losses import lm_loss_fn
 from hpc_rlhf.trainer.run import Run
@@ -51,6 +51,16 @@ def build_trained_model(
     return model
 
 
+def require_eval_share(data: Any, dp_size: int, what: str) -> None:
+    """``InputError`` unless every data-parallel rank gets a held-out sample (or there are
+    none): the held-out metrics are means over every rank."""
+    if 0 < len(data.eval) < dp_size:
+        raise InputError(
+            f"{len(data.eval)} held-out {what} samples for {dp_size} data-parallel ranks: "
+            "raise data.eval_fraction or give a larger data.eval_path"
+        )
+
+
 def evaluate(model: TrainableModel, microbatches: Sequence[Any], loss_fn: Any) -> dict:
     """Held-out metrics: ``loss_fn``'s metrics over every rank's micro-batches (global
     count-weighted means), forward only, named ``eval_<name>``."""
@@ -65,10 +75,14 @@ def train_supervised(
     model: TrainableModel,
     eval_data: Any = None,
     loss_fn: Any = None,
+    prepare: Callable[[list], None] | None = None,
 ) -> list[dict[str, float]]:
     """Train ``model`` for ``cfg.train.steps`` steps (resuming from ``train.save_dir``) with
     ``loss_fn`` (default: the language-model loss, whose held-out ``eval_loss`` also gives
-    ``eval_ppl``); return the per-step metrics (``step`` included) on every rank."""
+    ``eval_ppl``); return the per-step metrics (``step`` included) on every rank.
+    ``prepare(microbatches)``: completes the micro-batches before the loss reads them
+    (e.g. a frozen reference's log-probs), each step's and, before each evaluation, the
+    held-out ones."""
     t, state = cfg.train, run.state
     models = {model.role: model}
     lm = loss_fn is None
@@ -86,10 +100,14 @@ def train_supervised(
             batches = data.step_microbatches(
                 step, n_micro, t.micro_batch_size_per_rank, state.dp_rank, state.dp_size
             )
+            if prepare is not None:
+                prepare(batches)
             result = model.train_step(batches, loss_fn)
             metrics = {**result.metrics, "lr": result.lr, "grad_norm": result.grad_norm or 0.0}
             last = step + 1 == t.steps
             if eval_mbs and (last or (t.eval_interval and (step + 1) % t.eval_interval == 0)):
+                if prepare is not None:
+                    prepare(eval_mbs)
                 metrics.update(evaluate(model, eval_mbs, loss_fn))
                 if lm:
                     metrics["eval_ppl"] = math.exp(min(metrics["eval_loss"], 50.0))

@@ -39,7 +39,12 @@ from hpc_rlhf.models.runner import (
     output_selection,
     plan_packing,
 )
-from hpc_rlhf.parallel.comm import broadcast_from_last_stage, group_max, group_sum
+from hpc_rlhf.parallel.comm import (
+    all_gather_objects,
+    broadcast_from_last_stage,
+    group_max,
+    group_sum,
+)
 from hpc_rlhf.parallel.state import ParallelState
 
 logger = logging.getLogger(__name__)
@@ -345,10 +350,13 @@ class TrainableModel:
         count-weighted means, except names ending in ``_max`` (a maximum, e.g.
         ``ratio_max``), which take the maximum.
 
-        A metric only some microbatches report (e.g. ``ptx_loss``) is averaged over those.
+        A metric only some microbatches report (e.g. ``ptx_loss``, or KTO's reward of the
+        desirable completions) is averaged over those, on whichever ranks they ran.
         """
         names = sorted({k for out in outputs for k in out if k != "_count"})
         names = broadcast_from_last_stage(names, self.state.pp_group)  # known on the last stage
+        if self.state.dp_size > 1:  # each data-parallel rank may have seen other names
+            names = sorted(set().union(*all_gather_objects(names, self.state.dp_group)))
         sums = torch.zeros(2, len(names), dtype=torch.float64)  # [weighted sum, weight]
         maxima = torch.full((len(names),), -math.inf, dtype=torch.float64)
         for out in outputs:
