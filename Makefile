@@ -12,11 +12,11 @@ NPROC     ?= 4
 
 .PHONY: setup demo demo-pretrain demo-pipeline test lint bench clean
 
-$(STAMP): setup.py pyproject.toml $(wildcard csrc/*.cpp csrc/*.h)
+$(STAMP): setup.py pyproject.toml constraints.txt $(wildcard csrc/*.cpp csrc/*.h)
 	test -x $(PY) || python3 -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q "$(TORCH_PIN)" ninja "setuptools>=64" wheel
-	$(PY) -m pip install -q --no-build-isolation -e ".[test]"
+	$(PY) -m pip install -q --no-build-isolation -c constraints.txt -e ".[test]"
 	touch $(STAMP)
 
 setup: $(STAMP)

@@ -2,13 +2,14 @@
 
 The package is pure Python on the torch path. ``hpc_rlhf._C`` (C++ CPU kernels, plus CUDA
 kernels when torch has CUDA) is built from ``csrc/`` when torch is importable at build time;
-set ``HPC_RLHF_NO_EXT=1`` to skip it. ``kernels/`` installs as ``hpc_rlhf.kernels``.
+set ``HPC_RLHF_NO_EXT=1`` to skip it. Every package under ``hpc_rlhf/`` is installed
+(``find_packages``: a listed set missed ``hpc_rlhf.models.overrides``).
 """
 
 import glob
 import os
 
-from setuptools import setup
+from setuptools import find_packages, setup
 
 
 def _extensions():
@@ -57,19 +58,7 @@ setup(
     version="0.1.0",
     description="RLHF training engine on megatron-core with fused kernels and colocated generation",
     python_requires=">=3.10",
-    packages=[
-        "hpc_rlhf",
-        "hpc_rlhf.parallel",
-        "hpc_rlhf.models",
-        "hpc_rlhf.ops",
-        "hpc_rlhf.inference",
-        "hpc_rlhf.algorithms",
-        "hpc_rlhf.trainer",
-        "hpc_rlhf.data",
-        "hpc_rlhf.utils",
-        "hpc_rlhf.kernels",
-    ],
-    package_dir={"hpc_rlhf.kernels": "kernels"},
+    packages=find_packages(include=["hpc_rlhf", "hpc_rlhf.*"]),
     package_data={"hpc_rlhf": ["assets/*"]},
     install_requires=[
         "torch>=2.13",
