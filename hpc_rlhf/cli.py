@@ -107,6 +107,9 @@ def _dpo_stage():
 
     def report(cfg, history, args):
         first, last, m = history[0]["loss"], history[-1]["loss"], history[-1]
+        if cfg.dpo.online:  # fresh pairs each step: the judge's reward is the trend to read
+            first, last = history[0]["reward_mean"], m["reward_mean"]
+            return _trend("sampled reward", first, last, len(history), "rising", "NOT rising", True)
         name = f"{cfg.dpo.loss} loss"
         lines = [_trend(name, first, last, len(history), "falling", "NOT falling", False)]
         if "eval_rewards/accuracies" in m:
@@ -119,6 +122,23 @@ def _dpo_stage():
         return "\n".join(lines)
 
     return DPORunConfig, lambda cfg, args: run_dpo(cfg, args.out_dir), report
+
+
+def _rejection_sampling_stage():
+    from hpc_rlhf.config import RejectionSamplingRunConfig
+    from hpc_rlhf.trainer.rejection_sampling import run_rejection_sampling
+
+    def report(cfg, history, args):
+        per_round = cfg.train.steps // cfg.rs.rounds
+        rewards = [h["reward_mean"] for h in history[::per_round]]
+        line = " -> ".join(f"{r:.4f}" for r in rewards)
+        trend = "rising" if rewards[-1] > rewards[0] else "NOT rising"
+        return f"policy's sampled reward by round: {line} ({trend})"
+
+    def run(cfg, args):
+        return run_rejection_sampling(cfg, args.out_dir)
+
+    return RejectionSamplingRunConfig, run, report
 
 
 def _eval_stage():
@@ -148,6 +168,7 @@ STAGES = {
     "sft": _sft_stage,
     "rm": _rm_stage,
     "dpo": _dpo_stage,
+    "rejection-sampling": _rejection_sampling_stage,
     "eval": _eval_stage,
     "pipeline": _pipeline_stage,
 }
@@ -162,6 +183,11 @@ def main(argv: list[str] | None = None) -> int:
         ("sft", "supervised fine-tuning on conversations", "outputs/sft"),
         ("rm", "reward- or cost-model training on preference pairs / rankings", "outputs/rm"),
         ("dpo", "DPO family (DPO, cDPO, IPO, SimPO, ORPO, KTO) on preferences", "outputs/dpo"),
+        (
+            "rejection-sampling",
+            "sample with the policy, keep the best, fine-tune; repeated for rounds",
+            "outputs/rejection_sampling",
+        ),
         ("eval", "generate with a policy (and a baseline), score, compare", "outputs/eval"),
         ("pipeline", "SFT -> reward model (-> cost model) -> PPO", None),
     )

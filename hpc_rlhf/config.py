@@ -509,6 +509,10 @@ class DPOConfig:
     # one reference pass over the data before training (cached in train.save_dir), then no
     # reference model in memory; else a reference pass per step
     precompute_reference: bool = False
+    # online / iterative DPO: each step's pairs are sampled from the policy being trained
+    # (``sampling``, ``generation``) and judged by the ``reward`` section: per prompt the
+    # best-scored response is chosen, the worst rejected
+    online: bool = False
 
     @property
     def reference_free(self) -> bool:
@@ -537,6 +541,35 @@ class DPOConfig:
                 f"dpo.loss={self.loss!r} is reference-free: dpo.reference and "
                 "dpo.precompute_reference do not apply"
             )
+        if self.online and (self.loss == "kto" or self.precompute_reference):
+            raise ConfigError(
+                "dpo.online samples new pairs each step: it takes a paired loss (not kto) "
+                "and a reference pass per step (not dpo.precompute_reference)"
+            )
+
+
+@dataclass(frozen=True)
+class SamplingConfig:
+    """Prompts for trainers that learn from their own samples (online DPO, rejection
+    sampling): a prompt file as PPO reads it (``data.chat_template`` applied, BOS first, cut
+    to ``max_prompt_length`` tokens on ``truncation_side``) and how many responses the
+    policy samples per prompt."""
+
+    prompts: str | None = None  # None: the shipped tiny story prompts
+    max_prompt_length: int = 64
+    truncation_side: str = "left"
+    samples_per_prompt: int = 2
+    shuffle: bool = True
+
+    def validate(self) -> None:
+        """Raise ``ConfigError`` naming the ``sampling.`` key of an impossible value."""
+        _positive(self, "sampling.", ("max_prompt_length",))
+        if self.samples_per_prompt < 2:
+            raise ConfigError(
+                f"sampling.samples_per_prompt={self.samples_per_prompt} must be >= 2 (a pair, "
+                "or a best of several)"
+            )
+        _check_truncation_side(self)
 
 
 @dataclass(frozen=True)
@@ -549,13 +582,32 @@ class DPORunConfig(Config):
     data: PreferenceDataConfig = field(default_factory=PreferenceDataConfig)
     dpo: DPOConfig = field(default_factory=DPOConfig)
     init: str | None = None  # HF checkpoint (e.g. the SFT model); None: seeded random weights
+    # online DPO only (dpo.online): prompts, sampling and the judge
+    sampling: SamplingConfig = field(default_factory=SamplingConfig)
+    generation: RolloutConfig = field(default_factory=lambda: RolloutConfig())
+    reward: RewardConfig = field(default_factory=lambda: RewardConfig())
 
     def validate(self, world_size: int | None = None) -> DPORunConfig:
         """Check every section and the layout; return self for chaining."""
         super().validate(world_size)
         self.data.validate()
         self.dpo.validate()
+        if self.dpo.online:
+            check_self_sampling(self, "dpo.online")
         return self
+
+
+def check_self_sampling(cfg: Any, what: str) -> None:
+    """The sections of a trainer that samples from its policy: ``sampling``,
+    ``generation`` (the engine's KV budget against the longest sequence) and a ``reward``
+    with at least one model or rule."""
+    cfg.sampling.validate()
+    cfg.generation.validate()
+    try:
+        cfg.reward.validate()
+    except ConfigError as err:
+        raise ConfigError(f"{what} needs a judge: {err}") from err
+    check_sequence_fits(cfg, "sampling")
 
 
 @dataclass(frozen=True)
@@ -826,15 +878,16 @@ class PPOConfig:
         return self.algorithm == "ppo_lag"
 
 
-def check_sequence_fits(cfg: Any) -> None:
-    """For a run that generates (``cfg`` with ``model``, ``parallel``, ``data`` and
-    ``generation`` sections): the longest sequence (prompt + response) fits the model's
-    positions and one sequence fits the KV cache of ``generation.engine`` (else a later,
-    longer batch would fail mid-run)."""
-    longest = cfg.data.max_prompt_length + cfg.generation.max_new_tokens
+def check_sequence_fits(cfg: Any, prompt_section: str = "data") -> None:
+    """For a run that generates (``cfg`` with ``model``, ``parallel``, ``generation`` and
+    a ``prompt_section`` with ``max_prompt_length``): the longest sequence (prompt +
+    response) fits the model's positions and one sequence fits the KV cache of
+    ``generation.engine`` (else a later, longer batch would fail mid-run)."""
+    prompt_length = getattr(cfg, prompt_section).max_prompt_length
+    longest = prompt_length + cfg.generation.max_new_tokens
     where = (
-        f"data.max_prompt_length + generation.max_new_tokens = "
-        f"{cfg.data.max_prompt_length} + {cfg.generation.max_new_tokens} = {longest}"
+        f"{prompt_section}.max_prompt_length + generation.max_new_tokens = "
+        f"{prompt_length} + {cfg.generation.max_new_tokens} = {longest}"
     )
     if longest > cfg.model.max_position_embeddings:
         raise ConfigError(
@@ -998,6 +1051,77 @@ class EvalRunConfig:
 
 
 PIPELINE_STAGES = ("sft", "rm", "cost", "ppo")
+
+
+@dataclass(frozen=True)
+class RejectionSamplingConfig:
+    """Rejection-sampling fine-tuning (Llama-2, ReST): ``rounds`` rounds, each sampling
+    ``samples_per_prompt`` responses for ``prompts_per_round`` prompts with the current
+    policy, keeping per prompt the ``best`` one, the ``top_k``, or every one scoring at least
+    ``threshold``, then ``train.steps / rounds`` SFT steps on the kept set."""
+
+    KEEP: typing.ClassVar[tuple[str, ...]] = ("best", "top_k", "threshold")
+
+    rounds: int = 3
+    prompts_per_round: int = 64  # over all data-parallel ranks
+    samples_per_prompt: int = 4
+    keep: str = "best"
+    top_k: int = 2
+    threshold: float = 0.0
+
+    def validate(self, steps: int, dp_size: int) -> None:
+        """Raise ``ConfigError`` naming the ``rs.`` key of an impossible value."""
+        _positive(self, "rs.", ("rounds", "prompts_per_round", "samples_per_prompt"))
+        if self.keep not in self.KEEP:
+            raise ConfigError(f"rs.keep={self.keep!r}: expected one of {self.KEEP}")
+        if self.keep == "top_k" and not 1 <= self.top_k <= self.samples_per_prompt:
+            raise ConfigError(
+                f"rs.top_k={self.top_k} must be in [1, rs.samples_per_prompt={self.samples_per_prompt}]"
+            )
+        if steps % self.rounds:
+            raise ConfigError(f"train.steps={steps} must be a multiple of rs.rounds={self.rounds}")
+        if self.prompts_per_round % dp_size:
+            raise ConfigError(
+                f"rs.prompts_per_round={self.prompts_per_round} is not divisible by the "
+                f"{dp_size} data-parallel ranks"
+            )
+
+
+@dataclass(frozen=True)
+class RejectionSamplingRunConfig(Config):
+    """Everything a rejection-sampling run needs (``hpc-rlhf rejection-sampling --config
+    FILE``): the supervised step loop of ``Config`` on the kept samples (``train.steps``
+    over all rounds), prompts as PPO reads them (``data``), sampling (``generation``), the
+    judge (``reward``: models and rules), the rounds (``rs``) and the initial policy."""
+
+    data: DataConfig = field(default_factory=lambda: DataConfig())
+    generation: RolloutConfig = field(default_factory=lambda: RolloutConfig())
+    reward: RewardConfig = field(default_factory=lambda: RewardConfig())
+    rs: RejectionSamplingConfig = field(default_factory=RejectionSamplingConfig)
+    init: str | None = None  # HF checkpoint (e.g. the SFT model); None: seeded random weights
+
+    def validate(self, world_size: int | None = None) -> RejectionSamplingRunConfig:
+        """Check every section and the layout; return self for chaining."""
+        super().validate(world_size)
+        self.data.validate()
+        if self.data.ptx_data is not None:
+            raise ConfigError("data.ptx_data is PPO's: rejection sampling trains on its samples")
+        dp = (world_size or self.parallel.model_parallel_size) // self.parallel.model_parallel_size
+        self.rs.validate(self.train.steps, max(dp, 1))
+        self.generation.validate()
+        try:
+            self.reward.validate()
+        except ConfigError as err:
+            raise ConfigError(f"rejection sampling needs a judge: {err}") from err
+        check_sequence_fits(self)
+        longest = self.data.max_prompt_length + self.generation.max_new_tokens
+        if self.train.seq_length + 1 < longest:
+            raise ConfigError(
+                f"train.seq_length={self.train.seq_length} cannot hold a kept sample of up to "
+                f"{longest} tokens (data.max_prompt_length + generation.max_new_tokens): set "
+                f"it to at least {longest - 1}"
+            )
+        return self
 
 
 @dataclass(frozen=True)

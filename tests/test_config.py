@@ -44,6 +44,7 @@ WORLD_SIZES = {  # the cluster each shipped config is written for
     "sft_tiny_cpu.yaml": 2,
     "rm_tiny_cpu.yaml": 2,
     "dpo_tiny_cpu.yaml": 2,
+    "rejection_sampling_tiny_cpu.yaml": 2,
     "dpo_llama2_7b_a100_2x8.yaml": 16,
     "pipeline_tiny_cpu.yaml": 4,
     "eval_tiny_cpu.yaml": 4,
@@ -61,6 +62,7 @@ def test_shipped_example_configs_load_and_fit_their_clusters():
         EvalRunConfig,
         PipelineConfig,
         PPORunConfig,
+        RejectionSamplingRunConfig,
         RMRunConfig,
         SFTRunConfig,
     )
@@ -74,6 +76,7 @@ def test_shipped_example_configs_load_and_fit_their_clusters():
             "sft": SFTRunConfig,
             "rm": RMRunConfig,
             "dpo": DPORunConfig,
+            "rejection": RejectionSamplingRunConfig,
             "pipeline": PipelineConfig,
             "eval": EvalRunConfig,
         }

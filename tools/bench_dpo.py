@@ -73,7 +73,7 @@ def run_ours(args) -> dict:
     cfg, run, model = ours_model(args, DPORunConfig, "actor")
     reference_pass = ReferencePass(frozen_reference(cfg, run, initial_state(cfg)))
     loss_fn = preference_loss_fn("sigmoid", PreferenceParams(beta=BETA), run.state.tp_group)
-    mb, positions = args.micro_batch, []
+    mb, positions, logs = args.micro_batch, [], []
     phases: dict[str, list[float]] = {"reference": [], "train": []}
 
     def step(i: int) -> float:
@@ -89,7 +89,9 @@ def run_ours(args) -> dict:
         reference_pass(batches)
         t1 = time.perf_counter()
         before = model.work["train_tokens"]
-        loss = model.train_step(batches, loss_fn).metrics["loss"]
+        metrics = model.train_step(batches, loss_fn).metrics
+        logs.append(metrics)
+        loss = metrics["loss"]
         phases["reference"].append(t1 - t0)
         phases["train"].append(time.perf_counter() - t1)
         positions.append(model.work["train_tokens"] - before)
@@ -97,7 +99,20 @@ def run_ours(args) -> dict:
 
     report = supervised_report(args, step, positions, lambda i: _real_tokens(args, i))
     report["breakdown"] = {k: v[1 : args.steps + 1] for k, v in phases.items()}
+    report["checks"] = _checks(logs)
     return report
+
+
+def _checks(logs: list[dict]) -> dict:
+    """What must agree between the systems beyond step 0's loss (log 2 whatever the
+    weights, as the policy starts as the reference): step 0's summed log-probs and the
+    loss of step 1, after one update."""
+    return {
+        "step 0 logps/chosen": logs[0]["logps/chosen"],
+        "step 0 logps/rejected": logs[0]["logps/rejected"],
+        "step 1 loss (after one update)": logs[1]["loss"],
+        "step 1 rewards/margins": logs[1]["rewards/margins"],
+    }
 
 
 def _trl_positions(pairs: list, micro_batch: int) -> int:
@@ -127,12 +142,23 @@ def run_baseline(args) -> dict:
         "real_tokens": [_real_tokens(args, i) for i in range(1, args.steps + 1)],
         "positions": [_trl_positions(s, args.micro_batch) for s in steps[1:]],
         "breakdown": breakdown,
+        "checks": _checks(out["logs"]),
         "versions": out["versions"],
     }
 
 
 def print_breakdown(reports: dict) -> None:
-    """Mean seconds per timed step of each system's phases."""
+    """The agreement checks (relative differences) and the mean seconds per timed step of
+    each system's phases."""
+    ours, base = reports["ours"]["checks"], reports["baseline"]["checks"]
+    for name, theirs in base.items():
+        diff = abs(ours[name] - theirs)
+        rel = diff / max(abs(theirs), 1e-12)
+        verdict = "agree" if rel <= 1e-4 or diff <= 1e-5 else "DIFFER"  # near 0: absolute
+        print(
+            f"{name}: TRL {theirs:.6f}, hpc_rlhf {ours[name]:.6f} (difference {diff:.1e}, "
+            f"relative {rel:.1e}: {verdict})"
+        )
     for name, report in (("TRL", reports["baseline"]), ("hpc_rlhf", reports["ours"])):
         parts = ", ".join(
             f"{phase} {sum(v) / max(len(v), 1):.2f}" for phase, v in report["breakdown"].items()

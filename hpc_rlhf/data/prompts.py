@@ -30,6 +30,12 @@ def default_prompts_path() -> str:
     return os.path.join(ASSETS_DIR, "tiny_prompts.jsonl")
 
 
+def story_prompts_path() -> str:
+    """The tiny "Continue the story" prompts shipped with the package, of the SFT and
+    preference sets' kind (``tools/make_tiny_data.py``)."""
+    return os.path.join(ASSETS_DIR, "tiny_story_prompts.jsonl")
+
+
 def read_prompts(path: str) -> list[str]:
     """Prompts of a JSONL file; a malformed line raises ``ValueError`` naming the line."""
     return [text for _, text in read_numbered_prompts(path)]
@@ -162,6 +168,14 @@ class PromptDataset:
         indices = [self._index(start + i) for i in range(per_rank)]
         self.position += rollout_batch_size
         return indices
+
+    def step_indices(self, step: int, per_step: int, dp_rank: int, dp_size: int) -> list[int]:
+        """Indices of this rank's prompts of step ``step`` when every step takes
+        ``per_step`` prompts over all ranks (rank ``r`` its ``r``-th share), whatever
+        ``position`` is: a resumed run draws what the uninterrupted one drew."""
+        per_rank = per_step // dp_size
+        first = step * per_step + dp_rank * per_rank
+        return [self._index(first + i) for i in range(per_rank)]
 
     def next_batch(self, rollout_batch_size: int, dp_rank: int, dp_size: int) -> list[list[int]]:
         """This rank's prompts of the next step; advances ``position`` by the global batch."""

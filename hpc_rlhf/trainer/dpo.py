@@ -14,12 +14,14 @@ supervised loop's (``trainer.supervised``).
 from __future__ import annotations
 
 from collections.abc import Callable
+from typing import Any
 
 from hpc_rlhf.algorithms.preference import PreferenceParams
 from hpc_rlhf.config import DPORunConfig, RankingLossConfig
 from hpc_rlhf.data.preference import PreferenceDataset, check_response_tokens
 from hpc_rlhf.trainer import kto
 from hpc_rlhf.trainer.losses import preference_loss_fn
+from hpc_rlhf.trainer.online_dpo import OnlinePairs
 from hpc_rlhf.trainer.reference import ReferencePass, frozen_reference, precompute_reference
 from hpc_rlhf.trainer.run import Run, RunSettings
 from hpc_rlhf.trainer.sft import initial_state
@@ -37,6 +39,7 @@ PROGRESS_KEYS = (
     "lr",
     "grad_norm",
 )
+ONLINE_PROGRESS_KEYS = ("loss", "reward_mean", "reward_chosen", "rewards/margins", "lr")
 
 
 def preference_params(cfg: DPORunConfig) -> PreferenceParams:
@@ -68,19 +71,56 @@ def preference_data(cfg: DPORunConfig, tokenizer) -> PreferenceDataset:
     return data
 
 
+def online_pairs(cfg: DPORunConfig, run: Run, policy) -> OnlinePairs:
+    """Online DPO's step source: the ``sampling`` prompts (``data.chat_template``), the
+    engine over ``policy`` and the ``reward`` judge."""
+    from hpc_rlhf.data.prompts import PromptDataset, story_prompts_path
+    from hpc_rlhf.trainer.self_sampling import PolicySampler
+
+    s, t = cfg.sampling, cfg.train
+    prompts = PromptDataset(
+        s.prompts or story_prompts_path(),
+        run.tokenizer,
+        s.max_prompt_length,
+        cfg.data.chat_template,
+        seed=t.seed,
+        shuffle=s.shuffle,
+        truncation_side=s.truncation_side,
+        vocab_size=cfg.model.vocab_size,
+    )
+    sampler = PolicySampler(
+        policy,
+        cfg.model,
+        cfg.generation,
+        cfg.reward,
+        cfg.parallel,
+        run.state,
+        run.tokenizer,
+        t.pack_sequences,
+        t.micro_batch_size_per_rank * s.samples_per_prompt,
+    )
+    return OnlinePairs(sampler, prompts, s.samples_per_prompt, t.seed)
+
+
 def run_dpo(cfg: DPORunConfig, out_dir: str | None = None) -> list[dict[str, float]]:
     """Train the policy for ``cfg.train.steps`` steps (from ``cfg.init``, resuming from
     ``train.save_dir``); return the per-step metrics on every rank."""
     t, d = cfg.train, cfg.dpo
     is_kto = d.loss == "kto"
-    keys = kto.PROGRESS_KEYS if is_kto else PROGRESS_KEYS
+    keys = kto.PROGRESS_KEYS if is_kto else ONLINE_PROGRESS_KEYS if d.online else PROGRESS_KEYS
     run = Run(cfg, RunSettings.of(t, "train"), out_dir, keys, cfg.data.tokenizer)
-    data = (
-        kto.completion_data(cfg, run.tokenizer) if is_kto else preference_data(cfg, run.tokenizer)
-    )
-    require_eval_share(data, run.state.dp_size, "KTO" if is_kto else "preference")
+    data: Any = None
+    if not d.online:
+        data = (
+            kto.completion_data(cfg, run.tokenizer)
+            if is_kto
+            else preference_data(cfg, run.tokenizer)
+        )
+        require_eval_share(data, run.state.dp_size, "KTO" if is_kto else "preference")
     init_state = initial_state(cfg)
     policy = build_trained_model(cfg, run, init_state)
+    if d.online:
+        data = online_pairs(cfg, run, policy)
     reference_pass = None
     if not d.reference_free:
         reference = frozen_reference(cfg, run, init_state)
@@ -98,5 +138,5 @@ def run_dpo(cfg: DPORunConfig, out_dir: str | None = None) -> list[dict[str, flo
     else:
         prepare = reference_pass
         loss_fn = preference_loss_fn(d.loss, params, run.state.tp_group)
-    eval_data = data if data.eval else None
+    eval_data = data if getattr(data, "eval", None) else None
     return train_supervised(cfg, run, data, policy, eval_data, loss_fn, prepare)

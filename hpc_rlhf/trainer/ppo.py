@@ -50,6 +50,7 @@ from hpc_rlhf.trainer.losses import (
     values_fn,
 )
 from hpc_rlhf.trainer.score_sources import NonFiniteRewardError, load_rules_first
+from hpc_rlhf.trainer.self_sampling import infer_rows, score_rollout
 from hpc_rlhf.trainer.trainable_model import TrainableModel, is_max_metric
 
 logger = logging.getLogger(__name__)
@@ -204,10 +205,7 @@ class PPOTrainer:
         temperature = self.cfg.generation.temperature
 
         def run(model, fn, key: str) -> torch.Tensor:
-            parts = [out[key] for out in model.infer(mbs, fn)]
-            if parts[0].dim() == 1:  # one value per row
-                return torch.cat(parts)[torch.argsort(order)]
-            return exp.gather_rows(parts, order) * exp.action_mask_BS
+            return infer_rows(model, fn, key, exp, mbs, order)
 
         exp.ref_logp_BS = run(self.reference, logprobs_fn(self.state.tp_group, temperature), "logp")
         if self.cfg.ppo.recompute_old_logprobs:
@@ -217,17 +215,12 @@ class PPOTrainer:
         unsafe_B = None
         if rollout.unsafe_prompt is not None:
             unsafe_B = torch.tensor(rollout.unsafe_prompt, dtype=torch.bool)
-        sources = [(self.rewards, "score_B")]
+        args = (rollout, exp, mbs, order, self.tokenizer, self.state.dp_group, unsafe_B)
+        exp.score_B = score_rollout(self.rewards, *args)
         if self.costs is not None:
             assert self.cost_critic is not None
             exp.cost_values_BS = run(self.cost_critic, values_fn, "values")
-            sources.append((self.costs, "cost_B"))
-        for source, name in sources:
-            scores = [run(m, fn, "score") for m, fn in zip(source.models, source.score_fns)]
-            combined_B = source.combined(
-                rollout, scores, self.tokenizer, self.state.dp_group, unsafe_B
-            )
-            setattr(exp, name, combined_B)
+            exp.cost_B = score_rollout(self.costs, *args)
         return exp
 
     def _trim(self) -> int | None:

@@ -121,12 +121,20 @@ def _trained_model(cfg: PPORunConfig, state, role: str, optimizer, hf_state: dic
 
 
 def _score_sources(cfg: PPORunConfig, state, section, kind: str) -> tuple[ScoreSources, list]:
-    """The frozen models of a ``reward`` / ``cost`` section with its rules, and the models'
-    HF states (a critic may start from the first)."""
+    """The frozen models of PPO's ``reward`` / ``cost`` section with its rules, and the
+    models' HF states (a critic may start from the first)."""
+    return load_score_sources(section, kind, cfg.model, cfg.parallel, state, cfg.ppo.pack_sequences)
+
+
+def load_score_sources(
+    section, kind: str, model_cfg: ModelConfig, parallel, state, pack: bool
+) -> tuple[ScoreSources, list]:
+    """The frozen models of a ``reward`` / ``cost`` section (``config.RewardConfig``) in
+    this run's dtype, layout and packing, with its rules, and the models' HF states."""
     models, hf_states, calibrations = [], [], []
     for spec in section.models:
         model, hf_state, calibration = load_score_model(
-            spec.path, cfg.model, cfg.parallel, state, cfg.ppo.pack_sequences, kind
+            spec.path, model_cfg, parallel, state, pack, kind
         )
         models.append(model)
         hf_states.append(hf_state)

@@ -4,7 +4,7 @@ the model exported in HF format for PPO's ``actor_init``."""
 
 from __future__ import annotations
 
-from hpc_rlhf.config import DPORunConfig, RMRunConfig, SFTRunConfig
+from hpc_rlhf.config import DPORunConfig, RejectionSamplingRunConfig, RMRunConfig, SFTRunConfig
 from hpc_rlhf.data.sft import SFTDataset
 from hpc_rlhf.trainer.run import Run, RunSettings
 from hpc_rlhf.trainer.supervised import (
@@ -27,7 +27,9 @@ def run_sft(cfg: SFTRunConfig, out_dir: str | None = None) -> list[dict[str, flo
     return train_supervised(cfg, run, data, model, data if data.eval else None)
 
 
-def initial_state(cfg: SFTRunConfig | RMRunConfig | DPORunConfig) -> dict:
+def initial_state(
+    cfg: SFTRunConfig | RMRunConfig | DPORunConfig | RejectionSamplingRunConfig,
+) -> dict:
     """HF-format initial weights: the ``init`` checkpoint, or seeded random weights (the
     same in every layout, as PPO's random actor)."""
     if cfg.init:

@@ -104,6 +104,8 @@ def train_supervised(
                 prepare(batches)
             result = model.train_step(batches, loss_fn)
             metrics = {**result.metrics, "lr": result.lr, "grad_norm": result.grad_norm or 0.0}
+            if hasattr(data, "step_metrics"):  # a source that samples: what it sampled
+                metrics.update(data.step_metrics())
             last = step + 1 == t.steps
             if eval_mbs and (last or (t.eval_interval and (step + 1) % t.eval_interval == 0)):
                 if prepare is not None:
