@@ -3,7 +3,7 @@
 #   make test   - style checks + the test suite
 #   make demo-pipeline - SFT -> reward model -> PPO -> eval on the tiny model, CPU
 #   make bench  - kernels, generation, PPO, reward-model and SFT benchmarks against their
-#                 baselines
+#                 baselines, DPO against TRL's DPOTrainer (installed by tools/install_trl.sh)
 VENV      ?= .venv
 PY        := $(VENV)/bin/python
 TORCH_PIN ?= torch==2.13.0
@@ -50,6 +50,8 @@ bench: $(STAMP)
 	$(PY) tools/bench_ppo.py --repeat 2 --plot docs/bench_ppo.png
 	$(PY) tools/bench_rm.py
 	$(PY) tools/bench_sft.py
+	bash tools/install_trl.sh
+	$(PY) tools/bench_dpo.py
 
 clean:
 	rm -rf build *.egg-info hpc_rlhf/_C*.so

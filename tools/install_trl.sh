@@ -8,7 +8,7 @@
 #   PYTHONPATH=tools/.peer-packages .venv/bin/python tools/trl_dpo_peer.py   # self-check
 #
 # Versions: TRL 1.16.0 (the newest at the time of writing) works with the venv's torch 2.13
-# (CPU), transformers 5.24.0 and datasets 5.2.0; its other requirements (datasets, pandas,
+# (CPU), transformers 5.25.0 and datasets 5.2.0; its other requirements (datasets, pandas,
 # pyarrow, jinja2, pyyaml, numpy, huggingface_hub, transformers) are already in the venv, so
 # only these are added, each with --no-deps so that pip resolves nothing against the venv:
 #   accelerate  (TRL and transformers' Trainer need it)
