@@ -898,7 +898,7 @@ def check_sequence_fits(cfg: Any, prompt_section: str = "data") -> None:
         cfg.model,
         cfg.parallel.tensor_model_parallel_size,
         engine.block_size,
-        cfg.model.torch_dtype,
+        engine.kv_dtype(cfg.model.torch_dtype),
     )
     try:
         require_capacity(shape, engine, longest)

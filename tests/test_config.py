@@ -36,6 +36,7 @@ def test_yaml_and_overrides_build_a_frozen_tree(tmp_path):
 
 WORLD_SIZES = {  # the cluster each shipped config is written for
     "ppo_tiny_cpu.yaml": 4,
+    "ppo_tiny_cpu_bf16.yaml": 4,
     "ppo_llama2_7b_a100_2x8.yaml": 16,
     "ppo_lag_llama2_7b_a100_2x8.yaml": 16,
     "ppo_llama2_13b_h100_2x8.yaml": 16,
@@ -189,6 +190,7 @@ def test_generation_section_reaches_every_engine_setting(tmp_path):
         "generation.engine.attention_backend=flash_attn",
         "generation.engine.cuda_graphs=true",
         "generation.engine.keep_cache=true",
+        "generation.engine.cache_dtype=fp32",
     ]
     engine = load_config(path, overrides, PPORunConfig).generation.engine
     assert isinstance(engine, GenerationConfig)
@@ -208,6 +210,8 @@ def test_generation_section_reaches_every_engine_setting(tmp_path):
         load_config(path, ["generation.engine.attention_backend=xformers"], PPORunConfig)
     with pytest.raises(ConfigError, match="generation.engine.block_size must be >= 1"):
         load_config(path, ["generation.engine.block_size=0"], PPORunConfig)
+    with pytest.raises(ConfigError, match="generation.engine.cache_dtype='fp8'"):
+        load_config(path, ["generation.engine.cache_dtype=fp8"], PPORunConfig)
 
 
 # ----------------------------------------------------------------------------- value ranges

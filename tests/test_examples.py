@@ -76,6 +76,36 @@ def test_tiny_cpu_launch_script_runs_ppo_end_to_end(tmp_path):
     assert "Unknown MLP type" not in result.stdout + result.stderr
 
 
+def test_bf16_demo_config_learns_and_exports_bf16(tmp_path):
+    """``ppo_tiny_cpu_bf16.yaml`` (bf16 mixed precision, sequence parallelism, distributed
+    optimizer, bf16 KV cache) at its 4 processes: the reward rises as the fp32 demo's does
+    (measured over 8 steps: 0.0029 -> 0.0488; fp32 0.0029 -> 0.0498) and the HF export is
+    bf16 safetensors with a bf16 config."""
+    from safetensors import safe_open
+
+    hf = tmp_path / "hf"
+    result = torchrun_cli(
+        "ppo",
+        "examples/configs/ppo_tiny_cpu_bf16.yaml",
+        "--out-dir",
+        str(tmp_path / "out"),
+        f"ppo.steps={PPO_STEPS}",
+        f"ppo.hf_export_dir={hf}",
+        nproc=4,
+    )
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    rewards = [r["reward_mean"] for r in read_jsonl(tmp_path / "out" / "metrics.jsonl")]
+    start, end = sum(rewards[:2]) / 2, sum(rewards[-2:]) / 2
+    assert end > start + 0.01, f"reward per step: {rewards}"
+    config = json.loads((hf / "config.json").read_text())
+    assert config["dtype"] == "bfloat16"
+    dtypes = set()
+    for path in hf.glob("*.safetensors"):
+        with safe_open(str(path), "pt") as tensors:
+            dtypes |= {tensors.get_tensor(k).dtype for k in tensors.keys()}
+    assert {str(d) for d in dtypes} == {"torch.bfloat16"}
+
+
 def _torchrun_cli(*overrides: str, nproc: int = 2) -> subprocess.CompletedProcess:
     return torchrun_cli("ppo", "examples/configs/ppo_tiny_cpu.yaml", *overrides, nproc=nproc)
 

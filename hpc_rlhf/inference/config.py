@@ -11,6 +11,8 @@ from dataclasses import dataclass
 import torch
 
 ATTENTION_BACKENDS = ("auto", "torch", "cpp", "flash_attn")
+# the KV cache's dtype: "auto" is the weights' (a bf16 model gets a bf16 cache)
+CACHE_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
 class EngineConfigError(ValueError):
@@ -47,6 +49,7 @@ class GenerationConfig:
     attention_backend: str = "auto"  # "auto" | "torch" | "cpp" | "flash_attn"
     cuda_graphs: bool = False  # capture decode steps (CUDA + flash-attn only)
     keep_cache: bool = False  # keep the KV pool allocated between generate() calls
+    cache_dtype: str = "auto"  # "auto" (the weights' dtype) | "fp32" | "bf16" | "fp16"
 
     def validate(self, prefix: str = "") -> None:
         """Raise ``EngineConfigError`` naming the key (``prefix`` + field) of a bad value."""
@@ -54,6 +57,11 @@ class GenerationConfig:
             raise EngineConfigError(
                 f"{prefix}attention_backend={self.attention_backend!r}: expected one of "
                 f"{ATTENTION_BACKENDS}"
+            )
+        if self.cache_dtype != "auto" and self.cache_dtype not in CACHE_DTYPES:
+            raise EngineConfigError(
+                f"{prefix}cache_dtype={self.cache_dtype!r}: expected 'auto' or one of "
+                f"{tuple(CACHE_DTYPES)}"
             )
         positive = (
             "cache_budget_bytes",
@@ -63,6 +71,10 @@ class GenerationConfig:
             "max_prefill_tokens",
         )
         require_at_least(self, prefix, positive, 1)
+
+    def kv_dtype(self, weights_dtype: torch.dtype) -> torch.dtype:
+        """The KV cache's dtype for a model whose weights are ``weights_dtype``."""
+        return weights_dtype if self.cache_dtype == "auto" else CACHE_DTYPES[self.cache_dtype]
 
 
 # ----------------------------------------------------------------------------- pool geometry

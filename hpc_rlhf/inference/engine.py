@@ -89,8 +89,9 @@ class GenerationEngine:
         self.comm = TPComm(state.tp_group, state.tp_size, state.tp_rank)
         self.device = next(self.chunks[0].parameters()).device
         self.dtype = next(self.chunks[0].parameters()).dtype
+        self.kv_dtype = self.config.kv_dtype(self.dtype)
         self.backend = attn.select_backend(
-            self.config.attention_backend, self.device, self.config.block_size, self.dtype
+            self.config.attention_backend, self.device, self.config.block_size, self.kv_dtype
         )
         if self.config.cuda_graphs and (self.device.type != "cuda" or self.backend != "flash_attn"):
             raise RuntimeError(
@@ -98,7 +99,7 @@ class GenerationEngine:
                 f"(device {self.device}, backend {self.backend})"
             )
         self.cache_shape = CacheShape.for_model(
-            model_cfg, state.tp_size, self.config.block_size, self.dtype
+            model_cfg, state.tp_size, self.config.block_size, self.kv_dtype
         )
         self.cache: PagedKVCache | None = None
         self.weights: GenerationWeights | None = None
@@ -296,8 +297,9 @@ class GenerationEngine:
         }.get(self.backend, attn.prefill_attention_torch)
 
         def attention(layer, q_THD, k_TGD, v_TGD):
+            q_THD, k_TGD, v_TGD = (t.to(self.kv_dtype) for t in (q_THD, k_TGD, v_TGD))
             cache.write(layer, rows, k_TGD, v_TGD)
-            return prefill_fn(q_THD, k_TGD, v_TGD, lens)
+            return prefill_fn(q_THD, k_TGD, v_TGD, lens).to(self.dtype)
 
         last_I = torch.tensor(lens, device=self.device).cumsum(0) - 1
         logits_IV = self._require_runner().forward(ids_T, pos_T, attention, last_I)
@@ -340,8 +342,9 @@ class GenerationEngine:
         }[self.backend]
 
         def attention(layer, q_BHD, k_BGD, v_BGD):
+            q_BHD, k_BGD, v_BGD = (t.to(self.kv_dtype) for t in (q_BHD, k_BGD, v_BGD))
             cache.write(layer, rows, k_BGD, v_BGD)
-            return decode_fn(q_BHD, cache.k_LN[layer], cache.v_LN[layer], meta)
+            return decode_fn(q_BHD, cache.k_LN[layer], cache.v_LN[layer], meta).to(self.dtype)
 
         if self.config.cuda_graphs:
             logits_BV = self._graph_decoder().run(ids_B, pos_B, blocks_B, offsets_B, meta)

@@ -165,9 +165,10 @@ def load_model_checkpoint_state(model, saved: Mapping) -> None:
             opt.load_parameter_state_from_dp_reshardable(param_state)
     model.scheduler.num_steps = 0  # megatron's loader adds the saved count to the current one
     model.scheduler.load_state_dict(saved["scheduler"])
-    # Megatron's optimizers keep fp32 main params: make the model params follow them.
-    if hasattr(model.optimizer, "reload_model_params"):
-        model.optimizer.reload_model_params()
+    # No reload_model_params() here: in megatron it copies the (bf16) model parameters INTO
+    # the fp32 main parameters, which would overwrite the main parameters just restored
+    # with their bf16 rounding and make a resumed bf16 run depart from the uninterrupted
+    # one. The saved chunks already hold the bf16 rounding of the saved main parameters.
 
 
 def _own_optimizer_state(model) -> None:
