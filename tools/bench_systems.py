@@ -30,6 +30,9 @@ LAGRANGIAN = {
 }
 
 
+TORCH_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
+
+
 class _FixedPrompts:
     """Stands in for the prompt dataset: always the benchmark's prompts."""
 
@@ -56,6 +59,7 @@ def ours_config(
     max_new: int,
     score_micro: int,
     algorithm: str = "ppo",
+    dtype: str = "fp32",
 ):
     from hpc_rlhf.config import PPORunConfig, config_from_dict
 
@@ -80,7 +84,8 @@ def ours_config(
                     "vocab_size",
                     "max_position_embeddings",
                 )
-            },
+            }
+            | {"params_dtype": dtype},
             "actor_init": os.path.join(workdir, "actor"),
             "actor_optimizer": {
                 "lr": s["actor_lr"],
@@ -127,6 +132,7 @@ def run_ours(
     micro_batch: int,
     score_micro: int,
     algorithm: str = "ppo",
+    dtype: str = "fp32",
 ) -> dict:
     """hpc_rlhf's PPO iteration (one process): ``PPOTrainer.iterate`` on the given prompts
     with the given response lengths, set up as every run is (``trainer.run.Run``)."""
@@ -134,7 +140,7 @@ def run_ours(
     from hpc_rlhf.trainer.run import Run, RunSettings
 
     cfg = ours_config(
-        workdir, len(prompts), mini_batch, micro_batch, max(lengths), score_micro, algorithm
+        workdir, len(prompts), mini_batch, micro_batch, max(lengths), score_micro, algorithm, dtype
     )
     run = Run(cfg, RunSettings.of(cfg.ppo), tokenizer=_BenchTokenizer())
     trainer = PPOTrainer(cfg, run.state, run.tokenizer, _FixedPrompts(prompts))
@@ -157,23 +163,31 @@ def run_ours(
 
 
 def run_baseline(
-    workdir: str, prompts, lengths, mini_batch: int, micro_batch: int, algorithm: str = "ppo"
+    workdir: str,
+    prompts,
+    lengths,
+    mini_batch: int,
+    micro_batch: int,
+    algorithm: str = "ppo",
+    dtype: str = "fp32",
 ) -> dict:
-    """The Safe-RLHF-style iteration on transformers models with the same weights."""
+    """The Safe-RLHF-style iteration on transformers models with the same weights (bf16:
+    every model in bf16, the trained ones with fp32 master weights, as ``--bf16``)."""
     from ppo_baseline import BaselinePPO
     from transformers import LlamaForCausalLM
 
     torch.manual_seed(0)
+    torch_dtype = TORCH_DTYPES[dtype]
     actor = LlamaForCausalLM.from_pretrained(
-        os.path.join(workdir, "actor"), attn_implementation="sdpa"
+        os.path.join(workdir, "actor"), attn_implementation="sdpa", dtype=torch_dtype
     )
     reference = LlamaForCausalLM.from_pretrained(
-        os.path.join(workdir, "actor"), attn_implementation="sdpa"
+        os.path.join(workdir, "actor"), attn_implementation="sdpa", dtype=torch_dtype
     ).eval()
-    reward, critic = _scorer_and_critic(os.path.join(workdir, "reward"))
+    reward, critic = _scorer_and_critic(os.path.join(workdir, "reward"), torch_dtype)
     cost, cost_critic = None, None
     if algorithm == "ppo_lag":
-        cost, cost_critic = _scorer_and_critic(os.path.join(workdir, "cost"))
+        cost, cost_critic = _scorer_and_critic(os.path.join(workdir, "cost"), torch_dtype)
     settings: dict = {**PPO_SETTINGS, "pad_id": PAD_ID, "eos_id": EOS_ID, "micro_batch": mini_batch}
     settings["lagrangian"] = LAGRANGIAN
     baseline = BaselinePPO(actor, reference, reward, critic, settings, cost, cost_critic)
@@ -188,7 +202,7 @@ def run_baseline(
     return report
 
 
-def _scorer_and_critic(path: str):
+def _scorer_and_critic(path: str, dtype: torch.dtype):
     """A frozen score model and a trained critic, both from the score-model checkpoint
     ``path`` (Safe-RLHF starts a critic from its reward / cost model)."""
     from ppo_baseline import ScoreModel
@@ -196,7 +210,9 @@ def _scorer_and_critic(path: str):
 
     models = []
     for _ in range(2):
-        hf = LlamaForSequenceClassification.from_pretrained(path, attn_implementation="sdpa")
+        hf = LlamaForSequenceClassification.from_pretrained(
+            path, attn_implementation="sdpa", dtype=dtype
+        )
         models.append(ScoreModel(hf.model, hf.score.weight.detach()))
     return models[0].eval(), models[1]
 

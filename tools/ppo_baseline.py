@@ -40,7 +40,9 @@ class ScoreModel(nn.Module):
     def __init__(self, llama_model: nn.Module, score_weight_1H: torch.Tensor):
         super().__init__()
         self.model = llama_model
-        self.score_head = nn.Linear(score_weight_1H.shape[1], 1, bias=False)
+        self.score_head = nn.Linear(
+            score_weight_1H.shape[1], 1, bias=False, dtype=score_weight_1H.dtype
+        )
         with torch.no_grad():
             self.score_head.weight.copy_(score_weight_1H)
 
@@ -49,6 +51,36 @@ class ScoreModel(nn.Module):
             input_ids=input_ids_BS, attention_mask=attention_mask_BS
         ).last_hidden_state
         return self.score_head(hidden_BSH).squeeze(-1)  # [B, S]
+
+
+class MasterWeightAdamW:
+    """AdamW over fp32 master copies of bf16 parameters, as DeepSpeed's bf16 optimizer that
+    Safe-RLHF's ``--bf16`` runs: the bf16 gradients are cast to fp32, the update is made on
+    the masters, and the weights are copied back in bf16."""
+
+    def __init__(self, params, lr: float):
+        self.params = [p for p in params if p.requires_grad]
+        self.masters = [p.detach().float().clone().requires_grad_(True) for p in self.params]
+        self.optimizer = torch.optim.AdamW(self.masters, lr=lr)
+
+    def zero_grad(self) -> None:
+        for p in self.params:
+            p.grad = None
+
+    @torch.no_grad()
+    def step(self) -> None:
+        for p, master in zip(self.params, self.masters):
+            master.grad = None if p.grad is None else p.grad.float()
+        self.optimizer.step()
+        for p, master in zip(self.params, self.masters):
+            p.copy_(master)
+
+
+def make_optimizer(model: nn.Module, lr: float):
+    """AdamW for an fp32 model; fp32 master weights for a bf16 one (mixed precision)."""
+    if next(model.parameters()).dtype == torch.float32:
+        return torch.optim.AdamW(model.parameters(), lr=lr)
+    return MasterWeightAdamW(model.parameters(), lr)
 
 
 class ForcedStop:
@@ -98,7 +130,7 @@ class BaselinePPO:
         self.actor, self.reference, self.reward, self.critic = actor, reference, reward, critic
         self.cost, self.cost_critic = cost, cost_critic
         self.s = settings
-        self.actor_opt = torch.optim.AdamW(actor.parameters(), lr=settings["actor_lr"])
+        self.actor_opt = make_optimizer(actor, settings["actor_lr"])
         # (critic, its optimizer, the experience keys of its values and returns), in order
         self.critics = [(critic, self._critic_opt(critic), "values", "ret")]
         self.constrained = cost is not None
@@ -111,8 +143,8 @@ class BaselinePPO:
             self.lambda_opt = torch.optim.SGD([self.log_lambda], lr=lag["lambda_lr"])
             self.episode_costs: deque[float] = deque(maxlen=lag["episode_cost_window_size"])
 
-    def _critic_opt(self, critic) -> torch.optim.Optimizer:
-        return torch.optim.AdamW(critic.parameters(), lr=self.s["critic_lr"])
+    def _critic_opt(self, critic):
+        return make_optimizer(critic, self.s["critic_lr"])
 
     def generate(self, prompts: list[list[int]], lengths: list[int]):
         """Left-pad the prompts (as Safe-RLHF's prompt collator) and sample."""
