@@ -88,17 +88,7 @@ def online_pairs(cfg: DPORunConfig, run: Run, policy) -> OnlinePairs:
         truncation_side=s.truncation_side,
         vocab_size=cfg.model.vocab_size,
     )
-    sampler = PolicySampler(
-        policy,
-        cfg.model,
-        cfg.generation,
-        cfg.reward,
-        cfg.parallel,
-        run.state,
-        run.tokenizer,
-        t.pack_sequences,
-        t.micro_batch_size_per_rank * s.samples_per_prompt,
-    )
+    sampler = PolicySampler.for_run(cfg, run, policy, s.samples_per_prompt)
     return OnlinePairs(sampler, prompts, s.samples_per_prompt, t.seed)
 
 

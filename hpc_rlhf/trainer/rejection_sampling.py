@@ -175,17 +175,7 @@ def run_rejection_sampling(
     prompts = prompts_from_config(
         cfg.data, run.tokenizer, cfg.model.vocab_size, t.seed, cfg.data.shuffle
     )
-    sampler = PolicySampler(
-        policy,
-        cfg.model,
-        cfg.generation,
-        cfg.reward,
-        cfg.parallel,
-        run.state,
-        run.tokenizer,
-        t.pack_sequences,
-        t.micro_batch_size_per_rank * cfg.rs.samples_per_prompt,
-    )
+    sampler = PolicySampler.for_run(cfg, run, policy, cfg.rs.samples_per_prompt)
     kept_dir = os.path.join(t.save_dir or out_dir or "outputs/rejection_sampling", "kept")
     source = KeptSamples(cfg, sampler, prompts, kept_dir)
     return train_supervised(cfg, run, source, policy)

@@ -79,6 +79,24 @@ class PolicySampler:
         self.score_micro_batch = score_micro_batch
         self.version = 0
 
+    @classmethod
+    def for_run(cls, cfg, run, policy: TrainableModel, samples_per_prompt: int) -> PolicySampler:
+        """The sampler of a supervised-loop run ``cfg`` (its ``model``, ``generation``,
+        ``reward``, ``parallel`` and ``train`` sections) over ``policy``; rewards are scored
+        in micro-batches of a training micro-batch's prompts' samples."""
+        t = cfg.train
+        return cls(
+            policy,
+            cfg.model,
+            cfg.generation,
+            cfg.reward,
+            cfg.parallel,
+            run.state,
+            run.tokenizer,
+            t.pack_sequences,
+            t.micro_batch_size_per_rank * samples_per_prompt,
+        )
+
     def sample(
         self, prompt_ids: list[list[int]], n: int, seed: int
     ) -> tuple[Rollout, torch.Tensor]:

@@ -22,16 +22,9 @@ import torch
 
 from hpc_rlhf.config import DPORunConfig, config_from_dict
 from tests.dist import run_world
+from tests.trainer.tiny import TINY_MODEL
 
-MODEL = {
-    "num_layers": 2,
-    "hidden_size": 64,
-    "num_attention_heads": 4,
-    "num_query_groups": 2,
-    "ffn_hidden_size": 176,
-    "vocab_size": 512,
-    "max_position_embeddings": 256,
-}
+MODEL = dict(TINY_MODEL)
 
 
 def make_cfg(parallel: dict | None = None, dpo: dict | None = None, **train) -> DPORunConfig:

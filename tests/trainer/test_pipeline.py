@@ -11,16 +11,9 @@ import os
 import pytest
 
 from hpc_rlhf.config import ConfigError, PipelineConfig, config_from_dict
+from tests.trainer.tiny import TINY_MODEL
 
-MODEL = {
-    "num_layers": 2,
-    "hidden_size": 64,
-    "num_attention_heads": 4,
-    "num_query_groups": 2,
-    "ffn_hidden_size": 176,
-    "vocab_size": 512,
-    "max_position_embeddings": 128,
-}
+MODEL = {**TINY_MODEL, "max_position_embeddings": 128}
 TRAIN = {"steps": 3, "micro_batch_size_per_rank": 2, "global_batch_size": 4}
 
 

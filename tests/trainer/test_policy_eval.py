@@ -13,16 +13,9 @@ import pytest
 import torch
 
 from hpc_rlhf.config import EvalRunConfig, config_from_dict
+from tests.trainer.tiny import TINY_MODEL
 
-MODEL = {
-    "num_layers": 2,
-    "hidden_size": 64,
-    "num_attention_heads": 4,
-    "num_query_groups": 2,
-    "ffn_hidden_size": 176,
-    "vocab_size": 512,
-    "max_position_embeddings": 128,
-}
+MODEL = {**TINY_MODEL, "max_position_embeddings": 128}
 
 
 def _write_models(root: str) -> dict[str, str]:

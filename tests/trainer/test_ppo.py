@@ -17,17 +17,10 @@ import torch
 
 from hpc_rlhf.config import PPORunConfig, config_from_dict
 from tests.dist import run_world
+from tests.trainer.tiny import TINY_MODEL
 
 BASE = {
-    "model": {
-        "num_layers": 2,
-        "hidden_size": 64,
-        "num_attention_heads": 4,
-        "num_query_groups": 2,
-        "ffn_hidden_size": 176,
-        "vocab_size": 512,
-        "max_position_embeddings": 256,
-    },
+    "model": dict(TINY_MODEL),
     "actor_optimizer": {"lr": 2e-2, "lr_decay_style": "constant"},
     "critic_optimizer": {"lr": 5e-3, "lr_decay_style": "constant"},
     "ppo": {

@@ -15,6 +15,7 @@ import pytest
 from hpc_rlhf.config import ConfigError, RejectionSamplingRunConfig, config_from_dict
 from hpc_rlhf.trainer.rejection_sampling import keep
 from tests.dist import run_world
+from tests.trainer.tiny import TINY_MODEL
 
 ID_RANGE = "hpc_rlhf.algorithms.rule_rewards:id_range_fraction"
 
@@ -22,15 +23,7 @@ ID_RANGE = "hpc_rlhf.algorithms.rule_rewards:id_range_fraction"
 def make_cfg(parallel: dict | None = None, rs: dict | None = None, **train):
     return config_from_dict(
         {
-            "model": {
-                "num_layers": 2,
-                "hidden_size": 64,
-                "num_attention_heads": 4,
-                "num_query_groups": 2,
-                "ffn_hidden_size": 176,
-                "vocab_size": 512,
-                "max_position_embeddings": 256,
-            },
+            "model": dict(TINY_MODEL),
             "parallel": parallel or {},
             "optimizer": {"lr": 1e-2, "lr_decay_style": "constant"},
             "train": {
