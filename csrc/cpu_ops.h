@@ -52,6 +52,40 @@ static inline __attribute__((always_inline)) float fast_exp(float x) {
   return x < -87.0f ? 0.0f : y;
 }
 
+// bf16 storage with fp32 math: a bf16 value is held as its 16 bits (uint16_t) and widened
+// or rounded (to nearest even; NaN stays a quiet NaN) with integer ops, so that templated
+// `#pragma omp simd` loops over float or bf16 rows vectorise alike.
+static inline __attribute__((always_inline)) float load_f32(float x) { return x; }
+static inline __attribute__((always_inline)) float load_f32(uint16_t h) {
+  const uint32_t bits = uint32_t{h} << 16;
+  float f;
+  std::memcpy(&f, &bits, 4);
+  return f;
+}
+static inline __attribute__((always_inline)) void store_f32(float& out, float x) { out = x; }
+static inline __attribute__((always_inline)) void store_f32(uint16_t& out, float x) {
+  uint32_t bits;
+  std::memcpy(&bits, &x, 4);
+  bits += 0x7FFFu + ((bits >> 16) & 1u);
+  out = x != x ? uint16_t{0x7FC0} : uint16_t(bits >> 16);
+}
+
+// The element pointer of an fp32 (float) or bf16 (uint16_t bits) tensor.
+template <typename T>
+inline T* elements(const at::Tensor& t) {
+  return reinterpret_cast<T*>(t.data_ptr());
+}
+
+// Call f(float{}) for an fp32 tensor and f(uint16_t{}) for a bf16 one (the element type
+// the kernel's rows are instantiated for); anything else is refused, naming `op`.
+template <typename F>
+inline auto dispatch_fp32_bf16(const at::Tensor& t, const char* op, F&& f) {
+  if (t.scalar_type() == at::kBFloat16) return f(uint16_t{});
+  TORCH_CHECK(t.scalar_type() == at::kFloat, op, " (cpp): expected an fp32 or bf16 tensor, got ",
+              t.scalar_type());
+  return f(float{});
+}
+
 inline void check_cpu(const at::Tensor& t, const char* name) {
   TORCH_CHECK(t.device().is_cpu(), name, " must be a CPU tensor");
   TORCH_CHECK(t.is_contiguous(), name, " must be contiguous");

@@ -5,23 +5,24 @@
 // out[d] = t[d] cos[p, d] + rot(t)[d] sin[p, d], rot(t) = [-t[h:], t[:h]] (h = D / 2), with
 // p = pos[s] the position of sequence index s. The transpose (the gradient) is
 // g[j] cos[p, j] + g[j + h] sin[p, j + h] for j < h and g[j] cos[p, j] - g[j - h] sin[p, j - h]
-// above.
+// above. t and the result are fp32 or bf16 (fp32 math, fp32 tables).
 #include "cpu_ops.h"
 
 namespace hpc_rlhf {
 namespace {
 
-HPC_SIMD_CLONES void rope_row(const float* x, const float* c, const float* s, int64_t half,
-                              bool transpose, float* out) {
+template <typename T>
+HPC_SIMD_CLONES void rope_row(const T* x, const float* c, const float* s, int64_t half,
+                              bool transpose, T* out) {
   const float sign = transpose ? -1.0f : 1.0f;
   // transpose: the sin factor comes from the partner's column, with the opposite sign
   const float* s_lo = transpose ? s + half : s;
   const float* s_hi = transpose ? s : s + half;
 #pragma omp simd
   for (int64_t j = 0; j < half; ++j) {
-    const float lo = x[j], hi = x[j + half];
-    out[j] = lo * c[j] - sign * hi * s_lo[j];
-    out[j + half] = hi * c[j + half] + sign * lo * s_hi[j];
+    const float lo = load_f32(x[j]), hi = load_f32(x[j + half]);
+    store_f32(out[j], lo * c[j] - sign * hi * s_lo[j]);
+    store_f32(out[j + half], hi * c[j + half] + sign * lo * s_hi[j]);
   }
 }
 
@@ -29,9 +30,8 @@ HPC_SIMD_CLONES void rope_row(const float* x, const float* c, const float* s, in
 
 at::Tensor rope_cpu(const at::Tensor& t, const at::Tensor& cos, const at::Tensor& sin,
                     const at::Tensor& pos, bool transpose) {
-  TORCH_CHECK(t.device().is_cpu() && t.scalar_type() == at::kFloat && t.dim() == 4 &&
-                  t.stride(3) == 1,
-              "rope (cpp): t must be an fp32 CPU tensor [S, B, H, D] with a contiguous last dim");
+  TORCH_CHECK(t.device().is_cpu() && t.dim() == 4 && t.stride(3) == 1,
+              "rope (cpp): t must be a CPU tensor [S, B, H, D] with a contiguous last dim");
   check_cpu(cos, "cos");
   check_cpu(sin, "sin");
   check_cpu(pos, "pos");
@@ -49,17 +49,20 @@ at::Tensor rope_cpu(const at::Tensor& t, const at::Tensor& cos, const at::Tensor
                 "-row table");
   }
   at::Tensor out = at::empty({S, B, H, D}, t.options());
-  const float* tp = t.data_ptr<float>();
   const float *cp = cos.data_ptr<float>(), *sp = sin.data_ptr<float>();
-  float* op = out.data_ptr<float>();
   const int64_t rows = S * B * H, st0 = t.stride(0), st1 = t.stride(1), st2 = t.stride(2);
+  dispatch_fp32_bf16(t, "rope", [&](auto zero) {
+    using T = decltype(zero);
+    const T* tp = elements<const T>(t);
+    T* op = elements<T>(out);
 #pragma omp parallel for schedule(static) num_threads(at::get_num_threads()) \
     if (rows * D >= kParallelMinWork)
-  for (int64_t r = 0; r < rows; ++r) {
-    const int64_t s = r / (B * H), b = (r / H) % B, h = r % H;
-    rope_row(tp + s * st0 + b * st1 + h * st2, cp + pp[s] * D, sp + pp[s] * D, D / 2, transpose,
-             op + r * D);
-  }
+    for (int64_t r = 0; r < rows; ++r) {
+      const int64_t s = r / (B * H), b = (r / H) % B, h = r % H;
+      rope_row(tp + s * st0 + b * st1 + h * st2, cp + pp[s] * D, sp + pp[s] * D, D / 2,
+               transpose, op + r * D);
+    }
+  });
   return out;
 }
 

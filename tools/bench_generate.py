@@ -1,19 +1,22 @@
 """Generation throughput: the colocated engine vs ``transformers`` ``generate`` (same run).
 
-Both use the same random Llama weights (fp32), the same prompts and the same sampling
-settings, and produce exactly ``--new-tokens`` tokens per prompt (no stop token). HF runs in
+Both use the same random Llama weights (fp32, or both bf16 with ``--dtype bf16``: the engine
+then keeps a bf16 KV cache unless ``--cache-dtype fp32``), the same prompts and the same
+sampling settings, and produce exactly ``--new-tokens`` tokens per prompt (no stop token). HF runs in
 batches of ``--hf-batch-size`` with left padding and its default KV cache (prompts sorted by
 length first, which helps it). Prints tokens/s of both, their ratio, the machine's measured
-fp32 matmul rate and the engine's share of it (model FLOPs = 2 x matmul params x tokens,
+matmul rate in the run's dtype (and fp32's) and the engine's share of it (model FLOPs = 2 x matmul params x tokens,
 LM head only where logits are computed, plus attention).
 
     python tools/bench_generate.py              # 64 prompts of 32-256 tokens, 256 new tokens
     python tools/bench_generate.py --quick      # a short smoke run
+    python tools/bench_generate.py --dtype bf16 # bf16 weights and KV cache, both systems
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import os
 import resource
 import sys
@@ -26,6 +29,8 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 from bench_common import BENCH_MODEL, cpu_model, matmul_gflops  # noqa: E402
+
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 
 from hpc_rlhf.config import ParallelConfig  # noqa: E402
 
@@ -51,6 +56,13 @@ def parse_args() -> argparse.Namespace:
         "(the machine may be shared: load changes between runs skew a single ratio)",
     )
     p.add_argument("--quick", action="store_true", help="8 prompts, 32 new tokens")
+    p.add_argument("--dtype", choices=list(DTYPES), default="fp32", help="weights, both systems")
+    p.add_argument(
+        "--cache-dtype",
+        choices=["auto", *DTYPES],
+        default="auto",
+        help="the engine's KV cache (auto: the weights' dtype)",
+    )
     args = p.parse_args()
     if args.quick:
         args.prompts, args.new_tokens = min(args.prompts, 8), min(args.new_tokens, 32)
@@ -65,7 +77,7 @@ def make_prompts(args) -> list[list[int]]:
     ]
 
 
-def hf_model():
+def hf_model(dtype: torch.dtype):
     from transformers import LlamaConfig, LlamaForCausalLM
 
     from hpc_rlhf.models.hf_config import hf_config_from_model
@@ -73,7 +85,7 @@ def hf_model():
     cfg = LlamaConfig(**{**hf_config_from_model(BENCH_MODEL), "attn_implementation": "eager"})
     cfg.pad_token_id, cfg.eos_token_id, cfg.bos_token_id = 0, None, None
     torch.manual_seed(0)
-    return LlamaForCausalLM(cfg).eval()
+    return LlamaForCausalLM(cfg).eval().to(dtype)
 
 
 def run_hf(model, prompts, args) -> float:
@@ -101,7 +113,7 @@ def run_hf(model, prompts, args) -> float:
     return time.perf_counter() - t0
 
 
-def init_single_rank():
+def init_single_rank(model_cfg):
     """A one-rank gloo world, megatron groups and the actor loaded with the HF weights."""
     import torch.distributed as dist
 
@@ -110,7 +122,7 @@ def init_single_rank():
     os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
     os.environ.setdefault("MASTER_PORT", "29533")
     dist.init_process_group("gloo", rank=0, world_size=1)
-    return initialize_parallel(ParallelConfig(), BENCH_MODEL)
+    return initialize_parallel(ParallelConfig(), model_cfg)
 
 
 def engine_flops(stats_prompts: list[int], new_tokens: int) -> float:
@@ -141,7 +153,7 @@ def report(args, prompts, engine, gflops, t_engine, t_hf, total_new) -> None:
     print(
         f"engine: {t_engine:.2f} s, {total_new / t_engine:.1f} tokens/s, "
         f"{flops / t_engine / 1e9:.1f} GFLOP/s = {100 * flops / t_engine / 1e9 / gflops:.0f}% of "
-        f"the matmul rate ({flops / 1e12:.3f} TFLOP); prefill {s.prefill_tokens} tokens in "
+        f"the {args.dtype} matmul rate ({flops / 1e12:.3f} TFLOP); prefill {s.prefill_tokens} tokens in "
         f"{s.prefill_batches} batches, {s.decode_steps} decode steps, {s.preemptions} "
         f"preemptions, peak {s.peak_blocks} KV blocks (counters summed over runs)"
     )
@@ -161,17 +173,24 @@ def main() -> None:
     from hpc_rlhf.trainer.trainable_model import TrainableModel
 
     prompts = make_prompts(args)
-    gflops = matmul_gflops()
+    dtype = DTYPES[args.dtype]
+    gflops = matmul_gflops(dtype=dtype)
     print(
-        f"machine: {cpu_model()}; fp32 torch.mm 1024^3 = {gflops:.1f} GFLOP/s, "
-        f"{torch.get_num_threads()} threads"
+        f"machine: {cpu_model()}; torch.mm 1024^3 = {matmul_gflops():.1f} GFLOP/s fp32, "
+        f"{matmul_gflops(dtype=torch.bfloat16):.1f} bf16; {torch.get_num_threads()} threads; "
+        f"this run: {args.dtype} weights, KV cache {args.cache_dtype}"
     )
-    model = hf_model()
-    state = init_single_rank()
-    actor = TrainableModel(BENCH_MODEL, None, state, "actor")
+    model_cfg = dataclasses.replace(BENCH_MODEL, params_dtype=args.dtype)
+    model = hf_model(dtype)
+    state = init_single_rank(model_cfg)
+    actor = TrainableModel(model_cfg, None, state, "actor")
     actor.load_hf_state({n: t.detach().clone() for n, t in model.state_dict().items()})
-    config = GenerationConfig(block_size=args.block_size, cache_budget_bytes=args.cache_mb * 2**20)
-    engine = GenerationEngine(actor, BENCH_MODEL, state, config)
+    config = GenerationConfig(
+        block_size=args.block_size,
+        cache_budget_bytes=args.cache_mb * 2**20,
+        cache_dtype=args.cache_dtype,
+    )
+    engine = GenerationEngine(actor, model_cfg, state, config)
     engine.sync_weights(0)
     sampling = SamplingParams(
         temperature=args.temperature,

@@ -34,6 +34,8 @@ import statistics
 import subprocess
 import sys
 import time
+from collections.abc import Callable
+from functools import partial
 
 import torch
 
@@ -43,7 +45,17 @@ H100_BYTES_PER_S = 3.35e12
 # ----------------------------------------------------------------------------- workloads
 def _sizes(quick: bool) -> dict:
     if quick:
-        return {"N": 512, "V": 32000, "B": 16, "T": 256, "LB": 64, "LT": 512, "SEG": [40, 90]}
+        return {
+            "N": 512,
+            "V": 32000,
+            "B": 16,
+            "T": 256,
+            "LB": 64,
+            "LT": 512,
+            "SEG": [40, 90],
+            "F": 1408,
+            "H": 8,
+        }
     # SEG: segment lengths of one packed row (8 heads of 64), a training micro-batch's spread
     return {
         "N": 4096,
@@ -53,6 +65,8 @@ def _sizes(quick: bool) -> dict:
         "LB": 256,
         "LT": 2048,
         "SEG": [300, 120, 384, 250],
+        "F": 1408,  # the benchmark model's FFN width (SwiGLU rows [N, 2F])
+        "H": 8,  # its heads (RoPE rows [N, 1, H, 64])
     }
 
 
@@ -144,6 +158,8 @@ def make_call(op: str, impl: str, mode: str, s: dict, device: str):
         return lambda: ops.masked_gae(r, v, mask, backend=impl)
     if op == "causal_attention":
         return _attention_call(impl, grad, s, device)
+    if op.startswith(("swiglu", "rope")):
+        return _elementwise_call(op, impl, grad, s, device)
     a, b, c, mask = _loss_inputs(s, device)
     x = a.clone().requires_grad_(grad)
 
@@ -162,6 +178,38 @@ def make_call(op: str, impl: str, mode: str, s: dict, device: str):
         return out
 
     return run_loss
+
+
+def _elementwise_call(op: str, impl: str, grad: bool, s: dict, device: str):
+    """SwiGLU over [N, 2F] rows or RoPE over [N, 1, H, 64] (an MLP's and an attention's
+    activations of one micro-batch) in fp32 or bf16; the eager baseline is each op's torch
+    reference (megatron-core's unfused formula)."""
+    from hpc_rlhf.ops.rope import rope, rope_reference
+    from hpc_rlhf.ops.swiglu import swiglu, swiglu_reference
+
+    dtype = torch.bfloat16 if op.endswith("bf16") else torch.float32
+    gen = torch.Generator().manual_seed(3)
+    fn: Callable[..., torch.Tensor]
+    if op.startswith("swiglu"):
+        x = torch.randn(s["N"], 2 * s["F"], generator=gen).to(dtype).to(device)
+        tables: tuple = ()
+        fn = swiglu_reference if impl == "eager" else partial(swiglu, backend=impl)
+    else:
+        x = torch.randn(s["N"], 1, s["H"], 64, generator=gen).to(dtype).to(device)
+        angles = torch.rand(s["N"], 64, generator=gen) * 6.0
+        pos = torch.arange(s["N"])
+        tables = (angles.cos().to(device), angles.sin().to(device), pos.to(device))
+        fn = rope_reference if impl == "eager" else partial(rope, backend=impl)
+    x.requires_grad_(grad)
+
+    def run():
+        out = fn(x, *tables)
+        if grad:
+            out.backward(torch.ones_like(out))
+            x.grad = None
+        return out
+
+    return run
 
 
 def _attention_call(impl: str, grad: bool, s: dict, device: str):
@@ -266,6 +314,13 @@ def floor_bytes(op: str, s: dict) -> dict[str, int] | None:
         return {"fwd": fwd, "fwd+bwd": fwd + 2 * nv * b + s["N"] * 16}
     if op == "masked_gae":
         return {"fwd": s["B"] * s["T"] * (4 + 4 + 1 + 4 + 4)}
+    if op.startswith(("swiglu", "rope")):
+        b = 2 if op.endswith("bf16") else 4
+        if op.startswith("swiglu"):  # x [N, 2F] in, out [N, F]; backward: x, g in, dx out
+            n = s["N"] * s["F"]
+            return {"fwd": 3 * n * b, "fwd+bwd": 3 * n * b + 5 * n * b}
+        n = s["N"] * s["H"] * 64  # t in, out; backward: g in, dt out (tables are small)
+        return {"fwd": 2 * n * b, "fwd+bwd": 4 * n * b}
     per = s["LB"] * s["LT"] * (4 * 3 + 1 + 4)  # three fp32 inputs, mask, dcoef
     return {"fwd": per, "fwd+bwd": per + s["LB"] * s["LT"] * 8}
 
@@ -277,8 +332,13 @@ PLAN = [
     ("ppo_policy_loss", ("fwd", "fwd+bwd"), 20),
     ("value_loss", ("fwd", "fwd+bwd"), 20),
     ("causal_attention", ("fwd", "fwd+bwd"), 10),
+    ("swiglu fp32", ("fwd", "fwd+bwd"), 10),
+    ("swiglu bf16", ("fwd", "fwd+bwd"), 10),
+    ("rope fp32", ("fwd", "fwd+bwd"), 10),
+    ("rope bf16", ("fwd", "fwd+bwd"), 10),
 ]
-OP_BACKENDS = {"causal_attention": ("cpp", "torch")}  # ops with a narrower backend set
+# ops with a narrower backend set
+OP_BACKENDS = {"causal_attention": ("cpp", "torch"), "rope": ("cpp", "torch")}
 
 
 def _fmt_mb(n: int) -> str:
@@ -322,7 +382,7 @@ def main() -> None:
         for mode in modes:
             print(f"\n== {op} [{mode}]")
             rows = {}
-            impls = [b for b in backends if b in OP_BACKENDS.get(op, backends)]
+            impls = [b for b in backends if b in OP_BACKENDS.get(op.split()[0], backends)]
             for impl in ["eager", *impls]:
                 t, t_min = time_call(make_call(op, impl, mode, s, device), device, reps)
                 mem = peak_memory(op, impl, mode, args.quick, device)

@@ -35,6 +35,7 @@ BACKENDS = ("torch", "cpp", "cuda", "triton")
 # auto's preference per device type, fastest first; any other device type takes the CPU order
 AUTO_ORDER = {"cuda": ("flash_attn", "cuda", "triton", "torch"), "cpu": ("cpp", "torch")}
 FP32 = (torch.float32,)
+FP32_BF16 = (torch.float32, torch.bfloat16)  # C++ kernels with bf16 storage, fp32 math
 _SHORT_DTYPE = {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}
 # what a backend runs on, completed by the dtypes a kernel takes (refusal messages)
 _RUNS_ON = {

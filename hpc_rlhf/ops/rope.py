@@ -7,9 +7,10 @@ every packed segment). Result ``[S, B, H, D]``:
 ``t * cos[pos] + rotate_half(t) * sin[pos]`` with ``rotate_half(t) = [-t[D/2:], t[:D/2]]``.
 
 Backends: ``"torch"`` (the reference, that formula; any dtype and device), ``"cpp"``
-(``csrc/rope_cpu.cpp``, fp32 CPU tensors: one pass over the rows forward and one backward,
-the backward being the same kernel transposed, nothing saved but the tables) and
-``"auto"``: ``cpp`` for fp32 CPU tensors when ``hpc_rlhf._C`` is built, else the reference
+(``csrc/rope_cpu.cpp``, fp32 or bf16 CPU tensors with fp32 math: one pass over the rows
+forward and one backward, the backward being the same kernel transposed, nothing saved but
+the tables) and ``"auto"``: ``cpp`` for fp32 / bf16 CPU tensors when ``hpc_rlhf._C`` is
+built, else the reference
 (``hpc_rlhf.ops._backend.resolve``).
 GPUs take the reference here; megatron's own fused RoPE (``apply_rope_fusion``, transformer-
 engine) serves them. ``parallel.cpu`` routes megatron-core's unfused RoPE through this op.
@@ -21,8 +22,8 @@ import torch
 
 from hpc_rlhf.ops import _backend
 
-# the backends of this op: the reference, and the C++ kernel for fp32 tensors
-ROPE_KERNELS = (_backend.TORCH, _backend.Kernel("cpp", dtypes=_backend.FP32))
+# the backends of this op: the reference, and the C++ kernel for fp32 and bf16 tensors
+ROPE_KERNELS = (_backend.TORCH, _backend.Kernel("cpp", dtypes=_backend.FP32_BF16))
 
 
 def rope_reference(

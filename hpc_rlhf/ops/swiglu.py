@@ -4,10 +4,11 @@ Shapes: ``x`` ``[..., 2F]`` (the fused fc1 output, gate half first, as megatron-
 it out), result ``[..., F]``.
 
 Backends: ``"torch"`` (the reference: chunk, silu, multiply; autograd through them),
-``"cpp"`` (hpc_rlhf._C, fp32 CPU tensors), ``"cuda"`` (csrc/swiglu.cu) and ``"triton"``
-(kernels/swiglu.py), the last two for fp32/bf16/fp16 with fp32 math. Every kernel makes one
-pass forward and one backward and saves only ``x``. ``"auto"``: on CUDA tensors ``cuda``,
-then ``triton``, then the reference; on CPU ``cpp`` for fp32, else the reference (see
+``"cpp"`` (hpc_rlhf._C, fp32 or bf16 CPU tensors), ``"cuda"`` (csrc/swiglu.cu) and
+``"triton"`` (hpc_rlhf/kernels/swiglu.py), the last two for fp32/bf16/fp16; every kernel
+does its math in fp32, makes one pass forward and one backward and saves only ``x``.
+``"auto"``: on CUDA tensors ``cuda``, then ``triton``, then the reference; on CPU ``cpp``
+for fp32 and bf16, else the reference (see
 ``hpc_rlhf.ops._backend``). The transformer-engine layer spec brings its own fused
 activation; the local spec's ``SwiGLUMLP`` uses this op.
 """
@@ -19,10 +20,10 @@ import torch.nn.functional as F
 
 from hpc_rlhf.ops import _backend
 
-# the C++ kernel takes fp32 only; the CUDA and Triton ones store any float dtype (fp32 math)
+# the C++ kernel stores fp32 or bf16, the CUDA and Triton ones any float dtype (fp32 math)
 SWIGLU_KERNELS = (
     _backend.TORCH,
-    _backend.Kernel("cpp", dtypes=_backend.FP32),
+    _backend.Kernel("cpp", dtypes=_backend.FP32_BF16),
     _backend.Kernel("cuda"),
     _backend.Kernel("triton"),
 )

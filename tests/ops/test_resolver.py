@@ -14,7 +14,7 @@ from hpc_rlhf.inference.attention import GENERATION_KERNELS, select_backend
 from hpc_rlhf.inference.config import ATTENTION_BACKENDS
 from hpc_rlhf.ops import _backend
 
-F32, BF16, F64 = torch.float32, torch.bfloat16, torch.float64
+F32, BF16, F16, F64 = torch.float32, torch.bfloat16, torch.float16, torch.float64
 CPU, CUDA, META = torch.device("cpu"), torch.device("cuda"), torch.device("meta")
 
 
@@ -71,12 +71,14 @@ AUTO = [
     ("generic", CUDA, F32, {}, {}, "torch"),
     ("generic", META, F32, {}, {}, "torch"),
     ("rope", CPU, F32, {}, {}, "cpp"),
-    ("rope", CPU, BF16, {}, {}, "torch"),
+    ("rope", CPU, BF16, {}, {}, "cpp"),  # bf16 storage, fp32 math
+    ("rope", CPU, F16, {}, {}, "torch"),
     ("rope", CPU, F64, {}, {}, "torch"),
     ("rope", CPU, F32, {}, {"ext": None}, "torch"),
     ("rope", CUDA, F32, {}, {"ext": "cuda", "triton": True}, "torch"),
     ("swiglu", CPU, F32, {}, {}, "cpp"),
-    ("swiglu", CPU, BF16, {}, {"triton": True, "interpret": True}, "torch"),
+    ("swiglu", CPU, BF16, {}, {"triton": True, "interpret": True}, "cpp"),
+    ("swiglu", CPU, F16, {}, {"triton": True, "interpret": True}, "torch"),
     ("swiglu", CPU, F32, {}, {"ext": None}, "torch"),
     ("swiglu", CUDA, BF16, {}, {"ext": "cuda", "triton": True}, "cuda"),
     ("swiglu", CUDA, F64, {}, {"triton": True}, "triton"),
@@ -121,10 +123,10 @@ REFUSED = [
     ("generic", "cuda", CPU, F32, {}, {}, RuntimeError, "built with CUDA and CUDA tensors"),
     ("generic", "triton", CPU, F32, {}, {"triton": True}, RuntimeError, "TRITON_INTERPRET=1"),
     ("generic", "triton", CUDA, F32, {}, {}, RuntimeError, "triton package"),
-    ("rope", "cpp", CPU, F64, {}, {}, RuntimeError, "fp32 CPU tensors, got torch.float64"),
+    ("rope", "cpp", CPU, F64, {}, {}, RuntimeError, "fp32 or bf16 CPU tensors, got torch.float64"),
     ("rope", "cpp", CUDA, F32, {}, {}, RuntimeError, "runs on CPU tensors"),
     ("rope", "cuda", CUDA, F32, {}, {"ext": "cuda"}, ValueError, "expected one of"),
-    ("swiglu", "cpp", CPU, BF16, {}, {}, RuntimeError, "needs hpc_rlhf._C and fp32 CPU"),
+    ("swiglu", "cpp", CPU, F16, {}, {}, RuntimeError, "needs hpc_rlhf._C and fp32 or bf16 CPU"),
     ("swiglu", "cuda", CPU, F32, {}, {}, RuntimeError, "backend 'cuda' needs"),
     ("causal", "cpp", CPU, F32, {"head_dim": 24}, {}, RuntimeError, "multiple of 16, got 24"),
     ("causal", "cpp", CPU, F32, {"dropout_p": 0.1}, {}, RuntimeError, "no attention dropout"),

@@ -53,6 +53,28 @@ def test_forward_and_gradient_match_float64(backend, strided):
 
 
 @pytest.mark.skipif(not HAVE_EXT, reason="hpc_rlhf._C not built")
+@pytest.mark.parametrize("strided", [False, True], ids=["contiguous", "view"])
+def test_bf16_kernel_rounds_the_fp32_result_once(strided):
+    """bf16 in and out, fp32 math inside: each output is the float64 result on the bf16
+    inputs rounded once to bf16 (relative error at most 2^-9, half a bf16 ulp; 2^-8 allowed
+    for the fp32 products before it), forward and backward (``auto`` picks the kernel)."""
+    S, B, H, D = 29, 2, 3, 32
+    gen = torch.Generator().manual_seed(3)
+    full = torch.randn(S, B, H + 1, D, generator=gen).bfloat16()
+    t = full[:, :, 1:] if strided else full[:, :, 1:].contiguous()
+    cos64, sin64 = _tables(40, D, seed=2)
+    pos = torch.randint(0, 40, (S,), generator=gen)
+    g = torch.randn(S, B, H, D, generator=gen).bfloat16()
+    want_out, want_grad = _oracle(t.float(), cos64.float().double(), sin64.float().double(), pos, g)
+    x = t.clone().requires_grad_(True)
+    out = rope(x, cos64.float(), sin64.float(), pos)
+    out.backward(g)
+    assert out.dtype == x.grad.dtype == torch.bfloat16
+    torch.testing.assert_close(out.double(), want_out, atol=1e-30, rtol=2**-8)
+    torch.testing.assert_close(x.grad.double(), want_grad, atol=1e-30, rtol=2**-8)
+
+
+@pytest.mark.skipif(not HAVE_EXT, reason="hpc_rlhf._C not built")
 def test_bad_inputs_raise():
     t = torch.randn(4, 1, 2, 8)
     cos, sin = (x.float() for x in _tables(6, 8))
@@ -62,7 +84,7 @@ def test_bad_inputs_raise():
         rope(t, cos, sin, torch.arange(3))
     with pytest.raises(ValueError, match="even D"):
         rope(torch.randn(4, 1, 2, 7), cos, sin, torch.arange(4))
-    with pytest.raises(RuntimeError, match="fp32 CPU tensors"):
+    with pytest.raises(RuntimeError, match="fp32 or bf16 CPU tensors"):
         rope(t.double(), cos, sin, torch.arange(4), backend="cpp")
 
 

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from hpc_rlhf.ops import _backend, swiglu
-from hpc_rlhf.ops.swiglu import swiglu_reference
+from hpc_rlhf.ops.swiglu import SWIGLU_KERNELS, swiglu_reference
 from tests.ops._common import BACKENDS as CPU_BACKENDS
 
 HAVE_EXT = _backend.extension() is not None
@@ -41,11 +41,13 @@ def test_forward_and_gradient_match_float64(backend, shape):
 
 
 @pytest.mark.skipif(not HAVE_EXT, reason="hpc_rlhf._C not built")
-def test_auto_picks_cpp_for_fp32_and_the_reference_for_bf16():
-    x = torch.randn(4, 10, dtype=torch.bfloat16)
-    torch.testing.assert_close(swiglu(x), swiglu_reference(x))  # auto -> torch for bf16
-    with pytest.raises(RuntimeError, match="needs hpc_rlhf._C and fp32 CPU tensors"):
+def test_auto_picks_cpp_for_fp32_and_bf16_and_the_reference_for_fp16():
+    x = torch.randn(4, 10, dtype=torch.float16)
+    torch.testing.assert_close(swiglu(x), swiglu_reference(x))  # auto -> torch for fp16
+    with pytest.raises(RuntimeError, match="needs hpc_rlhf._C and fp32 or bf16 CPU tensors"):
         swiglu(x, backend="cpp")
+    chosen = _backend.resolve("swiglu", "auto", x.device, SWIGLU_KERNELS, dtype=torch.bfloat16)
+    assert chosen == "cpp"
     with pytest.raises(ValueError, match="last dim of x must be even"):
         swiglu(torch.randn(3, 5))
     with pytest.raises(ValueError, match="expected one of"):
@@ -54,7 +56,26 @@ def test_auto_picks_cpp_for_fp32_and_the_reference_for_bf16():
         swiglu(torch.randn(3, 4), backend="cuda")
 
 
-@pytest.mark.parametrize("backend", [b for b in CPU_BACKENDS if b == "triton"])
+@pytest.mark.skipif(not HAVE_EXT, reason="hpc_rlhf._C not built")
+@pytest.mark.parametrize("shape", SHAPES, ids=str)
+def test_cpp_bf16_rounds_the_fp32_result_once(shape):
+    """The C++ kernel in bf16: every output and gradient is the float64 result on the bf16
+    inputs rounded once (relative error 2^-9; 2^-8 allowed for fast_exp and the fp32
+    products), the exp under/overflow edges included; ``auto`` picks it for bf16."""
+    gen = torch.Generator().manual_seed(sum(shape) + 1)
+    x = (torch.randn(shape, generator=gen) * 4.0).bfloat16()
+    x.view(-1)[: min(4, x.numel())] = torch.tensor([-95.0, 95.0, 0.0, -1e-3])[: min(4, x.numel())]
+    g = torch.randn(*shape[:-1], shape[-1] // 2, generator=gen).bfloat16()
+    want_out, want_grad = _oracle(x.float(), g.float())
+    xr = x.clone().requires_grad_(True)
+    out = swiglu(xr)
+    (out * g).sum().backward()
+    assert out.dtype == xr.grad.dtype == torch.bfloat16
+    torch.testing.assert_close(out.double(), want_out, atol=1e-30, rtol=2**-8)
+    torch.testing.assert_close(xr.grad.double(), want_grad, atol=1e-30, rtol=2**-8)
+
+
+@pytest.mark.parametrize("backend", [b for b in CPU_BACKENDS if b in ("triton", "cpp")])
 def test_low_precision_storage_with_fp32_math(backend):
     """bf16 in and out, fp32 inside: within bf16 rounding of the float64 result."""
     gen = torch.Generator().manual_seed(5)
