@@ -105,12 +105,14 @@ class _RopeTables:
 
 
 def _plain_rope(t: torch.Tensor, freqs: torch.Tensor, config, cp) -> bool:
-    """Whether ``ops.rope`` computes exactly what megatron's unfused RoPE would."""
+    """Whether ``ops.rope`` computes what megatron's unfused RoPE would: exactly in fp32; in
+    bf16 within its rounding (the kernel rounds each output once from fp32 math and fp32
+    tables, megatron's formula rounds the tables and each product in bf16)."""
     return (
         not config.apply_rope_fusion
         and not config.rotary_interleaved
         and not config.multi_latent_attention
-        and t.dtype == torch.float32
+        and t.dtype in (torch.float32, torch.bfloat16)
         and (cp is None or cp.size() == 1)
         and freqs.dim() == 4
         and freqs.shape[1:3] == (1, 1)
