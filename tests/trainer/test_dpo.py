@@ -16,6 +16,7 @@
 from __future__ import annotations
 
 import math
+import os
 
 import pytest
 import torch
@@ -330,6 +331,21 @@ def test_precomputed_reference_equals_the_per_step_pass_is_cached_and_resumes_ex
     for ours, theirs in zip(out["shifted"], whole):
         assert ours["rewards/chosen"] == pytest.approx(theirs["rewards/chosen"] - 0.2, abs=1e-5)
         assert ours["loss"] == pytest.approx(theirs["loss"], rel=1e-5)
+
+
+@pytest.mark.parametrize("preset", ["hh_rlhf", "pku_saferlhf", "ultrafeedback"])
+def test_dpo_trains_on_the_public_preference_layouts(preset):
+    """The reward model's data presets feed DPO unchanged (synthetic rows of each public
+    layout): the first step is log 2 (policy == reference on every pair) and the pairs'
+    chosen and rejected log-probs differ (two different responses were read)."""
+    fixture = os.path.join(os.path.dirname(__file__), "..", "data", "fixtures", f"{preset}.jsonl")
+    data = {"path": fixture, "preset": preset, "eval_fraction": 0.0}
+    cfg = make_cfg(
+        steps=2, global_batch_size=2, micro_batch_size_per_rank=1, eval_interval=0, data=data
+    )
+    (history,) = run_world(_runs, 1, [cfg])[0]
+    assert history[0]["loss"] == pytest.approx(math.log(2), abs=1e-6)
+    assert all(h["logps/chosen"] != h["logps/rejected"] for h in history)
 
 
 # ----------------------------------------------------------------------------- input errors
