@@ -206,8 +206,10 @@ def main(argv: list[str] | None = None) -> int:
         return args.func(args)
     except _user_errors() as err:
         report = user_error_report(err, int(os.environ.get("RANK", "0")))
-        if report:
-            print(report, file=sys.stderr)
+        if report:  # one write of the whole line: ranks share the pipe, and print()'s two
+            # writes (text, then newline) let another rank's line land in between
+            sys.stderr.write(report + "\n")
+            sys.stderr.flush()
         if os.environ.get("HPC_RLHF_TRACEBACK"):
             raise
         return 2
