@@ -99,18 +99,14 @@ def run_dpo(cfg: DPORunConfig, out_dir: str | None = None) -> list[dict[str, flo
     is_kto = d.loss == "kto"
     keys = kto.PROGRESS_KEYS if is_kto else ONLINE_PROGRESS_KEYS if d.online else PROGRESS_KEYS
     run = Run(cfg, RunSettings.of(t, "train"), out_dir, keys, cfg.data.tokenizer)
-    data: Any = None
+    offline = None  # the data set of offline training (online DPO samples its pairs)
     if not d.online:
-        data = (
-            kto.completion_data(cfg, run.tokenizer)
-            if is_kto
-            else preference_data(cfg, run.tokenizer)
-        )
-        require_eval_share(data, run.state.dp_size, "KTO" if is_kto else "preference")
+        read = kto.completion_data if is_kto else preference_data
+        offline = read(cfg, run.tokenizer)
+        require_eval_share(offline, run.state.dp_size, "KTO" if is_kto else "preference")
     init_state = initial_state(cfg)
     policy = build_trained_model(cfg, run, init_state)
-    if d.online:
-        data = online_pairs(cfg, run, policy)
+    data: Any = online_pairs(cfg, run, policy) if offline is None else offline
     reference_pass = None
     if not d.reference_free:
         reference = frozen_reference(cfg, run, init_state)
@@ -128,5 +124,5 @@ def run_dpo(cfg: DPORunConfig, out_dir: str | None = None) -> list[dict[str, flo
     else:
         prepare = reference_pass
         loss_fn = preference_loss_fn(d.loss, params, run.state.tp_group)
-    eval_data = data if getattr(data, "eval", None) else None
+    eval_data = offline if offline is not None and offline.eval else None
     return train_supervised(cfg, run, data, policy, eval_data, loss_fn, prepare)

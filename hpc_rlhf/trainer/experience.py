@@ -35,6 +35,13 @@ class Rollout:
     def __len__(self) -> int:
         return len(self.response_ids)
 
+    def rows_by_prompt(self, n_prompts: int) -> list[list[int]]:
+        """The sample rows answering each of this rank's ``n_prompts`` prompts, in order."""
+        rows: list[list[int]] = [[] for _ in range(n_prompts)]
+        for b, p in enumerate(self.prompt_index):
+            rows[p].append(b)
+        return rows
+
 
 @dataclass
 class ExperienceBatch:

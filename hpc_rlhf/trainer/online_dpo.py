@@ -20,7 +20,7 @@ import torch
 
 from hpc_rlhf.data.preference import PreferenceSample, collate_policy_preferences
 from hpc_rlhf.parallel.comm import group_sum
-from hpc_rlhf.trainer.self_sampling import PolicySampler
+from hpc_rlhf.trainer.self_sampling import PolicySampler, sampling_seed
 
 
 class OnlinePairs:
@@ -40,11 +40,12 @@ class OnlinePairs:
         per_step = n_micro * micro_batch_size * dp_size
         indices = self.prompts.step_indices(step, per_step, dp_rank, dp_size)
         prompt_ids = [self.prompts.token_ids[i] for i in indices]
-        seed = self.seed * 1_000_003 + step * 1009 + dp_rank
+        seed = sampling_seed(self.seed, step, dp_rank)
         rollout, score_B = self.sampler.sample(prompt_ids, self.n, seed)
         samples, chosen, rejected = [], [], []
-        for p, prompt in enumerate(prompt_ids):
-            rows = [b for b, i in enumerate(rollout.prompt_index) if i == p]
+        for p, (prompt, rows) in enumerate(
+            zip(prompt_ids, rollout.rows_by_prompt(len(prompt_ids)))
+        ):
             scores = score_B[rows]
             best, worst = rows[int(scores.argmax())], rows[int(scores.argmin())]
             sequences = [prompt + rollout.response_ids[b] for b in (best, worst)]

@@ -24,6 +24,7 @@ from hpc_rlhf.trainer.experience import Rollout, build_experience, generate_roll
 from hpc_rlhf.trainer.losses import calibrated_end_score_fn
 from hpc_rlhf.trainer.ppo_setup import load_score_model
 from hpc_rlhf.trainer.run import Run, RunSettings
+from hpc_rlhf.trainer.self_sampling import sampling_seed
 from hpc_rlhf.trainer.trainable_model import TrainableModel
 
 logger = logging.getLogger(__name__)
@@ -43,7 +44,7 @@ def _rollout(cfg: EvalRunConfig, run: Run, prompt_ids: list[list[int]], path: st
     policy.load_hf_state(load_hf_checkpoint_for(cfg.model, path))
     engine = GenerationEngine(policy, cfg.model, run.state, cfg.generation.engine)
     engine.sync_weights(0)
-    seed = cfg.eval.seed * 1_000_003 + run.state.dp_rank
+    seed = sampling_seed(cfg.eval.seed, 0, run.state.dp_rank)
     n = cfg.eval.samples_per_prompt
     return generate_rollout(engine, run.tokenizer, prompt_ids, cfg.generation, n, seed, 0)
 

@@ -50,7 +50,7 @@ from hpc_rlhf.trainer.losses import (
     values_fn,
 )
 from hpc_rlhf.trainer.score_sources import NonFiniteRewardError, load_rules_first
-from hpc_rlhf.trainer.self_sampling import infer_rows, score_rollout
+from hpc_rlhf.trainer.self_sampling import infer_rows, sampling_seed, score_rollout
 from hpc_rlhf.trainer.trainable_model import TrainableModel, is_max_metric
 
 logger = logging.getLogger(__name__)
@@ -169,7 +169,7 @@ class PPOTrainer:
 
         ``max_new_tokens`` optionally limits each prompt's responses (benchmarks replay
         fixed response lengths this way)."""
-        seed = self.cfg.ppo.seed * 1_000_003 + self.step_count * 1009 + self.state.dp_rank
+        seed = sampling_seed(self.cfg.ppo.seed, self.step_count, self.state.dp_rank)
         with self._training_memory_released():
             return generate_rollout(
                 self.engine,

@@ -31,7 +31,7 @@ from hpc_rlhf.data.sft import Sample, collate
 from hpc_rlhf.parallel.comm import all_gather_objects
 from hpc_rlhf.trainer.checkpoint_files import atomic_write_text
 from hpc_rlhf.trainer.run import Run, RunSettings
-from hpc_rlhf.trainer.self_sampling import PolicySampler
+from hpc_rlhf.trainer.self_sampling import PolicySampler, sampling_seed
 from hpc_rlhf.trainer.sft import initial_state
 from hpc_rlhf.trainer.supervised import build_trained_model, train_supervised
 
@@ -120,11 +120,10 @@ class KeptSamples:
         rs, tok = self.cfg.rs, self.sampler.tokenizer
         indices = self.prompts.step_indices(r, rs.prompts_per_round, dp_rank, dp_size)
         prompt_ids = [self.prompts.token_ids[i] for i in indices]
-        seed = self.cfg.train.seed * 1_000_003 + r * 1009 + dp_rank
+        seed = sampling_seed(self.cfg.train.seed, r, dp_rank)
         rollout, score_B = self.sampler.sample(prompt_ids, rs.samples_per_prompt, seed)
         mine = []
-        for p in range(len(prompt_ids)):
-            rows = [b for b, i in enumerate(rollout.prompt_index) if i == p]
+        for p, rows in enumerate(rollout.rows_by_prompt(len(prompt_ids))):
             scores = [float(score_B[b]) for b in rows]
             for k in keep(scores, rs.keep, rs.top_k, rs.threshold):
                 b = rows[k]

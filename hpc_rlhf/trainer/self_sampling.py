@@ -50,6 +50,12 @@ def score_rollout(
     return sources.combined(rollout, scores, tokenizer, dp_group, unsafe_B)
 
 
+def sampling_seed(seed: int, step: int, dp_rank: int) -> int:
+    """The generation seed of a step (or round) on one data-parallel rank: a run and its
+    resumed continuation sample alike, and ranks differ."""
+    return seed * 1_000_003 + step * 1009 + dp_rank
+
+
 class PolicySampler:
     """Generate and score with the policy being trained (see the module docstring)."""
 
