@@ -12,7 +12,7 @@ import pytest
 import torch
 import torch.distributed as dist
 
-from tests.dist import run_world
+from tests.dist import run_fresh_world, run_world
 from tests.ops._common import oracle_logprobs
 
 V = 1204  # 4 * 301: odd shards
@@ -97,7 +97,7 @@ def test_tp2_matches_single_process():
     from hpc_rlhf.ops import _backend
 
     backends = _backends() + (["triton"] if _backend.triton_installed() else [])
-    results = run_world(_worker, 2, backends, True)
+    results = run_fresh_world(_worker, 2, backends, True)  # TRITON_INTERPRET before imports
     assert {k[1] for k in results[0]} == set(backends)
     _check(results, world=2, tp=2)
 
