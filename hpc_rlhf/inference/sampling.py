@@ -88,9 +88,13 @@ def sequence_generator(seed: int, prompt_index: int, sample_index: int) -> torch
     return torch.Generator().manual_seed(mixed % (2**63 - 1))
 
 
-def draw_uniforms(generators: list[torch.Generator | None]) -> torch.Tensor:
-    """One uniform in [0, 1) per sequence, each from its own generator (float64) [B]."""
-    return torch.cat([torch.rand(1, generator=g, dtype=torch.float64) for g in generators])
+def draw_uniforms(
+    generators: list[torch.Generator | None], device: torch.device | None = None
+) -> torch.Tensor:
+    """One uniform in [0, 1) per sequence, each from its own (CPU) generator, float64 [B],
+    placed on ``device`` (the logits' device): the draws are the same on every device."""
+    u_B = torch.cat([torch.rand(1, generator=g, dtype=torch.float64) for g in generators])
+    return u_B if device is None else u_B.to(device)
 
 
 def candidate_distribution(
@@ -181,18 +185,18 @@ def sample_tokens(
     logits_BV = logits_BV.float()
     if params.greedy:
         tokens_B = logits_BV.argmax(dim=-1)
-        return tokens_B, token_logprobs(logits_BV, tokens_B), torch.zeros(len(tokens_B))
+        return tokens_B, token_logprobs(logits_BV, tokens_B), logits_BV.new_zeros(len(tokens_B))
     T = params.temperature
     scaled_BV = logits_BV if T == 1.0 else logits_BV / T
     truncated = (params.top_k and params.top_k < scaled_BV.shape[-1]) or params.top_p < 1.0
     if not truncated:  # sample from exp(x - max) directly: the policy is the sampling law
         max_B1 = scaled_BV.amax(dim=-1, keepdim=True)
         weights_BV = (scaled_BV - max_B1).exp_()
-        tokens_B = inverse_cdf(weights_BV, draw_uniforms(generators))
+        tokens_B = inverse_cdf(weights_BV, draw_uniforms(generators, logits_BV.device))
         logp_B = token_logprobs(scaled_BV, tokens_B)
         return tokens_B, logp_B, logp_B.clone()
     probs_BC, ids_BC = candidate_distribution(scaled_BV, params.top_k, params.top_p)
-    choice_B = inverse_cdf(probs_BC, draw_uniforms(generators))
+    choice_B = inverse_cdf(probs_BC, draw_uniforms(generators, logits_BV.device))
     sampling_logp_B = probs_BC.gather(1, choice_B[:, None])[:, 0].log()
     tokens_B = ids_BC.gather(1, choice_B[:, None])[:, 0]
     return tokens_B, token_logprobs(scaled_BV, tokens_B), sampling_logp_B

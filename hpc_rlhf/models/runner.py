@@ -25,7 +25,7 @@ from __future__ import annotations
 import dataclasses
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import TypeVar
+from typing import Any, TypeVar
 
 import torch
 
@@ -89,6 +89,22 @@ class MicroBatch:
 
         grown = {name: pad(name, t) for name, t in self.tensors().items() if t.dim() >= 2}
         return dataclasses.replace(self, **grown)
+
+    def to(self: _MB, device: torch.device) -> _MB:
+        """The same micro-batch (same class) with every tensor field, and every nested
+        micro-batch's, on ``device``; itself when they are all there already (a CPU run
+        copies nothing)."""
+        device = torch.device(device)
+        moved: dict[str, Any] = {
+            name: t.to(device, non_blocking=True)
+            for name, t in self.tensors().items()
+            if t.device != device
+        }
+        for f in dataclasses.fields(self):
+            value = getattr(self, f.name)
+            if isinstance(value, MicroBatch) and value.to(device) is not value:
+                moved[f.name] = value.to(device)
+        return dataclasses.replace(self, **moved) if moved else self
 
 
 @dataclass(frozen=True)

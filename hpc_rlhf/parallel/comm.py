@@ -3,6 +3,11 @@
 Each takes its process group explicitly (DESIGN.md convention 2). A ``None`` group, or a
 group of one rank, makes every helper a local no-op, so the same code runs in a
 single-process test and in a distributed run.
+
+Tensor collectives run on the group's device: a host tensor handed to a collective of an
+nccl group (metrics, counts and statistics the trainer keeps on the host) is staged
+through this rank's CUDA device and the result copied back, so callers never need to know
+the backend. On gloo (CPU) nothing is copied.
 """
 
 from __future__ import annotations
@@ -25,17 +30,46 @@ def group_size(group: Any) -> int:
     return dist.get_world_size(group)
 
 
+def collective_device(group: Any) -> torch.device:
+    """Where ``group``'s tensor collectives run: this rank's current CUDA device for an
+    nccl group, the host otherwise."""
+    if dist.is_initialized() and dist.get_backend(group) == "nccl":
+        return torch.device("cuda", torch.cuda.current_device())
+    return torch.device("cpu")
+
+
+def compute_device() -> torch.device:
+    """Where this rank's models compute: its CUDA device when the world runs on nccl, the
+    host otherwise (``collective_device`` of the world)."""
+    return collective_device(world())
+
+
+def _in_place_on_device(tensor: torch.Tensor, group: Any, collective) -> torch.Tensor:
+    """``collective(t)`` on ``tensor`` placed on ``group``'s device; the result is written
+    back into ``tensor`` when it had to be staged there."""
+    device = collective_device(group)
+    if tensor.device == device:
+        collective(tensor)
+        return tensor
+    staged = tensor.to(device)
+    collective(staged)
+    tensor.copy_(staged)
+    return tensor
+
+
 def group_sum(tensor: torch.Tensor, group: Any) -> torch.Tensor:
     """All-reduce SUM over ``group`` in place; returns ``tensor``."""
     if group_size(group) > 1:
-        dist.all_reduce(tensor, group=group)
+        _in_place_on_device(tensor, group, lambda t: dist.all_reduce(t, group=group))
     return tensor
 
 
 def group_max(tensor: torch.Tensor, group: Any) -> torch.Tensor:
     """All-reduce MAX over ``group`` in place; returns ``tensor``."""
     if group_size(group) > 1:
-        dist.all_reduce(tensor, op=dist.ReduceOp.MAX, group=group)
+        _in_place_on_device(
+            tensor, group, lambda t: dist.all_reduce(t, op=dist.ReduceOp.MAX, group=group)
+        )
     return tensor
 
 
@@ -55,9 +89,11 @@ def all_gather_tensors(x: torch.Tensor, group: Any) -> list[torch.Tensor]:
     size = group_size(group)
     if size == 1:
         return [x]
-    parts = [torch.empty_like(x) for _ in range(size)]
-    dist.all_gather(parts, x.contiguous(), group=group)
-    return parts
+    device = collective_device(group)
+    staged = x.contiguous().to(device)
+    parts = [torch.empty_like(staged) for _ in range(size)]
+    dist.all_gather(parts, staged, group=group)
+    return [part.to(x.device) for part in parts]
 
 
 def gather_objects(obj: Any, dst: int, group: Any) -> list[Any] | None:
@@ -101,7 +137,8 @@ def broadcast_from_last_stage(items: Any, pp_group: Any) -> Any:
 def broadcast_tensor(tensor: torch.Tensor, src_rank_in_group: int, group: Any) -> torch.Tensor:
     """Broadcast ``tensor`` in place from position ``src_rank_in_group`` of ``group``."""
     if group_size(group) > 1:
-        dist.broadcast(tensor, src=dist.get_global_rank(group, src_rank_in_group), group=group)
+        src = dist.get_global_rank(group, src_rank_in_group)
+        _in_place_on_device(tensor, group, lambda t: dist.broadcast(t, src=src, group=group))
     return tensor
 
 

@@ -42,6 +42,7 @@ from hpc_rlhf.models.runner import (
 from hpc_rlhf.parallel.comm import (
     all_gather_objects,
     broadcast_from_last_stage,
+    compute_device,
     group_max,
     group_sum,
 )
@@ -107,7 +108,10 @@ class TrainableModel:
         self.role = role
         self.pack_sequences = pack_sequences
         self.output_positions = output_positions
-        chunks = build_model_chunks(model_cfg, state, role)
+        # built on the host (one initialisation for every device), then placed where this
+        # rank computes (its CUDA device under nccl) before DDP allocates grad buffers
+        self.device = compute_device()
+        chunks = [chunk.to(self.device) for chunk in build_model_chunks(model_cfg, state, role)]
         self.work = dict.fromkeys(
             ("infer_tokens", "infer_head_rows", "train_tokens", "train_head_rows"), 0
         )
@@ -239,6 +243,8 @@ class TrainableModel:
 
         def forward_step(data_iterator, model):
             mb, select_BS = next(data_iterator)
+            mb = mb.to(self.device)
+            select_BS = None if select_BS is None else select_BS.to(self.device)
             output = model_forward(model, mb, plan, select_BS)
             return output, partial(_loss_adapter, loss_fn, mb, normalize, keep_tensors)
 
@@ -292,7 +298,8 @@ class TrainableModel:
         finally:
             for chunk, mode in zip(self.model, was_training):
                 chunk.train(mode)
-        tensors = [{k: v for k, v in out.items() if k != "_count"} for out in outputs]
+        # results leave on the host, where the trainer keeps everything between stages
+        tensors = [{k: v.cpu() for k, v in out.items() if k != "_count"} for out in outputs]
         return broadcast_from_last_stage(tensors, self.state.pp_group)
 
     def train_step(
@@ -417,11 +424,11 @@ def _loss_adapter(
     With ``normalize="none"`` megatron is told 0 tokens, so it does not rescale gradients.
     """
     loss_sum, count, metrics = loss_fn(mb, output)
-    count = torch.as_tensor(count, dtype=torch.int)
+    count = torch.as_tensor(count, dtype=torch.int, device=loss_sum.device)
     if keep_tensors:
         reduced = {k: v.detach() for k, v in metrics.items()}
     else:
         reduced = {k: float(v) for k, v in metrics.items()}
     reduced["_count"] = int(count)
-    megatron_count = count if normalize == "count" else torch.zeros((), dtype=torch.int)
+    megatron_count = count if normalize == "count" else torch.zeros_like(count)
     return loss_sum, megatron_count, reduced
