@@ -253,6 +253,14 @@ class OptimizerConfig:
     clip_grad: float = 1.0
     warmup_steps: int = 0
     lr_decay_style: str = "cosine"  # "cosine" | "constant" | "linear" | "inverse-square-root"
+    # fp16 only (model.params_dtype: fp16): dynamic loss scaling. The scale starts at
+    # initial_loss_scale, halves after `hysteresis` overflowing steps in a row (those steps
+    # are skipped) and doubles after loss_scale_window clean ones. 2^16 as DeepSpeed and
+    # apex start (megatron-core's 2^32 costs 2 x 16 more skipped steps at hysteresis 2).
+    initial_loss_scale: float = 65536.0
+    min_loss_scale: float = 1.0
+    loss_scale_window: int = 1000
+    hysteresis: int = 2
 
     def validate(self, prefix: str = "optimizer.") -> None:
         """Raise ``ConfigError`` naming ``prefix + key`` for values megatron-core's
@@ -271,6 +279,13 @@ class OptimizerConfig:
         if self.lr_decay_style not in LR_DECAY_STYLES:
             raise ConfigError(
                 f"{prefix}lr_decay_style={self.lr_decay_style!r}: expected one of {LR_DECAY_STYLES}"
+            )
+        _positive(self, prefix, ("loss_scale_window", "hysteresis"))
+        if not 0 < self.min_loss_scale <= self.initial_loss_scale < math.inf:
+            raise ConfigError(
+                f"{prefix}initial_loss_scale={self.initial_loss_scale} and min_loss_scale="
+                f"{self.min_loss_scale} must satisfy 0 < min_loss_scale <= initial_loss_scale "
+                "(finite)"
             )
 
 

@@ -132,6 +132,13 @@ def test_shipped_example_configs_load_and_fit_their_clusters():
             r"sequence_parallel needs tensor_model_parallel_size >= 2",
         ),
         ("", ["parallel.host_allocator=tcmalloc"], r"parallel.host_allocator='tcmalloc'"),
+        (
+            "",
+            ["optimizer.initial_loss_scale=0.5"],
+            r"optimizer.initial_loss_scale=0.5 and min_loss_scale=1.0 must satisfy",
+        ),
+        ("", ["optimizer.initial_loss_scale=inf"], r"optimizer.initial_loss_scale=inf"),
+        ("", ["optimizer.hysteresis=0"], r"optimizer.hysteresis"),
     ],
 )
 def test_bad_configs_name_the_key(tmp_path, text, overrides, match):

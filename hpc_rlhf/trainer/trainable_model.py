@@ -175,6 +175,10 @@ class TrainableModel:
             fp16=self.config.fp16,
             params_dtype=self.config.params_dtype,
             use_distributed_optimizer=self.state.config.use_distributed_optimizer,
+            initial_loss_scale=cfg.initial_loss_scale,
+            min_loss_scale=cfg.min_loss_scale,
+            loss_scale_window=cfg.loss_scale_window,
+            hysteresis=cfg.hysteresis,
         )
         optimizer = get_megatron_optimizer(mcfg, self.model, use_gloo_process_groups=False)
         self.config.grad_scale_func = optimizer.scale_loss if self.config.fp16 else None
