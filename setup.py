@@ -2,7 +2,8 @@
 
 The package is pure Python on the torch path. ``hpc_rlhf._C`` (C++ CPU kernels, plus CUDA
 kernels when torch has CUDA) is built from ``csrc/`` when torch is importable at build time;
-set ``HPC_RLHF_NO_EXT=1`` to skip it. Every package under ``hpc_rlhf/`` is installed
+set ``HPC_RLHF_NO_EXT=1`` to skip it, ``HPC_RLHF_CUDA_ARCHS=90`` (comma-separated) to build
+the CUDA kernels for those GPU architectures only (default 80,90: A100 and H100). Every package under ``hpc_rlhf/`` is installed
 (``find_packages``: a listed set missed ``hpc_rlhf.models.overrides``).
 """
 
@@ -10,6 +11,12 @@ import glob
 import os
 
 from setuptools import find_packages, setup
+
+
+def _gencode_flags() -> list[str]:
+    """nvcc targets: ``HPC_RLHF_CUDA_ARCHS`` (e.g. ``90`` or ``80,90``), A100 and H100 unless set."""
+    archs = os.environ.get("HPC_RLHF_CUDA_ARCHS", "80,90").split(",")
+    return [f"-gencode=arch=compute_{a},code=sm_{a}" for a in archs if a.strip()]
 
 
 def _extensions():
@@ -33,11 +40,7 @@ def _extensions():
             define_macros=[("HPC_RLHF_WITH_CUDA", "1")],
             extra_compile_args={
                 "cxx": cxx_flags,
-                "nvcc": [
-                    "-O3",
-                    "-gencode=arch=compute_80,code=sm_80",
-                    "-gencode=arch=compute_90,code=sm_90",
-                ],
+                "nvcc": ["-O3", *_gencode_flags()],
             },
             extra_link_args=["-fopenmp"],
         )

@@ -42,16 +42,29 @@ def cpu_model() -> str:
     return f"{name} ({', '.join(extensions) or 'no AVX-512/AMX'})"
 
 
-def matmul_gflops(n: int = 1024, reps: int = 5, dtype: torch.dtype = torch.float32) -> float:
-    """Best-of ``torch.mm`` rate at ``n^3`` in ``dtype`` (GFLOP/s; fp32 unless asked)."""
-    a, b = torch.randn(n, n, dtype=dtype), torch.randn(n, n, dtype=dtype)
+def matmul_gflops(
+    n: int = 1024, reps: int = 5, dtype: torch.dtype = torch.float32, device: str = "cpu"
+) -> float:
+    """Best-of ``torch.mm`` rate at ``n^3`` in ``dtype`` on ``device`` (GFLOP/s; fp32 on
+    the CPU unless asked; a GPU is timed at 4096^3 after a synchronize)."""
+    if device != "cpu":
+        n = max(n, 4096)
+    a = torch.randn(n, n, dtype=dtype, device=device)
+    b = torch.randn(n, n, dtype=dtype, device=device)
     torch.mm(a, b)
     best = float("inf")
     for _ in range(reps):
+        _synchronize(device)
         t = time.perf_counter()
         torch.mm(a, b)
+        _synchronize(device)
         best = min(best, time.perf_counter() - t)
     return 2 * n**3 / best / 1e9
+
+
+def _synchronize(device: str) -> None:
+    if device != "cpu":
+        torch.cuda.synchronize(device)
 
 
 def workload(shape: str, n_prompts: int, quick: bool = False, seed: int = 0):

@@ -56,6 +56,12 @@ def parse_args() -> argparse.Namespace:
         "(the machine may be shared: load changes between runs skew a single ratio)",
     )
     p.add_argument("--quick", action="store_true", help="8 prompts, 32 new tokens")
+    p.add_argument(
+        "--device",
+        choices=["auto", "cpu", "cuda"],
+        default="auto",
+        help="where both systems run (auto: the GPU when there is one)",
+    )
     p.add_argument("--dtype", choices=list(DTYPES), default="fp32", help="weights, both systems")
     p.add_argument(
         "--cache-dtype",
@@ -66,6 +72,10 @@ def parse_args() -> argparse.Namespace:
     args = p.parse_args()
     if args.quick:
         args.prompts, args.new_tokens = min(args.prompts, 8), min(args.new_tokens, 32)
+    if args.device == "auto":
+        args.device = "cuda" if torch.cuda.is_available() else "cpu"
+    if args.device == "cuda" and not torch.cuda.is_available():
+        p.error("--device cuda: this machine has no CUDA device")
     return args
 
 
@@ -77,7 +87,7 @@ def make_prompts(args) -> list[list[int]]:
     ]
 
 
-def hf_model(dtype: torch.dtype):
+def hf_model(dtype: torch.dtype, device: str = "cpu"):
     from transformers import LlamaConfig, LlamaForCausalLM
 
     from hpc_rlhf.models.hf_config import hf_config_from_model
@@ -85,7 +95,7 @@ def hf_model(dtype: torch.dtype):
     cfg = LlamaConfig(**{**hf_config_from_model(BENCH_MODEL), "attn_implementation": "eager"})
     cfg.pad_token_id, cfg.eos_token_id, cfg.bos_token_id = 0, None, None
     torch.manual_seed(0)
-    return LlamaForCausalLM(cfg).eval().to(dtype)
+    return LlamaForCausalLM(cfg).eval().to(dtype).to(device)
 
 
 def run_hf(model, prompts, args) -> float:
@@ -95,8 +105,10 @@ def run_hf(model, prompts, args) -> float:
     for start in range(0, len(order), args.hf_batch_size):
         batch = [prompts[i] for i in order[start : start + args.hf_batch_size]]
         width = max(len(p) for p in batch)
-        ids = torch.tensor([[0] * (width - len(p)) + p for p in batch])
-        mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in batch])
+        ids = torch.tensor([[0] * (width - len(p)) + p for p in batch], device=args.device)
+        mask = torch.tensor(
+            [[0] * (width - len(p)) + [1] * len(p) for p in batch], device=args.device
+        )
         with torch.no_grad():
             out = model.generate(
                 ids,
@@ -110,19 +122,36 @@ def run_hf(model, prompts, args) -> float:
                 pad_token_id=0,
             )
         assert out.shape[1] == width + args.new_tokens
+    if args.device == "cuda":
+        torch.cuda.synchronize()
     return time.perf_counter() - t0
 
 
-def init_single_rank(model_cfg):
-    """A one-rank gloo world, megatron groups and the actor loaded with the HF weights."""
+def init_single_rank(model_cfg, device: str):
+    """A one-rank world (nccl on the GPU: models then compute there, gloo on the CPU) and
+    its megatron groups."""
     import torch.distributed as dist
 
     from hpc_rlhf.parallel.state import initialize_parallel
 
     os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
     os.environ.setdefault("MASTER_PORT", "29533")
-    dist.init_process_group("gloo", rank=0, world_size=1)
+    if device == "cuda":
+        torch.cuda.set_device(0)
+    dist.init_process_group("nccl" if device == "cuda" else "gloo", rank=0, world_size=1)
     return initialize_parallel(ParallelConfig(), model_cfg)
+
+
+def machine_line(args, gflops: float) -> str:
+    """The processor this run measured on, its matmul rates and the run's dtypes."""
+    if args.device == "cuda":
+        where = f"GPU {torch.cuda.get_device_name(0)}; torch.mm 4096^3 = {gflops:.0f} GFLOP/s {args.dtype}"
+    else:
+        where = (
+            f"{cpu_model()}; torch.mm 1024^3 = {matmul_gflops():.1f} GFLOP/s fp32, "
+            f"{matmul_gflops(dtype=torch.bfloat16):.1f} bf16; {torch.get_num_threads()} threads"
+        )
+    return f"machine: {where}; this run: {args.dtype} weights, KV cache {args.cache_dtype}"
 
 
 def engine_flops(stats_prompts: list[int], new_tokens: int) -> float:
@@ -174,17 +203,13 @@ def main() -> None:
 
     prompts = make_prompts(args)
     dtype = DTYPES[args.dtype]
-    gflops = matmul_gflops(dtype=dtype)
-    print(
-        f"machine: {cpu_model()}; torch.mm 1024^3 = {matmul_gflops():.1f} GFLOP/s fp32, "
-        f"{matmul_gflops(dtype=torch.bfloat16):.1f} bf16; {torch.get_num_threads()} threads; "
-        f"this run: {args.dtype} weights, KV cache {args.cache_dtype}"
-    )
+    gflops = matmul_gflops(dtype=dtype, device=args.device)
+    print(machine_line(args, gflops))
     model_cfg = dataclasses.replace(BENCH_MODEL, params_dtype=args.dtype)
-    model = hf_model(dtype)
-    state = init_single_rank(model_cfg)
+    model = hf_model(dtype, args.device)
+    state = init_single_rank(model_cfg, args.device)
     actor = TrainableModel(model_cfg, None, state, "actor")
-    actor.load_hf_state({n: t.detach().clone() for n, t in model.state_dict().items()})
+    actor.load_hf_state({n: t.detach().cpu().clone() for n, t in model.state_dict().items()})
     config = GenerationConfig(
         block_size=args.block_size,
         cache_budget_bytes=args.cache_mb * 2**20,
