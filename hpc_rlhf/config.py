@@ -38,6 +38,9 @@ class ConfigError(InputError):
 
 
 DTYPES = ("fp32", "bf16", "fp16")
+# decoder families (HF architectures, see models/hf_config.py) and RoPE scalings
+FAMILIES = ("llama", "qwen2", "qwen3", "mistral")
+ROPE_SCALINGS = ("none", "llama3")
 TRUNCATION_SIDES = ("left", "right")  # see DataConfig.truncation_side
 # what megatron-core's OptimizerParamScheduler accepts without extra settings ("WSD" needs
 # wsd_decay_steps, which this config does not carry)
@@ -57,9 +60,17 @@ def _non_negative(section: object, prefix: str, names: tuple[str, ...]) -> None:
 HOST_ALLOCATORS = ("caching", "system")  # see parallel/host_allocator.py
 
 
+# data.chat_template value: the tokenizer directory's own template (apply_chat_template)
+TOKENIZER_CHAT_TEMPLATE = "tokenizer"
+
+
 def _check_chat_template(data: Any) -> None:
-    if data.chat_template is not None and "{prompt}" not in data.chat_template:
-        raise ConfigError(f"data.chat_template={data.chat_template!r} must contain '{{prompt}}'")
+    template = data.chat_template
+    if template not in (None, TOKENIZER_CHAT_TEMPLATE) and "{prompt}" not in template:
+        raise ConfigError(
+            f"data.chat_template={template!r} must contain '{{prompt}}' (or be "
+            f"{TOKENIZER_CHAT_TEMPLATE!r}: the tokenizer's own chat template)"
+        )
 
 
 def _check_truncation_side(data: Any) -> None:
@@ -96,7 +107,22 @@ class MegatronOverrides:
 
 @dataclass(frozen=True)
 class ModelConfig:
-    """A Llama-style decoder: RMSNorm, SwiGLU, RoPE, grouped-query attention."""
+    """A Llama-style decoder: RMSNorm, SwiGLU, RoPE, grouped-query attention, and the
+    families built on it. ``family`` is the HF architecture (``LlamaForCausalLM``,
+    ``Qwen2ForCausalLM``, ...) and fixes what that architecture always has: ``qwen2``
+    biases on the query, key and value projections (``qkv_bias``), ``qwen3`` RMSNorm over
+    each head's queries and keys before RoPE (``qk_norm``). The options a checkpoint's
+    config.json sets:
+
+    * ``kv_channels``: the head dimension when it is not ``hidden_size / heads`` (Qwen3);
+    * ``rope_scaling: llama3`` with its factor, low/high frequency factors and original
+      context length (Llama-3.1 / 3.2; ``llama`` family only);
+    * ``sliding_window``: each token attends to at most this many latest positions, itself
+      included (``mistral`` family only).
+
+    Each maps onto a megatron-core ``TransformerConfig`` field (``kv_channels``,
+    ``add_qkv_bias``, ``qk_layernorm``) or, for RoPE, onto its rotary frequencies.
+    """
 
     num_layers: int = 2
     hidden_size: int = 64
@@ -111,6 +137,14 @@ class ModelConfig:
     params_dtype: str = "fp32"
     init_method_std: float = 0.02
     transformer_impl: str = "local"  # "local" (torch) or "transformer_engine" (GPU, when installed)
+    family: str = "llama"  # one of FAMILIES
+    kv_channels: int | None = None  # None: hidden_size // num_attention_heads
+    rope_scaling: str = "none"  # one of ROPE_SCALINGS
+    rope_scaling_factor: float = 8.0
+    rope_low_freq_factor: float = 1.0
+    rope_high_freq_factor: float = 4.0
+    rope_original_max_positions: int = 8192
+    sliding_window: int | None = None
     overrides: MegatronOverrides = field(default_factory=MegatronOverrides)
 
     @property
@@ -119,7 +153,17 @@ class ModelConfig:
 
     @property
     def head_dim(self) -> int:
-        return self.hidden_size // self.num_attention_heads
+        return self.kv_channels or self.hidden_size // self.num_attention_heads
+
+    @property
+    def qkv_bias(self) -> bool:
+        """Biases on the query, key and value projections (Qwen2 / Qwen2.5)."""
+        return self.family == "qwen2"
+
+    @property
+    def qk_norm(self) -> bool:
+        """Per-head RMSNorm of queries and keys before RoPE (Qwen3)."""
+        return self.family == "qwen3"
 
     @property
     def torch_dtype(self):
@@ -140,24 +184,58 @@ class ModelConfig:
             "ffn_hidden_size",
             "vocab_size",
             "max_position_embeddings",
+            "kv_channels",
+            "sliding_window",
+            "rope_original_max_positions",
         )
         _positive(self, "model.", sizes)
-        if self.hidden_size % self.num_attention_heads:
+        if self.kv_channels is None and self.hidden_size % self.num_attention_heads:
             raise ConfigError(
                 f"model.hidden_size={self.hidden_size} is not divisible by "
-                f"model.num_attention_heads={self.num_attention_heads}"
+                f"model.num_attention_heads={self.num_attention_heads} (set model.kv_channels "
+                "for a head dimension of its own)"
             )
+        if self.head_dim % 2:
+            raise ConfigError(f"model head dimension {self.head_dim} must be even (RoPE pairs)")
         if self.num_attention_heads % self.query_groups:
             raise ConfigError(
                 f"model.num_attention_heads={self.num_attention_heads} is not divisible by "
                 f"model.num_query_groups={self.query_groups}"
             )
-        if self.params_dtype not in DTYPES:
-            raise ConfigError(f"model.params_dtype={self.params_dtype!r}: expected one of {DTYPES}")
-        if self.transformer_impl not in ("local", "transformer_engine"):
+        for name, allowed in (
+            ("params_dtype", DTYPES),
+            ("family", FAMILIES),
+            ("rope_scaling", ROPE_SCALINGS),
+            ("transformer_impl", ("local", "transformer_engine")),
+        ):
+            if getattr(self, name) not in allowed:
+                raise ConfigError(
+                    f"model.{name}={getattr(self, name)!r}: expected one of {allowed}"
+                )
+        for name, family in (("rope_scaling", "llama"), ("sliding_window", "mistral")):
+            if getattr(self, name) not in (None, "none") and self.family != family:
+                raise ConfigError(
+                    f"model.{name}={getattr(self, name)!r} is a {family!r} option; "
+                    f"model.family is {self.family!r}"
+                )
+        if (
+            self.sliding_window is not None
+            and self.transformer_impl == "local"
+            and not self.overrides.core_attention
+        ):
             raise ConfigError(
-                f"model.transformer_impl={self.transformer_impl!r}: expected 'local' or "
-                "'transformer_engine'"
+                "model.sliding_window needs model.overrides.core_attention (megatron-core's "
+                "local attention replaces the padding mask by the window mask)"
+            )
+        if self.rope_scaling == "llama3" and not (
+            self.rope_scaling_factor >= 1
+            and 0 < self.rope_low_freq_factor < self.rope_high_freq_factor
+        ):
+            raise ConfigError(
+                "model.rope_scaling=llama3 needs rope_scaling_factor >= 1 and "
+                "0 < rope_low_freq_factor < rope_high_freq_factor, got "
+                f"{self.rope_scaling_factor}, {self.rope_low_freq_factor}, "
+                f"{self.rope_high_freq_factor}"
             )
 
 

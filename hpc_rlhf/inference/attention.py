@@ -37,24 +37,39 @@ import torch
 from hpc_rlhf.ops import _backend
 from hpc_rlhf.ops.causal_attention import causal_attention
 
-# flash-attn (CUDA, compute capability >= 8.0), the C++ kernels on an fp32 CPU cache, torch;
-# the names are inference.config.ATTENTION_BACKENDS (tests/ops/test_resolver.py checks it)
+
+def _cpp_window_limit(window: int | None = None) -> str | None:
+    return None if window is None else f"has no sliding window (window={window})"
+
+
+# flash-attn (CUDA, compute capability >= 8.0), the C++ kernels on an fp32 CPU cache without
+# a sliding window, torch; the names are inference.config.ATTENTION_BACKENDS
+# (tests/ops/test_resolver.py checks it)
 GENERATION_KERNELS = (
     _backend.TORCH,
-    _backend.Kernel("cpp", dtypes=_backend.FP32),
+    _backend.Kernel("cpp", dtypes=_backend.FP32, limit=_cpp_window_limit),
     _backend.Kernel("flash_attn"),
 )
 
 
 def select_backend(
-    requested: str, device: torch.device, block_size: int, dtype: torch.dtype = torch.float32
+    requested: str,
+    device: torch.device,
+    block_size: int,
+    dtype: torch.dtype = torch.float32,
+    window: int | None = None,
 ) -> str:
-    """The backend for a model on ``device`` with a ``dtype`` cache (``_backend.resolve`` over
-    :data:`GENERATION_KERNELS`: ``auto`` takes flash-attn on CUDA, the C++ kernels on CPU,
-    else torch); refuses an unusable request and a flash-attn pool of blocks not a multiple
-    of 256 tokens."""
+    """The backend for a model on ``device`` with a ``dtype`` cache and a sliding ``window``
+    (``_backend.resolve`` over :data:`GENERATION_KERNELS`: ``auto`` takes flash-attn on
+    CUDA, the C++ kernels on CPU, else torch); refuses an unusable request and a flash-attn
+    pool of blocks not a multiple of 256 tokens."""
     chosen = _backend.resolve(
-        "generation.attention_backend", requested, device, GENERATION_KERNELS, dtype=dtype
+        "generation.attention_backend",
+        requested,
+        device,
+        GENERATION_KERNELS,
+        dtype=dtype,
+        window=window,
     )
     if chosen == "flash_attn" and block_size % 256:
         raise ValueError(f"flash-attn's paged KV needs block_size % 256 == 0, got {block_size}")
@@ -69,40 +84,70 @@ def kv_layout(backend: str) -> str:
 # ----------------------------------------------------------------------------- prefill
 
 
-def _prefill_attention(q_THD, k_TGD, v_TGD, seq_lens: list[int], backend: str) -> torch.Tensor:
+def _prefill_attention(
+    q_THD, k_TGD, v_TGD, seq_lens: list[int], backend: str, window: int | None
+) -> torch.Tensor:
     """Causal attention within each packed sequence through ``ops.causal_attention``:
     ``[T, Hq*D]``."""
     cu_seqlens = torch.tensor([0, *seq_lens]).cumsum(0)
     out_T1HD = causal_attention(
-        q_THD.unsqueeze(1), k_TGD.unsqueeze(1), v_TGD.unsqueeze(1), cu_seqlens, backend=backend
+        q_THD.unsqueeze(1),
+        k_TGD.unsqueeze(1),
+        v_TGD.unsqueeze(1),
+        cu_seqlens,
+        backend=backend,
+        window=window,
     )
     return out_T1HD.reshape(q_THD.shape[0], -1)
 
 
 def prefill_attention_torch(
-    q_THD: torch.Tensor, k_TGD: torch.Tensor, v_TGD: torch.Tensor, seq_lens: list[int]
+    q_THD: torch.Tensor,
+    k_TGD: torch.Tensor,
+    v_TGD: torch.Tensor,
+    seq_lens: list[int],
+    window: int | None = None,
 ) -> torch.Tensor:
-    """Causal attention within each packed sequence, SDPA per sequence (the op's
-    reference): ``[T, Hq*D]``."""
-    return _prefill_attention(q_THD, k_TGD, v_TGD, seq_lens, "torch")
+    """Causal (sliding-window) attention within each packed sequence, SDPA per sequence
+    (the op's reference): ``[T, Hq*D]``."""
+    return _prefill_attention(q_THD, k_TGD, v_TGD, seq_lens, "torch", window)
 
 
 def prefill_attention_cpp(
-    q_THD: torch.Tensor, k_TGD: torch.Tensor, v_TGD: torch.Tensor, seq_lens: list[int]
+    q_THD: torch.Tensor,
+    k_TGD: torch.Tensor,
+    v_TGD: torch.Tensor,
+    seq_lens: list[int],
+    window: int | None = None,
 ) -> torch.Tensor:
     """Causal attention within each packed sequence on the C++ CPU kernel of
     ``ops.causal_attention`` (its ``auto`` choice: the torch reference where the kernel does
     not apply, e.g. a head dim that is not a multiple of 16): ``[T, Hq*D]``."""
-    return _prefill_attention(q_THD, k_TGD, v_TGD, seq_lens, "auto")
+    return _prefill_attention(q_THD, k_TGD, v_TGD, seq_lens, "auto", window)
 
 
-def prefill_attention_flash(q_THD, k_TGD, v_TGD, seq_lens: list[int]) -> torch.Tensor:
+def _flash_window(window: int | None) -> tuple[int, int]:
+    """flash-attn's ``window_size`` (left, right); (-1, -1) is unlimited."""
+    return (-1, -1) if window is None else (window - 1, 0)
+
+
+def prefill_attention_flash(
+    q_THD, k_TGD, v_TGD, seq_lens: list[int], window: int | None = None
+) -> torch.Tensor:
     """flash-attn varlen causal attention over packed sequences (GPU only)."""
     from flash_attn import flash_attn_varlen_func
 
     cu = torch.tensor([0, *seq_lens], device=q_THD.device).cumsum(0).to(torch.int32)
     out_THD = flash_attn_varlen_func(
-        q_THD, k_TGD, v_TGD, cu, cu, max(seq_lens), max(seq_lens), causal=True
+        q_THD,
+        k_TGD,
+        v_TGD,
+        cu,
+        cu,
+        max(seq_lens),
+        max(seq_lens),
+        causal=True,
+        window_size=_flash_window(window),
     )
     return out_THD.reshape(q_THD.shape[0], -1)
 
@@ -124,7 +169,8 @@ class DecodeMeta:
     q_source_NO: torch.Tensor | None = None  # [N*O] row of q per (block, owner); B = zero row
     pair_BJ: torch.Tensor | None = None  # [B, J] flat (block * O + owner slot); N*O = zero row
     valid_flat: torch.Tensor | None = None  # [P] flat b*J + j of real (sequence, block) pairs
-    mask_BL: torch.Tensor | None = None  # [B, J*W] True where the position holds a token
+    mask_BL: torch.Tensor | None = None  # [B, J*W] True where the query attends the position
+    window: int | None = None  # sliding window: the latest ``window`` positions only
 
 
 def build_decode_meta(
@@ -133,8 +179,10 @@ def build_decode_meta(
     block_size: int,
     device=None,
     block_rows: bool = True,
+    window: int | None = None,
 ) -> DecodeMeta:
-    """Index tensors for one decode step of sequences with these block tables/lengths.
+    """Index tensors for one decode step of sequences with these block tables/lengths
+    (each query attends its sequence's latest ``window`` positions with a sliding window).
     ``block_rows=False`` skips the torch path's (block, owner) indexing (Python loops over
     every block of every sequence) for the paged kernels, which read the tables directly."""
     J = max(len(t) for t in tables)
@@ -144,6 +192,7 @@ def build_decode_meta(
         max_blocks=J,
         block_table_BJ=torch.tensor(padded, dtype=torch.int32, device=device),
         context_lens_B=torch.tensor(context_lens, dtype=torch.int32, device=device),
+        window=window,
     )
     if block_rows:
         _add_block_rows(meta, tables, context_lens, block_size, device)
@@ -176,7 +225,11 @@ def _add_block_rows(meta: DecodeMeta, tables, context_lens, block_size: int, dev
     meta.q_source_NO = torch.tensor(q_source, device=device)
     meta.pair_BJ = torch.tensor(pair, device=device)
     meta.valid_flat = torch.tensor(valid, device=device)
-    meta.mask_BL = (torch.arange(J * block_size)[None, :] < lens_B[:, None]).to(device)
+    pos_1L = torch.arange(J * block_size)[None, :]
+    mask_BL = pos_1L < lens_B[:, None]
+    if meta.window is not None:
+        mask_BL &= pos_1L >= lens_B[:, None] - meta.window
+    meta.mask_BL = mask_BL.to(device)
 
 
 def _to_blocks(x_BGgX: torch.Tensor, meta: DecodeMeta) -> torch.Tensor:
@@ -236,7 +289,10 @@ def decode_attention_torch(
 def decode_attention_cpp(
     q_BHD: torch.Tensor, k_NGWD: torch.Tensor, v_NGWD: torch.Tensor, meta: DecodeMeta
 ) -> torch.Tensor:
-    """The C++ CPU paged decode kernel (``"NGWD"`` pool of one layer) -> ``[B, Hq*D]``."""
+    """The C++ CPU paged decode kernel (``"NGWD"`` pool of one layer) -> ``[B, Hq*D]``; no
+    sliding window (``select_backend`` picks torch for one)."""
+    if meta.window is not None:
+        raise ValueError("decode_attention_cpp has no sliding window; use the torch backend")
     B, Hq, D = q_BHD.shape
     out_BHD = _backend.built_extension().paged_decode_attention_cpu(
         q_BHD.contiguous(),
@@ -260,5 +316,6 @@ def decode_attention_flash(q_BHD, k_NWGD, v_NWGD, meta: DecodeMeta) -> torch.Ten
         cache_seqlens=meta.context_lens_B,
         block_table=meta.block_table_BJ,
         causal=True,
+        window_size=_flash_window(meta.window),
     )
     return out_B1HD.reshape(q_BHD.shape[0], -1)

@@ -90,8 +90,13 @@ class GenerationEngine:
         self.device = next(self.chunks[0].parameters()).device
         self.dtype = next(self.chunks[0].parameters()).dtype
         self.kv_dtype = self.config.kv_dtype(self.dtype)
+        self.window = model_cfg.sliding_window
         self.backend = attn.select_backend(
-            self.config.attention_backend, self.device, self.config.block_size, self.kv_dtype
+            self.config.attention_backend,
+            self.device,
+            self.config.block_size,
+            self.kv_dtype,
+            self.window,
         )
         if self.config.cuda_graphs and (self.device.type != "cuda" or self.backend != "flash_attn"):
             raise RuntimeError(
@@ -299,7 +304,7 @@ class GenerationEngine:
         def attention(layer, q_THD, k_TGD, v_TGD):
             q_THD, k_TGD, v_TGD = (t.to(self.kv_dtype) for t in (q_THD, k_TGD, v_TGD))
             cache.write(layer, rows, k_TGD, v_TGD)
-            return prefill_fn(q_THD, k_TGD, v_TGD, lens).to(self.dtype)
+            return prefill_fn(q_THD, k_TGD, v_TGD, lens, self.window).to(self.dtype)
 
         last_I = torch.tensor(lens, device=self.device).cumsum(0) - 1
         logits_IV = self._require_runner().forward(ids_T, pos_T, attention, last_I)
@@ -334,6 +339,7 @@ class GenerationEngine:
             W,
             self.device,
             block_rows=self.backend == "torch",
+            window=self.window,
         )
         decode_fn = {
             "flash_attn": attn.decode_attention_flash,

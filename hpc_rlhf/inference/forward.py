@@ -8,7 +8,8 @@ Llama-style, as megatron-core's local spec computes it: RMSNorm (``torch.nn.RMSN
 fused QKV whose rows are grouped per query group ``[q of the group's heads; k; v]``, RoPE
 rotate-half at each token's *real* position (megatron's GPTModel ignores position ids for
 RoPE; here a prompt starts at 0 and generated token ``i`` sits at ``prompt_len + i``),
-SwiGLU with ``fc1 = [gate; up]``, no biases. Tensor parallelism as megatron: column-parallel
+SwiGLU with ``fc1 = [gate; up]``, no biases but the family options: a QKV bias (Qwen2),
+per-head query/key RMSNorm before RoPE (Qwen3), scaled RoPE frequencies (Llama-3). Tensor parallelism as megatron: column-parallel
 QKV / fc1 shards, row-parallel proj / fc2 followed by an all-reduce over the TP group, a
 vocab-parallel embedding (masked lookup + all-reduce) and LM head (``[T, v]`` shards
 all-gathered to ``[T, V]``: small, since only one position per sequence gets logits).
@@ -26,6 +27,7 @@ import torch.nn.functional as F
 
 from hpc_rlhf.config import ModelConfig
 from hpc_rlhf.inference.weights import GenerationWeights, LayerWeights
+from hpc_rlhf.models import rotary
 from hpc_rlhf.ops import cpu_gemm
 from hpc_rlhf.ops.rope import rope
 from hpc_rlhf.ops.swiglu import swiglu
@@ -51,13 +53,13 @@ class TPComm:
 
 
 class Rope:
-    """cos/sin tables of rotate-half RoPE (megatron's/HF's formula), grown on demand."""
+    """cos/sin tables of rotate-half RoPE (megatron's/HF's formula) at the inverse
+    frequencies ``inv_freq`` (``models.rotary``), grown on demand."""
 
-    def __init__(self, head_dim: int, base: float, device=None):
-        exponent = torch.arange(0, head_dim, 2, dtype=torch.float32) / head_dim
-        self.inv_freq = 1.0 / (base**exponent)
+    def __init__(self, inv_freq: torch.Tensor, device=None):
+        self.inv_freq = inv_freq
         self.device = device
-        self.cos_PD = self.sin_PD = torch.empty(0, head_dim)
+        self.cos_PD = self.sin_PD = torch.empty(0, 2 * inv_freq.numel())
         self._grow(512)
 
     def _grow(self, length: int) -> None:
@@ -107,7 +109,7 @@ class DecoderRunner:
         self.groups = model_cfg.query_groups // comm.size
         self.head_dim = model_cfg.head_dim
         device = weights.embedding_vH.device
-        self.rope = Rope(model_cfg.head_dim, model_cfg.rotary_base, device)
+        self.rope = Rope(rotary.inv_freq(model_cfg), device)
         # The linear weights in oneDNN's blocked layout on the CPU fp32 path (the tensors
         # themselves elsewhere): decode GEMMs of few rows no longer reorder each weight at
         # every call (ops.cpu_gemm.prepack). A copy, taken when the engine syncs weights
@@ -135,9 +137,17 @@ class DecoderRunner:
         T, H = x_TH.shape
         g, G, D = self.heads // self.groups, self.groups, self.head_dim
         h_TH = F.rms_norm(x_TH, (H,), w.in_norm_H, eps)
-        qkv_TGRD = cpu_gemm.linear(h_TH, w.qkv_RH).view(T, G, g + 2, D)
-        q_THD = apply_rope(qkv_TGRD[:, :, :g].reshape(T, G * g, D), *rope_cs)
-        k_TGD = apply_rope(qkv_TGRD[:, :, g], *rope_cs)
+        qkv_TR = cpu_gemm.linear(h_TH, w.qkv_RH)
+        if w.qkv_bias_R is not None:
+            qkv_TR = qkv_TR + w.qkv_bias_R
+        qkv_TGRD = qkv_TR.view(T, G, g + 2, D)
+        q_THD, k_TGD = qkv_TGRD[:, :, :g].reshape(T, G * g, D), qkv_TGRD[:, :, g]
+        if w.q_norm_D is not None and w.k_norm_D is not None:  # per head, before RoPE
+            q_THD, k_TGD = (
+                F.rms_norm(q_THD, (D,), w.q_norm_D, eps),
+                F.rms_norm(k_TGD, (D,), w.k_norm_D, eps),
+            )
+        q_THD, k_TGD = apply_rope(q_THD, *rope_cs), apply_rope(k_TGD, *rope_cs)
         v_TGD = qkv_TGRD[:, :, g + 1]
         attn_TQ = attention(index, q_THD, k_TGD, v_TGD)
         x_TH = x_TH + self.comm.all_reduce(cpu_gemm.linear(attn_TQ, w.proj_HQ))

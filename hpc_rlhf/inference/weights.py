@@ -28,7 +28,6 @@ from hpc_rlhf.config import ModelConfig
 from hpc_rlhf.models.hf_names import (
     MCORE_EMBEDDING,
     MCORE_FINAL_NORM,
-    MCORE_LAYER,
     MCORE_OUTPUT,
     mcore_layer_names,
 )
@@ -36,8 +35,6 @@ from hpc_rlhf.models.param_layout import Layout
 from hpc_rlhf.parallel.comm import all_gather_tensors, broadcast_tensor
 
 logger = logging.getLogger(__name__)
-
-ROLES = tuple(MCORE_LAYER)  # in_norm, qkv, proj, mlp_norm, fc1, fc2
 
 
 class StaleWeightsError(RuntimeError):
@@ -54,6 +51,13 @@ class LayerWeights:
     mlp_norm_H: torch.Tensor
     fc1_FH: torch.Tensor  # [2 F/tp, H] = [gate shard; up shard]
     fc2_HF: torch.Tensor  # [H, F/tp]
+    qkv_bias_R: torch.Tensor | None = None  # [(nh + 2 ng)/tp * d] (Qwen2), grouped as qkv_RH
+    q_norm_D: torch.Tensor | None = None  # [d] per-head query RMSNorm weight (Qwen3)
+    k_norm_D: torch.Tensor | None = None  # [d] per-head key RMSNorm weight (Qwen3)
+
+    def present(self) -> dict[str, torch.Tensor]:
+        """The tensors this layer has, by field name."""
+        return {k: v for k, v in vars(self).items() if v is not None}
 
 
 @dataclass
@@ -71,19 +75,29 @@ class GenerationWeights:
         """Every tensor (with repeats for tied weights)."""
         out = [self.embedding_vH, self.final_norm_H, self.output_vH]
         for layer in self.layers:
-            out += [getattr(layer, f) for f in LayerWeights.__dataclass_fields__]
+            out += list(layer.present().values())
         return out
 
 
 def _layer_tensors(chunk, index: int, model_cfg: ModelConfig) -> dict[str, torch.Tensor]:
     """Local layer ``index``'s parameters of ``chunk`` by role (the tensors themselves)."""
     names = mcore_layer_names(index, model_cfg)
-    return {role: chunk.get_parameter(names[role]) for role in ROLES}
+    return {role: chunk.get_parameter(name) for role, name in names.items()}
 
 
 def _make_layer(t: dict[str, torch.Tensor]) -> LayerWeights:
-    """``LayerWeights`` from one layer's tensors by role."""
-    return LayerWeights(t["in_norm"], t["qkv"], t["proj"], t["mlp_norm"], t["fc1"], t["fc2"])
+    """``LayerWeights`` from one layer's tensors by role (the family's optional ones too)."""
+    return LayerWeights(
+        t["in_norm"],
+        t["qkv"],
+        t["proj"],
+        t["mlp_norm"],
+        t["fc1"],
+        t["fc2"],
+        qkv_bias_R=t.get("qkv_bias"),
+        q_norm_D=t.get("q_norm"),
+        k_norm_D=t.get("k_norm"),
+    )
 
 
 def _output_weight(chunk, model_cfg: ModelConfig) -> torch.Tensor:
@@ -135,12 +149,13 @@ def gather_pipeline_weights(
     indices = all_gather_tensors(torch.tensor(index_l), state.pp_group)
     order = torch.cat(indices).argsort().tolist()  # gathered position of global layer i
     gathered: dict[str, list[torch.Tensor]] = {}
-    for role in ROLES:
+    roles = list(local[0])
+    for role in roles:
         mine = torch.stack([t[role].detach() for t in local])
         parts = all_gather_tensors(mine, state.pp_group)
         flat = [layer for part in parts for layer in part.unbind(0)]
         gathered[role] = [flat[k].clone() for k in order]
-    layers = [_make_layer({r: gathered[r][i] for r in ROLES}) for i in range(len(order))]
+    layers = [_make_layer({r: gathered[r][i] for r in roles}) for i in range(len(order))]
     H, v = model_cfg.hidden_size, model_cfg.vocab_size // state.tp_size
     dtype = layers[0].qkv_RH.dtype
     first, last = chunks[0], chunks[-1]
@@ -164,7 +179,7 @@ def generation_weights(
         return weights_in_place(chunks, model_cfg, version)
     weights = gather_pipeline_weights(chunks, state, model_cfg, version)
     nbytes = sum(
-        t.numel() * t.element_size() for layer in weights.layers for t in vars(layer).values()
+        t.numel() * t.element_size() for layer in weights.layers for t in layer.present().values()
     )
     if state.rank == 0:
         logger.info(

@@ -4,8 +4,10 @@ Roles: ``actor`` (LM head, trainable), ``reference`` (LM head, frozen), ``critic
 head: one value per token) and ``reward`` (score head: per-token scores; the end score is
 read at each sequence's last real token, see ``heads.end_scores``).
 
-Llama-style decoders: RMSNorm, SwiGLU, RoPE, grouped-query attention, no biases, tied or
-untied embeddings. ``transformer_impl="local"`` uses megatron-core's local modules with the substitutions
+Llama-style decoders: RMSNorm, SwiGLU, RoPE, grouped-query attention, tied or untied
+embeddings, and the family options of ``ModelConfig`` on megatron-core's own fields (QKV
+bias ``add_qkv_bias``, per-head query/key RMSNorm ``qk_layernorm``, head dimension
+``kv_channels``); RoPE frequencies come from ``models.rotary`` (llama3 scaling). ``transformer_impl="local"`` uses megatron-core's local modules with the substitutions
 of ``models.overrides`` (the CPU and fallback path); ``"transformer_engine"`` uses the TE spec and must be
 installed (checked explicitly, never a silent fallback).
 """
@@ -18,7 +20,7 @@ import torch
 import torch.nn.functional as F
 
 from hpc_rlhf.config import ModelConfig, ParallelConfig
-from hpc_rlhf.models import overrides
+from hpc_rlhf.models import overrides, rotary
 from hpc_rlhf.models.heads import ScalarHead
 from hpc_rlhf.models.overrides.spec import TorchRMSNorm
 from hpc_rlhf.parallel.state import ParallelState, set_virtual_stage
@@ -50,6 +52,10 @@ def transformer_config(model: ModelConfig, parallel: ParallelConfig):
         gated_linear_unit=True,
         activation_func=F.silu,
         add_bias_linear=False,
+        add_qkv_bias=model.qkv_bias,
+        qk_layernorm=model.qk_norm,
+        # megatron's (left, right) window: W - 1 earlier positions and none later
+        window_size=None if model.sliding_window is None else (model.sliding_window - 1, 0),
         hidden_dropout=0.0,
         attention_dropout=0.0,
         init_method_std=model.init_method_std,
@@ -90,8 +96,8 @@ def layer_spec(model: ModelConfig):
             get_gpt_layer_with_transformer_engine_spec,
         )
 
-        return get_gpt_layer_with_transformer_engine_spec()
-    return overrides.layer_spec(model.overrides)
+        return get_gpt_layer_with_transformer_engine_spec(qk_layernorm=model.qk_norm)
+    return overrides.layer_spec(model.overrides, qk_norm=model.qk_norm)
 
 
 def _transformer_engine_available() -> bool:
@@ -138,6 +144,7 @@ def build_model(
         rotary_base=model.rotary_base,
         vp_stage=vp_stage,
     )
+    gpt.rotary_pos_emb.inv_freq = rotary.inv_freq(model)  # the one formula (llama3 scaling)
     if post and not lm_head:
         # a critic's value has a bias; a reward model's score head has none (HF's
         # LlamaForSequenceClassification), and a pairwise loss could not train one

@@ -100,6 +100,10 @@ def load_hf_checkpoint_for(model: ModelConfig, path: str) -> dict[str, torch.Ten
         "ffn_hidden_size",
         "vocab_size",
         "tie_word_embeddings",
+        "family",
+        "head_dim",
+        "rope_scaling",
+        "sliding_window",
     )
     for name in fields:
         ours, theirs = getattr(model, name), getattr(hf_cfg, name)

@@ -12,6 +12,8 @@ inside the following linear layers, see ``hf_names``):
   grouped per query group ``[q of its nh/ng heads; k; v]``; TP splits whole groups.
 * ``...linear_proj.weight`` [H, nh d/tp], ``mlp.linear_fc2.weight`` [H, F/tp]: row parallel.
 * ``mlp.linear_fc1.weight`` [2 F/tp, H]: ``[gate shard; up shard]`` of this rank.
+* Family options: ``linear_qkv.bias`` [(nh + 2 ng)/tp * d] grouped as the weight's rows;
+  ``q_layernorm.weight`` / ``k_layernorm.weight`` [d], replicated.
 * ``decoder.final_layernorm.weight`` and ``output_layer.weight`` [V/tp, H] (LM head) or
   ``output_layer.linear.weight`` (scalar head; a critic's also ``.bias``, optional here) on
   the last chunk of the last stage.
@@ -118,9 +120,14 @@ def hf_shapes(model_cfg: ModelConfig, head: str = HEAD_LM) -> dict[str, tuple[in
         "gate": (F, H),
         "up": (F, H),
         "down": (H, F),
+        "q_bias": (m.num_attention_heads * d,),
+        "k_bias": (m.query_groups * d,),
+        "v_bias": (m.query_groups * d,),
+        "q_norm": (d,),
+        "k_norm": (d,),
     }
     for i in range(m.num_layers):
-        for role, name in hf_layer_names(i).items():
+        for role, name in hf_layer_names(i, m).items():
             shapes[name] = per_layer[role]
     shapes[HF_FINAL_NORM] = (H,)
     if head == HEAD_SCORE:
@@ -146,6 +153,9 @@ def mcore_chunk_shapes(
         "mlp_norm": (H,),
         "fc1": (2 * F // tp, H),
         "fc2": (H, F // tp),
+        "qkv_bias": ((m.num_attention_heads + 2 * m.query_groups) * d // tp,),
+        "q_norm": (d,),
+        "k_norm": (d,),
     }
     for i in range(layout.layers_per_chunk):
         for role, name in mcore_layer_names(i, m).items():

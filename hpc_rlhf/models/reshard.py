@@ -1,4 +1,4 @@
-"""Pure tensor resharding: one HF Llama state dict <-> megatron-core chunk state dicts.
+"""Pure tensor resharding: one HF Llama-family state dict <-> megatron-core chunk state dicts.
 
 ``hf_to_megatron`` splits one HF state dict into the per-rank chunk state dicts that
 ``build_model_chunks`` creates, ``megatron_to_hf`` merges them back. Both are bit-exact
@@ -57,31 +57,39 @@ def _split(t: torch.Tensor, tp: int, rank: int, dim: int) -> torch.Tensor:
     return _own(t.chunk(tp, dim=dim)[rank])
 
 
-def _qkv_shard(hf: dict, names: dict, m: ModelConfig, tp: int, rank: int) -> torch.Tensor:
-    """This TP rank's fused QKV rows: per local query group ``[q heads; k; v]``."""
+def _qkv_shard(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, m: ModelConfig, tp: int, rank: int
+) -> torch.Tensor:
+    """This TP rank's fused QKV rows (weights ``[rows, H]`` or biases ``[rows]``): per
+    local query group ``[q heads; k; v]``."""
     ng, d = m.query_groups, m.head_dim
     per_group = m.num_attention_heads // ng
-    H = hf[names["q"]].shape[1]
-    q_GQH = hf[names["q"]].reshape(ng, per_group * d, H)
-    k_GDH = hf[names["k"]].reshape(ng, d, H)
-    v_GDH = hf[names["v"]].reshape(ng, d, H)
+    rest = tuple(q.shape[1:])
+    q_GQ_ = q.reshape(ng, per_group * d, *rest)
+    k_GD_, v_GD_ = k.reshape(ng, d, *rest), v.reshape(ng, d, *rest)
     groups = slice(rank * ng // tp, (rank + 1) * ng // tp)
-    qkv_gRH = torch.cat([q_GQH[groups], k_GDH[groups], v_GDH[groups]], dim=1)
-    return _own(qkv_gRH.reshape(-1, H))  # [(nh + 2 ng)/tp * d, H]
+    qkv_gR_ = torch.cat([q_GQ_[groups], k_GD_[groups], v_GD_[groups]], dim=1)
+    return _own(qkv_gR_.reshape(-1, *rest))  # [(nh + 2 ng)/tp * d, ...]
 
 
 def _layer_shard(hf: dict, i_hf: int, i_local: int, m: ModelConfig, tp: int, rank: int) -> dict:
     """TP rank ``rank``'s tensors of HF layer ``i_hf``, named as local layer ``i_local``."""
-    src, dst = hf_layer_names(i_hf), mcore_layer_names(i_local, m)
+    src, dst = hf_layer_names(i_hf, m), mcore_layer_names(i_local, m)
     gate_FH, up_FH = hf[src["gate"]], hf[src["up"]]
-    return {
+    out = {
         dst["in_norm"]: _own(hf[src["in_norm"]]),
         dst["mlp_norm"]: _own(hf[src["mlp_norm"]]),
-        dst["qkv"]: _qkv_shard(hf, src, m, tp, rank),
+        dst["qkv"]: _qkv_shard(hf[src["q"]], hf[src["k"]], hf[src["v"]], m, tp, rank),
         dst["proj"]: _split(hf[src["o"]], tp, rank, dim=1),
         dst["fc1"]: torch.cat([_split(gate_FH, tp, rank, 0), _split(up_FH, tp, rank, 0)]),
         dst["fc2"]: _split(hf[src["down"]], tp, rank, dim=1),
     }
+    if m.qkv_bias:
+        biases = (hf[src["q_bias"]], hf[src["k_bias"]], hf[src["v_bias"]])
+        out[dst["qkv_bias"]] = _qkv_shard(*biases, m, tp, rank)
+    if m.qk_norm:
+        out[dst["q_norm"]], out[dst["k_norm"]] = _own(hf[src["q_norm"]]), _own(hf[src["k_norm"]])
+    return out
 
 
 def _chunk_shard(hf: dict, layout: Layout, pp_rank: int, tp_rank: int, chunk: int, head: str):
@@ -161,22 +169,23 @@ def _replicated(shards_tp: list[dict], name: str) -> torch.Tensor:
 
 
 def _qkv_merge(qkv_shards: list[torch.Tensor], m: ModelConfig) -> tuple:
-    """HF ``(q, k, v)`` from every TP rank's fused QKV rows (the inverse of ``_qkv_shard``)."""
+    """HF ``(q, k, v)`` from every TP rank's fused QKV rows, weights or biases (the inverse
+    of ``_qkv_shard``)."""
     ng, d = m.query_groups, m.head_dim
     per_group = m.num_attention_heads // ng
-    H = qkv_shards[0].shape[1]
-    qkv_GRH = torch.cat(qkv_shards, dim=0).reshape(ng, (per_group + 2) * d, H)
-    q_GQH, k_GDH, v_GDH = qkv_GRH.split([per_group * d, d, d], dim=1)
-    return tuple(_own(t.reshape(-1, H)) for t in (q_GQH, k_GDH, v_GDH))
+    rest = tuple(qkv_shards[0].shape[1:])
+    qkv_GR_ = torch.cat(qkv_shards, dim=0).reshape(ng, (per_group + 2) * d, *rest)
+    q_GQ_, k_GD_, v_GD_ = qkv_GR_.split([per_group * d, d, d], dim=1)
+    return tuple(_own(t.reshape(-1, *rest)) for t in (q_GQ_, k_GD_, v_GD_))
 
 
 def _layer_merge(shards_tp: list[dict], i_local: int, i_hf: int, m: ModelConfig) -> dict:
     """HF layer ``i_hf`` from local layer ``i_local`` of every TP rank's chunk."""
-    src, dst = mcore_layer_names(i_local, m), hf_layer_names(i_hf)
+    src, dst = mcore_layer_names(i_local, m), hf_layer_names(i_hf, m)
     F_tp = m.ffn_hidden_size // len(shards_tp)
     fc1 = [s[src["fc1"]] for s in shards_tp]  # each [2 F/tp, H]
     q, k, v = _qkv_merge([s[src["qkv"]] for s in shards_tp], m)
-    return {
+    out = {
         dst["q"]: q,
         dst["k"]: k,
         dst["v"]: v,
@@ -187,6 +196,13 @@ def _layer_merge(shards_tp: list[dict], i_local: int, i_hf: int, m: ModelConfig)
         dst["in_norm"]: _replicated(shards_tp, src["in_norm"]),
         dst["mlp_norm"]: _replicated(shards_tp, src["mlp_norm"]),
     }
+    if m.qkv_bias:
+        biases = _qkv_merge([s[src["qkv_bias"]] for s in shards_tp], m)
+        out.update(zip((dst["q_bias"], dst["k_bias"], dst["v_bias"]), biases))
+    if m.qk_norm:
+        out[dst["q_norm"]] = _replicated(shards_tp, src["q_norm"])
+        out[dst["k_norm"]] = _replicated(shards_tp, src["k_norm"])
+    return out
 
 
 def _head_merge(shards_tp: list[dict], hf: dict, m: ModelConfig, head: str) -> None:

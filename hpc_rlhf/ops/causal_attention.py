@@ -5,7 +5,9 @@ Shapes (megatron-core's ``sbhd`` layout): ``q`` ``[S, B, N, D]``, ``k`` and ``v`
 ``G < N``), result ``[S, B, N, D]``. ``cu_seqlens`` ``[n + 1]`` (integers, from 0 to ``S``)
 splits the ``S`` positions of every batch row into segments that attend only within
 themselves; ``None`` is one segment (plain causal attention). A packed ``thd`` micro-batch
-(``models.packing``) is ``B = 1`` with its ``cu_seqlens``.
+(``models.packing``) is ``B = 1`` with its ``cu_seqlens``. ``window`` (sliding-window
+attention, Mistral): a position attends to at most the ``window`` latest positions of its
+segment, itself included.
 
 Backends:
 
@@ -30,13 +32,23 @@ import torch.nn.functional as F
 from hpc_rlhf.ops import _backend
 
 
-def _cpp_limit(head_dim: int, dropout_p: float) -> str | None:
-    """Why the C++ kernel cannot take a call with this head dim and dropout; None if it can."""
+def _cpp_limit(head_dim: int, dropout_p: float, window: int | None = None) -> str | None:
+    """Why the C++ kernel cannot take a call with this head dim, dropout and window; None
+    if it can."""
     if head_dim % 16:
         return f"needs a head dim that is a multiple of 16, got {head_dim}"
     if dropout_p > 0.0:
         return f"has no attention dropout (dropout_p={dropout_p})"
+    if window is not None:
+        return f"has no sliding window (window={window})"
     return None
+
+
+def window_mask(length: int, window: int, device=None) -> torch.Tensor:
+    """``[L, L]`` True where query ``i`` may attend key ``j``: ``i - window < j <= i``."""
+    i_L1 = torch.arange(length, device=device)[:, None]
+    j_1L = torch.arange(length, device=device)[None, :]
+    return (j_1L <= i_L1) & (j_1L > i_L1 - window)
 
 
 # the C++ kernel: fp32, a head dim that is a multiple of 16, no dropout
@@ -73,8 +85,10 @@ def causal_attention_reference(
     cu_seqlens: torch.Tensor | None = None,
     scale: float | None = None,
     dropout_p: float = 0.0,
+    window: int | None = None,
 ) -> torch.Tensor:
-    """Causal attention within each segment with torch SDPA -> ``[S, B, N, D]``."""
+    """Causal (sliding-window with ``window``) attention within each segment with torch
+    SDPA -> ``[S, B, N, D]``."""
     S, _, N, _ = q_SBND.shape
     parts = []
     for start, end in _segments(cu_seqlens, S):
@@ -84,8 +98,15 @@ def causal_attention_reference(
         k_BNLD, v_BNLD = repeat_kv_heads(
             k_SBGD[start:end].permute(1, 2, 0, 3), v_SBGD[start:end].permute(1, 2, 0, 3), N
         )
+        mask_LL = None if window is None else window_mask(end - start, window, q_SBND.device)
         ctx_BNLD = F.scaled_dot_product_attention(
-            q_BNLD, k_BNLD, v_BNLD, dropout_p=dropout_p, is_causal=True, scale=scale
+            q_BNLD,
+            k_BNLD,
+            v_BNLD,
+            attn_mask=mask_LL,
+            dropout_p=dropout_p,
+            is_causal=mask_LL is None,
+            scale=scale,
         )
         parts.append(ctx_BNLD.permute(2, 0, 1, 3))
     return parts[0] if len(parts) == 1 else torch.cat(parts)
@@ -125,12 +146,16 @@ def causal_attention(
     scale: float | None = None,
     dropout_p: float = 0.0,
     backend: str = "auto",
+    window: int | None = None,
 ) -> torch.Tensor:
     """Causal attention within each ``cu_seqlens`` segment -> ``[S, B, N, D]``.
 
-    ``scale`` defaults to ``D ** -0.5``; ``dropout_p`` is the attention dropout (reference
-    backend only). See the module docstring for shapes and backends.
+    ``scale`` defaults to ``D ** -0.5``; ``dropout_p`` is the attention dropout and
+    ``window`` the sliding window (reference backend only). See the module docstring for
+    shapes and backends.
     """
+    if window is not None and window < 1:
+        raise ValueError(f"causal_attention: window must be >= 1, got {window}")
     S, B, N, D = q_SBND.shape
     if k_SBGD.shape != v_SBGD.shape or k_SBGD.shape[:2] != (S, B) or k_SBGD.shape[3] != D:
         raise ValueError(
@@ -151,9 +176,12 @@ def causal_attention(
         dtype=q_SBND.dtype,
         head_dim=D,
         dropout_p=dropout_p,
+        window=window,
     )
     if chosen == "torch":
-        return causal_attention_reference(q_SBND, k_SBGD, v_SBGD, cu_seqlens, scale, dropout_p)
+        return causal_attention_reference(
+            q_SBND, k_SBGD, v_SBGD, cu_seqlens, scale, dropout_p, window
+        )
     if cu_seqlens is None:
         cu_seqlens = torch.tensor([0, S], dtype=torch.int32)
     q_SBND, k_SBGD, v_SBGD = (

@@ -24,14 +24,16 @@ from hpc_rlhf.inference.sampling import (
 from hpc_rlhf.ops import _backend
 
 
-def _dense_reference(q_BHD, k_pool, v_pool, tables, lens, S):
-    """Gather each sequence's history and attend with plain softmax (fp64)."""
+def _dense_reference(q_BHD, k_pool, v_pool, tables, lens, S, window=None):
+    """Gather each sequence's history (its latest ``window`` positions with a sliding
+    window) and attend with plain softmax (fp64)."""
     out = []
     B, Hq, D = q_BHD.shape
     G = k_pool.shape[1]
     for b, (table, n) in enumerate(zip(tables, lens)):
-        k_GLD = torch.cat([k_pool[blk] for blk in table], dim=1)[:, :n].double()
-        v_GLD = torch.cat([v_pool[blk] for blk in table], dim=1)[:, :n].double()
+        first = 0 if window is None else max(0, n - window)
+        k_GLD = torch.cat([k_pool[blk] for blk in table], dim=1)[:, first:n].double()
+        v_GLD = torch.cat([v_pool[blk] for blk in table], dim=1)[:, first:n].double()
         k_HLD = k_GLD.repeat_interleave(Hq // G, dim=0)
         v_HLD = v_GLD.repeat_interleave(Hq // G, dim=0)
         q_H1D = q_BHD[b].double()[:, None]
@@ -68,6 +70,25 @@ def test_decode_attention_matches_dense_with_shared_blocks(backend, G, g):
     got = DECODE_FNS[backend](q_BHD, k_pool, v_pool, meta)
     want = _dense_reference(q_BHD, k_pool, v_pool, tables, lens, S)
     assert torch.allclose(got.double(), want, atol=1e-5), (got.double() - want).abs().max()
+
+
+@pytest.mark.parametrize("window", [1, 5, 13])
+def test_decode_attention_with_a_sliding_window_reads_the_latest_positions(window):
+    """Mistral's window in the torch paged decode (shared blocks, windows shorter than a
+    block, across blocks, longer than some sequences); the C++ kernel refuses one."""
+    torch.manual_seed(1)
+    S, D, N, G, g = 4, 8, 12, 2, 2
+    k_pool, v_pool = torch.randn(N, G, S, D), torch.randn(N, G, S, D)
+    tables = [[0, 1, 2], [0, 1, 5], [0, 1], [9, 3, 7, 4]]
+    lens = [11, 9, 6, 14]
+    q_BHD = 4.0 * torch.randn(len(tables), G * g, D)
+    meta = build_decode_meta(tables, lens, S, window=window)
+    got = decode_attention_torch(q_BHD, k_pool, v_pool, meta)
+    want = _dense_reference(q_BHD, k_pool, v_pool, tables, lens, S, window)
+    assert torch.allclose(got.double(), want, atol=1e-5), (got.double() - want).abs().max()
+    if _backend.extension() is not None:
+        with pytest.raises(ValueError, match="no sliding window"):
+            decode_attention_cpp(q_BHD, k_pool, v_pool, meta)
 
 
 @pytest.mark.skipif(_backend.extension() is None, reason="hpc_rlhf._C not built")
@@ -203,12 +224,14 @@ def test_cpp_decode_attention_refuses_lengths_past_the_table():
 
 
 @pytest.mark.parametrize("prefill", [prefill_attention_torch, prefill_attention_cpp])
-def test_prefill_attention_matches_per_sequence_float64(prefill):
-    """Packed prompts of 5, 1 and 40 tokens, 4 query heads over 2 KV heads."""
+@pytest.mark.parametrize("window", [None, 6])
+def test_prefill_attention_matches_per_sequence_float64(prefill, window):
+    """Packed prompts of 5, 1 and 40 tokens, 4 query heads over 2 KV heads (and a sliding
+    window of 6: the C++ path then runs the reference)."""
     gen = torch.Generator().manual_seed(11)
     lens, Hq, G, D = [5, 1, 40], 4, 2, 16
     q, k, v = (torch.randn(sum(lens), h, D, generator=gen) for h in (Hq, G, G))
-    out = prefill(q, k, v, lens)
+    out = prefill(q, k, v, lens, window)
     start = 0
     for n in lens:
         qs = q[start : start + n].double().transpose(0, 1)  # [Hq, n, D]
@@ -216,6 +239,8 @@ def test_prefill_attention_matches_per_sequence_float64(prefill):
         vs = v[start : start + n].double().transpose(0, 1).repeat_interleave(Hq // G, 0)
         scores = qs @ ks.transpose(1, 2) / math.sqrt(D)
         above = torch.ones(n, n, dtype=torch.bool).triu(1)
+        if window is not None:
+            above |= torch.ones(n, n, dtype=torch.bool).tril(-window)
         want = (scores.masked_fill(above, float("-inf")).softmax(-1) @ vs).transpose(0, 1)
         got = out[start : start + n].view(n, Hq, D).double()
         torch.testing.assert_close(got, want, atol=2e-5, rtol=1e-5)

@@ -220,6 +220,11 @@ def test_config_from_transformers4_style_dict():
     assert cfg.transformer_impl == "transformer_engine"
 
 
+LLAMA3_ROPE = dict(
+    factor=8.0, low_freq_factor=1.0, high_freq_factor=4.0, original_max_position_embeddings=64
+)
+
+
 @pytest.mark.parametrize(
     "change,match",
     [
@@ -228,8 +233,18 @@ def test_config_from_transformers4_style_dict():
         ({"attention_bias": True}, "'attention_bias'"),
         ({"mlp_bias": True}, "'mlp_bias'"),
         ({"hidden_act": "gelu"}, "'hidden_act'"),
-        ({"model_type": "qwen2"}, "'model_type'"),
-        ({"head_dim": 32}, "'head_dim'"),
+        ({"model_type": "gemma"}, "model_type 'gemma' is not supported .*'qwen3'"),
+        ({"head_dim": 0}, "'head_dim'"),
+        ({"model_type": "qwen3", "attention_bias": True}, "'attention_bias'"),
+        ({"model_type": "qwen2", "use_sliding_window": True}, "'use_sliding_window'"),
+        ({"model_type": "mistral", "sliding_window": -4}, "'sliding_window'"),
+        (
+            {
+                "model_type": "qwen2",
+                "rope_parameters": dict(LLAMA3_ROPE, rope_type="llama3", rope_theta=1e4),
+            },
+            "not supported for 'qwen2'",
+        ),
         ({"num_hidden_layers": None}, "'num_hidden_layers'"),
     ],
 )

@@ -22,8 +22,9 @@ CASES = {
 }
 
 
-def _oracle(q, k, v, cu, scale, g_out):
-    """float64 scores, an explicit causal mask per segment, softmax and V; with gradients."""
+def _oracle(q, k, v, cu, scale, g_out, window=None):
+    """float64 scores, an explicit causal (sliding-window: also keys ``window`` or more
+    positions back) mask per segment, softmax and V; with gradients."""
     q64, k64, v64 = (t.detach().double().requires_grad_(True) for t in (q, k, v))
     S, B, N, _ = q.shape
     rep = N // k.shape[2]
@@ -37,6 +38,8 @@ def _oracle(q, k, v, cu, scale, g_out):
         vs = v64[start:end].permute(1, 2, 0, 3).repeat_interleave(rep, dim=1)
         scores = qs @ ks.transpose(-1, -2) * scale
         above = torch.ones(end - start, end - start, dtype=torch.bool).triu(1)
+        if window is not None:  # keys at i - window and earlier: masked too
+            above |= torch.ones(end - start, end - start, dtype=torch.bool).tril(-window)
         probs = scores.masked_fill(above, float("-inf")).softmax(-1)
         out[start:end] = (probs @ vs).permute(2, 0, 1, 3)
     (out * g_out.double()).sum().backward()
@@ -72,6 +75,31 @@ def test_output_and_gradients_match_float64(backend, case, strided):
     for name, g, w in zip(("out", "dq", "dk", "dv"), got, want):
         assert g.shape == w.shape, name
         torch.testing.assert_close(g.double(), w, atol=3e-5, rtol=1e-4, msg=name)
+
+
+@pytest.mark.parametrize("case", ["plain_causal", "packed_gqa", "multi_query"])
+@pytest.mark.parametrize("window", [1, 7, 64])
+def test_sliding_window_matches_float64(case, window):
+    """Mistral's window on the reference (``auto`` picks it: the C++ kernel has none): each
+    position attends its latest ``window`` positions of its own segment; a window of 1 is
+    the position itself, one longer than a segment is plain causal attention there."""
+    S, B, N, G, D, cu = CASES[case]
+    q, k, v = _inputs(S, B, N, G, D, seed=S + window)
+    g_out = torch.randn(S, B, N, D, generator=torch.Generator().manual_seed(2))
+    want = _oracle(q, k, v, cu, D**-0.5, g_out, window)
+    leaves = [t.detach().clone().requires_grad_(True) for t in (q, k, v)]
+    cu_t = None if cu is None else torch.tensor(cu, dtype=torch.int32)
+    out = causal_attention(*leaves, cu_t, window=window)
+    out.backward(g_out)
+    for name, g, w in zip(
+        ("out", "dq", "dk", "dv"), (out.detach(), *(t.grad for t in leaves)), want
+    ):
+        torch.testing.assert_close(g.double(), w, atol=3e-5, rtol=1e-4, msg=name)
+    if HAVE_EXT:
+        with pytest.raises(RuntimeError, match="no sliding window"):
+            causal_attention(q, k, v, cu_t, backend="cpp", window=window)
+    with pytest.raises(ValueError, match="window must be >= 1"):
+        causal_attention(q, k, v, cu_t, window=0)
 
 
 @pytest.mark.skipif(not HAVE_EXT, reason="hpc_rlhf._C not built")

@@ -44,11 +44,14 @@ logger = logging.getLogger(__name__)
 _process_applied: tuple[str, ...] | None = None  # the process-scope ones, once applied
 
 
-def layer_spec(flags: MegatronOverrides):
-    """The local layer spec with the spec substitutions ``flags`` switch on."""
+def layer_spec(flags: MegatronOverrides, qk_norm: bool = False):
+    """The local layer spec with the spec substitutions ``flags`` switch on (and per-head
+    query/key RMSNorm with ``qk_norm``)."""
     from hpc_rlhf.models.overrides.spec import local_layer_spec
 
-    return local_layer_spec(swiglu_mlp=flags.swiglu_mlp, core_attention=flags.core_attention)
+    return local_layer_spec(
+        swiglu_mlp=flags.swiglu_mlp, core_attention=flags.core_attention, qk_norm=qk_norm
+    )
 
 
 def install_model_overrides(gpt: Any, flags: MegatronOverrides) -> OutputRows:

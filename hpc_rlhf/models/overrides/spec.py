@@ -26,13 +26,19 @@ class TorchRMSNorm:
         return norm
 
 
-def local_layer_spec(swiglu_mlp: bool = True, core_attention: bool = True):
-    """megatron-core's local GPT layer spec with the substitutions switched on."""
+def local_layer_spec(swiglu_mlp: bool = True, core_attention: bool = True, qk_norm: bool = False):
+    """megatron-core's local GPT layer spec with the substitutions switched on; with
+    ``qk_norm`` its per-head query and key norms are ``TorchRMSNorm`` too (megatron sums
+    their gradients over TP ranks: each rank normalises its own heads with the shared
+    weight)."""
     from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_local_spec
 
-    spec = get_gpt_layer_local_spec(normalization="RMSNorm")
+    spec = get_gpt_layer_local_spec(normalization="RMSNorm", qk_layernorm=qk_norm)
     spec.submodules.input_layernorm = TorchRMSNorm
     spec.submodules.pre_mlp_layernorm = TorchRMSNorm
+    if qk_norm:
+        spec.submodules.self_attention.submodules.q_layernorm = TorchRMSNorm
+        spec.submodules.self_attention.submodules.k_layernorm = TorchRMSNorm
     if swiglu_mlp:
         from hpc_rlhf.models.mlp import SwiGLUMLP
 
