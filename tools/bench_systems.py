@@ -49,6 +49,7 @@ class _FixedPrompts:
 class _BenchTokenizer:
     vocab_size = BENCH_MODEL.vocab_size
     eos_id, pad_id, bos_id = EOS_ID, PAD_ID, 1
+    stop_ids = (EOS_ID,)
 
 
 def ours_config(

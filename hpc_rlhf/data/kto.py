@@ -26,6 +26,7 @@ from hpc_rlhf.data.preference import (
     PreferenceMicroBatch,
     PreferenceSample,
     collate_policy_preferences,
+    last_span_start,
     row_preference,
 )
 from hpc_rlhf.data.presets import Turn, string_field
@@ -92,12 +93,12 @@ def read_completions(
     items = []
     for where, row in read_rows(path, "KTO data file"):
         for context, completion, desirable in row_completions(row, cfg, where):
-            context_ids, _ = conversation_tokens(context, tokenizer, cfg.chat_template)
-            ids, _ = conversation_tokens(
+            ids, mask = conversation_tokens(
                 [*context, ("assistant", completion)], tokenizer, cfg.chat_template
             )
             check_token_ids(ids, vocab_size, where, tokenizer)
-            items.append((context_ids, ids[len(context_ids) :], desirable, where))
+            start = last_span_start(mask)  # the completion (with its template tokens)
+            items.append((ids[:start], ids[start:], desirable, where))
     if len(items) < 2:
         raise InputError(f"{path}: KTO needs at least 2 completions (one is the other's KL pair)")
     samples, cut = [], 0

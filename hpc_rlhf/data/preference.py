@@ -68,6 +68,18 @@ class PreferenceMicroBatch(MicroBatch):
     ref_logps_B: torch.Tensor | None = None  # per row: the reference's response log-prob
 
 
+def last_span_start(mask: list[bool]) -> int:
+    """Where the last run of ``True`` in ``mask`` starts (the final assistant turn of a
+    conversation's loss mask: the response); ``len(mask)`` when there is none."""
+    end = len(mask)
+    while end > 0 and not mask[end - 1]:
+        end -= 1
+    start = end
+    while start > 0 and mask[start - 1]:
+        start -= 1
+    return start if end > 0 else len(mask)
+
+
 def _margin(row: dict, cfg: PreferenceDataConfig, margins: dict, where: str) -> float:
     value = row.get(cfg.margin_key)
     if value is None:
@@ -157,15 +169,14 @@ def read_preferences(
     samples, cut = [], 0
     for where, row in read_rows(path, "preference data file"):
         context, responses, pairs, safe = row_preference(row, cfg, margins, where, safety)
-        context_ids, _ = conversation_tokens(context, tokenizer, cfg.chat_template)
-        sequences = []
+        sequences, starts = [], []
         for response in responses:
             turns = [*context, ("assistant", response)]
-            ids, _ = conversation_tokens(turns, tokenizer, cfg.chat_template)
+            ids, mask = conversation_tokens(turns, tokenizer, cfg.chat_template)
             check_token_ids(ids, vocab_size, where, tokenizer)
             cut += len(ids) > seq_length
             sequences.append(ids[:seq_length])
-        starts = [len(context_ids)] * len(sequences)  # each turn is tokenized on its own
+            starts.append(last_span_start(mask))
         samples.append(PreferenceSample(sequences, pairs, where, safe, starts))
     if not samples:
         raise InputError(f"{path}: no preference rows")

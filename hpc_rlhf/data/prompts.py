@@ -18,7 +18,7 @@ import os
 
 import torch
 
-from hpc_rlhf.config import InputError
+from hpc_rlhf.config import TOKENIZER_CHAT_TEMPLATE, InputError
 from hpc_rlhf.data.text_files import check_token_ids, numbered_lines
 from hpc_rlhf.data.tokenizer import ASSETS_DIR
 
@@ -94,8 +94,9 @@ class PromptDataset:
         safety_field: str | None = None,
     ):
         path = path or default_prompts_path()
-        if chat_template is not None and "{prompt}" not in chat_template:
-            raise InputError("data.chat_template must contain '{prompt}'")
+        own_template = chat_template == TOKENIZER_CHAT_TEMPLATE
+        if chat_template is not None and not own_template and "{prompt}" not in chat_template:
+            raise InputError("data.chat_template must contain '{prompt}' (or be 'tokenizer')")
         if max_prompt_length < 1 or truncation_side not in ("left", "right"):
             raise InputError(
                 f"max_prompt_length={max_prompt_length} must be >= 1 and "
@@ -130,8 +131,11 @@ class PromptDataset:
         self.position = 0
 
     def _tokenize(self, text: str) -> tuple[list[int], bool]:
-        """``[BOS] + tokens(template(text))`` and whether the text had to be cut to fit."""
+        """``[BOS] + tokens(template(text))`` (the tokenizer's own template renders BOS
+        itself where the model has one) and whether the text had to be cut to fit."""
         tok, template = self.tokenizer, self.chat_template
+        if template == TOKENIZER_CHAT_TEMPLATE:
+            return self._render_user_turn(text)
         ids = [tok.bos_id, *tok.encode(template.format(prompt=text) if template else text)]
         if len(ids) <= self.max_prompt_length:
             return ids, False
@@ -147,6 +151,27 @@ class PromptDataset:
         body = tok.encode(text)
         body = body[-room:] if self.truncation_side == "left" else body[:room]
         return [*head, *body, *tail], True
+
+    def _render_user_turn(self, text: str) -> tuple[list[int], bool]:
+        """One user turn through the tokenizer's chat template, generation prompt added;
+        a text too long is cut (``truncation_side``) token-wise and rendered again."""
+        tok = self.tokenizer
+        ids = tok.render([("user", text)], add_generation_prompt=True)
+        if len(ids) <= self.max_prompt_length:
+            return ids, False
+        frame = len(tok.render([("user", "")], add_generation_prompt=True))
+        body = tok.encode(text)
+        room = self.max_prompt_length - frame
+        while room >= 1:
+            kept = body[-room:] if self.truncation_side == "left" else body[:room]
+            ids = tok.render([("user", tok.decode(kept))], add_generation_prompt=True)
+            if len(ids) <= self.max_prompt_length:
+                return ids, True
+            room -= len(ids) - self.max_prompt_length  # re-tokenised text grew: shrink
+        raise InputError(
+            f"data.max_prompt_length={self.max_prompt_length} leaves no room for the prompt "
+            f"text: the tokenizer's chat template takes {frame} tokens"
+        )
 
     def __len__(self) -> int:
         return len(self.token_ids)

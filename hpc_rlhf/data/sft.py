@@ -12,6 +12,9 @@ sees: ``BOS``, then per turn
   and to stop, as PPO's engine stops at EOS).
 
 Each turn is tokenized on its own, as PPO tokenizes the prompt and generates the response.
+With ``data.chat_template: tokenizer`` the conversation is rendered by the tokenizer
+directory's own chat template instead, the loss on each assistant turn as that template
+renders it (``rendered_conversation``).
 A sample longer than ``seq_length + 1`` tokens is cut (``truncation_side``, counted and
 warned once); one with no assistant token left is an error naming its row.
 """
@@ -24,7 +27,7 @@ from dataclasses import dataclass
 
 import torch
 
-from hpc_rlhf.config import InputError, SFTDataConfig
+from hpc_rlhf.config import TOKENIZER_CHAT_TEMPLATE, InputError, SFTDataConfig
 from hpc_rlhf.data.presets import message_list, sft_row
 from hpc_rlhf.data.samples import SampleSet
 from hpc_rlhf.data.sources import read_rows
@@ -75,6 +78,8 @@ def conversation_tokens(
     messages: list[tuple[str, str]], tokenizer, chat_template: str | None
 ) -> tuple[list[int], list[bool]]:
     """``(ids, loss_mask)`` of a conversation (see the module docstring)."""
+    if chat_template == TOKENIZER_CHAT_TEMPLATE:
+        return rendered_conversation(messages, tokenizer)
     ids, mask = [tokenizer.bos_id], [False]
     for role, content in messages:
         if role == "assistant":
@@ -85,6 +90,30 @@ def conversation_tokens(
             piece = tokenizer.encode(content)
         ids += piece
         mask += [role == "assistant"] * len(piece)
+    return ids, mask
+
+
+def rendered_conversation(
+    messages: list[tuple[str, str]], tokenizer
+) -> tuple[list[int], list[bool]]:
+    """``(ids, loss_mask)`` through the tokenizer's own chat template: the ids of the whole
+    conversation; the loss on each assistant turn's tokens, found as what rendering up to
+    and including the turn adds to rendering the turns before it with the generation prompt
+    (the answer and the template's end-of-turn marker, e.g. ``<|im_end|>``)."""
+    ids = tokenizer.render(messages, add_generation_prompt=False)
+    mask = [False] * len(ids)
+    for turn, (role, _) in enumerate(messages):
+        if role != "assistant":
+            continue
+        before = tokenizer.render(messages[:turn], add_generation_prompt=True) if turn else []
+        through = tokenizer.render(messages[: turn + 1], add_generation_prompt=False)
+        if through[: len(before)] != before or ids[: len(through)] != through:
+            raise InputError(
+                f"the chat template of {getattr(tokenizer, 'path', 'the tokenizer')} does not "
+                "render a conversation as the concatenation of its turns (assistant turn "
+                f"{turn}): its loss positions cannot be located"
+            )
+        mask[len(before) : len(through)] = [True] * (len(through) - len(before))
     return ids, mask
 
 

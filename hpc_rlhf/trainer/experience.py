@@ -179,7 +179,7 @@ def generate_rollout(
         top_k=generation.top_k,
         top_p=generation.top_p,
         max_new_tokens=generation.max_new_tokens,
-        stop_token_ids=(tokenizer.eos_id,) if generation.stop_at_eos else (),
+        stop_token_ids=tuple(tokenizer.stop_ids) if generation.stop_at_eos else (),
         n=n,
         seed=seed,
     )
