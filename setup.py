@@ -76,7 +76,16 @@ setup(
         "datasets>=3",  # Parquet / Arrow data files (data/sources.py)
     ],
     extras_require={
-        "test": ["pytest>=8", "transformers>=4.45", "ruff", "mypy", "tensorboard"],
+        "test": [
+            "pytest>=8",
+            "transformers>=4.45",
+            "ruff",
+            "mypy",
+            "tensorboard",
+            "wandb",
+            "mlflow-skinny",
+        ],
+        "trackers": ["wandb", "mlflow-skinny"],  # tracking.backends (utils/trackers.py)
         "gpu": ["transformer-engine[pytorch]", "flash-attn"],
     },
     ext_modules=EXT_MODULES,

@@ -367,6 +367,41 @@ class OptimizerConfig:
             )
 
 
+TRACKERS = ("wandb", "mlflow")
+WANDB_MODES = ("offline", "online")
+
+
+@dataclass(frozen=True)
+class TrackingConfig:
+    """Experiment trackers besides the always-written JSONL and TensorBoard (rank 0 only,
+    ``utils.trackers``): ``backends`` among ``wandb`` and ``mlflow``, the run's config
+    recorded with it. ``project`` is the W&B project and the MLflow experiment."""
+
+    backends: tuple[str, ...] = ()
+    project: str = "hpc_rlhf"
+    run_name: str | None = None
+    wandb_mode: str = "offline"  # "online" needs a W&B login and network
+    mlflow_tracking_uri: str | None = None  # None: a file store under OUT_DIR/mlruns
+
+    def validate(self) -> None:
+        """``ConfigError`` naming an unknown backend or mode, or one not installed."""
+        import importlib.util
+
+        for name in self.backends:
+            if name not in TRACKERS:
+                raise ConfigError(f"tracking.backends: {name!r} is not one of {TRACKERS}")
+            module = "mlflow" if name == "mlflow" else "wandb"
+            if importlib.util.find_spec(module) is None:
+                raise ConfigError(
+                    f"tracking.backends has {name!r} but the {module} package is not "
+                    "installed (pip install hpc_rlhf[trackers])"
+                )
+        if self.wandb_mode not in WANDB_MODES:
+            raise ConfigError(
+                f"tracking.wandb_mode={self.wandb_mode!r}: expected one of {WANDB_MODES}"
+            )
+
+
 @dataclass(frozen=True)
 class TrainConfig:
     """A supervised run's step loop (pre-training and SFT): batches, checkpoints, eval."""
@@ -415,10 +450,12 @@ class Config:
     parallel: ParallelConfig = field(default_factory=ParallelConfig)
     optimizer: OptimizerConfig = field(default_factory=OptimizerConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
+    tracking: TrackingConfig = field(default_factory=TrackingConfig)
 
     def validate(self, world_size: int | None = None) -> Config:
         """Check every section and the layout; return self for chaining."""
         self.model.validate()
+        self.tracking.validate()
         self.parallel.validate(self.model, world_size)
         self.optimizer.validate("optimizer.")
         self.train.validate(self.model)
@@ -1018,6 +1055,7 @@ class PPORunConfig:
     cost: RewardConfig | None = None
     cost_critic_optimizer: OptimizerConfig = field(default_factory=OptimizerConfig)
     lagrangian: LagrangianConfig = field(default_factory=LagrangianConfig)
+    tracking: TrackingConfig = field(default_factory=TrackingConfig)
 
     @property
     def cost_critic_init(self) -> str:
@@ -1050,6 +1088,7 @@ class PPORunConfig:
     def validate(self, world_size: int | None = None) -> PPORunConfig:
         """Check every section and the layout; return self for chaining."""
         self.model.validate()
+        self.tracking.validate()
         self.parallel.validate(self.model, world_size)
         self.actor_optimizer.validate("actor_optimizer.")
         self.critic_optimizer.validate("critic_optimizer.")
@@ -1116,10 +1155,12 @@ class EvalRunConfig:
     generation: RolloutConfig = field(default_factory=RolloutConfig)
     data: DataConfig = field(default_factory=DataConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
+    tracking: TrackingConfig = field(default_factory=TrackingConfig)
 
     def validate(self, world_size: int | None = None) -> EvalRunConfig:
         """Check every section and the layout; return self for chaining."""
         self.model.validate()
+        self.tracking.validate()
         self.parallel.validate(self.model, world_size)
         self.generation.validate()
         self.data.validate()

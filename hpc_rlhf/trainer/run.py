@@ -119,8 +119,19 @@ class Run:
             )
         self.state: ParallelState = initialize_parallel(cfg.parallel, cfg.model, settings.seed)
         self.progress_keys = progress_keys
-        self.sink = MetricsSink(out_dir, enabled=self.state.rank == 0)
+        self.sink = MetricsSink(
+            out_dir, enabled=self.state.rank == 0, trackers=self._trackers(cfg, out_dir)
+        )
         self.progress = Progress(settings.steps, enabled=self.state.rank == 0)
+
+    def _trackers(self, cfg: Any, out_dir: str | None) -> list:
+        """Rank 0's experiment trackers (``cfg.tracking``), started with the whole config."""
+        from hpc_rlhf.config import config_to_dict
+        from hpc_rlhf.utils.trackers import open_trackers
+
+        if self.state.rank != 0:
+            return []
+        return open_trackers(cfg.tracking, out_dir, config_to_dict(cfg))
 
     def resume(self, models: Mapping[str, Any], fallback: bool | None = None) -> dict | None:
         """Load the newest complete checkpoint of ``save_dir`` into ``models`` (name ->

@@ -1,4 +1,5 @@
-"""Rank-0 logging, a progress bar with ETA, and metrics sinks (stdout, JSONL, TensorBoard)."""
+"""Rank-0 logging, a progress bar with ETA, and metrics sinks (stdout, JSONL, TensorBoard,
+and the experiment trackers of ``utils.trackers``)."""
 
 from __future__ import annotations
 
@@ -8,7 +9,8 @@ import os
 import sys
 import time
 import warnings
-from typing import IO
+from collections.abc import Sequence
+from typing import IO, Any
 
 _SEEN_ONCE: set[tuple] = set()
 
@@ -48,10 +50,17 @@ class MetricsSink:
     duplicated. TensorBoard readers drop the older events of the steps this run writes
     (``purge_step``). ``write`` before ``begin`` begins a fresh history."""
 
-    def __init__(self, out_dir: str | None, enabled: bool, tensorboard: bool = True):
+    def __init__(
+        self,
+        out_dir: str | None,
+        enabled: bool,
+        tensorboard: bool = True,
+        trackers: Sequence[Any] = (),
+    ):
         self.enabled = enabled and out_dir is not None
         self.out_dir = out_dir
         self.tensorboard = tensorboard
+        self.trackers = list(trackers)  # utils.trackers (W&B, MLflow): rank 0's
         self._begun = False
         self._jsonl: IO[str] | None = None
         self._tb = None
@@ -93,12 +102,17 @@ class MetricsSink:
         if self._tb is not None:
             for key, value in metrics.items():
                 self._tb.add_scalar(key, value, step)
+        for tracker in self.trackers:
+            tracker.log(step, metrics)
 
     def close(self) -> None:
         if self._jsonl:
             self._jsonl.close()
         if self._tb is not None:
             self._tb.close()
+        for tracker in self.trackers:
+            tracker.close()
+        self.trackers = []
 
 
 def _records_up_to(path: str, last_step: int) -> list[str]:
