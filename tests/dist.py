@@ -10,6 +10,7 @@ module-level function) so that spawned processes can find it.
 from __future__ import annotations
 
 import os
+import pickle
 import sys
 import tempfile
 import traceback
@@ -37,7 +38,7 @@ def _worker(
     port: int,
     out_dir: str,
     fn: Callable,
-    args: tuple,
+    args_blob: bytes,
     backend: str = "gloo",
 ):
     os.environ.update(
@@ -54,7 +55,7 @@ def _worker(
         if backend == "nccl":
             torch.cuda.set_device(rank)
         dist.init_process_group(backend, rank=rank, world_size=world_size)
-        result = fn(rank, world_size, *args)
+        result = fn(rank, world_size, *pickle.loads(args_blob))
         torch.save({"ok": True, "value": result}, path)
     except BaseException:  # noqa: BLE001 - reported to the parent with the traceback
         torch.save({"ok": False, "error": traceback.format_exc()}, path)
@@ -91,7 +92,10 @@ def _run(fn, world_size: int, args: tuple, backend: str, start_method: str) -> l
     with tempfile.TemporaryDirectory() as out_dir:
         mp.start_processes(
             _worker,
-            args=(world_size, free_port(), out_dir, fn, args, backend),
+            # the arguments travel as plain pickled bytes: torch's multiprocessing pickler
+            # would share each tensor through a file descriptor, and a fork server takes
+            # at most 256 per process
+            args=(world_size, free_port(), out_dir, fn, pickle.dumps(args), backend),
             nprocs=world_size,
             join=True,
             start_method=start_method,

@@ -11,6 +11,8 @@ initialisation (zeros and ones would hide a missing or misplaced one), and saved
 * ``hf_io.load_hf_checkpoint`` reads the family's ``ModelConfig`` from its config.json;
 * the megatron model's logits equal transformers' within 1e-5 relative at TP=1 and at
   TP=2 x PP=2 (padded rows, fp32), and gathering the shards gives the HF state bit for bit;
+  so do a reward model's per-token and end scores against the family's
+  ``*ForSequenceClassification``;
 * the generation engine's greedy tokens equal transformers' ``generate`` at TP=1 and TP=2;
 * the state written back by ``save_hf_checkpoint`` loads in transformers (its own class
   from our config.json) and gives the original logits exactly.
@@ -61,15 +63,17 @@ CONFIGS = {
 GREEDY_TOKENS = 8
 
 
-def transformers_model(model_cfg: ModelConfig, seed: int):
-    """The family's transformers ``*ForCausalLM`` (eager attention, fp32), random weights,
-    biases and norm weights perturbed."""
+def transformers_model(model_cfg: ModelConfig, seed: int, head: str = hf_names.HEAD_LM):
+    """The family's transformers ``*ForCausalLM`` (or ``*ForSequenceClassification`` for
+    ``head="score"``; eager attention, fp32), random weights, biases and norm weights
+    perturbed."""
     import transformers
 
     prefix = hf_config.FAMILY_CLASSES[model_cfg.family]
     config_cls = getattr(transformers, f"{prefix}Config")
-    model_cls = getattr(transformers, f"{prefix}ForCausalLM")
-    hf_cfg = config_cls(**hf_config.hf_config_from_model(model_cfg))
+    kind = "ForCausalLM" if head == hf_names.HEAD_LM else "ForSequenceClassification"
+    model_cls = getattr(transformers, prefix + kind)
+    hf_cfg = config_cls(**hf_config.hf_config_from_model(model_cfg, head))
     hf_cfg._attn_implementation = "eager"
     hf_cfg.pad_token_id, hf_cfg.eos_token_id, hf_cfg.bos_token_id = 0, None, None
     torch.manual_seed(seed)
@@ -78,7 +82,7 @@ def transformers_model(model_cfg: ModelConfig, seed: int):
         for name, param in model.named_parameters():
             if name.endswith("norm.weight"):
                 param.add_(0.2 * torch.randn_like(param))
-            elif name.endswith(".bias"):
+            elif name.endswith(".bias") or name == "score.weight":
                 param.normal_(0.0, 0.5)
             else:
                 param.mul_(3.0)  # sharper distributions: fewer near-ties in greedy decoding
@@ -86,15 +90,22 @@ def transformers_model(model_cfg: ModelConfig, seed: int):
 
 
 def reference(model, model_cfg: ModelConfig, seed: int) -> tuple:
-    """(HF state, logits [B, S, V], None, ids, mask) of ``model`` on a padded batch."""
+    """(HF state, logits [B, S, V] or per-token scores [B, S, 1], pooled scores [B] or
+    None, ids, mask) of ``model`` on a padded batch."""
     ids_BS, mask_BS = make_batch(model_cfg.vocab_size, seed)
     pos_BS = (mask_BS.cumsum(1) - 1).clamp(min=0)
+    pooled_B = None
     with torch.no_grad():
-        logits = model(ids_BS, attention_mask=mask_BS, position_ids=pos_BS).logits
+        if hasattr(model, "score"):
+            hidden_BSH = model.model(ids_BS, attention_mask=mask_BS, position_ids=pos_BS)
+            out = model.score(hidden_BSH.last_hidden_state)
+            pooled_B = model(ids_BS, attention_mask=mask_BS, position_ids=pos_BS).logits[:, 0]
+        else:
+            out = model(ids_BS, attention_mask=mask_BS, position_ids=pos_BS).logits
     state = {n: t.detach().clone() for n, t in model.state_dict().items()}
     if model_cfg.tie_word_embeddings:
         state.pop(hf_names.HF_LM_HEAD, None)
-    return state, logits, None, ids_BS, mask_BS
+    return state, out, pooled_B, ids_BS, mask_BS
 
 
 @pytest.fixture(scope="module")
@@ -106,9 +117,12 @@ def checkpoints(tmp_path_factory):
         model = transformers_model(cfg, seed)
         path = tmp_path_factory.mktemp(name)
         model.save_pretrained(str(path), max_shard_size="100KB")
+        scorer = transformers_model(cfg, seed + 10, hf_names.HEAD_SCORE)
+        scorer.config.pad_token_id = 0
         out[name] = {
             "path": str(path),
             "ref": reference(model, cfg, seed),
+            "score_ref": reference(scorer, cfg, seed),
             "greedy": hf_greedy(model, prompts, GREEDY_TOKENS),
             "prompts": prompts,
         }
@@ -149,6 +163,8 @@ def _world(rank, world_size, checkpoints, layout):
         par = ParallelConfig(tensor_model_parallel_size=tp, pipeline_model_parallel_size=pp)
         results[name] = check_role(cfg, par, "actor", ref)
         destroy_parallel()
+        results[name]["reward"] = check_role(cfg, par, "reward", checkpoints[name]["score_ref"])
+        destroy_parallel()
         engine_par = ParallelConfig(tensor_model_parallel_size=tp)  # the engine's layout
         if world_size % tp == 0:
             results[name]["greedy"] = _greedy(cfg, engine_par, ref[0], checkpoints[name]["prompts"])
@@ -164,6 +180,9 @@ def test_logits_and_greedy_generation_equal_transformers(checkpoints, layout):
         result = ranks[0][name]
         assert result["gather_exact"] is True, (name, result)
         assert result["logits"] <= RTOL, (name, result["logits"])
+        reward = result["reward"]  # the reward model (*ForSequenceClassification)
+        assert reward["gather_exact"] is True, (name, reward)
+        assert reward["scores"] <= RTOL and reward["end_scores"] <= RTOL, (name, reward)
         for rank_result in ranks:
             assert rank_result[name]["greedy"] == checkpoints[name]["greedy"], name
 
