@@ -367,6 +367,9 @@ class OptimizerConfig:
             )
 
 
+# algorithms.advantages' estimators; the group ones compare a prompt's samples
+ADVANTAGE_ESTIMATORS = ("gae", "grpo", "rloo", "drgrpo", "reinforce_pp", "reinforce_pp_baseline")
+GROUP_ESTIMATORS = ("grpo", "rloo", "drgrpo", "reinforce_pp_baseline")
 TRACKERS = ("wandb", "mlflow")
 WANDB_MODES = ("offline", "online")
 
@@ -927,7 +930,8 @@ class PPOConfig:
     score_micro_batch_size_per_rank: int | None = None
     mini_batches_per_rollout: int = 1
     ppo_epochs: int = 1
-    advantage: str = "gae"  # "gae" | "grpo" | "rloo"
+    # "gae" | "grpo" | "rloo" | "drgrpo" | "reinforce_pp" | "reinforce_pp_baseline"
+    advantage: str = "gae"
     gamma: float = 1.0
     lam: float = 0.95
     kl_coef: float = 0.05
@@ -940,7 +944,13 @@ class PPOConfig:
     value_clip: float | None = 0.2
     entropy_coef: float = 0.0
     ptx_coef: float = 0.0
+    # "token_mean" | "seq_mean" | "token_sum" (Dr.GRPO: summed over tokens, divided by
+    # sequences x generation.max_new_tokens, a constant: no per-response length normalisation)
     loss_reduction: str = "token_mean"
+    policy_loss: str = "ppo"  # "ppo" (token ratios) | "gspo" (sequence ratio; seq_mean)
+    # truncated importance sampling against the engine's log-probs: the cap C of
+    # min(pi_trainer / pi_engine, C); None: off. Recomputes the old log-probs.
+    tis_cap: float | None = None
     whiten_advantages: bool = True
     critic_init: str = "actor"  # "actor" | "reward" (the first reward model) | "random"
     # ppo_lag: "cost" (the first cost model, Safe-RLHF's default) | "actor" | "random";
@@ -976,13 +986,29 @@ class PPOConfig:
         )
         _positive(self, "ppo.", positive)
         _non_negative(self, "ppo.", ("save_interval",))
-        if self.advantage not in ("gae", "grpo", "rloo"):
-            raise ConfigError(f"ppo.advantage={self.advantage!r}: expected gae, grpo or rloo")
-        if self.advantage in ("grpo", "rloo") and self.n_samples_per_prompt < 2:
+        if self.advantage not in ADVANTAGE_ESTIMATORS:
+            raise ConfigError(
+                f"ppo.advantage={self.advantage!r}: expected one of {ADVANTAGE_ESTIMATORS}"
+            )
+        if self.advantage in GROUP_ESTIMATORS and self.n_samples_per_prompt < 2:
             raise ConfigError(f"ppo.advantage={self.advantage} needs ppo.n_samples_per_prompt >= 2")
+        if self.advantage.startswith("reinforce_pp") and not self.whiten_advantages:
+            raise ConfigError(
+                f"ppo.advantage={self.advantage} normalises over the batch: it needs "
+                "ppo.whiten_advantages=true"
+            )
+        if self.policy_loss not in ("ppo", "gspo"):
+            raise ConfigError(f"ppo.policy_loss={self.policy_loss!r}: expected ppo or gspo")
+        if self.policy_loss == "gspo" and (self.loss_reduction != "seq_mean" or self.dual_clip):
+            raise ConfigError(
+                "ppo.policy_loss=gspo is a mean over sequences with no dual clip: set "
+                "ppo.loss_reduction=seq_mean and leave ppo.dual_clip unset"
+            )
+        if self.tis_cap is not None and not self.tis_cap >= 1:
+            raise ConfigError(f"ppo.tis_cap={self.tis_cap} must be >= 1")
         if self.kl_estimator not in ("k1", "k2", "k3"):
             raise ConfigError(f"ppo.kl_estimator={self.kl_estimator!r}: expected k1, k2 or k3")
-        if self.loss_reduction not in ("token_mean", "seq_mean"):
+        if self.loss_reduction not in ("token_mean", "seq_mean", "token_sum"):
             raise ConfigError(f"ppo.loss_reduction={self.loss_reduction!r}")
         if self.critic_init not in ("actor", "reward", "random"):
             raise ConfigError(f"ppo.critic_init={self.critic_init!r}")

@@ -1,4 +1,8 @@
-"""Advantage estimators, registered by name: ``gae``, ``grpo``, ``rloo``.
+"""Advantage estimators, registered by name: ``gae``, ``grpo``, ``rloo``, ``drgrpo``
+(Dr.GRPO: GRPO without the division by the group's std), ``reinforce_pp`` (REINFORCE++:
+per-token discounted returns of the KL-penalised rewards, no critic, normalised over the
+whole batch by the trainer's whitening) and ``reinforce_pp_baseline`` (the same minus the
+mean return of the prompt's group).
 
 All take one signature (``compute_advantages``) and are pure tensor functions returning
 ``(advantages_BS, returns_BS)`` (fp32, zero where ``mask_BS`` is false). ``whiten`` normalises over the valid tokens, optionally across the
@@ -88,6 +92,46 @@ def rloo_advantages(rewards_BS, mask_BS, values_BS, *, gamma, lam, group_size):
     baseline_Gn = (returns_Gn.sum(dim=1, keepdim=True) - returns_Gn) / (group_size - 1)
     adv_BS = (returns_Gn - baseline_Gn).reshape(-1, 1) * mask_BS.float()
     return adv_BS, adv_BS.clone()
+
+
+@register("drgrpo")
+def drgrpo_advantages(rewards_BS, mask_BS, values_BS, *, gamma, lam, group_size):
+    """Dr.GRPO (Liu et al. 2025): each sample's return minus its group's mean, *not*
+    divided by the group's std (which up-weights prompts whose samples all agree)."""
+    returns_Gn = _group_returns(rewards_BS, group_size)
+    adv_BS = (returns_Gn - returns_Gn.mean(dim=1, keepdim=True)).reshape(-1, 1)
+    adv_BS = adv_BS * mask_BS.float()
+    return adv_BS, adv_BS.clone()
+
+
+def _token_returns(rewards_BS, mask_BS, gamma: float) -> torch.Tensor:
+    """``G_t = sum_k gamma^k r_{t+k}`` over each row's valid tokens (GAE with zero values
+    and lambda 1: ``ops.masked_gae``)."""
+    from hpc_rlhf.ops import masked_gae
+
+    zeros_BS = torch.zeros_like(rewards_BS, dtype=torch.float32)
+    returns_BS, _ = masked_gae(rewards_BS.float(), zeros_BS, mask_BS, gamma=gamma, lam=1.0)
+    return returns_BS
+
+
+@register("reinforce_pp")
+def reinforce_pp_advantages(rewards_BS, mask_BS, values_BS, *, gamma, lam, group_size):
+    """REINFORCE++ (Hu 2025): the advantage of token ``t`` is its discounted return of
+    KL-penalised token rewards; normalised over the global batch by the trainer's
+    whitening (``ppo.whiten_advantages``, required)."""
+    returns_BS = _token_returns(rewards_BS, mask_BS, gamma)
+    return returns_BS.clone(), returns_BS
+
+
+@register("reinforce_pp_baseline")
+def reinforce_pp_baseline_advantages(rewards_BS, mask_BS, values_BS, *, gamma, lam, group_size):
+    """REINFORCE++-baseline: token returns minus the mean sequence return of the prompt's
+    ``group_size`` samples (then the global batch normalisation of ``reinforce_pp``)."""
+    returns_BS = _token_returns(rewards_BS, mask_BS, gamma)
+    baseline_Gn = _group_returns(rewards_BS, group_size).mean(dim=1, keepdim=True)
+    baseline_B1 = baseline_Gn.expand(-1, group_size).reshape(-1, 1)
+    adv_BS = (returns_BS - baseline_B1) * mask_BS.float()
+    return adv_BS, returns_BS
 
 
 def masked_mean_var(x_BS: torch.Tensor, mask_BS: torch.Tensor, group=None):

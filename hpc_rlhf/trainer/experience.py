@@ -64,6 +64,8 @@ class ExperienceBatch:
     cost_values_BS: torch.Tensor | None = None
     costs_BS: torch.Tensor | None = None
     cost_returns_BS: torch.Tensor | None = None
+    # ppo.tis_cap: min(pi_trainer / pi_engine, cap) per action token
+    tis_weights_BS: torch.Tensor | None = None
 
     @property
     def size(self) -> int:

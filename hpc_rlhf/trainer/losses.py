@@ -20,6 +20,7 @@ from dataclasses import dataclass
 
 import torch
 
+from hpc_rlhf.algorithms.policy_losses import gspo_policy_loss
 from hpc_rlhf.config import PPOConfig
 from hpc_rlhf.models.heads import end_scores
 from hpc_rlhf.models.runner import MicroBatch, logprobs_from_output
@@ -46,6 +47,7 @@ class GlobalCounts:
     tokens: float
     sequences: float
     ptx_tokens: float = 0.0
+    norm_tokens: float = 0.0  # loss_reduction token_sum: sequences x generation.max_new_tokens
 
 
 def _required(value: torch.Tensor | None, name: str) -> torch.Tensor:
@@ -231,10 +233,13 @@ def calibrated_end_score_fn(normalization: tuple[float, float] | None) -> Callab
 
 def to_global_mean(loss, mask_BS, reduction: str, counts: GlobalCounts) -> torch.Tensor:
     """This micro-batch's share of the mini-batch mean: ``loss`` is a mean over its own valid
-    tokens (``token_mean``) or sequences (``seq_mean``); scale by their share of the
-    global count so the sum over micro-batches and data-parallel ranks is the global mean."""
+    tokens (``token_mean`` and ``token_sum``) or sequences (``seq_mean``); scale by their
+    share of the global count (for ``token_sum``: of ``counts.norm_tokens``) so the sum over
+    micro-batches and data-parallel ranks is the global mean."""
     if reduction == "token_mean":
         return loss * mask_BS.sum() / counts.tokens
+    if reduction == "token_sum":  # Dr.GRPO: a constant denominator, no length normalisation
+        return loss * mask_BS.sum() / counts.norm_tokens
     return loss * mask_BS.any(dim=1).sum() / counts.sequences
 
 
@@ -259,16 +264,23 @@ def actor_loss_fn(cfg: PPOConfig, tp_group, counts: GlobalCounts, temperature: f
         logp_BS, entropy_BS = logprobs_from_output(
             mb, logits, tp_group, entropy=True, loss_only=True
         )
-        loss, stats = ppo_policy_loss(
-            logp_BS,
-            _required(mb.old_logp_BS, "old_logp_BS"),
-            _required(mb.advantages_BS, "advantages_BS"),
-            mask_BS,
-            clip_low=cfg.clip_low,
-            clip_high=cfg.clip_high,
-            dual_clip=cfg.dual_clip,
-            reduction=cfg.loss_reduction,
-        )
+        old_BS = _required(mb.old_logp_BS, "old_logp_BS")
+        adv_BS = _required(mb.advantages_BS, "advantages_BS")
+        if cfg.policy_loss == "gspo":
+            loss, stats = gspo_policy_loss(
+                logp_BS, old_BS, adv_BS, mask_BS, cfg.clip_low, cfg.clip_high
+            )
+        else:
+            loss, stats = ppo_policy_loss(
+                logp_BS,
+                old_BS,
+                adv_BS,
+                mask_BS,
+                clip_low=cfg.clip_low,
+                clip_high=cfg.clip_high,
+                dual_clip=cfg.dual_clip,
+                reduction="seq_mean" if cfg.loss_reduction == "seq_mean" else "token_mean",
+            )
         n_tokens = mask_BS.sum()
         pg_share = to_global_mean(loss, mask_BS, cfg.loss_reduction, counts)
         entropy_sum = (entropy_BS * mask_BS).sum()
@@ -294,6 +306,12 @@ def _ptx_loss(mb: MicroBatch, logits, tp_group, coef: float, counts: GlobalCount
     )
 
 
+def _critic_reduction(cfg: PPOConfig) -> str:
+    """The critic's loss mean: the actor's, except Dr.GRPO's token sum (a normalisation of
+    the policy gradient) is a token mean for the value regression."""
+    return "token_mean" if cfg.loss_reduction == "token_sum" else cfg.loss_reduction
+
+
 def critic_loss_fn(cfg: PPOConfig, counts: GlobalCounts, signal: str = "reward") -> Callable:
     """Clipped value loss, pre-normalised by global counts (``normalize="none"``), on the
     reward critic's values and returns, or (``signal="cost"``) the cost critic's, whose
@@ -310,10 +328,10 @@ def critic_loss_fn(cfg: PPOConfig, counts: GlobalCounts, signal: str = "reward")
             _required(getattr(mb, returns_name), returns_name),
             mask_BS,
             clip=cfg.value_clip,
-            reduction=cfg.loss_reduction,
+            reduction=_critic_reduction(cfg),
         )
         n_tokens = mask_BS.sum()
-        scaled = to_global_mean(loss, mask_BS, cfg.loss_reduction, counts)
+        scaled = to_global_mean(loss, mask_BS, _critic_reduction(cfg), counts)
         metrics = {"value_loss": per_token_metric(scaled, n_tokens, counts)}
         metrics.update(
             {f"value_{k}" if not k.startswith("value") else k: v.detach() for k, v in stats.items()}

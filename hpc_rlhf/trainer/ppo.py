@@ -31,10 +31,11 @@ import torch
 from hpc_rlhf.algorithms.advantages import compute_advantages, masked_mean_var, whiten
 from hpc_rlhf.algorithms.kl import make_kl_controller
 from hpc_rlhf.algorithms.lagrange import LagrangeMultiplier, combined_advantage
+from hpc_rlhf.algorithms.policy_losses import truncated_is_weights
 from hpc_rlhf.algorithms.rewards import RunningMoments, lagrangian_token_signals, token_rewards
 from hpc_rlhf.config import PPORunConfig
 from hpc_rlhf.models.runner import MicroBatch
-from hpc_rlhf.parallel.comm import all_gather_cat, group_sum
+from hpc_rlhf.parallel.comm import all_gather_cat, group_max, group_sum
 from hpc_rlhf.parallel.state import ParallelState
 from hpc_rlhf.trainer.experience import (
     ExperienceBatch,
@@ -113,6 +114,7 @@ class PPOTrainer:
             )
         self.kl_ctl = make_kl_controller(cfg.ppo.kl_coef, cfg.ppo.kl_target, cfg.ppo.kl_horizon)
         self.reward_moments = RunningMoments()
+        self._mismatch: dict[str, float] = {}  # ppo.tis_cap: the last scored batch's
         self.step_count = 0
         self.policy_version = 0
         self.engine.sync_weights(self.policy_version)
@@ -208,8 +210,15 @@ class PPOTrainer:
             return infer_rows(model, fn, key, exp, mbs, order)
 
         exp.ref_logp_BS = run(self.reference, logprobs_fn(self.state.tp_group, temperature), "logp")
-        if self.cfg.ppo.recompute_old_logprobs:
+        tis_cap = self.cfg.ppo.tis_cap
+        if self.cfg.ppo.recompute_old_logprobs or tis_cap is not None:
+            engine_logp_BS = exp.old_logp_BS
             exp.old_logp_BS = run(self.actor, logprobs_fn(self.state.tp_group, temperature), "logp")
+            if tis_cap is not None:
+                exp.tis_weights_BS, stats = truncated_is_weights(
+                    exp.old_logp_BS, engine_logp_BS, exp.action_mask_BS, tis_cap
+                )
+                self._mismatch = self._mismatch_metrics(stats)
         if self.critic is not None:
             exp.values_BS = run(self.critic, values_fn, "values")
         unsafe_B = None
@@ -222,6 +231,22 @@ class PPOTrainer:
             exp.cost_values_BS = run(self.cost_critic, values_fn, "values")
             exp.cost_B = score_rollout(self.costs, *args)
         return exp
+
+    def _mismatch_metrics(self, stats: dict[str, torch.Tensor]) -> dict[str, float]:
+        """Train/inference mismatch over every DP rank's tokens: KL(engine || trainer) (k1
+        and k3 estimates), the largest ratio and the fraction of truncated TIS weights."""
+        sums = torch.stack(
+            [stats["kl_k1_sum"], stats["kl_k3_sum"], stats["clipped_sum"], stats["tokens"]]
+        )
+        group_sum(sums, self.state.dp_group)
+        top = group_max(stats["ratio_max"].clone(), self.state.dp_group)
+        tokens = max(float(sums[3]), 1.0)
+        return {
+            "mismatch_kl_k1": float(sums[0]) / tokens,
+            "mismatch_kl_k3": float(sums[1]) / tokens,
+            "mismatch_ratio_max": float(top),
+            "tis_clipped_fraction": float(sums[2]) / tokens,
+        }
 
     def _trim(self) -> int | None:
         """Per-microbatch lengths need PP=1 (pipeline p2p shapes are fixed per schedule)."""
@@ -250,6 +275,8 @@ class PPOTrainer:
             )
         adv_BS, exp.returns_BS = self._advantages(p.advantage, exp.rewards_BS, exp.values_BS, exp)
         exp.advantages_BS = self._whitened(adv_BS, mask_BS)
+        if exp.tis_weights_BS is not None:  # min(r w A, clip(r) w A) = w min(r A, clip(r) A)
+            exp.advantages_BS = exp.advantages_BS * exp.tis_weights_BS
         kl_mean, _ = masked_mean_var(exp.kl_BS, mask_BS, self.state.dp_group)
         adv_mean, adv_var = masked_mean_var(adv_BS, mask_BS, self.state.dp_group)
         n_samples = p.rollout_batch_size * p.n_samples_per_prompt
@@ -261,6 +288,8 @@ class PPOTrainer:
         }
         if self.multiplier is not None:
             metrics.update(self._constrain(exp))
+        if exp.tis_weights_BS is not None:
+            metrics.update(self._mismatch)
         return exp, metrics
 
     def _advantages(self, estimator: str, rewards_BS, values_BS, exp: ExperienceBatch):
@@ -377,8 +406,12 @@ class PPOTrainer:
             dtype=torch.float64,
         )
         group_sum(counts, self.state.dp_group)
+        sequences = max(float(counts[1]), 1.0)
         return GlobalCounts(
-            max(float(counts[0]), 1.0), max(float(counts[1]), 1.0), float(counts[2])
+            max(float(counts[0]), 1.0),
+            sequences,
+            float(counts[2]),
+            norm_tokens=sequences * self.cfg.generation.max_new_tokens,
         )
 
     def _ptx_microbatches(self, n_micro: int, seq_len: int) -> list[MicroBatch]:
