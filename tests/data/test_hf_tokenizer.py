@@ -142,3 +142,42 @@ def test_config_accepts_the_tokenizer_template_only_by_name():
     SFTDataConfig(chat_template="tokenizer").validate()
     with pytest.raises(Exception, match="must contain"):
         SFTDataConfig(chat_template="tokenizers").validate()
+
+
+def _sample_until_stop(rank, world_size, hf_weights, stop_ids):
+    from hpc_rlhf.config import ParallelConfig
+    from hpc_rlhf.inference.engine import GenerationConfig, GenerationEngine
+    from hpc_rlhf.inference.sampling import SamplingParams
+    from tests.inference.common import CFG, build_actor
+
+    state, actor = build_actor(CFG, ParallelConfig(), hf_weights)
+    engine = GenerationEngine(actor, CFG, state, GenerationConfig(block_size=16))
+    engine.sync_weights(0)
+    sampling = SamplingParams(
+        temperature=1.0, max_new_tokens=32, n=8, seed=1, stop_token_ids=tuple(stop_ids)
+    )
+    outs = engine.generate([[5, 6, 7], [8, 9], [10], [11, 12, 13, 14]], sampling)
+    return [(o.token_ids, o.finish_reason) for o in outs]
+
+
+def test_the_engine_stops_at_the_templates_end_of_turn_token(tokenizer_dir):
+    """A model with a zero LM head samples uniformly over its 256 ids, so the tokenizer's
+    stop ids (EOS 0, ``<|im_end|>`` 2) come up by chance: every response ends at its first
+    stop token (finish "stop"), or holds none (finish "length")."""
+    from tests.dist import run_world
+    from tests.inference.common import CFG, hf_causal_lm, hf_state
+
+    tok = load_tokenizer(tokenizer_dir)
+    weights = hf_state(hf_causal_lm(CFG))
+    weights["lm_head.weight"].zero_()
+    (outs,) = run_world(_sample_until_stop, 1, weights, tok.stop_ids)
+    stop = set(tok.stop_ids)
+    ended_at = []
+    for tokens, reason in outs:
+        first = next((i for i, t in enumerate(tokens) if t in stop), None)
+        if first is None:
+            assert reason == "length" and len(tokens) == 32
+        else:
+            assert reason == "stop" and first == len(tokens) - 1
+            ended_at.append(tokens[-1])
+    assert tok.token_id("<|im_end|>") in ended_at  # measured: 1 of 32 ends there, 6 at EOS

@@ -204,45 +204,43 @@ def test_export_loads_in_transformers_with_the_same_logits(checkpoints, tmp_path
         assert rel_err(got, want, mask_BS) == 0.0, name
 
 
-FAMILY_OVERRIDES = {
-    "llama3": ["model.rope_scaling=llama3", "model.rope_original_max_positions=16"],
-    "qwen2": ["model.family=qwen2", "model.tie_word_embeddings=true"],
-    "qwen3": ["model.family=qwen3", "model.kv_channels=32"],
-    "mistral": ["model.family=mistral", "model.sliding_window=6"],
+FAMILY_MODELS = {
+    "llama3": {"rope_scaling": "llama3", "rope_original_max_positions": 16},
+    "qwen2": {"family": "qwen2", "tie_word_embeddings": True},
+    "qwen3": {"family": "qwen3", "kv_channels": 32},
+    "mistral": {"family": "mistral", "sliding_window": 6},
 }
 
 
-@pytest.mark.parametrize("family", sorted(FAMILY_OVERRIDES))
+def _ppo(rank, world_size, cfg):
+    from hpc_rlhf.trainer.ppo_run import run_ppo
+
+    return run_ppo(cfg)
+
+
+@pytest.mark.parametrize("family", sorted(FAMILY_MODELS))
 def test_ppo_steps_at_tp2_dp2_and_the_export_is_the_family(family, tmp_path):
-    """Three PPO steps of the tiny demo as each family (TP=2 x DP=2: the family's layers
-    trained, generated from and exported); the export loads as the family's transformers
-    class and as the same ``ModelConfig``."""
-    import json
+    """Three PPO steps of the trainer tests' tiny model as each family (TP=2 x DP=2: the
+    family's layers trained, generated from and exported); the export loads as the
+    family's transformers class and as a ``ModelConfig`` of that family."""
     import math
 
     import transformers
 
-    from tests.dist import torchrun_cli
+    from tests.trainer.test_ppo import make_cfg
+    from tests.trainer.tiny import TINY_MODEL
 
     hf = tmp_path / "hf"
-    result = torchrun_cli(
-        "ppo",
-        "examples/configs/ppo_tiny_cpu.yaml",
-        "--out-dir",
-        str(tmp_path / "out"),
-        "ppo.steps=3",
-        "ppo.log_interval=1",
-        f"ppo.hf_export_dir={hf}",
-        *FAMILY_OVERRIDES[family],
-        nproc=4,
+    cfg = make_cfg(
+        model={**TINY_MODEL, **FAMILY_MODELS[family]},
+        parallel={"tensor_model_parallel_size": 2},
+        ppo={"steps": 3, "micro_batch_size_per_rank": 4, "hf_export_dir": str(hf)},
     )
-    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
-    lines = (tmp_path / "out" / "metrics.jsonl").read_text().splitlines()
-    records = [json.loads(line) for line in lines]
+    records = run_world(_ppo, 4, cfg)[0]
     assert len(records) == 3 and all(
         math.isfinite(r["actor_grad_norm"]) and r["actor_grad_norm"] > 0 for r in records
     ), records
-    cfg, _ = hf_io.load_hf_checkpoint(str(hf))
-    assert cfg.family == ("llama" if family == "llama3" else family)
+    exported, _ = hf_io.load_hf_checkpoint(str(hf))
+    assert exported.family == cfg.model.family and exported.head_dim == cfg.model.head_dim
     model = transformers.AutoModelForCausalLM.from_pretrained(str(hf))
-    assert type(model).__name__ == f"{hf_config.FAMILY_CLASSES[cfg.family]}ForCausalLM"
+    assert type(model).__name__ == f"{hf_config.FAMILY_CLASSES[exported.family]}ForCausalLM"
