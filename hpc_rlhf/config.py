@@ -951,6 +951,12 @@ class PPOConfig:
     # truncated importance sampling against the engine's log-probs: the cap C of
     # min(pi_trainer / pi_engine, C); None: off. Recomputes the old log-probs.
     tis_cap: float | None = None
+    # DAPO: a soft length penalty over the last overlong_buffer tokens before
+    # generation.max_new_tokens (0 -> -overlong_penalty); overlong_filter drops the loss of
+    # responses cut at max_new_tokens
+    overlong_buffer: int | None = None
+    overlong_penalty: float = 1.0
+    overlong_filter: bool = False
     whiten_advantages: bool = True
     critic_init: str = "actor"  # "actor" | "reward" (the first reward model) | "random"
     # ppo_lag: "cost" (the first cost model, Safe-RLHF's default) | "actor" | "random";
@@ -1004,6 +1010,9 @@ class PPOConfig:
                 "ppo.policy_loss=gspo is a mean over sequences with no dual clip: set "
                 "ppo.loss_reduction=seq_mean and leave ppo.dual_clip unset"
             )
+        _positive(self, "ppo.", ("overlong_buffer",))
+        if not self.overlong_penalty >= 0:
+            raise ConfigError(f"ppo.overlong_penalty={self.overlong_penalty} must be >= 0")
         if self.tis_cap is not None and not self.tis_cap >= 1:
             raise ConfigError(f"ppo.tis_cap={self.tis_cap} must be >= 1")
         if self.kl_estimator not in ("k1", "k2", "k3"):
@@ -1123,6 +1132,12 @@ class PPORunConfig:
         self.reward.validate()
         self.data.validate()
         check_sequence_fits(self)
+        buffer = self.ppo.overlong_buffer
+        if buffer is not None and buffer > self.generation.max_new_tokens:
+            raise ConfigError(
+                f"ppo.overlong_buffer={buffer} exceeds generation.max_new_tokens="
+                f"{self.generation.max_new_tokens}"
+            )
         if self.ppo.critic_init == "reward" and not self.reward.models:
             raise ConfigError("ppo.critic_init='reward' needs at least one reward.models entry")
         self._validate_constraint()

@@ -26,6 +26,17 @@ def combine_scores(scores: Sequence[torch.Tensor], weights: Sequence[float]) -> 
     return total_B
 
 
+def overlong_penalty(
+    lengths_B: torch.Tensor, max_length: int, buffer: int, scale: float = 1.0
+) -> torch.Tensor:
+    """DAPO's soft overlong punishment (Yu et al. 2025, eq. 13) per response length: 0 up to
+    ``max_length - buffer`` tokens, then falling linearly to ``-scale`` at ``max_length``
+    (``-scale`` beyond), ``[B]`` float32."""
+    start = max_length - buffer
+    over_B = (lengths_B.float() - start).clamp(min=0.0)
+    return -scale * (over_B / buffer).clamp(max=1.0)
+
+
 def last_token_index(mask_BS: torch.Tensor) -> torch.Tensor:
     """Index ``[B]`` of each row's last valid position (-1 for an empty row)."""
     S = mask_BS.shape[1]

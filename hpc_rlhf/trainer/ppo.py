@@ -32,7 +32,12 @@ from hpc_rlhf.algorithms.advantages import compute_advantages, masked_mean_var, 
 from hpc_rlhf.algorithms.kl import make_kl_controller
 from hpc_rlhf.algorithms.lagrange import LagrangeMultiplier, combined_advantage
 from hpc_rlhf.algorithms.policy_losses import truncated_is_weights
-from hpc_rlhf.algorithms.rewards import RunningMoments, lagrangian_token_signals, token_rewards
+from hpc_rlhf.algorithms.rewards import (
+    RunningMoments,
+    lagrangian_token_signals,
+    overlong_penalty,
+    token_rewards,
+)
 from hpc_rlhf.config import PPORunConfig
 from hpc_rlhf.models.runner import MicroBatch
 from hpc_rlhf.parallel.comm import all_gather_cat, group_max, group_sum
@@ -225,12 +230,28 @@ class PPOTrainer:
         if rollout.unsafe_prompt is not None:
             unsafe_B = torch.tensor(rollout.unsafe_prompt, dtype=torch.bool)
         args = (rollout, exp, mbs, order, self.tokenizer, self.state.dp_group, unsafe_B)
-        exp.score_B = score_rollout(self.rewards, *args)
+        exp.score_B = self._overlong(rollout, exp, score_rollout(self.rewards, *args))
         if self.costs is not None:
             assert self.cost_critic is not None
             exp.cost_values_BS = run(self.cost_critic, values_fn, "values")
             exp.cost_B = score_rollout(self.costs, *args)
         return exp
+
+    def _overlong(self, rollout: Rollout, exp: ExperienceBatch, score_B: torch.Tensor):
+        """DAPO's overlong handling: the soft length penalty added to the scores
+        (``ppo.overlong_buffer``); with ``ppo.overlong_filter`` the responses cut at
+        ``generation.max_new_tokens`` are marked (``exp.truncated_B``) to leave the loss
+        once the advantages are computed (their scores still count in their group's)."""
+        p = self.cfg.ppo
+        if p.overlong_buffer is not None:
+            lengths_B = torch.tensor([len(r) for r in rollout.response_ids])
+            max_new = self.cfg.generation.max_new_tokens
+            score_B = score_B + overlong_penalty(
+                lengths_B, max_new, p.overlong_buffer, p.overlong_penalty
+            ).to(score_B.dtype)
+        if p.overlong_filter:
+            exp.truncated_B = torch.tensor([r == "length" for r in rollout.finish_reasons])
+        return score_B
 
     def _mismatch_metrics(self, stats: dict[str, torch.Tensor]) -> dict[str, float]:
         """Train/inference mismatch over every DP rank's tokens: KL(engine || trainer) (k1
@@ -274,6 +295,9 @@ class PPOTrainer:
                 score_B, exp.cost_B, *kl_args, self.cfg.reward.score_clip, self.cfg.cost.score_clip
             )
         adv_BS, exp.returns_BS = self._advantages(p.advantage, exp.rewards_BS, exp.values_BS, exp)
+        if exp.truncated_B is not None:  # DAPO's overlong filter: out of the loss from here
+            exp.action_mask_BS = mask_BS = mask_BS & ~exp.truncated_B[:, None]
+            adv_BS = adv_BS * mask_BS
         exp.advantages_BS = self._whitened(adv_BS, mask_BS)
         if exp.tis_weights_BS is not None:  # min(r w A, clip(r) w A) = w min(r A, clip(r) A)
             exp.advantages_BS = exp.advantages_BS * exp.tis_weights_BS

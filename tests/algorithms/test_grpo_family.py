@@ -146,3 +146,19 @@ def test_bad_family_settings_are_named(ppo, match):
 
     with pytest.raises(ConfigError, match=match):
         PPOConfig(**{"n_samples_per_prompt": 4, **ppo}).validate()
+
+
+def test_dapo_overlong_penalty_is_the_papers_piecewise_function():
+    from hpc_rlhf.algorithms.rewards import overlong_penalty
+
+    L_max, L_cache = 20, 8
+    lengths = list(range(0, 26))
+    got = overlong_penalty(torch.tensor(lengths), L_max, L_cache, scale=0.5)
+    for n, value in zip(lengths, got.tolist()):
+        if n <= L_max - L_cache:
+            want = 0.0
+        elif n <= L_max:
+            want = (L_max - L_cache - n) / L_cache
+        else:
+            want = -1.0
+        assert value == pytest.approx(0.5 * want, abs=1e-7), n

@@ -52,3 +52,17 @@ def test_the_family_learns_the_toy_task(case):
             assert 0 <= step["mismatch_kl_k3"] < 1e-6 and abs(step["mismatch_kl_k1"]) < 1e-4
             assert 1 - 1e-3 < step["mismatch_ratio_max"] < 1 + 1e-3
             assert step["tis_clipped_fraction"] == 0
+
+
+def test_dapo_overlong_shaping_and_filtering_in_the_trainer():
+    """Every toy response runs to generation.max_new_tokens (no EOS stop): the soft
+    penalty of a 4-token buffer is its full -scale on each (the first step's rollouts are
+    the same with and without it), and the overlong filter leaves no token in the loss."""
+    base = {"advantage": "grpo", "steps": 2}
+    plain = run_world(_run, 1, make_cfg(ppo=base))[0]
+    shaped = run_world(
+        _run, 1, make_cfg(ppo={**base, "overlong_buffer": 4, "overlong_penalty": 0.5})
+    )[0]
+    assert shaped[0]["reward_mean"] == pytest.approx(plain[0]["reward_mean"] - 0.5, abs=1e-6)
+    filtered = run_world(_run, 1, make_cfg(ppo={**base, "overlong_filter": True}))[0]
+    assert all(step["actor_grad_norm"] == 0 for step in filtered)
