@@ -393,10 +393,9 @@ class TrackingConfig:
         for name in self.backends:
             if name not in TRACKERS:
                 raise ConfigError(f"tracking.backends: {name!r} is not one of {TRACKERS}")
-            module = "mlflow" if name == "mlflow" else "wandb"
-            if importlib.util.find_spec(module) is None:
+            if importlib.util.find_spec(name) is None:  # each backend is its package's name
                 raise ConfigError(
-                    f"tracking.backends has {name!r} but the {module} package is not "
+                    f"tracking.backends has {name!r} but the {name} package is not "
                     "installed (pip install hpc_rlhf[trackers])"
                 )
         if self.wandb_mode not in WANDB_MODES:

@@ -35,19 +35,14 @@ from dataclasses import dataclass
 import torch
 
 from hpc_rlhf.ops import _backend
-from hpc_rlhf.ops.causal_attention import causal_attention
-
-
-def _cpp_window_limit(window: int | None = None) -> str | None:
-    return None if window is None else f"has no sliding window (window={window})"
-
+from hpc_rlhf.ops.causal_attention import causal_attention, window_limit
 
 # flash-attn (CUDA, compute capability >= 8.0), the C++ kernels on an fp32 CPU cache without
 # a sliding window, torch; the names are inference.config.ATTENTION_BACKENDS
 # (tests/ops/test_resolver.py checks it)
 GENERATION_KERNELS = (
     _backend.TORCH,
-    _backend.Kernel("cpp", dtypes=_backend.FP32, limit=_cpp_window_limit),
+    _backend.Kernel("cpp", dtypes=_backend.FP32, limit=window_limit),
     _backend.Kernel("flash_attn"),
 )
 

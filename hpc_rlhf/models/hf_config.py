@@ -37,8 +37,9 @@ def family_of(hf_config: dict) -> str:
         by_class = {cls: fam for fam, cls in FAMILY_CLASSES.items()}
         for arch in archs if isinstance(archs, list) else []:
             for suffix in ("ForCausalLM", "ForSequenceClassification"):
-                if isinstance(arch, str) and by_class.get(arch.removesuffix(suffix)):
-                    return by_class[arch.removesuffix(suffix)]
+                family = by_class.get(arch.removesuffix(suffix)) if isinstance(arch, str) else None
+                if family:
+                    return family
     if model_type not in FAMILY_CLASSES:
         raise ConversionError(
             f"HF model_type {model_type!r} is not supported (architectures "
@@ -168,8 +169,11 @@ def _family_hf_fields(m: ModelConfig) -> dict:
     if m.family == "mistral":
         return {"sliding_window": m.sliding_window}
     if m.family in ("qwen2", "qwen3"):
-        fields: dict = {"use_sliding_window": False, "sliding_window": None}
-        fields["max_window_layers"] = m.num_layers
+        fields = {
+            "use_sliding_window": False,
+            "sliding_window": None,
+            "max_window_layers": m.num_layers,
+        }
         return fields | ({"attention_bias": False} if m.family == "qwen3" else {})
     return {"attention_bias": False, "mlp_bias": False}
 

@@ -102,8 +102,10 @@ class MicroBatch:
         }
         for f in dataclasses.fields(self):
             value = getattr(self, f.name)
-            if isinstance(value, MicroBatch) and value.to(device) is not value:
-                moved[f.name] = value.to(device)
+            if isinstance(value, MicroBatch):
+                placed = value.to(device)
+                if placed is not value:
+                    moved[f.name] = placed
         return dataclasses.replace(self, **moved) if moved else self
 
 

@@ -39,9 +39,13 @@ def _cpp_limit(head_dim: int, dropout_p: float, window: int | None = None) -> st
         return f"needs a head dim that is a multiple of 16, got {head_dim}"
     if dropout_p > 0.0:
         return f"has no attention dropout (dropout_p={dropout_p})"
-    if window is not None:
-        return f"has no sliding window (window={window})"
-    return None
+    return window_limit(window)
+
+
+def window_limit(window: int | None = None) -> str | None:
+    """Why a C++ attention kernel (training's or the engine's paged decode) cannot take a
+    sliding window; None without one."""
+    return None if window is None else f"has no sliding window (window={window})"
 
 
 def window_mask(length: int, window: int, device=None) -> torch.Tensor:

@@ -66,6 +66,7 @@ class ExperienceBatch:
     cost_returns_BS: torch.Tensor | None = None
     # ppo.tis_cap: min(pi_trainer / pi_engine, cap) per action token
     tis_weights_BS: torch.Tensor | None = None
+    mismatch: dict[str, float] | None = None  # with them: the train/inference mismatch
     truncated_B: torch.Tensor | None = None  # ppo.overlong_filter: cut at max_new_tokens
 
     @property

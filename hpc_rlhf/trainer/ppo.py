@@ -119,7 +119,6 @@ class PPOTrainer:
             )
         self.kl_ctl = make_kl_controller(cfg.ppo.kl_coef, cfg.ppo.kl_target, cfg.ppo.kl_horizon)
         self.reward_moments = RunningMoments()
-        self._mismatch: dict[str, float] = {}  # ppo.tis_cap: the last scored batch's
         self.step_count = 0
         self.policy_version = 0
         self.engine.sync_weights(self.policy_version)
@@ -223,7 +222,7 @@ class PPOTrainer:
                 exp.tis_weights_BS, stats = truncated_is_weights(
                     exp.old_logp_BS, engine_logp_BS, exp.action_mask_BS, tis_cap
                 )
-                self._mismatch = self._mismatch_metrics(stats)
+                exp.mismatch = self._mismatch_metrics(stats)
         if self.critic is not None:
             exp.values_BS = run(self.critic, values_fn, "values")
         unsafe_B = None
@@ -312,8 +311,8 @@ class PPOTrainer:
         }
         if self.multiplier is not None:
             metrics.update(self._constrain(exp))
-        if exp.tis_weights_BS is not None:
-            metrics.update(self._mismatch)
+        if exp.mismatch is not None:
+            metrics.update(exp.mismatch)
         return exp, metrics
 
     def _advantages(self, estimator: str, rewards_BS, values_BS, exp: ExperienceBatch):
