@@ -73,6 +73,26 @@ def _check_chat_template(data: Any) -> None:
         )
 
 
+# layouts of public prompt sets with references (data.prompt_presets), and the reference
+# fields each fills (a PPO run's data.reference_fields default to them)
+PROMPT_PRESETS = ("gsm8k", "math", "mbpp")
+PRESET_REFERENCES = {"gsm8k": ("answer",), "math": ("answer",), "mbpp": ("tests",)}
+# keyword arguments every rule receives already, so no prompt field may take their name
+RULE_ARGUMENTS = ("prompt_ids", "response_ids", "tokenizer")
+
+
+def _check_reference_fields(fields: tuple[str, ...]) -> None:
+    names = list(fields)
+    for name in names:
+        if not isinstance(name, str) or not name.isidentifier() or name in RULE_ARGUMENTS:
+            raise ConfigError(
+                f"data.reference_fields: {name!r} must be a field name usable as a keyword "
+                f"argument, not one of {RULE_ARGUMENTS}"
+            )
+    if len(set(names)) != len(names) or "prompt" in names:
+        raise ConfigError(f"data.reference_fields={names}: names must be distinct and not 'prompt'")
+
+
 def _check_truncation_side(data: Any) -> None:
     if data.truncation_side not in TRUNCATION_SIDES:
         raise ConfigError(
@@ -904,12 +924,32 @@ class DataConfig:
     # a boolean field of the prompt rows: true tags an unsafe (adversarial) prompt, which
     # reward.combine=llama2_safety scores with the safety model; None: no tags
     safety_field: str | None = None
+    # fields of the prompt rows handed to the rule rewards as keyword arguments (a math
+    # verifier's reference "answer", a code verifier's "tests"); every row must have them
+    reference_fields: tuple[str, ...] = ()
+    # the row layout of a public prompt set (PROMPT_PRESETS: gsm8k, math, mbpp) read into
+    # a prompt and its references; None: our rows {"prompt": ..., <reference fields>}
+    preset: str | None = None
+
+    @property
+    def rule_fields(self) -> tuple[str, ...]:
+        """The prompt fields the rules receive: ``reference_fields``, else the preset's."""
+        if self.reference_fields or self.preset is None:
+            return tuple(self.reference_fields)
+        return PRESET_REFERENCES[self.preset]
 
     def validate(self) -> None:
         """Raise ``ConfigError`` naming the ``data.`` key of an impossible value."""
         _positive(self, "data.", ("max_prompt_length",))
         _check_truncation_side(self)
         _check_chat_template(self)
+        _check_reference_fields(self.reference_fields)
+        if self.preset is not None and self.preset not in PROMPT_PRESETS:
+            raise ConfigError(f"data.preset={self.preset!r}: expected one of {PROMPT_PRESETS}")
+        if self.preset is not None and self.prompts is None:
+            raise ConfigError(
+                f"data.preset={self.preset!r} needs data.prompts (the shipped set has our layout)"
+            )
 
 
 @dataclass(frozen=True)
@@ -956,6 +996,11 @@ class PPOConfig:
     overlong_buffer: int | None = None
     overlong_penalty: float = 1.0
     overlong_filter: bool = False
+    # DAPO: drop prompt groups whose rewards are all equal and sample more prompts until
+    # the batch is full, at most dynamic_sampling_max_rounds extra rounds (then the batch
+    # is completed with equal-reward groups and a warning says so)
+    dynamic_sampling: bool = False
+    dynamic_sampling_max_rounds: int = 4
     whiten_advantages: bool = True
     critic_init: str = "actor"  # "actor" | "reward" (the first reward model) | "random"
     # ppo_lag: "cost" (the first cost model, Safe-RLHF's default) | "actor" | "random";
@@ -1001,6 +1046,13 @@ class PPOConfig:
             raise ConfigError(
                 f"ppo.advantage={self.advantage} normalises over the batch: it needs "
                 "ppo.whiten_advantages=true"
+            )
+        _non_negative(self, "ppo.", ("dynamic_sampling_max_rounds",))
+        if self.dynamic_sampling and self.advantage not in GROUP_ESTIMATORS:
+            raise ConfigError(
+                f"ppo.dynamic_sampling drops groups of equal rewards, which only a group "
+                f"estimator ignores: ppo.advantage={self.advantage} is not one of "
+                f"{GROUP_ESTIMATORS}"
             )
         if self.policy_loss not in ("ppo", "gspo"):
             raise ConfigError(f"ppo.policy_loss={self.policy_loss!r}: expected ppo or gspo")

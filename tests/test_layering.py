@@ -16,6 +16,7 @@ LAYERS = [
     "trainer",
     "inference",
     "data",
+    "rewards",
     "models",
     "algorithms",
     "ops",

@@ -15,7 +15,11 @@ Deterministic, built from the shipped corpus (three sentences per line):
   response with their safety labels; every fourth row a 3-way ranking (harm 0, 1, 2);
 * ``tiny_kto.jsonl``: KTO's unpaired completions ``{prompt, completion, label}`` of the
   preference set's kind: on even rows the intact sentence (desirable), on odd rows a
-  scrambled one (undesirable), from the preference set's corpus lines.
+  scrambled one (undesirable), from the preference set's corpus lines;
+* verifiable-reward sets: ``tiny_repeat_prompts.jsonl`` (a toy task the tiny model can
+  learn: each prompt names a word, ``answer``, to repeat), ``tiny_gsm8k.jsonl`` (arithmetic
+  word problems in GSM8K's layout) and ``tiny_mbpp.jsonl`` (small functions in MBPP's
+  layout with assertion tests; the reference ``code`` passes them).
 
     python tools/make_tiny_data.py
 """
@@ -124,6 +128,73 @@ def kto_row(index: int, parts: list[str], rng: random.Random) -> dict:
     return {"prompt": prompt, "completion": completion, "label": desirable}
 
 
+REPEAT_WORDS = ("red", "book")  # one token each in the tiny tokenizer ("\u2581red", ...)
+REPEAT_FORMS = (
+    "Repeat the word {w}.",
+    "Say {w} again and again.",
+    "Write {w} many times.",
+    "Only the word {w}, please.",
+)
+
+
+def repeat_rows() -> list[dict]:
+    """The verifiable toy task: each prompt names a word, its reference ``answer``."""
+    return [
+        {"prompt": form.format(w=word), "answer": word}
+        for _ in range(8)
+        for form in REPEAT_FORMS
+        for word in REPEAT_WORDS
+    ]
+
+
+def gsm8k_rows(rng: random.Random, n: int = 16) -> list[dict]:
+    """Arithmetic word problems in GSM8K's layout (``question``, ``answer`` ending with
+    ``#### <number>``)."""
+    rows = []
+    for _ in range(n):
+        a, b, c = rng.randint(2, 40), rng.randint(2, 40), rng.randint(2, 9)
+        total = (a + b) * c
+        rows.append(
+            {
+                "question": f"A shelf holds {a} red books and {b} blue books. There are {c} "
+                "such shelves. How many books are there?",
+                "answer": f"Each shelf holds {a} + {b} = {a + b} books.\n"
+                f"So {c} shelves hold {a + b} * {c} = {total} books.\n#### {total:,}",
+            }
+        )
+    return rows
+
+
+MBPP_TASKS = (
+    ("add", "a, b", "return a + b", [(1, 2), (-3, 3), (10, 5)]),
+    ("square", "x", "return x * x", [(3,), (-4,), (0,)]),
+    ("biggest", "a, b", "return max(a, b)", [(1, 2), (7, -7), (4, 4)]),
+    ("count_a", "s", "return s.count('a')", [("banana",), ("xyz",), ("aaa",)]),
+)
+
+
+def mbpp_rows() -> list[dict]:
+    """Small programming tasks in MBPP's layout (``text``, ``code``, ``test_list``): the
+    reference ``code`` passes every test."""
+    rows = []
+    for name, params, body, cases in MBPP_TASKS:
+        code = f"def {name}({params}):\n    {body}\n"
+        scope: dict = {}
+        exec(code, scope)  # the expected values come from the reference code itself
+        tests = [f"assert {name}{case!r} == {scope[name](*case)!r}" for case in cases]
+        tests = [t.replace(",)", ")") for t in tests]
+        rows.append(
+            {"text": f"Write a function {name}({params}).", "code": code, "test_list": tests}
+        )
+    return rows
+
+
+def write_rows(name: str, rows: list[dict]) -> None:
+    with open(os.path.join(ASSETS, name), "w") as fh:
+        for row in rows:
+            fh.write(json.dumps(row) + "\n")
+
+
 def main() -> None:
     with open(os.path.join(ASSETS, "tiny_corpus.txt")) as fh:
         lines = [sentences(line) for line in fh if line.strip()]
@@ -148,6 +219,9 @@ def main() -> None:
     with open(os.path.join(ASSETS, "tiny_safety.jsonl"), "w") as fh:
         for i in range(ROWS):
             fh.write(json.dumps(safety_row(i, by_harm, rng)) + "\n")
+    write_rows("tiny_repeat_prompts.jsonl", repeat_rows())
+    write_rows("tiny_gsm8k.jsonl", gsm8k_rows(random.Random(8)))
+    write_rows("tiny_mbpp.jsonl", mbpp_rows())
     kto_rng = random.Random(4321)
     with open(os.path.join(ASSETS, "tiny_kto.jsonl"), "w") as fh:
         for i, parts in enumerate(usable):

@@ -8,6 +8,7 @@ like any Python import.
 from __future__ import annotations
 
 import importlib
+import inspect
 import numbers
 from collections.abc import Callable
 from typing import Any
@@ -39,6 +40,19 @@ def target_token_fraction(
         ids.add(token_id)
     hits = sum(1 for t in response_ids if (t in ids) != others)
     return hits / len(response_ids)
+
+
+def answer_token_fraction(prompt_ids, response_ids, tokenizer, answer: str) -> float:
+    """Fraction of response tokens that are the word the prompt names (its reference
+    ``answer``, a prompt field: ``data.reference_fields: [answer]``): a verifiable toy task
+    the tiny model can learn (``assets/tiny_repeat_prompts.jsonl``). The word is looked up
+    as a word-initial piece (``"\u2581" + answer``) first, then as given."""
+    piece = tokenizer.token_id("\u2581" + answer)
+    if piece < 0:
+        piece = tokenizer.token_id(answer)
+    if piece < 0:
+        raise ValueError(f"answer {answer!r} is not one token of the tokenizer's vocabulary")
+    return target_id_fraction(prompt_ids, response_ids, tokenizer, piece)
 
 
 def id_range_fraction(
@@ -73,6 +87,44 @@ def load_rule(spec: str) -> Callable:
     if not callable(fn):
         raise InputError(f"rule reward {spec!r}: {module_name} has no function {fn_name!r}")
     return fn
+
+
+def check_rule_arguments(
+    spec: str, fn: Callable, kwargs: dict, reference_fields: tuple[str, ...] = ()
+) -> None:
+    """Raise ``InputError`` before any step when ``fn`` (the rule named ``spec``) cannot be
+    called with its config ``kwargs`` and the prompts' ``reference_fields``: a required
+    argument nobody gives, an argument it does not take, or one given twice."""
+    given = [*kwargs, *reference_fields]
+    twice = sorted({name for name in given if given.count(name) > 1})
+    if twice:
+        raise InputError(
+            f"rule reward {spec!r}: {twice} given both in its kwargs and data.reference_fields"
+        )
+    try:
+        params = list(inspect.signature(fn).parameters.values())
+    except (TypeError, ValueError):  # a builtin without a signature: nothing to check
+        return
+    named = params[3:]  # after (prompt_ids, response_ids, tokenizer)
+    if any(p.kind is inspect.Parameter.VAR_KEYWORD for p in named):
+        accepted = None
+    else:
+        accepted = {p.name for p in named}
+    required = [
+        p.name
+        for p in named
+        if p.default is inspect.Parameter.empty
+        and p.kind not in (inspect.Parameter.VAR_KEYWORD, inspect.Parameter.VAR_POSITIONAL)
+    ]
+    missing = [name for name in required if name not in given]
+    if missing:
+        raise InputError(
+            f"rule reward {spec!r} needs {missing}: give them in the rule's kwargs or as "
+            "prompt fields (data.reference_fields)"
+        )
+    unknown = [name for name in given if accepted is not None and name not in accepted]
+    if unknown:
+        raise InputError(f"rule reward {spec!r} takes no argument {unknown}")
 
 
 def rule_score(spec: str, value: Any) -> float:

@@ -1,4 +1,6 @@
 """Prompt datasets for RL: JSONL lines ``{"prompt": "..."}``, an optional chat template.
+Rows may carry a safety tag (``data.safety_field``) and reference fields for the rule
+rewards (``data.reference_fields``: a math answer, a program's tests).
 
 Each step takes ``rollout_batch_size`` prompts over all data-parallel ranks; rank ``r``
 gets a contiguous slice. The order is a seeded permutation per epoch, so ``position``
@@ -12,14 +14,17 @@ many prompts were cut is logged once.
 
 from __future__ import annotations
 
-import json
 import logging
 import os
+from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 
 from hpc_rlhf.config import TOKENIZER_CHAT_TEMPLATE, InputError
-from hpc_rlhf.data.text_files import check_token_ids, numbered_lines
+from hpc_rlhf.data.prompt_presets import prompt_row
+from hpc_rlhf.data.sources import read_rows
+from hpc_rlhf.data.text_files import check_token_ids
 from hpc_rlhf.data.tokenizer import ASSETS_DIR
 
 logger = logging.getLogger(__name__)
@@ -37,38 +42,53 @@ def story_prompts_path() -> str:
 
 
 def read_prompts(path: str) -> list[str]:
-    """Prompts of a JSONL file; a malformed line raises ``ValueError`` naming the line."""
-    return [text for _, text in read_numbered_prompts(path)]
+    """Prompts of a data file; a malformed row raises ``InputError`` naming it."""
+    return [row.text for row in read_prompt_rows(path)]
 
 
-def read_numbered_prompts(path: str) -> list[tuple[int, str]]:
-    """``(line number, prompt)`` of a JSONL file; a line that is not UTF-8, not JSON or
-    not ``{"prompt": str}`` raises ``ValueError`` naming ``path:line``."""
-    return [(number, text) for number, text, _ in read_tagged_prompts(path)]
+@dataclass(frozen=True)
+class PromptRow:
+    """One prompt of a data file: where it is (``path:line``), its text, safety tag and
+    reference fields."""
+
+    where: str
+    text: str
+    unsafe: bool = False
+    references: dict[str, Any] = field(default_factory=dict)
 
 
-def read_tagged_prompts(path: str, safety_field: str | None = None) -> list[tuple[int, str, bool]]:
-    """``(line number, prompt, unsafe)`` of a JSONL file, ``unsafe`` the boolean
-    ``safety_field`` of each row (``False`` without a field name). A line that is not UTF-8,
-    not JSON, not ``{"prompt": str}`` or whose ``safety_field`` is missing or not a boolean
-    raises ``InputError`` naming ``path:line``."""
+def read_prompt_rows(
+    path: str,
+    safety_field: str | None = None,
+    reference_fields: tuple[str, ...] = (),
+    preset: str | None = None,
+) -> list[PromptRow]:
+    """The prompts of a data file (JSON Lines, JSON, Parquet or Arrow: ``sources``), rows
+    of a public set's layout first read through ``preset`` (``prompt_presets``);
+    ``unsafe`` the boolean ``safety_field`` of each row (``False`` without a field name)
+    and ``references`` its ``reference_fields`` (handed to the rule rewards). A row that is
+    not ``{"prompt": str}``, whose ``safety_field`` is missing or not a boolean, or that
+    lacks a reference field raises ``InputError`` naming ``path:line`` (or ``path:row N``)."""
     prompts = []
-    for number, line in numbered_lines(path, "prompt file"):
-        if not line.strip():
-            continue
-        try:
-            record = json.loads(line)
-        except json.JSONDecodeError as err:
-            raise InputError(f"{path}:{number}: not valid JSON ({err.msg})") from err
+    for where, record in read_rows(path, "prompt file"):
+        if preset is not None:
+            record = {**record, **prompt_row(preset, record, where)}  # type: ignore[dict-item]
         if not isinstance(record, dict) or not isinstance(record.get("prompt"), str):
-            raise InputError(f'{path}:{number}: expected an object with a "prompt" string')
+            raise InputError(f'{where}: expected an object with a "prompt" string')
         tag = False if safety_field is None else record.get(safety_field)
         if not isinstance(tag, bool):
             raise InputError(
-                f"{path}:{number}: data.safety_field {safety_field!r} must be true or false "
+                f"{where}: data.safety_field {safety_field!r} must be true or false "
                 f"in every row (got {tag!r})"
             )
-        prompts.append((number, record["prompt"], tag))
+        missing = [name for name in reference_fields if record.get(name) is None]
+        if missing:
+            raise InputError(
+                f"{where}: no {', '.join(repr(m) for m in missing)} (data.reference_fields: "
+                "every row needs them, the rule rewards read them)"
+            )
+        references = {name: record[name] for name in reference_fields}
+        prompts.append(PromptRow(where, record["prompt"], tag, references))
     if not prompts:
         raise InputError(f"{path}: no prompts")
     return prompts
@@ -79,7 +99,8 @@ class PromptDataset:
 
     ``vocab_size`` (the model's) makes a prompt with a token id outside ``[0, vocab_size)``
     raise ``ValueError`` naming its file and line. ``safety_field`` names a boolean field
-    of the rows tagging unsafe prompts (``unsafe(i)``)."""
+    of the rows tagging unsafe prompts (``unsafe(i)``); ``reference_fields`` the fields
+    kept for the rule rewards (``references[i]``, a dict)."""
 
     def __init__(
         self,
@@ -92,6 +113,8 @@ class PromptDataset:
         truncation_side: str = "left",
         vocab_size: int | None = None,
         safety_field: str | None = None,
+        reference_fields: tuple[str, ...] = (),
+        preset: str | None = None,
     ):
         path = path or default_prompts_path()
         own_template = chat_template == TOKENIZER_CHAT_TEMPLATE
@@ -108,12 +131,14 @@ class PromptDataset:
         self.truncation_side = truncation_side
         self.token_ids: list[list[int]] = []
         self.unsafe_tags: list[bool] = []
+        self.references: list[dict[str, Any]] = []
         truncated = 0
-        for number, text, unsafe in read_tagged_prompts(path, safety_field):
-            ids, cut = self._tokenize(text)
-            check_token_ids(ids, vocab_size, f"{path}:{number}", tokenizer)
+        for row in read_prompt_rows(path, safety_field, tuple(reference_fields), preset):
+            ids, cut = self._tokenize(row.text)
+            check_token_ids(ids, vocab_size, row.where, tokenizer)
             self.token_ids.append(ids)
-            self.unsafe_tags.append(unsafe)
+            self.unsafe_tags.append(row.unsafe)
+            self.references.append(row.references)
             truncated += cut
         if truncated:
             logger.warning(
@@ -232,4 +257,6 @@ def prompts_from_config(
         truncation_side=data.truncation_side,
         vocab_size=vocab_size,
         safety_field=data.safety_field,
+        reference_fields=data.rule_fields,
+        preset=data.preset,
     )

@@ -66,7 +66,10 @@ class SentencePieceTokenizer:
         return self._sp.decode([int(i) for i in ids])
 
     def token_id(self, piece: str) -> int:
-        return int(self._sp.piece_to_id(piece))
+        """The id of ``piece``; -1 when it is not in the vocabulary (as the other
+        tokenizers say, rather than the id of ``<unk>``)."""
+        idx = int(self._sp.piece_to_id(piece))
+        return -1 if idx == self._sp.unk_id() and piece != self._sp.id_to_piece(idx) else idx
 
 
 class JsonTokenizer:

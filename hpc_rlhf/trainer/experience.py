@@ -31,6 +31,8 @@ class Rollout:
     finish_reasons: list[str | None]  # "stop" | "length" (generate() returns finished ones)
     prompt_index: list[int]  # which prompt of this rank's batch each sample answers
     unsafe_prompt: list[bool] | None = None  # per sample: its prompt is tagged unsafe
+    # per sample: its prompt row's data.reference_fields (the rule rewards' keyword args)
+    references: list[dict[str, Any]] | None = None
 
     def __len__(self) -> int:
         return len(self.response_ids)

@@ -11,6 +11,9 @@ cost critic and a learned Lagrange multiplier beside them.
                    values (fused vocab-parallel log-probs); the actor's log-probs come from
                    the engine (or are recomputed, ``ppo.recompute_old_logprobs``); costs
                    and cost values likewise;
+   With ``ppo.dynamic_sampling`` (DAPO), stages 1-3's prompts, generation and reward
+   scores repeat until the batch holds enough groups whose rewards differ
+   (``dynamic_sampling``);
 4. ``advantages``  KL-penalised token rewards, GAE (or GRPO / RLOO), whitening across DP;
                    the multiplier's update and ``(A_r - lambda A_c) / (1 + lambda)``;
 5. ``train``       critic (and cost critic) then actor updates over epochs x mini-batches
@@ -42,6 +45,12 @@ from hpc_rlhf.config import PPORunConfig
 from hpc_rlhf.models.runner import MicroBatch
 from hpc_rlhf.parallel.comm import all_gather_cat, group_max, group_sum
 from hpc_rlhf.parallel.state import ParallelState
+from hpc_rlhf.trainer.dynamic_sampling import (
+    SampledGroups,
+    fill_batch,
+    group_rows,
+    varied_groups,
+)
 from hpc_rlhf.trainer.experience import (
     ExperienceBatch,
     Rollout,
@@ -140,24 +149,25 @@ class PPOTrainer:
         benchmark replays fixed response lengths this way); with ``rollout``, this rank's
         samples are given and nothing is generated (layout-parity tests replay one)."""
         timer = StageTimer()
-        unsafe_prompts = None
-        with timer("prompts"):
-            if prompt_ids is None and rollout is None:
-                indices = self.prompts.next_indices(
-                    self.cfg.ppo.rollout_batch_size, self.state.dp_rank, self.state.dp_size
-                )
-                prompt_ids = [self.prompts.token_ids[i] for i in indices]
-                unsafe_prompts = [self.prompts.unsafe(i) for i in indices]
-        with timer("generate"):
-            if rollout is None:
-                assert prompt_ids is not None
+        reward_B: torch.Tensor | None = None
+        sampling_metrics: dict[str, float] = {}
+        if prompt_ids is None and rollout is None and self.cfg.ppo.dynamic_sampling:
+            rollout, reward_B, sampling_metrics = self._dynamic_batch(timer)
+        if rollout is None:
+            with timer("prompts"):
+                indices = None
+                if prompt_ids is None:
+                    indices = self._next_prompts()
+                    prompt_ids = [self.prompts.token_ids[i] for i in indices]
+            with timer("generate"):
                 rollout = self.generate(prompt_ids, max_new_tokens)
-                if unsafe_prompts is not None:
-                    rollout.unsafe_prompt = [unsafe_prompts[i] for i in rollout.prompt_index]
+                if indices is not None:
+                    self._tag_samples(rollout, indices)
         with timer("score"):
-            exp = self.score(rollout)
+            exp = self.score(rollout, reward_B)
         with timer("advantages"):
             exp, adv_metrics = self.compute_advantages(exp)
+            adv_metrics.update(sampling_metrics)
         with timer("train"):
             train_metrics = self.update(exp)
         with timer("handoff"):
@@ -167,15 +177,49 @@ class PPOTrainer:
         metrics = self._step_metrics(rollout, exp, adv_metrics, train_metrics, timer)
         return Iteration(rollout, exp, metrics, dict(timer.seconds))
 
-    # ------------------------------------------------------------------ stage 2
+    # ------------------------------------------------------------------ stages 1-2
+    def _next_prompts(self) -> list[int]:
+        """Indices of this rank's share of the next global batch of prompts."""
+        p, state = self.cfg.ppo, self.state
+        return self.prompts.next_indices(p.rollout_batch_size, state.dp_rank, state.dp_size)
+
+    def _dynamic_batch(self, timer: StageTimer) -> tuple[Rollout, torch.Tensor, dict]:
+        """DAPO's dynamic sampling (``ppo.dynamic_sampling``): rounds of prompts,
+        generation and reward scores until this rank holds its share of groups whose rewards
+        differ; each part timed under its stage."""
+        p = self.cfg.ppo
+
+        def sample_round(round_index: int) -> SampledGroups:
+            with timer("prompts"):
+                indices = self._next_prompts()
+            with timer("generate"):
+                prompts = [self.prompts.token_ids[i] for i in indices]
+                rollout = self.generate(prompts, round_index=round_index)
+                self._tag_samples(rollout, indices)
+            with timer("score"):
+                score_B = self._reward_scores(rollout)
+            groups = group_rows(rollout)
+            return SampledGroups(rollout, score_B, groups, varied_groups(score_B, groups))
+
+        per_rank = p.rollout_batch_size // self.state.dp_size
+        return fill_batch(
+            sample_round, per_rank, p.dynamic_sampling_max_rounds, self.state.dp_group
+        )
+
     def generate(
-        self, prompt_ids: list[list[int]], max_new_tokens: list[int] | None = None
+        self,
+        prompt_ids: list[list[int]],
+        max_new_tokens: list[int] | None = None,
+        round_index: int = 0,
     ) -> Rollout:
-        """Sample ``n`` responses per prompt with the engine (seeded per step and DP rank).
+        """Sample ``n`` responses per prompt with the engine (seeded per step, DP rank and
+        dynamic-sampling round).
 
         ``max_new_tokens`` optionally limits each prompt's responses (benchmarks replay
         fixed response lengths this way)."""
-        seed = sampling_seed(self.cfg.ppo.seed, self.step_count, self.state.dp_rank)
+        seed = sampling_seed(
+            self.cfg.ppo.seed + 7919 * round_index, self.step_count, self.state.dp_rank
+        )
         with self._training_memory_released():
             return generate_rollout(
                 self.engine,
@@ -187,6 +231,13 @@ class PPOTrainer:
                 self.policy_version,
                 max_new_tokens,
             )
+
+    def _tag_samples(self, rollout: Rollout, indices: list[int]) -> None:
+        """Each sample's prompt tags: safety (``data.safety_field``) and the reference
+        fields the rule rewards read (``data.reference_fields``)."""
+        rows = [indices[i] for i in rollout.prompt_index]
+        rollout.unsafe_prompt = [self.prompts.unsafe(i) for i in rows]
+        rollout.references = [self.prompts.references[i] for i in rows]
 
     @contextmanager
     def _training_memory_released(self):
@@ -203,8 +254,33 @@ class PPOTrainer:
             yield
 
     # ------------------------------------------------------------------ stage 3
-    def score(self, rollout: Rollout) -> ExperienceBatch:
-        """Reward scores, reference log-probs, critic values (and old log-probs if asked)."""
+    def _reward_scores(self, rollout: Rollout) -> torch.Tensor:
+        """``[B]``: the reward sources' combined scores of ``rollout`` alone."""
+        exp = build_experience(rollout, self.tokenizer.pad_id, self.state.sequence_multiple)
+        order = exp.length_order()
+        mbs = exp.microbatches(self.cfg.ppo.score_micro_batch, order, self._trim())
+        return score_rollout(self.rewards, *self._score_args(rollout, exp, mbs, order))
+
+    def _score_args(self, rollout: Rollout, exp: ExperienceBatch, mbs: list, order) -> tuple:
+        """``score_rollout``'s arguments after the sources."""
+        state = self.state
+        unsafe_B = None
+        if rollout.unsafe_prompt is not None:
+            unsafe_B = torch.tensor(rollout.unsafe_prompt, dtype=torch.bool)
+        return (
+            rollout,
+            exp,
+            mbs,
+            order,
+            self.tokenizer,
+            state.dp_group,
+            unsafe_B,
+            state.model_parallel_group,
+        )
+
+    def score(self, rollout: Rollout, reward_B: torch.Tensor | None = None) -> ExperienceBatch:
+        """Reward scores (unless given as ``reward_B``), reference log-probs, critic values
+        (and old log-probs if asked)."""
         exp = build_experience(rollout, self.tokenizer.pad_id, self.state.sequence_multiple)
         order = exp.length_order()
         mbs = exp.microbatches(self.cfg.ppo.score_micro_batch, order, self._trim())
@@ -225,11 +301,10 @@ class PPOTrainer:
                 exp.mismatch = self._mismatch_metrics(stats)
         if self.critic is not None:
             exp.values_BS = run(self.critic, values_fn, "values")
-        unsafe_B = None
-        if rollout.unsafe_prompt is not None:
-            unsafe_B = torch.tensor(rollout.unsafe_prompt, dtype=torch.bool)
-        args = (rollout, exp, mbs, order, self.tokenizer, self.state.dp_group, unsafe_B)
-        exp.score_B = self._overlong(rollout, exp, score_rollout(self.rewards, *args))
+        args = self._score_args(rollout, exp, mbs, order)
+        if reward_B is None:
+            reward_B = score_rollout(self.rewards, *args)
+        exp.score_B = self._overlong(rollout, exp, reward_B)
         if self.costs is not None:
             assert self.cost_critic is not None
             exp.cost_values_BS = run(self.cost_critic, values_fn, "values")

@@ -14,12 +14,19 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
+import torch.distributed as dist
 
 from hpc_rlhf.algorithms.advantages import whiten
 from hpc_rlhf.algorithms.rewards import combine_scores, llama2_safety_gate
-from hpc_rlhf.algorithms.rule_rewards import load_rule, rule_score
+from hpc_rlhf.algorithms.rule_rewards import (
+    RuleRewardError,
+    check_rule_arguments,
+    load_rule,
+    rule_score,
+)
 from hpc_rlhf.config import RewardConfig
-from hpc_rlhf.parallel.comm import group_sum
+from hpc_rlhf.parallel.comm import broadcast_object, group_size, group_sum
+from hpc_rlhf.rewards import is_batched
 from hpc_rlhf.trainer.losses import calibrated_end_score_fn
 from hpc_rlhf.trainer.trainable_model import NonFiniteLossError
 
@@ -50,6 +57,7 @@ class ScoreSources:
         tokenizer,
         dp_group,
         unsafe_prompt_B: torch.Tensor | None = None,
+        mp_group=None,
     ) -> torch.Tensor:
         """``[B]``: the models' end scores (``model_scores``, one ``[B]`` each) and the
         rules' scores of ``rollout``, combined. A rule returning something other than a
@@ -58,18 +66,58 @@ class ScoreSources:
         scores = list(model_scores)
         weights = [spec.weight for spec in self.section.models]
         sources = [f"{self.kind} model {spec.path}" for spec in self.section.models]
-        for spec, fn in self.rules:
-            values = [
-                rule_score(spec.function, fn(p, r, tokenizer, **spec.kwargs))
-                for p, r in zip(rollout.prompt_ids, rollout.response_ids)
-            ]
-            scores.append(torch.tensor(values))
-            weights.append(spec.weight)
-            sources.append(f"{self.kind} rule {spec.function}")
+        if self.rules:
+            scores.extend(self.rule_scores(rollout, tokenizer, mp_group).unbind(0))
+            weights.extend(spec.weight for spec, _ in self.rules)
+            sources.extend(f"{self.kind} rule {spec.function}" for spec, _ in self.rules)
         check_finite(sources, scores, dp_group)
         if self.section.combine == "sum":
             return combine_scores(scores, weights)
         return self._safety_gated(scores, weights, unsafe_prompt_B, dp_group)
+
+    def rule_scores(self, rollout, tokenizer, mp_group=None) -> torch.Tensor:
+        """``[R, B]``: each rule's score of each sample. The model-parallel group's first
+        rank runs the rules and hands the scores (or the error a rule raised) to the others:
+        every rank of a data-parallel replica trains on the same scores even when a rule is
+        not deterministic (a program that times out on one rank only), and programs run
+        once per replica."""
+        if group_size(mp_group) == 1:
+            return self._run_rules(rollout, tokenizer)
+        outcome: torch.Tensor | Exception | None = None
+        if dist.get_rank(mp_group) == 0:
+            try:
+                outcome = self._run_rules(rollout, tokenizer)
+            except Exception as err:  # raised on every rank of the group below
+                outcome = err
+        outcome = broadcast_object(outcome, 0, mp_group)
+        if isinstance(outcome, Exception):
+            raise outcome
+        return outcome
+
+    def _run_rules(self, rollout, tokenizer) -> torch.Tensor:
+        """``[R, B]`` float64: the rules called here (batched rules once, others per sample),
+        the prompts' reference fields as keyword arguments."""
+        n = len(rollout.response_ids)
+        references = rollout.references or [{} for _ in range(n)]
+        rows = []
+        for spec, fn in self.rules:
+            if is_batched(fn):
+                fields = {k: [r[k] for r in references] for k in references[0]} if n else {}
+                values = fn(
+                    rollout.prompt_ids, rollout.response_ids, tokenizer, **fields, **spec.kwargs
+                )
+                if len(values) != n:
+                    raise RuleRewardError(
+                        f"batched rule reward {spec.function!r} returned {len(values)} scores "
+                        f"for {n} samples"
+                    )
+            else:
+                values = [
+                    fn(p, r, tokenizer, **refs, **spec.kwargs)
+                    for p, r, refs in zip(rollout.prompt_ids, rollout.response_ids, references)
+                ]
+            rows.append([rule_score(spec.function, v) for v in values])
+        return torch.tensor(rows, dtype=torch.float64).reshape(len(self.rules), n)
 
     def _safety_gated(self, scores, weights, unsafe_prompt_B, dp_group) -> torch.Tensor:
         """Llama-2's gate over the helpfulness and safety models, whitened over DP, plus
@@ -89,11 +137,13 @@ class ScoreSources:
 
 
 def load_rules_first(cfg) -> None:
-    """Import every reward and cost rule of a ``PPORunConfig`` (a rule that does not import
-    fails at once, before minutes of model loading)."""
+    """Import every reward and cost rule of a ``PPORunConfig`` and check it can be called
+    with its kwargs and the prompts' reference fields (a rule that does not import or
+    lacks an argument fails at once, before minutes of model loading)."""
     for section in (cfg.reward, cfg.cost):
         for spec in section.rules if section is not None else ():
-            load_rule(spec.function)
+            fn = load_rule(spec.function)
+            check_rule_arguments(spec.function, fn, spec.kwargs, cfg.data.rule_fields)
 
 
 def check_finite(sources: list[str], scores: list[torch.Tensor], dp_group) -> None:

@@ -1,9 +1,9 @@
 """The GRPO family in the PPO trainer on the toy task (reward: the fraction of "the" tokens
-in the response): GSPO's sequence-ratio loss at 1 process and TP=2 x DP=2, Dr.GRPO (group
-centring without the std, token sums over a constant), REINFORCE++-baseline with truncated
-importance sampling, whose train/inference mismatch is logged every step (fp32 engine and
-trainer: near zero). The formulas themselves are tested in
-tests/algorithms/test_grpo_family.py."""
+in the response): Dr.GRPO (group centring without the std, token sums over a constant),
+REINFORCE++-baseline with truncated importance sampling, whose train/inference mismatch is
+logged every step (fp32 engine and trainer: near zero). DAPO and GSPO learn the verifiable
+toy task at 1 process and TP=2 x DP=2 in tests/trainer/test_dynamic_sampling.py; the
+formulas themselves are tested in tests/algorithms/test_grpo_family.py."""
 
 from __future__ import annotations
 
@@ -12,16 +12,7 @@ import pytest
 from tests.dist import run_world
 from tests.trainer.test_ppo import _learned, _run, make_cfg
 
-GSPO = {"policy_loss": "gspo", "loss_reduction": "seq_mean", "clip_low": 3e-4, "clip_high": 4e-4}
 CASES = {
-    "gspo_1proc": (1, {"ppo": {"advantage": "grpo", **GSPO, "steps": 20}}),
-    "gspo_tp2_dp2": (
-        4,
-        {
-            "ppo": {"advantage": "grpo", **GSPO, "steps": 20, "micro_batch_size_per_rank": 4},
-            "parallel": {"tensor_model_parallel_size": 2},
-        },
-    ),
     "drgrpo_1proc": (
         1,
         {
