@@ -37,6 +37,8 @@ def test_yaml_and_overrides_build_a_frozen_tree(tmp_path):
 WORLD_SIZES = {  # the cluster each shipped config is written for
     "ppo_tiny_cpu.yaml": 4,
     "ppo_tiny_cpu_bf16.yaml": 4,
+    "ppo_dapo_tiny_cpu.yaml": 4,
+    "ppo_dapo_qwen2.5_math_7b_h100_2x8.yaml": 16,
     "ppo_llama2_7b_a100_2x8.yaml": 16,
     "ppo_lag_llama2_7b_a100_2x8.yaml": 16,
     "ppo_llama2_13b_h100_2x8.yaml": 16,
