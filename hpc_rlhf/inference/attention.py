@@ -12,11 +12,13 @@ Three backends, chosen by ``select_backend`` through ``hpc_rlhf.ops._backend.res
   ``flash_attn_varlen_func`` for prefill and ``flash_attn_with_kvcache(..., block_table=...)``
   for decode on the ``"NWGD"`` pool. Only a GPU runs it: ``tests/inference/test_cuda_graphs``
   (graph-captured against eager decode, both on this backend).
-* ``"cpp"`` (CPU, fp32, hpc_rlhf._C built): prefill on the C++ causal attention kernel
+* ``"cpp"`` (CPU, an fp32 or bf16 cache, hpc_rlhf._C built): prefill on the C++ causal
+  attention kernel
   (``ops.causal_attention`` over the packed sequences' ``cu_seqlens``); decode by
   ``paged_decode_attention_cpu``, one task per (sequence, KV head) reading each block of
-  its table once for the query heads sharing it, with an online softmax per block; it never
-  reads past a sequence's length, so fresh blocks need no zeroing.
+  its table once for the query heads sharing it, with an online softmax per block, a bf16
+  pool read in place and widened per element (fp32 math); it never reads past a
+  sequence's length, so fresh blocks need no zeroing.
 * ``"torch"`` (everywhere; the reference the others are tested against). Prefill runs
   ``scaled_dot_product_attention`` per packed sequence (a loop over sequences, never over
   tokens). Decode never gathers the
@@ -37,12 +39,12 @@ import torch
 from hpc_rlhf.ops import _backend
 from hpc_rlhf.ops.causal_attention import causal_attention, window_limit
 
-# flash-attn (CUDA, compute capability >= 8.0), the C++ kernels on an fp32 CPU cache without
-# a sliding window, torch; the names are inference.config.ATTENTION_BACKENDS
+# flash-attn (CUDA, compute capability >= 8.0), the C++ kernels on an fp32 or bf16 CPU cache
+# without a sliding window, torch; the names are inference.config.ATTENTION_BACKENDS
 # (tests/ops/test_resolver.py checks it)
 GENERATION_KERNELS = (
     _backend.TORCH,
-    _backend.Kernel("cpp", dtypes=_backend.FP32, limit=window_limit),
+    _backend.Kernel("cpp", dtypes=_backend.FP32_BF16, limit=window_limit),
     _backend.Kernel("flash_attn"),
 )
 

@@ -72,6 +72,28 @@ def test_decode_attention_matches_dense_with_shared_blocks(backend, G, g):
     assert torch.allclose(got.double(), want, atol=1e-5), (got.double() - want).abs().max()
 
 
+@pytest.mark.skipif(_backend.extension() is None, reason="hpc_rlhf._C not built")
+@pytest.mark.parametrize("q_dtype", [torch.bfloat16, torch.float32])
+def test_cpp_decode_attention_reads_a_bf16_pool_in_place(q_dtype):
+    """A bf16 pool (as a bf16 engine's cache) read in place with fp32 math: against fp64
+    math on the same bf16 values, the output is off by its own rounding to the query's
+    dtype (bf16: 2^-8 relative at worst) plus fp32 accumulation."""
+    torch.manual_seed(1)
+    S, D, N, G, g = 4, 32, 12, 2, 3
+    k_pool = torch.randn(N, G, S, D).bfloat16()
+    v_pool = torch.randn(N, G, S, D).bfloat16()
+    tables = [[0, 1, 2], [0, 1, 5], [9, 3, 7, 4]]
+    lens = [11, 9, 14]
+    q_BHD = (2.0 * torch.randn(len(tables), G * g, D)).to(q_dtype)
+    meta = build_decode_meta(tables, lens, S, block_rows=False)
+    got = decode_attention_cpp(q_BHD, k_pool, v_pool, meta)
+    assert got.dtype == q_dtype
+    want = _dense_reference(q_BHD, k_pool, v_pool, tables, lens, S)
+    rel = 2**-8 if q_dtype == torch.bfloat16 else 1e-5
+    bound = rel * (want.abs() + 0.01 * want.abs().max())
+    assert bool(((got.double() - want).abs() <= bound).all()), (got.double() - want).abs().max()
+
+
 @pytest.mark.parametrize("window", [1, 5, 13])
 def test_decode_attention_with_a_sliding_window_reads_the_latest_positions(window):
     """Mistral's window in the torch paged decode (shared blocks, windows shorter than a

@@ -104,7 +104,8 @@ ENGINE_AUTO = [
     (CUDA, BF16, {"flash": True, "capability": 7}, "torch"),
     (CUDA, F32, {"ext": "cuda", "triton": True}, "torch"),
     (CPU, F32, {"flash": True}, "cpp"),
-    (CPU, BF16, {}, "torch"),
+    (CPU, BF16, {}, "cpp"),  # a bf16 cache is read in place by the C++ decode kernel
+    (CPU, F16, {}, "torch"),
     (CPU, F32, {"ext": None}, "torch"),
     (META, F32, {}, "torch"),
 ]
@@ -130,7 +131,7 @@ REFUSED = [
     ("swiglu", "cuda", CPU, F32, {}, {}, RuntimeError, "backend 'cuda' needs"),
     ("causal", "cpp", CPU, F32, {"head_dim": 24}, {}, RuntimeError, "multiple of 16, got 24"),
     ("causal", "cpp", CPU, F32, {"dropout_p": 0.1}, {}, RuntimeError, "no attention dropout"),
-    ("causal", "cpp", CPU, F64, {}, {}, RuntimeError, "fp32 CPU tensors"),
+    ("causal", "cpp", CPU, F64, {}, {}, RuntimeError, "fp32 or bf16 CPU tensors"),
     ("causal", "triton", CPU, F32, {}, {"triton": True}, ValueError, "expected one of"),
 ]
 
@@ -148,8 +149,8 @@ def test_generation_attention_refusals(caps):
     caps(flash=True, capability=7)
     with pytest.raises(RuntimeError, match="compute capability >= 8.0"):
         select_backend("flash_attn", CUDA, 256, BF16)
-    with pytest.raises(RuntimeError, match="fp32 CPU tensors, got torch.bfloat16"):
-        select_backend("cpp", CPU, 16, BF16)
+    with pytest.raises(RuntimeError, match="fp32 or bf16 CPU tensors, got torch.float16"):
+        select_backend("cpp", CPU, 16, F16)
     with pytest.raises(ValueError, match="expected one of"):
         select_backend("xformers", CPU, 16)
     caps(flash=True, capability=8)
