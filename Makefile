@@ -4,13 +4,14 @@
 #   make demo-pipeline - SFT -> reward model -> PPO -> eval on the tiny model, CPU
 #   make bench  - kernels, generation, PPO, reward-model and SFT benchmarks against their
 #                 baselines, DPO against TRL's DPOTrainer (installed by tools/install_trl.sh)
+#   make bench-grpo - a whole GRPO iteration (generation included) against TRL's GRPOTrainer
 VENV      ?= .venv
 PY        := $(VENV)/bin/python
 TORCH_PIN ?= torch==2.13.0
 STAMP     := $(VENV)/.installed
 NPROC     ?= 4
 
-.PHONY: setup demo demo-pretrain demo-pipeline test lint bench clean
+.PHONY: setup demo demo-pretrain demo-pipeline test lint bench bench-grpo clean
 
 $(STAMP): setup.py pyproject.toml constraints.txt $(wildcard csrc/*.cpp csrc/*.h)
 	test -x $(PY) || python3 -m venv $(VENV)
@@ -52,6 +53,10 @@ bench: $(STAMP)
 	$(PY) tools/bench_sft.py
 	bash tools/install_trl.sh
 	$(PY) tools/bench_dpo.py
+
+bench-grpo: $(STAMP)
+	bash tools/install_trl.sh
+	$(PY) tools/bench_grpo.py
 
 clean:
 	rm -rf build *.egg-info hpc_rlhf/_C*.so

@@ -1,11 +1,12 @@
 #!/usr/bin/env bash
-# Installs TRL (the peer of the DPO benchmark, tools/trl_dpo_peer.py) and the few packages it
-# needs that the project's venv lacks into tools/.peer-packages, a separate --target directory
-# used through PYTHONPATH: the venv's own packages (torch, transformers, datasets, ...) are
-# neither upgraded nor touched.
+# Installs TRL (the peer of the DPO and GRPO benchmarks, tools/trl_dpo_peer.py and
+# tools/trl_grpo_peer.py) and the few packages it needs that the project's venv lacks into
+# tools/.peer-packages, a separate --target directory used through PYTHONPATH: the venv's own
+# packages (torch, transformers, datasets, ...) are neither upgraded nor touched.
 #
 #   tools/install_trl.sh            # install (skipped when already there at these versions)
-#   PYTHONPATH=tools/.peer-packages .venv/bin/python tools/trl_dpo_peer.py   # self-check
+#   PYTHONPATH=tools/.peer-packages .venv/bin/python tools/trl_dpo_peer.py    # self-check
+#   PYTHONPATH=tools/.peer-packages .venv/bin/python tools/trl_grpo_peer.py   # self-check
 #
 # Versions: TRL 1.16.0 (the newest at the time of writing) works with the venv's torch 2.13
 # (CPU), transformers 5.25.0 and datasets 5.2.0; its other requirements (datasets, pandas,
@@ -50,18 +51,19 @@ else
         --target "$TARGET" "${missing[@]}"
 fi
 
-# Import check against the venv's torch/transformers/datasets (TRL's DPOTrainer and config).
+# Import check against the venv's torch/transformers/datasets (TRL's DPO and GRPO trainers
+# and configs).
 PYTHONPATH="$TARGET${PYTHONPATH:+:$PYTHONPATH}" "$PYTHON" - <<'EOF'
 import accelerate
 import datasets
 import torch
 import transformers
 import trl
-from trl import DPOConfig, DPOTrainer  # noqa: F401
+from trl import DPOConfig, DPOTrainer, GRPOConfig, GRPOTrainer  # noqa: F401
 
 print(
     f"install_trl: trl {trl.__version__} (accelerate {accelerate.__version__}) with torch "
     f"{torch.__version__}, transformers {transformers.__version__}, datasets "
-    f"{datasets.__version__}: DPOTrainer imports"
+    f"{datasets.__version__}: DPOTrainer and GRPOTrainer import"
 )
 EOF
