@@ -41,7 +41,7 @@ def _world(rank, world_size, hf_weights, prompts, distributed_optimizer):
     for actor in (shared, plain):  # step 1 creates the optimizer state
         actor.train_step(_batches(0), loss)
     n_params = sum(p.numel() for p in shared.parameters_by_chunk()[0].parameters())
-    memory = TrainingMemory(shared)
+    memory = TrainingMemory(shared, move_host_state=True)  # the GPU path's round trip
     report = memory.release()
     res = {"optimizer_bytes": report.optimizer_bytes, "grad_bytes": report.grad_bytes}
     res["n_params"] = n_params
@@ -73,6 +73,16 @@ def _world(rank, world_size, hf_weights, prompts, distributed_optimizer):
             build_actor(CFG, parallel, hf_weights)[1].parameters_by_chunk()[0].parameters(),
         )
     )
+    # by default, host-resident optimizer state stays: copying host memory to the host
+    # would free nothing; the gradient buffers are still released
+    sizes = [t.untyped_storage().nbytes() for t in optimizer_state_tensors(plain.optimizer)]
+    default = TrainingMemory(plain)
+    report = default.release()
+    res["default_report"] = (report.optimizer_bytes, report.grad_bytes > 0)
+    res["default_state_kept"] = sizes == [
+        t.untyped_storage().nbytes() for t in optimizer_state_tensors(plain.optimizer)
+    ]
+    default.restore()
     return res
 
 
@@ -101,3 +111,4 @@ def _check(res: dict) -> None:
     assert res["params_equal"] is True
     assert res["optimizer_equal"] is True
     assert res["moved"] is True  # the steps did change the weights
+    assert res["default_report"] == (0, True) and res["default_state_kept"] is True
