@@ -977,6 +977,11 @@ class PPOConfig:
     kl_estimator: str = "k1"
     kl_target: float | None = None  # set for the adaptive controller
     kl_horizon: int = 10000
+    # GRPO's KL in the loss (verl's use_kl_loss, TRL's beta): coef * KL(pi || pi_ref) per
+    # action token by kl_loss_estimator, reduced as the policy loss; 0: off. Independent of
+    # kl_coef (the KL penalty in the reward): GRPO runs set kl_coef 0 and this instead
+    kl_loss_coef: float = 0.0
+    kl_loss_estimator: str = "k3"
     clip_low: float = 0.2
     clip_high: float = 0.2
     dual_clip: float | None = None
@@ -1047,7 +1052,7 @@ class PPOConfig:
                 f"ppo.advantage={self.advantage} normalises over the batch: it needs "
                 "ppo.whiten_advantages=true"
             )
-        _non_negative(self, "ppo.", ("dynamic_sampling_max_rounds",))
+        _non_negative(self, "ppo.", ("dynamic_sampling_max_rounds", "kl_loss_coef"))
         if self.dynamic_sampling and self.advantage not in GROUP_ESTIMATORS:
             raise ConfigError(
                 f"ppo.dynamic_sampling drops groups of equal rewards, which only a group "
@@ -1066,8 +1071,9 @@ class PPOConfig:
             raise ConfigError(f"ppo.overlong_penalty={self.overlong_penalty} must be >= 0")
         if self.tis_cap is not None and not self.tis_cap >= 1:
             raise ConfigError(f"ppo.tis_cap={self.tis_cap} must be >= 1")
-        if self.kl_estimator not in ("k1", "k2", "k3"):
-            raise ConfigError(f"ppo.kl_estimator={self.kl_estimator!r}: expected k1, k2 or k3")
+        for key in ("kl_estimator", "kl_loss_estimator"):
+            if getattr(self, key) not in ("k1", "k2", "k3"):
+                raise ConfigError(f"ppo.{key}={getattr(self, key)!r}: expected k1, k2 or k3")
         if self.loss_reduction not in ("token_mean", "seq_mean", "token_sum"):
             raise ConfigError(f"ppo.loss_reduction={self.loss_reduction!r}")
         if self.critic_init not in ("actor", "reward", "random"):

@@ -34,9 +34,9 @@ constant learning rate):
 * loss reduction: ``loss_type="dapo"`` (token sum over the tokens of the whole optimizer
   step) -> ``ppo.loss_reduction: token_mean`` (the same mean);
 * KL: ``beta=0.04``, the k3 estimator per token in the loss (times the ratio: TRL's default
-  ``use_bias_correction_kl``) -> ``ppo.kl_coef: 0.04``, ``ppo.kl_estimator: k3``, in the
-  reward (each token's ``-0.04 * k3`` summed into the sample's return before the group
-  normalisation: the only KL placement hpc_rlhf offers);
+  ``use_bias_correction_kl``; 1 on this on-policy step) -> ``ppo.kl_loss_coef: 0.04``,
+  ``ppo.kl_loss_estimator: k3`` (GRPO's KL in the loss, reduced as the policy loss) and no
+  KL in the reward (``ppo.kl_coef: 0``);
 * old log-probs: TRL computes none (on-policy, it uses the detached current ones) ->
   hpc_rlhf reuses the engine's sampling log-probs (``ppo.recompute_old_logprobs: false``);
   neither runs an extra forward;
@@ -141,8 +141,9 @@ def ours_config(args, prompts: list[list[int]], lengths: list[int]):
                 "ppo_epochs": 1,
                 "advantage": "grpo",
                 "whiten_advantages": False,
-                "kl_coef": KL_COEF,
-                "kl_estimator": "k3",
+                "kl_coef": 0.0,
+                "kl_loss_coef": KL_COEF,
+                "kl_loss_estimator": "k3",
                 "clip_low": CLIP,
                 "clip_high": CLIP,
                 "loss_reduction": "token_mean",

@@ -1,12 +1,14 @@
 """Policy losses beside PPO's token-level clip (``ops.ppo_policy_loss``): GSPO's
-sequence-level ratio, and truncated importance sampling (TIS) against the generation
-engine's log-probs. Pure tensor functions; the trainer applies them
+sequence-level ratio, GRPO's KL penalty in the loss, and truncated importance sampling (TIS)
+against the generation engine's log-probs. Pure tensor functions; the trainer applies them
 (``trainer.losses.actor_loss_fn``, ``trainer.ppo``).
 """
 
 from __future__ import annotations
 
 import torch
+
+from hpc_rlhf.algorithms.kl import kl_estimate
 
 
 def gspo_policy_loss(
@@ -65,3 +67,25 @@ def truncated_is_weights(
         "ratio_max": ratio_BS.masked_fill(~mask, 0.0).max(),
     }
     return weights_BS, stats
+
+
+def kl_loss(
+    logp_BS: torch.Tensor,
+    ref_logp_BS: torch.Tensor,
+    mask_BS: torch.Tensor,
+    estimator: str = "k3",
+    reduction: str = "token_mean",
+) -> torch.Tensor:
+    """GRPO's KL term in the loss (Shao et al. 2024; verl's ``use_kl_loss``, TRL's ``beta``):
+    the per-token estimate of KL(pi || pi_ref) (``estimator``: k1, k2 or k3, the paper's)
+    differentiated through the policy's log-probs, reduced as the policy loss is: a mean
+    over the valid tokens (``token_mean`` / ``token_sum``, whose constant denominator the
+    trainer applies) or over sequences of their token means (``seq_mean``)."""
+    mask = mask_BS.to(torch.float32)
+    kl_BS = kl_estimate(logp_BS, ref_logp_BS, estimator) * mask
+    if reduction == "seq_mean":
+        n_B = mask.sum(dim=1)
+        live_B = n_B > 0
+        per_seq_B = kl_BS.sum(dim=1) / n_B.clamp(min=1.0)
+        return (per_seq_B * live_B).sum() / live_B.sum().clamp(min=1)
+    return kl_BS.sum() / mask.sum().clamp(min=1.0)

@@ -108,6 +108,7 @@ class ExperienceBatch:
                 loss_mask_BS=action_mask_BS,
                 head_mask_BS=action_mask_BS,
                 old_logp_BS=self.old_logp_BS[rows],
+                ref_logp_BS=_rows_of(self.ref_logp_BS, rows),
                 advantages_BS=_rows_of(self.advantages_BS, rows),
                 returns_BS=_rows_of(self.returns_BS, rows),
                 values_BS=_rows_of(self.values_BS, rows),

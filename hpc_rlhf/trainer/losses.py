@@ -20,7 +20,7 @@ from dataclasses import dataclass
 
 import torch
 
-from hpc_rlhf.algorithms.policy_losses import gspo_policy_loss
+from hpc_rlhf.algorithms.policy_losses import gspo_policy_loss, kl_loss
 from hpc_rlhf.config import PPOConfig
 from hpc_rlhf.models.heads import end_scores
 from hpc_rlhf.models.runner import MicroBatch, logprobs_from_output
@@ -33,6 +33,7 @@ class RolloutMicroBatch(MicroBatch):
     the per-token quantities are on action positions (see ``trainer.experience``)."""
 
     old_logp_BS: torch.Tensor | None = None
+    ref_logp_BS: torch.Tensor | None = None  # ppo.kl_loss_coef: the reference's log-probs
     advantages_BS: torch.Tensor | None = None
     returns_BS: torch.Tensor | None = None
     values_BS: torch.Tensor | None = None
@@ -291,6 +292,12 @@ def actor_loss_fn(cfg: PPOConfig, tp_group, counts: GlobalCounts, temperature: f
             "pg_loss": per_token_metric(pg_share, n_tokens, counts),
             "entropy": entropy_sum.detach() / n_tokens.clamp(min=1),
         }
+        if cfg.kl_loss_coef:
+            ref_BS = _required(mb.ref_logp_BS, "ref_logp_BS")
+            kl = kl_loss(logp_BS, ref_BS, mask_BS, cfg.kl_loss_estimator, cfg.loss_reduction)
+            kl_share = to_global_mean(kl, mask_BS, cfg.loss_reduction, counts)
+            scaled = scaled + cfg.kl_loss_coef * kl_share
+            metrics["kl_loss"] = per_token_metric(kl_share, n_tokens, counts)
         metrics.update({k: v.detach() for k, v in stats.items()})
         return scaled, n_tokens.long(), metrics
 

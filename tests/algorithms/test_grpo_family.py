@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from hpc_rlhf.algorithms.advantages import compute_advantages
-from hpc_rlhf.algorithms.policy_losses import gspo_policy_loss, truncated_is_weights
+from hpc_rlhf.algorithms.policy_losses import gspo_policy_loss, kl_loss, truncated_is_weights
 
 B, S, N = 6, 7, 3  # 2 prompts x 3 samples, 7 positions
 
@@ -100,6 +100,39 @@ def test_gspo_loss_and_gradient_follow_the_sequence_ratio_formula():
     assert 0 < stats["clip_fraction"].item() < 1
 
 
+@pytest.mark.parametrize("reduction", ["token_mean", "seq_mean"])
+@pytest.mark.parametrize("estimator", ["k1", "k2", "k3"])
+def test_kl_loss_and_its_gradient_follow_the_estimators(estimator, reduction):
+    """GRPO's KL term: per token r = logp - ref; k1 = r, k2 = r^2 / 2, k3 = e^-r - 1 + r
+    (d/dlogp: 1, r, 1 - e^-r), averaged over valid tokens or over sequences' token means."""
+    rng = random.Random(11)
+    _, mask = _batch(5)
+    mask[2] = [False] * S  # a row with no valid token
+    ref = [[rng.gauss(-2, 0.5) for _ in range(S)] for _ in range(B)]
+    logp = [[x + rng.gauss(0, 0.3) for x in row] for row in ref]
+    estimate = {
+        "k1": (lambda r: r, lambda r: 1.0),
+        "k2": (lambda r: r * r / 2, lambda r: r),
+        "k3": (lambda r: math.exp(-r) - 1 + r, lambda r: 1 - math.exp(-r)),
+    }[estimator]
+    rows = [[(i, j) for j in range(S) if mask[i][j]] for i in range(B) if any(mask[i])]
+    if reduction == "token_mean":
+        n = sum(len(r) for r in rows)
+        weights = {ij: 1 / n for r in rows for ij in r}
+    else:
+        weights = {ij: 1 / (len(rows) * len(r)) for r in rows for ij in r}
+    want = sum(w * estimate[0](logp[i][j] - ref[i][j]) for (i, j), w in weights.items())
+    x = _tensor(logp).requires_grad_(True)
+    got = kl_loss(x, _tensor(ref), _tensor(mask, torch.bool), estimator, reduction)
+    got.backward()
+    assert got.item() == pytest.approx(want, rel=1e-5)
+    for i in range(B):
+        for j in range(S):
+            w = weights.get((i, j), 0.0)
+            grad = w * estimate[1](logp[i][j] - ref[i][j]) if w else 0.0
+            assert x.grad[i, j].item() == pytest.approx(grad, rel=1e-4, abs=1e-9)
+
+
 def test_truncated_is_weights_and_the_mismatch_they_report():
     rng = random.Random(4)
     _, mask = _batch(4)
@@ -139,6 +172,8 @@ def test_truncated_is_weights_and_the_mismatch_they_report():
         ({"policy_loss": "cispo"}, "expected ppo or gspo"),
         ({"tis_cap": 0.5}, r"ppo.tis_cap=0.5 must be >= 1"),
         ({"loss_reduction": "token_max"}, "ppo.loss_reduction='token_max'"),
+        ({"kl_loss_coef": -0.1}, "ppo.kl_loss_coef"),
+        ({"kl_loss_estimator": "k4"}, r"ppo.kl_loss_estimator='k4': expected k1, k2 or k3"),
     ],
 )
 def test_bad_family_settings_are_named(ppo, match):

@@ -57,3 +57,16 @@ def test_dapo_overlong_shaping_and_filtering_in_the_trainer():
     assert shaped[0]["reward_mean"] == pytest.approx(plain[0]["reward_mean"] - 0.5, abs=1e-6)
     filtered = run_world(_run, 1, make_cfg(ppo={**base, "overlong_filter": True}))[0]
     assert all(step["actor_grad_norm"] == 0 for step in filtered)
+
+
+def test_grpo_kl_in_the_loss_holds_the_policy_near_the_reference():
+    """GRPO's KL term in the loss (``ppo.kl_loss_coef``, k3) with no KL in the reward: zero
+    while the policy is the reference (step 1), and a strong coefficient keeps the
+    policy's KL to the reference well below the unpenalised run's after a few steps (one
+    update per step: step 1's update starts at the reference)."""
+    base = {"advantage": "grpo", "kl_coef": 0.0, "steps": 6, "mini_batches_per_rollout": 1}
+    free = run_world(_run, 1, make_cfg(ppo=base))[0]
+    held = run_world(_run, 1, make_cfg(ppo={**base, "kl_loss_coef": 5.0}))[0]
+    assert "kl_loss" not in free[-1] and abs(held[0]["kl_loss"]) < 1e-6
+    assert held[-1]["kl_loss"] > 0
+    assert held[-1]["kl"] < 0.5 * free[-1]["kl"], (held[-1]["kl"], free[-1]["kl"])
