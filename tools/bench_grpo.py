@@ -254,7 +254,9 @@ def _verdict(ok: bool) -> str:
     return "PASS" if ok else "FAIL"
 
 
-def _row(label: str, trl: str, ours: str, note: str = "") -> None:
+def _row(label: str, values, note: str = "") -> None:
+    """One table row: ``label``, TRL's and hpc_rlhf's values (two strings), a note."""
+    trl, ours = values
     print(f"{label:<32} {trl:>10} {ours:>10} {note}".rstrip())
 
 
@@ -269,25 +271,29 @@ def print_shape(shape: str, args, ours: dict, base: dict) -> str:
         f"\n=== GRPO {shape}: {args.prompts} prompts x {SAMPLES} samples, {ours['tokens']} "
         f"prompt + response tokens per iteration (mean response {ours['mean_length']:.1f}) ==="
     )
-    _row("", "TRL", "hpc_rlhf", "  ratio")
-    _row("warm-up iteration s (untimed)", *(f"{r['warmup_seconds']:.2f}" for r in (base, ours)))
+    _row("", ("TRL", "hpc_rlhf"), "  ratio")
+    _row("warm-up iteration s (untimed)", [f"{r['warmup_seconds']:.2f}" for r in (base, ours)])
     for name, report in (("TRL", base), ("hpc_rlhf", ours)):
         print(
             f"{f'timed iterations s, {name}':<32} "
             + " ".join(f"{s:.2f}" for s in report["iteration_seconds"])
         )
     seconds = (f"{mean[k]:.2f}" for k in ("trl", "ours"))
-    _row("seconds per iteration (mean)", *seconds, f"{speed:6.3f}x  (TRL / hpc_rlhf)")
+    _row("seconds per iteration (mean)", list(seconds), f"{speed:6.3f}x  (TRL / hpc_rlhf)")
     tokens = [f"{r['tokens'] / mean[k]:.0f}" for k, r in (("trl", base), ("ours", ours))]
     ok = _verdict(speed >= speed_target)
-    _row("tokens/s", *tokens, f"{speed:6.3f}x  (target >= {speed_target}x: {ok})")
+    _row("tokens/s", list(tokens), f"{speed:6.3f}x  (target >= {speed_target}x: {ok})")
     ok = _verdict(mem <= memory_target)
     memory = (f"{r['peak_rss_gb']:.3f}" for r in (base, ours))
-    _row("peak RSS GB", *memory, f"{mem:6.3f}x  (hpc_rlhf / TRL; target <= {memory_target}: {ok})")
+    _row(
+        "peak RSS GB",
+        list(memory),
+        f"{mem:6.3f}x  (hpc_rlhf / TRL; target <= {memory_target}: {ok})",
+    )
     rates = (f"{r['matmul_gflops']:.0f}" for r in (base, ours))
-    _row("fp32 matmul GF/s around run", *rates, "  (torch.mm 1024^3 before and after)")
+    _row("fp32 matmul GF/s around run", list(rates), "  (torch.mm 1024^3 before and after)")
     rewards = (f"{r['warmup_reward']:.4f}" for r in (base, ours))
-    _row("warm-up mean reward", *rewards, "  (each system's own samples: roughly equal)")
+    _row("warm-up mean reward", list(rewards), "  (each system's own samples: roughly equal)")
     print("tokens/s: prompt + response tokens of every sample per second of iteration")
     logged = ", ".join(f"{x:.1f}" for x in base["logged_mean_length"])
     print(

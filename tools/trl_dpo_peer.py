@@ -170,7 +170,13 @@ class _StepClock:
     ``data_and_logging`` (the previous step's logging, then fetching and collating this step's
     micro-batches, which the Trainer does before ``on_step_begin``)."""
 
-    IN_STEP = ("ref_forward", "policy_forward", "backward", "clip_grad", "optimizer")
+    IN_STEP: tuple[str, ...] = (
+        "ref_forward",
+        "policy_forward",
+        "backward",
+        "clip_grad",
+        "optimizer",
+    )
 
     def __init__(self) -> None:
         self.step_seconds: list[float] = []

@@ -204,7 +204,8 @@ def run_trl_grpo(
         raise ValueError("give distinct prompts, one length each")
     tokenizer = _grpo_tokenizer(AutoConfig.from_pretrained(model_dir))
     forcer = _forced_lengths(tokenizer.eos_token_id, dict(zip(map(tuple, prompts), lengths)))
-    clock, made = _IterationClock(), []
+    clock = _IterationClock()
+    made: list = []
     n_rows = len(prompts) * grpo.get("num_generations", 8)
     with tempfile.TemporaryDirectory(prefix="trl_grpo_peer_") as out_dir:
         trainer = trl.GRPOTrainer(
