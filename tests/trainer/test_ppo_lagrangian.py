@@ -117,19 +117,17 @@ def test_resume_with_the_cost_critic_and_multiplier_reproduces_the_run(tmp_path)
 
 
 def _state_bytes_during_generation(rank, world, cfg):
-    """Each trained model's optimizer-state bytes while the engine generates (step 2, after
-    an update created the state) and after the step."""
-    from hpc_rlhf.inference.memory import optimizer_state_tensors
+    """Each trained model's gradient-buffer bytes while the engine generates (step 2) and
+    after the step. (Their optimizer state is released too on an accelerator; on a CPU-only
+    run it stays in host memory, where it already is: ``inference.memory``.)"""
+    from hpc_rlhf.inference.memory import grad_buffer_bytes
     from hpc_rlhf.trainer.ppo_run import build_trainer
 
     run, trainer = build_trainer(cfg)
     models = trainer.trainable_models()
 
     def state_bytes() -> dict[str, int]:
-        return {
-            name: sum(t.untyped_storage().nbytes() for t in optimizer_state_tensors(m.optimizer))
-            for name, m in models.items()
-        }
+        return {name: grad_buffer_bytes(m.model) for name, m in models.items()}
 
     trainer.step()
     during = {}
