@@ -117,8 +117,8 @@ class TrainingMemory:
             storage.resize_(0)
             self._host.append((storage, host))
             report.optimizer_bytes += nbytes
-        report.grad_bytes = grad_buffer_bytes(self.trainable.model)
-        for chunk in self.trainable.model:
+        report.grad_bytes = grad_buffer_bytes(self.trainable.model)  # 0: released already
+        for chunk in self.trainable.model if report.grad_bytes else ():
             chunk.offload_grad_buffers()
         self._released = report
         if self.trainable.state.rank == 0:
@@ -139,10 +139,10 @@ class TrainingMemory:
             storage.resize_(host.numel())
             storage.copy_(host.untyped_storage())
         self._host = []
-        for chunk in self.trainable.model:
-            chunk.restore_grad_buffers()
         report, self._released = self._released, None
         assert report is not None  # self.released checked above
+        for chunk in self.trainable.model if report.grad_bytes else ():  # only what it freed
+            chunk.restore_grad_buffers()
         if self.trainable.state.rank == 0:
             logger.log(
                 info_once_then_debug(("restored", self.trainable.role)),

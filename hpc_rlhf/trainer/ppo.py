@@ -131,6 +131,8 @@ class PPOTrainer:
         self.step_count = 0
         self.policy_version = 0
         self.engine.sync_weights(self.policy_version)
+        for model in self.trainable_models().values():  # one model's gradients at a time
+            model.release_grads_between_steps()
 
     # ------------------------------------------------------------------ the iteration
     def step(self) -> dict[str, float]:

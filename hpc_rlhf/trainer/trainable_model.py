@@ -119,6 +119,8 @@ class TrainableModel:
         self.config = chunks[0].config
         self.config.calculate_per_token_loss = True
         self.trainable = optim_cfg is not None
+        # False: gradient buffers exist only inside train_step (release_grads_between_steps)
+        self.grads_between_steps = True
         if optim_cfg is not None:
             self.model = self._wrap_ddp(chunks)
             self.optimizer = self._build_optimizer(optim_cfg)
@@ -306,12 +308,32 @@ class TrainableModel:
         tensors = [{k: v.cpu() for k, v in out.items() if k != "_count"} for out in outputs]
         return broadcast_from_last_stage(tensors, self.state.pp_group)
 
+    def release_grads_between_steps(self) -> None:
+        """Free the gradient buffers now and after every ``train_step`` (which reallocates
+        them zeroed first): a trainer with several trained models (PPO's actor and critics)
+        then holds one model's gradients at a time, none while scoring. Their contents are
+        never needed between steps (each step zeroes them first)."""
+        self.grads_between_steps = False
+        for chunk in self.model:
+            chunk.offload_grad_buffers()
+
     def train_step(
         self, microbatches: Sequence[MicroBatch], loss_fn: LossFn, normalize: str = "count"
     ) -> StepResult:
         """Zero grads, accumulate over ``microbatches``, step optimizer and LR schedule."""
         if not self.trainable:
             raise RuntimeError(f"the {self.role} model is frozen; it has no optimizer")
+        if self.grads_between_steps:
+            return self._train_step(microbatches, loss_fn, normalize)
+        for chunk in self.model:
+            chunk.restore_grad_buffers()
+        try:
+            return self._train_step(microbatches, loss_fn, normalize)
+        finally:
+            for chunk in self.model:
+                chunk.offload_grad_buffers()
+
+    def _train_step(self, microbatches, loss_fn: LossFn, normalize: str) -> StepResult:
         for chunk in self.model:
             chunk.zero_grad_buffer()
         self.optimizer.zero_grad()

@@ -116,41 +116,53 @@ def test_resume_with_the_cost_critic_and_multiplier_reproduces_the_run(tmp_path)
     assert len({m["lambda"] for m in full}) == 4  # the multiplier moved every step
 
 
-def _state_bytes_during_generation(rank, world, cfg):
-    """Each trained model's gradient-buffer bytes while the engine generates (step 2) and
-    after the step. (Their optimizer state is released too on an accelerator; on a CPU-only
-    run it stays in host memory, where it already is: ``inference.memory``.)"""
+def _grad_bytes_by_stage(rank, world, cfg):
+    """Each trained model's gradient-buffer bytes while the engine generates, while the
+    batch is scored, inside its own train steps and after the step (step 2, after an
+    update)."""
     from hpc_rlhf.inference.memory import grad_buffer_bytes
     from hpc_rlhf.trainer.ppo_run import build_trainer
 
     run, trainer = build_trainer(cfg)
     models = trainer.trainable_models()
 
-    def state_bytes() -> dict[str, int]:
+    def grad_bytes() -> dict[str, int]:
         return {name: grad_buffer_bytes(m.model) for name, m in models.items()}
 
     trainer.step()
-    during = {}
-    generate = trainer.engine.generate
+    seen: dict[str, dict] = {"generate": {}, "score": {}, "own_step": {}}
 
-    def spy(*args, **kwargs):
-        during.update(state_bytes())
-        return generate(*args, **kwargs)
+    def spy(stage: str, fn):
+        def wrapped(*args, **kwargs):
+            seen[stage].update(grad_bytes())
+            return fn(*args, **kwargs)
 
-    trainer.engine.generate = spy
+        return wrapped
+
+    trainer.engine.generate = spy("generate", trainer.engine.generate)
+    trainer.score = spy("score", trainer.score)
+    for name, model in models.items():
+        inner = model._train_step
+
+        def own(*args, _name=name, _model=model, _inner=inner, **kwargs):
+            seen["own_step"][_name] = grad_buffer_bytes(_model.model)
+            return _inner(*args, **kwargs)
+
+        model._train_step = own
     trainer.step()
-    after = state_bytes()
+    seen["after"] = grad_bytes()
     run.close()
-    return during, after
+    return seen
 
 
-def test_the_cost_critic_state_is_released_while_generating():
-    during, after = run_world(_state_bytes_during_generation, 1, lagrangian_cfg(ppo={"steps": 2}))[
-        0
-    ]
-    assert set(during) == {"actor", "critic", "cost_critic"}
-    assert all(n == 0 for n in during.values()), during
-    assert all(n > 0 for n in after.values()), after
+def test_each_trained_model_holds_gradients_only_in_its_own_steps():
+    """Time-sharing of the three trained models: no gradient buffer while generating or
+    scoring (nor between steps); each model's buffer exists inside its own train steps."""
+    seen = run_world(_grad_bytes_by_stage, 1, lagrangian_cfg(ppo={"steps": 2}))[0]
+    assert set(seen["own_step"]) == {"actor", "critic", "cost_critic"}
+    for stage in ("generate", "score", "after"):
+        assert all(n == 0 for n in seen[stage].values()), (stage, seen[stage])
+    assert all(n > 0 for n in seen["own_step"].values()), seen["own_step"]
 
 
 def _gated_iteration(rank, world, cfg):
