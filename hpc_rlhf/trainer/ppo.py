@@ -256,36 +256,29 @@ class PPOTrainer:
             yield
 
     # ------------------------------------------------------------------ stage 3
-    def _reward_scores(self, rollout: Rollout) -> torch.Tensor:
-        """``[B]``: the reward sources' combined scores of ``rollout`` alone."""
+    def _scoring_batch(self, rollout: Rollout) -> tuple[ExperienceBatch, torch.Tensor, list]:
+        """The rollout as an experience batch, its length order and its forward-only
+        micro-batches."""
         exp = build_experience(rollout, self.tokenizer.pad_id, self.state.sequence_multiple)
         order = exp.length_order()
-        mbs = exp.microbatches(self.cfg.ppo.score_micro_batch, order, self._trim())
+        return exp, order, exp.microbatches(self.cfg.ppo.score_micro_batch, order, self._trim())
+
+    def _reward_scores(self, rollout: Rollout) -> torch.Tensor:
+        """``[B]``: the reward sources' combined scores of ``rollout`` alone."""
+        exp, order, mbs = self._scoring_batch(rollout)
         return score_rollout(self.rewards, *self._score_args(rollout, exp, mbs, order))
 
     def _score_args(self, rollout: Rollout, exp: ExperienceBatch, mbs: list, order) -> tuple:
         """``score_rollout``'s arguments after the sources."""
-        state = self.state
         unsafe_B = None
         if rollout.unsafe_prompt is not None:
             unsafe_B = torch.tensor(rollout.unsafe_prompt, dtype=torch.bool)
-        return (
-            rollout,
-            exp,
-            mbs,
-            order,
-            self.tokenizer,
-            state.dp_group,
-            unsafe_B,
-            state.model_parallel_group,
-        )
+        return (rollout, exp, mbs, order, self.tokenizer, self.state.dp_group, unsafe_B)
 
     def score(self, rollout: Rollout, reward_B: torch.Tensor | None = None) -> ExperienceBatch:
         """Reward scores (unless given as ``reward_B``), reference log-probs, critic values
         (and old log-probs if asked)."""
-        exp = build_experience(rollout, self.tokenizer.pad_id, self.state.sequence_multiple)
-        order = exp.length_order()
-        mbs = exp.microbatches(self.cfg.ppo.score_micro_batch, order, self._trim())
+        exp, order, mbs = self._scoring_batch(rollout)
         temperature = self.cfg.generation.temperature
 
         def run(model, fn, key: str) -> torch.Tensor:

@@ -139,7 +139,8 @@ def load_score_sources(
         models.append(model)
         hf_states.append(hf_state)
         calibrations.append(calibration)
-    return ScoreSources(section, kind, models, calibrations), hf_states
+    sources = ScoreSources(section, kind, models, calibrations, state.model_parallel_group)
+    return sources, hf_states
 
 
 def load_score_model(

@@ -12,6 +12,7 @@ every data-parallel rank's samples and adds the rules' weighted scores.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 import torch.distributed as dist
@@ -44,6 +45,8 @@ class ScoreSources:
     kind: str
     models: list  # frozen TrainableModels with a score head, in section.models order
     calibrations: list[tuple[float, float] | None]
+    # the rules run on this group's first rank, the others receive its scores (see rule_scores)
+    mp_group: Any = None
 
     def __post_init__(self):
         # rules first: a rule that does not import fails before any step runs
@@ -57,7 +60,6 @@ class ScoreSources:
         tokenizer,
         dp_group,
         unsafe_prompt_B: torch.Tensor | None = None,
-        mp_group=None,
     ) -> torch.Tensor:
         """``[B]``: the models' end scores (``model_scores``, one ``[B]`` each) and the
         rules' scores of ``rollout``, combined. A rule returning something other than a
@@ -67,7 +69,7 @@ class ScoreSources:
         weights = [spec.weight for spec in self.section.models]
         sources = [f"{self.kind} model {spec.path}" for spec in self.section.models]
         if self.rules:
-            scores.extend(self.rule_scores(rollout, tokenizer, mp_group).unbind(0))
+            scores.extend(self.rule_scores(rollout, tokenizer).unbind(0))
             weights.extend(spec.weight for spec, _ in self.rules)
             sources.extend(f"{self.kind} rule {spec.function}" for spec, _ in self.rules)
         check_finite(sources, scores, dp_group)
@@ -75,12 +77,13 @@ class ScoreSources:
             return combine_scores(scores, weights)
         return self._safety_gated(scores, weights, unsafe_prompt_B, dp_group)
 
-    def rule_scores(self, rollout, tokenizer, mp_group=None) -> torch.Tensor:
-        """``[R, B]``: each rule's score of each sample. The model-parallel group's first
-        rank runs the rules and hands the scores (or the error a rule raised) to the others:
+    def rule_scores(self, rollout, tokenizer) -> torch.Tensor:
+        """``[R, B]``: each rule's score of each sample. The first rank of the
+        model-parallel group ``mp_group`` runs the rules and hands the scores (or the error a rule raised) to the others:
         every rank of a data-parallel replica trains on the same scores even when a rule is
         not deterministic (a program that times out on one rank only), and programs run
         once per replica."""
+        mp_group = self.mp_group
         if group_size(mp_group) == 1:
             return self._run_rules(rollout, tokenizer)
         outcome: torch.Tensor | Exception | None = None

@@ -40,16 +40,14 @@ def score_rollout(
     tokenizer,
     dp_group,
     unsafe_B: torch.Tensor | None = None,
-    mp_group=None,
 ) -> torch.Tensor:
     """``[B]``: each sample's combined score of ``sources`` (models' end scores on the
-    micro-batches, then the rules, run once per model-parallel group ``mp_group``, checked
-    finite and combined)."""
+    micro-batches, then the rules, checked finite and combined)."""
     scores = [
         infer_rows(m, fn, "score", exp, mbs, order)
         for m, fn in zip(sources.models, sources.score_fns)
     ]
-    return sources.combined(rollout, scores, tokenizer, dp_group, unsafe_B, mp_group)
+    return sources.combined(rollout, scores, tokenizer, dp_group, unsafe_B)
 
 
 def sampling_seed(seed: int, step: int, dp_rank: int) -> int:
@@ -125,13 +123,6 @@ class PolicySampler:
         trim = self.state.sequence_multiple if self.state.pp_size == 1 else None
         mbs = exp.microbatches(self.score_micro_batch, order, trim)
         score_B = score_rollout(
-            self.rewards,
-            rollout,
-            exp,
-            mbs,
-            order,
-            self.tokenizer,
-            self.state.dp_group,
-            mp_group=self.state.model_parallel_group,
+            self.rewards, rollout, exp, mbs, order, self.tokenizer, self.state.dp_group
         )
         return rollout, score_B

@@ -71,9 +71,9 @@ ROLLOUT = Rollout(
 )
 
 
-def _sources(*rules: dict) -> ScoreSources:
+def _sources(*rules: dict, mp_group=None) -> ScoreSources:
     section = config_from_dict({"reward": {"rules": list(rules)}}, PPORunConfig).reward
-    return ScoreSources(section, "reward", [], [])
+    return ScoreSources(section, "reward", [], [], mp_group)
 
 
 def test_per_sample_and_batched_rules_read_each_samples_references():
@@ -129,9 +129,9 @@ def test_the_math_verifier_scores_a_rollout_with_its_references():
 def _rules_in_a_world(rank, world, rules):
     import torch.distributed as dist
 
-    sources = _sources(*rules)
+    sources = _sources(*rules, mp_group=dist.group.WORLD)
     try:
-        return sources.rule_scores(ROLLOUT, None, dist.group.WORLD).tolist()
+        return sources.rule_scores(ROLLOUT, None).tolist()
     except ValueError as err:
         return f"error: {err}"
 
