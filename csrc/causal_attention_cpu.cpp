@@ -93,8 +93,10 @@ inline __attribute__((always_inline)) void gemm_tile_cols(int64_t nv, int64_t K,
   }
 }
 
-// C[M, N] (+)= A[M, K] B[K, N]; N a multiple of 16.
-inline __attribute__((always_inline)) void gemm(int64_t M, int64_t N, int64_t K, Operand a,
+// C[M, N] (+)= A[M, K] B[K, N]; N a multiple of 16. Out of line (one copy per SIMD clone):
+// a call is a whole block product, so it costs nothing measurable, while inlining the 24
+// unrolled tile variants into the 7 call sites of each clone took minutes to compile.
+HPC_SIMD_CLONES __attribute__((noinline)) void gemm(int64_t M, int64_t N, int64_t K, Operand a,
                                                 const float* b, int64_t b_rs, float* c,
                                                 int64_t c_rs, bool accumulate) {
   static_assert(kRows == 6, "the remainder switch below covers 1..5 rows");
