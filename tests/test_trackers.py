@@ -9,6 +9,7 @@ from __future__ import annotations
 import glob
 import json
 import os
+import shutil
 
 import pytest
 
@@ -71,12 +72,22 @@ def _run(tmp_path, *overrides):
     )
 
 
-def test_mlflow_and_wandb_get_the_config_and_every_steps_metrics(tmp_path):
+@pytest.fixture(scope="module")
+def tracked_run(tmp_path_factory):
+    """One 3-step run logging to both trackers, shared by the tests (a torchrun launch and
+    the trackers' imports cost ~12 s); a test that writes to it works on a copy."""
+    tmp_path = tmp_path_factory.mktemp("tracked")
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("MLFLOW_ALLOW_FILE_STORE", "true")  # the tests read the file store
+        result = _run(tmp_path)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    return tmp_path
+
+
+def test_mlflow_and_wandb_get_the_config_and_every_steps_metrics(tracked_run):
     from mlflow.tracking import MlflowClient
 
-    result = _run(tmp_path)
-    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
-    out = tmp_path / "out"
+    out = tracked_run / "out"
     records = _jsonl(out / "metrics.jsonl")
     assert [r["step"] for r in records] == [1, 2, 3]
     client = MlflowClient("file:" + str(out / "mlruns"))
@@ -106,10 +117,11 @@ def test_mlflow_and_wandb_get_the_config_and_every_steps_metrics(tmp_path):
         assert history[r["step"]]["loss"] == pytest.approx(r["loss"], rel=1e-12)
 
 
-def test_a_resumed_run_continues_the_same_mlflow_run(tmp_path):
+def test_a_resumed_run_continues_the_same_mlflow_run(tracked_run, tmp_path):
     from mlflow.tracking import MlflowClient
 
-    assert _run(tmp_path, "tracking.backends=[mlflow]").returncode == 0
+    for part in ("out", "ckpt"):
+        shutil.copytree(tracked_run / part, tmp_path / part)
     out = tmp_path / "out"
     run_id = (out / "tracking" / "mlflow_run_id").read_text()
     again = _run(tmp_path, "tracking.backends=[mlflow]", "train.steps=5")
