@@ -10,7 +10,7 @@ import shlex
 import subprocess
 import sys
 
-from tests.dist import torchrun_cli
+from tests.dist import run_world, torchrun_cli
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -76,24 +76,25 @@ def test_tiny_cpu_launch_script_runs_ppo_end_to_end(tmp_path):
     assert "Unknown MLP type" not in result.stdout + result.stderr
 
 
+def _ppo_from_yaml(rank, world_size, path, overrides, out_dir):
+    from hpc_rlhf.config import PPORunConfig, load_config
+    from hpc_rlhf.trainer.ppo_run import run_ppo
+
+    return run_ppo(load_config(path, overrides, PPORunConfig), out_dir)
+
+
 def test_bf16_demo_config_learns_and_exports_bf16(tmp_path):
     """``ppo_tiny_cpu_bf16.yaml`` (bf16 mixed precision, sequence parallelism, distributed
     optimizer, bf16 KV cache) at its 4 processes: the reward rises as the fp32 demo's does
     (measured over 8 steps: 0.0029 -> 0.0488; fp32 0.0029 -> 0.0498) and the HF export is
-    bf16 safetensors with a bf16 config."""
+    bf16 safetensors with a bf16 config. The ranks are forked from the test's process
+    server (the command line and torchrun launch are the launch-script test's)."""
     from safetensors import safe_open
 
     hf = tmp_path / "hf"
-    result = torchrun_cli(
-        "ppo",
-        "examples/configs/ppo_tiny_cpu_bf16.yaml",
-        "--out-dir",
-        str(tmp_path / "out"),
-        f"ppo.steps={PPO_STEPS}",
-        f"ppo.hf_export_dir={hf}",
-        nproc=4,
-    )
-    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    overrides = [f"ppo.steps={PPO_STEPS}", f"ppo.hf_export_dir={hf}"]
+    config = os.path.join(ROOT, "examples/configs/ppo_tiny_cpu_bf16.yaml")
+    run_world(_ppo_from_yaml, 4, config, overrides, str(tmp_path / "out"))
     rewards = [r["reward_mean"] for r in read_jsonl(tmp_path / "out" / "metrics.jsonl")]
     start, end = sum(rewards[:2]) / 2, sum(rewards[-2:]) / 2
     assert end > start + 0.01, f"reward per step: {rewards}"
