@@ -109,23 +109,37 @@ def _model_sizes(m: ModelConfig) -> tuple[int, int, float]:
     return per_layer * m.num_layers, m.vocab_size * m.hidden_size, attn
 
 
+def _baseline_flops(m: ModelConfig, prompts, lengths, report: dict) -> float:
+    """The baseline's executed matmul FLOPs: per rollout micro-batch, generation, the
+    experience forwards and the update on its padded ``[B, S]``; with the ppo.sh profile,
+    one more forward per backward (gradient checkpointing) and the ptx rows' steps."""
+    dec, head, attn = _model_sizes(m)
+    critics, n = report["critics"], report["rollout_batch"]
+    passes = 4 if report["profile"] == "ppo_sh" else 3  # forward, backward (x2), recompute
+    total = 0.0
+    for g, (B, S) in enumerate(report["padded_shapes"]):
+        group_prompts, group_lengths = prompts[g * n : (g + 1) * n], lengths[g * n : (g + 1) * n]
+        P, steps = max(len(p) for p in group_prompts), max(group_lengths)
+        gen = 2 * dec * B * P + 2 * head * B + attn * B * P * P / 2
+        gen += steps * B * 2 * (dec + head) + attn * B * sum(P + t for t in range(steps))
+        full = 2 * dec * B * S + attn * B * S * S / 2
+        score = 2 * (full + 2 * head * B * S) + 2 * critics * full
+        train = passes * (full + 2 * head * B * S) + passes * critics * full
+        if report["profile"] == "ppo_sh":  # B pre-training rows of PTX length, LM loss
+            L = report["ptx_length"]
+            train += passes * (2 * (dec + head) * B * L + attn * B * L * L / 2)
+        total += gen + score + train
+    return total
+
+
 def ppo_flops(system: str, m: ModelConfig, prompts, lengths, report: dict) -> float:
     """Executed model matmul FLOPs of one iteration (forward = 2 x params x tokens, backward
     twice that; attention counted over the keys each query sees). ``report["critics"]``:
     trained value models, 1 (PPO) or 2 (PPO-Lagrangian's cost critic too), each with a
     frozen score model beside it in the baseline's experience stage."""
-    dec, head, attn = _model_sizes(m)
-    B, S = report["padded_shape"]
     if system == "baseline":
-        critics = report["critics"]
-        P = max(len(p) for p in prompts)
-        steps = max(lengths)
-        gen = 2 * dec * B * P + 2 * head * B + attn * B * P * P / 2
-        gen += steps * B * 2 * (dec + head) + attn * B * sum(P + t for t in range(steps))
-        full = 2 * dec * B * S + attn * B * S * S / 2
-        score = 2 * (full + 2 * head * B * S) + 2 * critics * full
-        train = 3 * (full + 2 * head * B * S) + 3 * critics * full
-        return gen + score + train
+        return _baseline_flops(m, prompts, lengths, report)
+    dec, head, attn = _model_sizes(m)
     resp = sum(lengths)
     prefill = sum(len(p) for p in prompts)
     gen = 2 * dec * prefill + 2 * head * len(prompts) + sum(attn * len(p) ** 2 / 2 for p in prompts)

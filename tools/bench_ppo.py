@@ -57,6 +57,7 @@ from bench_common import (  # noqa: E402
     workload,
     write_checkpoints,
 )
+from bench_systems import PROFILES  # noqa: E402
 
 # baseline seconds / hpc_rlhf seconds, per dtype; bf16 also asks for RATE_TARGET of the
 # measured bf16 matmul rate over the whole iteration
@@ -108,6 +109,14 @@ def parse_args() -> argparse.Namespace:
         help="start the baseline with hpc_rlhf's host-memory launch environment too "
         "(transparency check: how much of the gap is that environment)",
     )
+    p.add_argument(
+        "--baseline-profile",
+        choices=["safe_rlhf", "ppo_sh", "both"],
+        default="safe_rlhf",
+        help="the baseline's settings: Safe-RLHF's defaults, its shipped scripts/ppo.sh "
+        "(gradient checkpointing, the ptx loss; hpc_rlhf trains on the same ptx rows), or "
+        "both, each against its own hpc_rlhf run",
+    )
     p.add_argument("--plot", default=None, help="write a PNG of per-stage times here")
     p.add_argument(
         "--repeat", type=int, default=1, help="run each pair N times, alternating the order"
@@ -118,9 +127,9 @@ def parse_args() -> argparse.Namespace:
     return p.parse_args()
 
 
-def run_child(system: str, shape: str, args, workdir: str) -> dict:
+def run_child(system: str, shape: str, args, workdir: str, profile: str) -> dict:
     """Run one system's iteration in a fresh process; return its JSON report."""
-    out = os.path.join(workdir, f"{system}_{shape}.json")
+    out = os.path.join(workdir, f"{system}_{shape}_{profile}.json")
     cmd = [
         sys.executable,
         __file__,
@@ -144,6 +153,8 @@ def run_child(system: str, shape: str, args, workdir: str) -> dict:
         args.algorithm,
         "--dtype",
         args.dtype,
+        "--baseline-profile",
+        profile,
     ]
     if args.quick:
         cmd.append("--quick")
@@ -190,6 +201,7 @@ def child_main(args) -> None:
             args.score_micro_batch,
             args.algorithm,
             args.dtype,
+            args.baseline_profile,
         )
     else:
         report = run_baseline(
@@ -200,6 +212,7 @@ def child_main(args) -> None:
             args.micro_batch,
             args.algorithm,
             args.dtype,
+            args.baseline_profile,
         )
     report["peak_rss_gb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
     report["flops"] = ppo_flops(args.system, BENCH_MODEL, prompts, lengths, report)
@@ -210,8 +223,8 @@ def child_main(args) -> None:
 def print_shape(shape: str, ours: dict, base: dict, algorithm: str, dtype: str) -> dict:
     """The comparison table of one run of one shape; returns its ratios."""
     print(
-        f"\n=== {algorithm} {shape} ({dtype}): {len(ours['prompt_lengths'])} prompts, "
-        f"{ours['response_tokens']:.0f} response tokens ==="
+        f"\n=== {algorithm} {shape} ({dtype}, baseline profile {base['profile']}): "
+        f"{len(ours['prompt_lengths'])} prompts, {ours['response_tokens']:.0f} response tokens ==="
     )
     print(f"{'stage':<12} {'baseline s':>11} {'hpc_rlhf s':>11} {'ratio':>7}")
     for stage in STAGES:
@@ -245,13 +258,13 @@ def print_shape(shape: str, ours: dict, base: dict, algorithm: str, dtype: str) 
     return {"speedup": tb / to, "memory_ratio": mem_o / mem_b, "rate_share": share_o}
 
 
-def run_pair(shape: str, args, workdir: str, ours_first: bool) -> dict:
+def run_pair(shape: str, args, workdir: str, ours_first: bool, profile: str) -> dict:
     """Both systems on one shape; each report gets the matmul rate measured around it."""
     pair = {}
     dtype = DTYPES[args.dtype]
     for system in ("ours", "baseline") if ours_first else ("baseline", "ours"):
         before = matmul_gflops(dtype=dtype)
-        report = run_child(system, shape, args, workdir)
+        report = run_child(system, shape, args, workdir, profile)
         report["matmul_gflops"] = (before + matmul_gflops(dtype=dtype)) / 2
         pair[system] = report
     return pair
@@ -315,23 +328,31 @@ def main() -> None:
     print(f"algorithm: {args.algorithm}, {ALGORITHMS[args.algorithm]}")
     print(environment_note(args))
     shapes = ["fixed", "varied"] if args.shape == "both" else [args.shape]
-    results, lines = {}, []
+    profiles = PROFILES if args.baseline_profile == "both" else (args.baseline_profile,)
+    results, lines = {}, {profile: [] for profile in profiles}
     with tempfile.TemporaryDirectory() as workdir:
         write_checkpoints(workdir, cost=args.algorithm == "ppo_lag")
-        for shape in shapes:
-            pairs, runs = [], []
-            for rep in range(args.repeat):
-                pairs.append(run_pair(shape, args, workdir, ours_first=rep % 2 == 1))
-                if args.repeat > 1:
-                    print(f"\n--- {shape}, run {rep + 1} of {args.repeat}")
-                pair = pairs[-1]
-                runs.append(
-                    print_shape(shape, pair["ours"], pair["baseline"], args.algorithm, args.dtype)
-                )
-            line, mid = summary(shape, runs)
-            lines.append(line)
-            results[shape] = pairs[mid]
-    print(f"\nsummary ({args.algorithm}, {args.dtype}): " + "; ".join(lines))
+        for profile in profiles:
+            for shape in shapes:
+                pairs, runs = [], []
+                for rep in range(args.repeat):
+                    pairs.append(run_pair(shape, args, workdir, rep % 2 == 1, profile))
+                    if args.repeat > 1:
+                        print(f"\n--- {shape}, run {rep + 1} of {args.repeat}")
+                    pair = pairs[-1]
+                    runs.append(
+                        print_shape(
+                            shape, pair["ours"], pair["baseline"], args.algorithm, args.dtype
+                        )
+                    )
+                line, mid = summary(shape, runs)
+                lines[profile].append(line)
+                results.setdefault(shape, pairs[mid])  # the plot shows the first profile
+    for profile in profiles:
+        print(
+            f"\nsummary ({args.algorithm}, {args.dtype}, baseline profile {profile}): "
+            + "; ".join(lines[profile])
+        )
     if args.plot:
         plot(results, args.plot, ALGORITHMS[args.algorithm].split(" (")[0], args.dtype)
 

@@ -1,6 +1,9 @@
 """The two systems bench_ppo.py compares, each set up from the same checkpoints and run
 for one PPO iteration on the same prompts and response lengths; ``algorithm``: "ppo", or
-"ppo_lag" (PPO-Lagrangian: a cost model and a cost critic from ``workdir/cost`` too)."""
+"ppo_lag" (PPO-Lagrangian: a cost model and a cost critic from ``workdir/cost`` too);
+``profile``: the baseline's settings, "safe_rlhf" (Safe-RLHF's defaults) or "ppo_sh" (its
+shipped ``scripts/ppo.sh``: gradient checkpointing and the ptx loss; hpc_rlhf then trains
+on the same ptx rows with the same coefficient)."""
 
 from __future__ import annotations
 
@@ -20,6 +23,8 @@ PPO_SETTINGS = {
     "critic_lr": 5e-6,
     "seed": 0,
 }
+PROFILES = ("safe_rlhf", "ppo_sh")
+PTX = {"coef": 16.0, "length": 256}  # ppo.sh's ptx_coeff; pre-training rows of 256 tokens
 # PPO-Lagrangian's multiplier, both systems: Safe-RLHF's defaults
 LAGRANGIAN = {
     "threshold": 0.0,
@@ -31,6 +36,32 @@ LAGRANGIAN = {
 
 
 TORCH_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
+
+
+def ptx_rows(n_rows: int) -> torch.Tensor:
+    """``[n_rows, PTX["length"]]`` seeded random token ids: both systems' pre-training rows."""
+    g = torch.Generator().manual_seed(1234)
+    return torch.randint(3, BENCH_MODEL.vocab_size, (n_rows, PTX["length"]), generator=g)
+
+
+class _FixedPtx:
+    """Stands in for ``data.lm.LMWindows``: micro-batch ``index`` is the next rows of
+    ``ptx_rows``, all positions in the loss (as the baseline's HF LM loss)."""
+
+    def __init__(self, rows_NS: torch.Tensor):
+        self.rows_NS = rows_NS
+
+    def microbatch(self, index: int, micro_batch_size: int):
+        from hpc_rlhf.models.runner import MicroBatch
+
+        n = self.rows_NS.shape[0]
+        rows = [(index * micro_batch_size + i) % n for i in range(micro_batch_size)]
+        ids_BS = self.rows_NS[rows]
+        return MicroBatch.unpadded(
+            ids_BS[:, :-1],
+            labels_BS=ids_BS[:, 1:],
+            loss_mask_BS=torch.ones(ids_BS.shape[0], ids_BS.shape[1] - 1),
+        )
 
 
 class _FixedPrompts:
@@ -61,6 +92,7 @@ def ours_config(
     score_micro: int,
     algorithm: str = "ppo",
     dtype: str = "fp32",
+    profile: str = "safe_rlhf",
 ):
     from hpc_rlhf.config import PPORunConfig, config_from_dict
 
@@ -111,6 +143,7 @@ def ours_config(
                 "whiten_advantages": False,
                 "critic_init": "reward",
                 "seed": s["seed"],
+                "ptx_coef": PTX["coef"] if profile == "ppo_sh" else 0.0,
             },
             "generation": {
                 "max_new_tokens": max_new,
@@ -134,21 +167,32 @@ def run_ours(
     score_micro: int,
     algorithm: str = "ppo",
     dtype: str = "fp32",
+    profile: str = "safe_rlhf",
 ) -> dict:
     """hpc_rlhf's PPO iteration (one process): ``PPOTrainer.iterate`` on the given prompts
-    with the given response lengths, set up as every run is (``trainer.run.Run``)."""
+    with the given response lengths, set up as every run is (``trainer.run.Run``); with
+    the ``ppo_sh`` profile, the ptx loss on the baseline's pre-training rows."""
     from hpc_rlhf.trainer.ppo import PPOTrainer
     from hpc_rlhf.trainer.run import Run, RunSettings
 
     cfg = ours_config(
-        workdir, len(prompts), mini_batch, micro_batch, max(lengths), score_micro, algorithm, dtype
+        workdir,
+        len(prompts),
+        mini_batch,
+        micro_batch,
+        max(lengths),
+        score_micro,
+        algorithm,
+        dtype,
+        profile,
     )
     run = Run(cfg, RunSettings.of(cfg.ppo), tokenizer=_BenchTokenizer())
-    trainer = PPOTrainer(cfg, run.state, run.tokenizer, _FixedPrompts(prompts))
+    ptx = _FixedPtx(ptx_rows(len(prompts))) if profile == "ppo_sh" else None
+    trainer = PPOTrainer(cfg, run.state, run.tokenizer, _FixedPrompts(prompts), ptx)
     it = trainer.iterate(prompts, max_new_tokens=lengths)
     assert [len(r) for r in it.rollout.response_ids] == list(lengths)
     times = {k: v for k, v in it.stage_seconds.items() if k != "prompts"}
-    report = _report(times, sum(lengths), tuple(it.experience.input_ids_BS.shape), prompts)
+    report = _report(times, sum(lengths), [tuple(it.experience.input_ids_BS.shape)], prompts)
     models = {"actor": trainer.actor, "reference": trainer.reference}
     if trainer.critic is not None:
         models["critic"] = trainer.critic
@@ -171,9 +215,12 @@ def run_baseline(
     micro_batch: int,
     algorithm: str = "ppo",
     dtype: str = "fp32",
+    profile: str = "safe_rlhf",
 ) -> dict:
     """The Safe-RLHF-style iteration on transformers models with the same weights (bf16:
-    every model in bf16, the trained ones with fp32 master weights, as ``--bf16``)."""
+    every model in bf16, the trained ones with fp32 master weights, as ``--bf16``), in
+    rollout micro-batches of ``mini_batch`` prompts (Safe-RLHF's 16 rows); ``profile``
+    "ppo_sh" adds gradient checkpointing and the ptx loss as its ``scripts/ppo.sh``."""
     from ppo_baseline import BaselinePPO
     from transformers import LlamaForCausalLM
 
@@ -189,15 +236,29 @@ def run_baseline(
     cost, cost_critic = None, None
     if algorithm == "ppo_lag":
         cost, cost_critic = _scorer_and_critic(os.path.join(workdir, "cost"), torch_dtype)
-    settings: dict = {**PPO_SETTINGS, "pad_id": PAD_ID, "eos_id": EOS_ID, "micro_batch": mini_batch}
-    settings["lagrangian"] = LAGRANGIAN
-    baseline = BaselinePPO(actor, reference, reward, critic, settings, cost, cost_critic)
+    ppo_sh = profile == "ppo_sh"
+    settings: dict = {
+        **PPO_SETTINGS,
+        "pad_id": PAD_ID,
+        "eos_id": EOS_ID,
+        "rollout_batch": mini_batch,
+        "micro_batch": mini_batch,
+        "top_k": 50,  # HF's default, kept by Safe-RLHF's generation config
+        "lagrangian": LAGRANGIAN,
+        "gradient_checkpointing": ppo_sh,
+        "ptx_coef": PTX["coef"],
+    }
+    ptx = ptx_rows(len(prompts)) if ppo_sh else None
+    baseline = BaselinePPO(actor, reference, reward, critic, settings, cost, cost_critic, ptx)
     times = baseline.iteration(prompts, lengths)
-    shape = times.pop("padded_shape")
+    shapes = times.pop("padded_shapes")
     tokens = times.pop("response_tokens")
     assert int(tokens) == sum(lengths), (tokens, sum(lengths))
-    report = _report(times, tokens, shape, prompts)
+    report = _report(times, tokens, shapes, prompts)
     report["critics"] = len(baseline.critics)
+    report["profile"] = profile
+    report["rollout_batch"] = mini_batch
+    report["ptx_length"] = PTX["length"]
     if baseline.constrained:
         report["lambda"] = float(baseline.log_lambda.detach().exp())
     return report
@@ -214,16 +275,18 @@ def _scorer_and_critic(path: str, dtype: torch.dtype):
         hf = LlamaForSequenceClassification.from_pretrained(
             path, attn_implementation="sdpa", dtype=dtype
         )
-        models.append(ScoreModel(hf.model, hf.score.weight.detach()))
-    return models[0].eval(), models[1]
+        models.append(ScoreModel(hf.model, hf.score.weight.detach()).eval())
+    return models[0], models[1]
 
 
-def _report(times: dict, response_tokens: float, padded_shape, prompts) -> dict:
+def _report(times: dict, response_tokens: float, padded_shapes, prompts) -> dict:
+    """``padded_shapes``: the ``[B, S]`` of every batch the system padded (the baseline's
+    rollout micro-batches; hpc_rlhf's experience batch)."""
     return {
         "times": {k: float(v) for k, v in times.items()},
         "total": float(sum(times.values())),
         "response_tokens": float(response_tokens),
-        "padded_shape": list(padded_shape),
+        "padded_shapes": [list(shape) for shape in padded_shapes],
         "prompt_lengths": [len(p) for p in prompts],
         "time": time.time(),
     }

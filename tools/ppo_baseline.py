@@ -1,15 +1,26 @@
 """A Safe-RLHF-style PPO iteration, written from its published design, for bench_ppo.py.
 
-What it does, as Safe-RLHF's ``PPOTrainer`` does (transformers models, eager PyTorch):
+What it does, as Safe-RLHF's ``PPOTrainer`` does (transformers models, eager PyTorch), for
+each rollout micro-batch of ``settings["rollout_batch"]`` prompts in turn (Safe-RLHF's
+``split_rl_micro_batches``: 16 rows, its ``per_device_train_batch_size``):
 
-1. **generate**: ``model.generate`` on the left-padded prompt batch (its KV cache, the LM
-   head over every row every step, finished rows padded until the longest is done);
-2. **experience**: four separate full-batch forwards under ``no_grad``: actor and reference
-   (full ``[B, S, V]`` logits, ``log_softmax`` then ``gather``), reward model (end score at
-   the last real token) and critic (per-token values);
+1. **generate**: ``model.generate`` on the micro-batch's left-padded prompts (its KV cache,
+   the LM head over every row every step, finished rows padded until the longest is done),
+   sampling with HF's default top-k (50), which Safe-RLHF's generation config keeps;
+2. **experience**: four separate forwards of the micro-batch under ``no_grad``: actor and
+   reference (full ``[B, S, V]`` logits, ``log_softmax`` then ``gather``), reward model
+   (end score at the last real token) and critic (per-token values);
 3. **advantages**: KL-penalised rewards and GAE as a Python loop over time;
-4. **update**: actor then critic over micro-batches (one optimizer step per micro-batch),
-   each a full forward with full logits, ``log_softmax`` + ``gather``, clipped losses.
+4. **update**: per training micro-batch (``settings["micro_batch"]``), an actor step then
+   each critic's step (one optimizer step each), every one a full forward with full
+   logits, ``log_softmax`` + ``gather``, clipped losses.
+
+Safe-RLHF's shipped ``scripts/ppo.sh`` adds two settings: gradient checkpointing of the
+actor and the critic(s) (``settings["gradient_checkpointing"]``, HF's
+``gradient_checkpointing_enable``: one more forward per backward, far fewer saved
+activations) and the ptx loss (``ptx_NS`` rows given): after each RL step, an actor step on
+a micro-batch of pre-training rows (HF's LM loss over every position, times
+``settings["ptx_coef"]``).
 
 With a cost model and a cost critic, as Safe-RLHF's ``PPOLagTrainer`` (PPO-Lagrangian):
 the experience stage runs two more full-batch forwards (the cost model's end score, the
@@ -125,11 +136,21 @@ class BaselinePPO:
     ``cost`` model and a ``cost_critic`` (``settings["lagrangian"]``: its multiplier)."""
 
     def __init__(
-        self, actor, reference, reward, critic, settings: dict, cost=None, cost_critic=None
+        self,
+        actor,
+        reference,
+        reward,
+        critic,
+        settings: dict,
+        cost=None,
+        cost_critic=None,
+        ptx_NS: torch.Tensor | None = None,
     ):
         self.actor, self.reference, self.reward, self.critic = actor, reference, reward, critic
         self.cost, self.cost_critic = cost, cost_critic
         self.s = settings
+        self.ptx_NS = ptx_NS  # ppo.sh: pre-training rows, a micro-batch after each RL step
+        self.ptx_used = 0
         self.actor_opt = make_optimizer(actor, settings["actor_lr"])
         # (critic, its optimizer, the experience keys of its values and returns), in order
         self.critics = [(critic, self._critic_opt(critic), "values", "ret")]
@@ -142,6 +163,12 @@ class BaselinePPO:
             self.log_lambda = nn.Parameter(torch.tensor(math.log(lag["lambda_init"])))
             self.lambda_opt = torch.optim.SGD([self.log_lambda], lr=lag["lambda_lr"])
             self.episode_costs: deque[float] = deque(maxlen=lag["episode_cost_window_size"])
+        if settings.get("gradient_checkpointing"):  # in effect in train mode (the update)
+            for model in [actor] + [critic.model for critic, *_ in self.critics]:
+                # Safe-RLHF calls gradient_checkpointing_enable: the same switch, renamed
+                # (and the old name deprecated) in newer transformers
+                enable = getattr(model, "activation_checkpointing_enable", None)
+                (enable or model.gradient_checkpointing_enable)()
 
     def _critic_opt(self, critic):
         return make_optimizer(critic, self.s["critic_lr"])
@@ -161,7 +188,7 @@ class BaselinePPO:
             attention_mask=mask_BP,
             do_sample=True,
             temperature=self.s["temperature"],
-            top_k=0,
+            top_k=self.s["top_k"],
             top_p=1.0,
             max_new_tokens=max(lengths),
             pad_token_id=pad,
@@ -236,15 +263,32 @@ class BaselinePPO:
         return float(self.log_lambda.detach().exp())
 
     def update(self, exp: dict) -> None:
-        """Actor, then each critic (the cost critic last), one optimizer step per
-        micro-batch."""
+        """Per training micro-batch: the actor's step, each critic's (the cost critic
+        last), then (ppo.sh) a ptx step; every step its own optimizer step."""
         n, mb = exp["seq"].shape[0], self.s["micro_batch"]
-        batches = [{k: v[s : s + mb] for k, v in exp.items()} for s in range(0, n, mb)]
-        for b in batches:
+        trained = [self.actor] + [critic for critic, *_ in self.critics]
+        for model in trained:
+            model.train()
+        for start in range(0, n, mb):
+            b = {k: v[start : start + mb] for k, v in exp.items()}
             self._actor_step(b)
-        for critic, opt, values_key, ret_key in self.critics:
-            for b in batches:
+            for critic, opt, values_key, ret_key in self.critics:
                 self._critic_step(b, critic, opt, b[values_key], b[ret_key])
+            if self.ptx_NS is not None:
+                self._ptx_step(b["seq"].shape[0])
+        for model in trained:
+            model.eval()
+
+    def _ptx_step(self, rows: int) -> None:
+        """Safe-RLHF's ``ptx_step``: the actor's LM loss on the next ``rows`` pre-training
+        rows, scaled by ``ptx_coef``, and an optimizer step."""
+        start = self.ptx_used % self.ptx_NS.shape[0]
+        self.ptx_used += rows
+        ids_BS = self.ptx_NS[start : start + rows]
+        loss = self.actor(input_ids=ids_BS, labels=ids_BS).loss
+        self.actor_opt.zero_grad()
+        (self.s["ptx_coef"] * loss).backward()
+        self.actor_opt.step()
 
     def _actor_step(self, b: dict) -> None:
         logits = self.actor(b["seq"], attention_mask=b["attn"]).logits[:, :-1]
@@ -267,21 +311,28 @@ class BaselinePPO:
         loss.backward()
         opt.step()
 
-    def iteration(self, prompts, lengths) -> dict[str, float]:
-        """One PPO iteration; returns seconds per stage and the response token count."""
-        times: dict[str, Any] = {}
-        t = time.perf_counter()
-        seq_BS, P = self.generate(prompts, lengths)
-        times["generate"] = time.perf_counter() - t
-        t = time.perf_counter()
-        exp = self.experience(seq_BS, P)
-        times["score"] = time.perf_counter() - t
-        t = time.perf_counter()
-        exp = self.advantages(exp)
-        times["advantages"] = time.perf_counter() - t
-        t = time.perf_counter()
-        self.update(exp)
-        times["train"] = time.perf_counter() - t
-        times["response_tokens"] = float(exp["mask"].sum())
-        times["padded_shape"] = tuple(seq_BS.shape)
+    def iteration(self, prompts, lengths) -> dict[str, Any]:
+        """One PPO iteration, a rollout micro-batch at a time; returns seconds per stage
+        (summed over the micro-batches), the response token count and each micro-batch's
+        padded shape."""
+        times: dict[str, Any] = dict.fromkeys(("generate", "score", "advantages", "train"), 0.0)
+        shapes, tokens = [], 0.0
+        n = self.s["rollout_batch"]
+        for start in range(0, len(prompts), n):
+            t = time.perf_counter()
+            seq_BS, P = self.generate(prompts[start : start + n], lengths[start : start + n])
+            times["generate"] += time.perf_counter() - t
+            t = time.perf_counter()
+            exp = self.experience(seq_BS, P)
+            times["score"] += time.perf_counter() - t
+            t = time.perf_counter()
+            exp = self.advantages(exp)
+            times["advantages"] += time.perf_counter() - t
+            t = time.perf_counter()
+            self.update(exp)
+            times["train"] += time.perf_counter() - t
+            tokens += float(exp["mask"].sum())
+            shapes.append(tuple(seq_BS.shape))
+        times["response_tokens"] = tokens
+        times["padded_shapes"] = shapes
         return times
