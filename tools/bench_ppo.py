@@ -329,7 +329,8 @@ def main() -> None:
     print(environment_note(args))
     shapes = ["fixed", "varied"] if args.shape == "both" else [args.shape]
     profiles = PROFILES if args.baseline_profile == "both" else (args.baseline_profile,)
-    results, lines = {}, {profile: [] for profile in profiles}
+    results: dict[str, dict] = {}
+    lines: dict[str, list[str]] = {profile: [] for profile in profiles}
     with tempfile.TemporaryDirectory() as workdir:
         write_checkpoints(workdir, cost=args.algorithm == "ppo_lag")
         for profile in profiles:

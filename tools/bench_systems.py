@@ -24,7 +24,7 @@ PPO_SETTINGS = {
     "seed": 0,
 }
 PROFILES = ("safe_rlhf", "ppo_sh")
-PTX = {"coef": 16.0, "length": 256}  # ppo.sh's ptx_coeff; pre-training rows of 256 tokens
+PTX_COEF, PTX_LENGTH = 16.0, 256  # ppo.sh's ptx_coeff; pre-training rows of 256 tokens
 # PPO-Lagrangian's multiplier, both systems: Safe-RLHF's defaults
 LAGRANGIAN = {
     "threshold": 0.0,
@@ -39,9 +39,9 @@ TORCH_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 
 
 def ptx_rows(n_rows: int) -> torch.Tensor:
-    """``[n_rows, PTX["length"]]`` seeded random token ids: both systems' pre-training rows."""
+    """``[n_rows, PTX_LENGTH]`` seeded random token ids: both systems' pre-training rows."""
     g = torch.Generator().manual_seed(1234)
-    return torch.randint(3, BENCH_MODEL.vocab_size, (n_rows, PTX["length"]), generator=g)
+    return torch.randint(3, BENCH_MODEL.vocab_size, (n_rows, PTX_LENGTH), generator=g)
 
 
 class _FixedPtx:
@@ -143,7 +143,7 @@ def ours_config(
                 "whiten_advantages": False,
                 "critic_init": "reward",
                 "seed": s["seed"],
-                "ptx_coef": PTX["coef"] if profile == "ppo_sh" else 0.0,
+                "ptx_coef": PTX_COEF if profile == "ppo_sh" else 0.0,
             },
             "generation": {
                 "max_new_tokens": max_new,
@@ -246,7 +246,7 @@ def run_baseline(
         "top_k": 50,  # HF's default, kept by Safe-RLHF's generation config
         "lagrangian": LAGRANGIAN,
         "gradient_checkpointing": ppo_sh,
-        "ptx_coef": PTX["coef"],
+        "ptx_coef": PTX_COEF,
     }
     ptx = ptx_rows(len(prompts)) if ppo_sh else None
     baseline = BaselinePPO(actor, reference, reward, critic, settings, cost, cost_critic, ptx)
@@ -258,7 +258,7 @@ def run_baseline(
     report["critics"] = len(baseline.critics)
     report["profile"] = profile
     report["rollout_batch"] = mini_batch
-    report["ptx_length"] = PTX["length"]
+    report["ptx_length"] = PTX_LENGTH
     if baseline.constrained:
         report["lambda"] = float(baseline.log_lambda.detach().exp())
     return report

@@ -282,6 +282,7 @@ class BaselinePPO:
     def _ptx_step(self, rows: int) -> None:
         """Safe-RLHF's ``ptx_step``: the actor's LM loss on the next ``rows`` pre-training
         rows, scaled by ``ptx_coef``, and an optimizer step."""
+        assert self.ptx_NS is not None
         start = self.ptx_used % self.ptx_NS.shape[0]
         self.ptx_used += rows
         ids_BS = self.ptx_NS[start : start + rows]
