@@ -26,6 +26,7 @@ from __future__ import annotations
 import logging
 import math
 import time
+from collections.abc import Callable
 from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass, replace
 
@@ -44,6 +45,7 @@ from hpc_rlhf.algorithms.rewards import (
 from hpc_rlhf.config import PPORunConfig
 from hpc_rlhf.models.runner import MicroBatch
 from hpc_rlhf.parallel.comm import all_gather_cat, group_max, group_sum
+from hpc_rlhf.parallel.host_allocator import release_free_memory
 from hpc_rlhf.parallel.state import ParallelState
 from hpc_rlhf.trainer.dynamic_sampling import (
     SampledGroups,
@@ -74,10 +76,12 @@ __all__ = ["Iteration", "NonFiniteRewardError", "PPOTrainer", "StageTimer"]
 
 
 class StageTimer:
-    """Wall-clock seconds per named stage of one step."""
+    """Wall-clock seconds per named stage of one step; ``after_each`` runs at the end of
+    every stage, inside its time."""
 
-    def __init__(self):
+    def __init__(self, after_each: Callable[[], object] | None = None):
         self.seconds: dict[str, float] = {}
+        self.after_each = after_each
 
     @contextmanager
     def __call__(self, name: str):
@@ -85,6 +89,8 @@ class StageTimer:
         try:
             yield
         finally:
+            if self.after_each is not None:
+                self.after_each()
             self.seconds[name] = self.seconds.get(name, 0.0) + time.perf_counter() - start
 
 
@@ -150,7 +156,8 @@ class PPOTrainer:
         dataset's when given, each prompt's responses limited to ``max_new_tokens`` (the
         benchmark replays fixed response lengths this way); with ``rollout``, this rank's
         samples are given and nothing is generated (layout-parity tests replay one)."""
-        timer = StageTimer()
+        # the stages' tensors differ in size: freed host pages go back between them
+        timer = StageTimer(after_each=release_free_memory)
         reward_B: torch.Tensor | None = None
         sampling_metrics: dict[str, float] = {}
         if prompt_ids is None and rollout is None and self.cfg.ppo.dynamic_sampling:

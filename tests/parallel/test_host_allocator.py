@@ -98,3 +98,46 @@ def test_a_run_start_gives_large_tensors_huge_pages_unless_opted_out():
     pages_4k = (64 << 20) // 4096
     assert default["faults"] < 0.05 * pages_4k, default  # one fault per 2 MiB page
     assert opted_out["faults"] > 0.9 * pages_4k, opted_out  # one per 4 KiB page
+
+
+_RELEASE_PROBE = r"""
+import json, sys
+import torch
+from hpc_rlhf.parallel.host_allocator import configure_host_allocator, release_free_memory
+configure_host_allocator(sys.argv[1])
+def rss():
+    for line in open("/proc/self/status"):
+        if line.startswith("VmRSS"):
+            return int(line.split()[1]) << 10
+keep = torch.ones(1 << 20)  # allocated after the big block: the freed block is not the heap top
+big = torch.empty(256 << 18)  # 256 MiB
+big.fill_(1.0)
+keep2 = torch.ones(1 << 20)
+del big
+held = rss()
+released = release_free_memory()
+print(json.dumps({"held": held, "after": rss(), "released": released}))
+"""
+
+
+@pytest.mark.skipif(host_allocator._glibc() is None, reason="needs glibc")
+def test_release_gives_freed_pages_back_under_caching_only():
+    """Under the caching policy a freed 256 MiB block stays resident until
+    ``release_free_memory`` returns its pages; under the system policy it was never kept."""
+    import os
+
+    env = {**os.environ, "THP_MEM_ALLOC_ENABLE": "0"}
+    runs = {}
+    for mode in ("caching", "system"):
+        out = subprocess.run(
+            [sys.executable, "-c", _RELEASE_PROBE, mode],
+            check=True,
+            capture_output=True,
+            text=True,
+            env=env,
+        )
+        runs[mode] = json.loads(out.stdout.strip().splitlines()[-1])
+    caching, system = runs["caching"], runs["system"]
+    assert caching["released"] and not system["released"]
+    assert caching["held"] - caching["after"] > 200 << 20, caching  # the block's pages left
+    assert system["held"] - system["after"] < 50 << 20, system  # nothing was held

@@ -266,3 +266,21 @@ def test_ppo_options_ptx_dual_clip_seq_mean_adaptive_kl_and_recompute():
     for key in ("ptx_loss", "dual_clip_frac", "entropy", "value_loss", "pg_loss"):
         assert key in last, key
     assert last["ptx_loss"] > 0 and all(v == v for v in last.values())  # no NaN
+
+
+def test_stage_timer_runs_its_hook_after_every_stage_inside_its_time():
+    """PPO returns freed host memory after each stage through this hook: it runs once per
+    stage, also when the stage raises, and its time counts in the stage's."""
+    import time
+
+    from hpc_rlhf.trainer.ppo import StageTimer
+
+    calls = []
+    timer = StageTimer(after_each=lambda: (calls.append(1), time.sleep(0.05)))
+    with timer("generate"):
+        pass
+    with pytest.raises(RuntimeError):
+        with timer("score"):
+            raise RuntimeError("a failing stage")
+    assert len(calls) == 2
+    assert timer.seconds["generate"] >= 0.05 and timer.seconds["score"] >= 0.05
