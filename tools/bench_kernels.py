@@ -96,10 +96,10 @@ def _loss_inputs(s, device):
     return [t.to(device) for t in (a, b, c, mask)]
 
 
-def _attention_inputs(s, device, grad):
+def _attention_inputs(s, device, grad, dtype=torch.float32):
     gen = torch.Generator().manual_seed(3)
     rows = sum(s["SEG"])
-    q, k, v, g = (torch.randn(rows, 1, 8, 64, generator=gen).to(device) for _ in range(4))
+    q, k, v, g = (torch.randn(rows, 1, 8, 64, generator=gen).to(dtype).to(device) for _ in range(4))
     cu = torch.tensor([0, *itertools.accumulate(s["SEG"])], dtype=torch.int32)  # [n + 1]
     return [t.requires_grad_(grad) for t in (q, k, v)], g, cu  # q, k, v, grad: [T, 1, 8, 64]
 
@@ -156,8 +156,8 @@ def make_call(op: str, impl: str, mode: str, s: dict, device: str):
         if impl == "eager":
             return lambda: eager_gae(r, v, mask)
         return lambda: ops.masked_gae(r, v, mask, backend=impl)
-    if op == "causal_attention":
-        return _attention_call(impl, grad, s, device)
+    if op.startswith("causal_attention"):
+        return _attention_call(op, impl, grad, s, device)
     if op.startswith(("swiglu", "rope")):
         return _elementwise_call(op, impl, grad, s, device)
     a, b, c, mask = _loss_inputs(s, device)
@@ -212,11 +212,13 @@ def _elementwise_call(op: str, impl: str, grad: bool, s: dict, device: str):
     return run
 
 
-def _attention_call(impl: str, grad: bool, s: dict, device: str):
-    """One packed row's causal attention; the eager baseline is torch SDPA per segment."""
+def _attention_call(op: str, impl: str, grad: bool, s: dict, device: str):
+    """One packed row's causal attention in fp32 or bf16; the eager baseline is torch SDPA
+    per segment (in the inputs' dtype)."""
     from hpc_rlhf.ops.causal_attention import causal_attention, causal_attention_reference
 
-    (q, k, v), g, cu = _attention_inputs(s, device, grad)
+    dtype = torch.bfloat16 if op.endswith("bf16") else torch.float32
+    (q, k, v), g, cu = _attention_inputs(s, device, grad, dtype)
 
     def run():
         if impl == "eager":
@@ -305,7 +307,7 @@ def available_backends(device: str) -> list[str]:
 def floor_bytes(op: str, s: dict) -> dict[str, int] | None:
     """Bytes an op must move (read inputs once, write outputs once) per mode; None for a
     compute-bound op (attention), which has no meaningful bandwidth floor."""
-    if op == "causal_attention":
+    if op.startswith("causal_attention"):
         return None
     if op.startswith("token_logprobs"):
         b = 2 if op.endswith("bf16") else 4
@@ -331,7 +333,8 @@ PLAN = [
     ("masked_gae", ("fwd",), 5),
     ("ppo_policy_loss", ("fwd", "fwd+bwd"), 20),
     ("value_loss", ("fwd", "fwd+bwd"), 20),
-    ("causal_attention", ("fwd", "fwd+bwd"), 10),
+    ("causal_attention fp32", ("fwd", "fwd+bwd"), 10),
+    ("causal_attention bf16", ("fwd", "fwd+bwd"), 10),
     ("swiglu fp32", ("fwd", "fwd+bwd"), 10),
     ("swiglu bf16", ("fwd", "fwd+bwd"), 10),
     ("rope fp32", ("fwd", "fwd+bwd"), 10),
