@@ -46,6 +46,7 @@ from hpc_rlhf.parallel.comm import (
     group_max,
     group_sum,
 )
+from hpc_rlhf.parallel.host_allocator import release_free_memory
 from hpc_rlhf.parallel.state import ParallelState
 
 logger = logging.getLogger(__name__)
@@ -320,18 +321,24 @@ class TrainableModel:
     def train_step(
         self, microbatches: Sequence[MicroBatch], loss_fn: LossFn, normalize: str = "count"
     ) -> StepResult:
-        """Zero grads, accumulate over ``microbatches``, step optimizer and LR schedule."""
+        """Zero grads, accumulate over ``microbatches``, step optimizer and LR schedule.
+        Afterwards the heap's free pages go back to the OS (``release_free_memory``: a CPU
+        run's caching allocator otherwise keeps the step's freed activations resident, and
+        the next step's other shapes land beside them; SFT bench: peak 1.71 -> 1.61 GB)."""
         if not self.trainable:
             raise RuntimeError(f"the {self.role} model is frozen; it has no optimizer")
-        if self.grads_between_steps:
-            return self._train_step(microbatches, loss_fn, normalize)
-        for chunk in self.model:
-            chunk.restore_grad_buffers()
         try:
-            return self._train_step(microbatches, loss_fn, normalize)
-        finally:
+            if self.grads_between_steps:
+                return self._train_step(microbatches, loss_fn, normalize)
             for chunk in self.model:
-                chunk.offload_grad_buffers()
+                chunk.restore_grad_buffers()
+            try:
+                return self._train_step(microbatches, loss_fn, normalize)
+            finally:
+                for chunk in self.model:
+                    chunk.offload_grad_buffers()
+        finally:
+            release_free_memory()
 
     def _train_step(self, microbatches, loss_fn: LossFn, normalize: str) -> StepResult:
         for chunk in self.model:

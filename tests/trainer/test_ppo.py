@@ -284,3 +284,43 @@ def test_stage_timer_runs_its_hook_after_every_stage_inside_its_time():
             raise RuntimeError("a failing stage")
     assert len(calls) == 2
     assert timer.seconds["generate"] >= 0.05 and timer.seconds["score"] >= 0.05
+
+
+def _releases_per_step(rank, world, cfg):
+    import hpc_rlhf.trainer.ppo as ppo_module
+    import hpc_rlhf.trainer.trainable_model as trainable_module
+    from hpc_rlhf.trainer.ppo_run import build_trainer
+
+    run, trainer = build_trainer(cfg)
+    calls = {"stage": 0, "train_step": 0, "optimizer_steps": 0}
+
+    def counting(key):
+        def release():
+            calls[key] += 1
+            return True
+
+        return release
+
+    ppo_module.release_free_memory = counting("stage")
+    trainable_module.release_free_memory = counting("train_step")
+    for model in trainer.trainable_models().values():
+        inner = model._train_step
+
+        def counted(*args, _inner=inner, **kwargs):
+            calls["optimizer_steps"] += 1
+            return _inner(*args, **kwargs)
+
+        model._train_step = counted
+    it = trainer.iterate()
+    run.close()
+    return calls, sorted(it.stage_seconds)
+
+
+def test_freed_host_memory_is_returned_after_every_stage_and_train_step():
+    """On a CPU run the caching allocator's free pages go back to the OS after each of the
+    iteration's timed stages and after each optimizer step of each trained model (the
+    release itself is tested in tests/parallel/test_host_allocator.py)."""
+    cfg = make_cfg(ppo={"steps": 1, "mini_batches_per_rollout": 2})
+    calls, stages = run_world(_releases_per_step, 1, cfg)[0]
+    assert calls["stage"] == len(stages) and len(stages) >= 5, (calls, stages)
+    assert calls["train_step"] == calls["optimizer_steps"] >= 4, calls  # actor + critic x 2
