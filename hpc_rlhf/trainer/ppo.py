@@ -35,16 +35,14 @@ import torch
 from hpc_rlhf.algorithms.advantages import compute_advantages, masked_mean_var, whiten
 from hpc_rlhf.algorithms.kl import make_kl_controller
 from hpc_rlhf.algorithms.lagrange import LagrangeMultiplier, combined_advantage
-from hpc_rlhf.algorithms.policy_losses import truncated_is_weights
 from hpc_rlhf.algorithms.rewards import (
     RunningMoments,
     lagrangian_token_signals,
-    overlong_penalty,
     token_rewards,
 )
 from hpc_rlhf.config import PPORunConfig
 from hpc_rlhf.models.runner import MicroBatch
-from hpc_rlhf.parallel.comm import all_gather_cat, group_max, group_sum
+from hpc_rlhf.parallel.comm import all_gather_cat, group_sum
 from hpc_rlhf.parallel.host_allocator import release_free_memory
 from hpc_rlhf.parallel.state import ParallelState
 from hpc_rlhf.trainer.dynamic_sampling import (
@@ -56,18 +54,16 @@ from hpc_rlhf.trainer.dynamic_sampling import (
 from hpc_rlhf.trainer.experience import (
     ExperienceBatch,
     Rollout,
-    build_experience,
     generate_rollout,
 )
 from hpc_rlhf.trainer.losses import (
     GlobalCounts,
     actor_loss_fn,
     critic_loss_fn,
-    logprobs_fn,
-    values_fn,
 )
+from hpc_rlhf.trainer.ppo_scoring import ExperienceScorer, row_trim
 from hpc_rlhf.trainer.score_sources import NonFiniteRewardError, load_rules_first
-from hpc_rlhf.trainer.self_sampling import infer_rows, sampling_seed, score_rollout
+from hpc_rlhf.trainer.self_sampling import sampling_seed
 from hpc_rlhf.trainer.trainable_model import TrainableModel, is_max_metric
 
 logger = logging.getLogger(__name__)
@@ -121,6 +117,7 @@ class PPOTrainer:
         self.actor, self.reference, self.critic = models.actor, models.reference, models.critic
         self.rewards, self.engine = models.rewards, models.engine
         self.costs, self.cost_critic = models.costs, models.cost_critic
+        self.scorer = ExperienceScorer(cfg, state, tokenizer, models)
         self.multiplier = None
         if cfg.ppo.constrained:
             lag = cfg.lagrangian
@@ -206,7 +203,7 @@ class PPOTrainer:
                 rollout = self.generate(prompts, round_index=round_index)
                 self._tag_samples(rollout, indices)
             with timer("score"):
-                score_B = self._reward_scores(rollout)
+                score_B = self.scorer.reward_scores(rollout)
             groups = group_rows(rollout)
             return SampledGroups(rollout, score_B, groups, varied_groups(score_B, groups))
 
@@ -263,91 +260,9 @@ class PPOTrainer:
             yield
 
     # ------------------------------------------------------------------ stage 3
-    def _scoring_batch(self, rollout: Rollout) -> tuple[ExperienceBatch, torch.Tensor, list]:
-        """The rollout as an experience batch, its length order and its forward-only
-        micro-batches."""
-        exp = build_experience(rollout, self.tokenizer.pad_id, self.state.sequence_multiple)
-        order = exp.length_order()
-        return exp, order, exp.microbatches(self.cfg.ppo.score_micro_batch, order, self._trim())
-
-    def _reward_scores(self, rollout: Rollout) -> torch.Tensor:
-        """``[B]``: the reward sources' combined scores of ``rollout`` alone."""
-        exp, order, mbs = self._scoring_batch(rollout)
-        return score_rollout(self.rewards, *self._score_args(rollout, exp, mbs, order))
-
-    def _score_args(self, rollout: Rollout, exp: ExperienceBatch, mbs: list, order) -> tuple:
-        """``score_rollout``'s arguments after the sources."""
-        unsafe_B = None
-        if rollout.unsafe_prompt is not None:
-            unsafe_B = torch.tensor(rollout.unsafe_prompt, dtype=torch.bool)
-        return (rollout, exp, mbs, order, self.tokenizer, self.state.dp_group, unsafe_B)
-
     def score(self, rollout: Rollout, reward_B: torch.Tensor | None = None) -> ExperienceBatch:
-        """Reward scores (unless given as ``reward_B``), reference log-probs, critic values
-        (and old log-probs if asked)."""
-        exp, order, mbs = self._scoring_batch(rollout)
-        temperature = self.cfg.generation.temperature
-
-        def run(model, fn, key: str) -> torch.Tensor:
-            return infer_rows(model, fn, key, exp, mbs, order)
-
-        exp.ref_logp_BS = run(self.reference, logprobs_fn(self.state.tp_group, temperature), "logp")
-        tis_cap = self.cfg.ppo.tis_cap
-        if self.cfg.ppo.recompute_old_logprobs or tis_cap is not None:
-            engine_logp_BS = exp.old_logp_BS
-            exp.old_logp_BS = run(self.actor, logprobs_fn(self.state.tp_group, temperature), "logp")
-            if tis_cap is not None:
-                exp.tis_weights_BS, stats = truncated_is_weights(
-                    exp.old_logp_BS, engine_logp_BS, exp.action_mask_BS, tis_cap
-                )
-                exp.mismatch = self._mismatch_metrics(stats)
-        if self.critic is not None:
-            exp.values_BS = run(self.critic, values_fn, "values")
-        args = self._score_args(rollout, exp, mbs, order)
-        if reward_B is None:
-            reward_B = score_rollout(self.rewards, *args)
-        exp.score_B = self._overlong(rollout, exp, reward_B)
-        if self.costs is not None:
-            assert self.cost_critic is not None
-            exp.cost_values_BS = run(self.cost_critic, values_fn, "values")
-            exp.cost_B = score_rollout(self.costs, *args)
-        return exp
-
-    def _overlong(self, rollout: Rollout, exp: ExperienceBatch, score_B: torch.Tensor):
-        """DAPO's overlong handling: the soft length penalty added to the scores
-        (``ppo.overlong_buffer``); with ``ppo.overlong_filter`` the responses cut at
-        ``generation.max_new_tokens`` are marked (``exp.truncated_B``) to leave the loss
-        once the advantages are computed (their scores still count in their group's)."""
-        p = self.cfg.ppo
-        if p.overlong_buffer is not None:
-            lengths_B = torch.tensor([len(r) for r in rollout.response_ids])
-            max_new = self.cfg.generation.max_new_tokens
-            score_B = score_B + overlong_penalty(
-                lengths_B, max_new, p.overlong_buffer, p.overlong_penalty
-            ).to(score_B.dtype)
-        if p.overlong_filter:
-            exp.truncated_B = torch.tensor([r == "length" for r in rollout.finish_reasons])
-        return score_B
-
-    def _mismatch_metrics(self, stats: dict[str, torch.Tensor]) -> dict[str, float]:
-        """Train/inference mismatch over every DP rank's tokens: KL(engine || trainer) (k1
-        and k3 estimates), the largest ratio and the fraction of truncated TIS weights."""
-        sums = torch.stack(
-            [stats["kl_k1_sum"], stats["kl_k3_sum"], stats["clipped_sum"], stats["tokens"]]
-        )
-        group_sum(sums, self.state.dp_group)
-        top = group_max(stats["ratio_max"].clone(), self.state.dp_group)
-        tokens = max(float(sums[3]), 1.0)
-        return {
-            "mismatch_kl_k1": float(sums[0]) / tokens,
-            "mismatch_kl_k3": float(sums[1]) / tokens,
-            "mismatch_ratio_max": float(top),
-            "tis_clipped_fraction": float(sums[2]) / tokens,
-        }
-
-    def _trim(self) -> int | None:
-        """Per-microbatch lengths need PP=1 (pipeline p2p shapes are fixed per schedule)."""
-        return self.state.sequence_multiple if self.state.pp_size == 1 else None
+        """Stage 3 (``ppo_scoring.ExperienceScorer.score``)."""
+        return self.scorer.score(rollout, reward_B)
 
     # ------------------------------------------------------------------ stage 4
     def compute_advantages(self, exp: ExperienceBatch) -> tuple[ExperienceBatch, dict]:
@@ -471,7 +386,9 @@ class PPOTrainer:
 
     def _update_minibatch(self, mini: ExperienceBatch) -> dict[str, float]:
         p = self.cfg.ppo
-        mbs = mini.microbatches(p.micro_batch_size_per_rank, mini.length_order(), self._trim())
+        mbs = mini.microbatches(
+            p.micro_batch_size_per_rank, mini.length_order(), row_trim(self.state)
+        )
         ptx_mbs = self._ptx_microbatches(len(mbs), mini.input_ids_BS.shape[1])
         if self.state.pp_size > 1 and ptx_mbs:  # a pipeline's micro-batches share one shape
             S = max(mb.shape[1] for mb in mbs + ptx_mbs)
