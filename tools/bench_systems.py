@@ -44,26 +44,6 @@ def ptx_rows(n_rows: int) -> torch.Tensor:
     return torch.randint(3, BENCH_MODEL.vocab_size, (n_rows, PTX_LENGTH), generator=g)
 
 
-class _FixedPtx:
-    """Stands in for ``data.lm.LMWindows``: micro-batch ``index`` is the next rows of
-    ``ptx_rows``, all positions in the loss (as the baseline's HF LM loss)."""
-
-    def __init__(self, rows_NS: torch.Tensor):
-        self.rows_NS = rows_NS
-
-    def microbatch(self, index: int, micro_batch_size: int):
-        from hpc_rlhf.models.runner import MicroBatch
-
-        n = self.rows_NS.shape[0]
-        rows = [(index * micro_batch_size + i) % n for i in range(micro_batch_size)]
-        ids_BS = self.rows_NS[rows]
-        return MicroBatch.unpadded(
-            ids_BS[:, :-1],
-            labels_BS=ids_BS[:, 1:],
-            loss_mask_BS=torch.ones(ids_BS.shape[0], ids_BS.shape[1] - 1),
-        )
-
-
 class _FixedPrompts:
     """Stands in for the prompt dataset: always the benchmark's prompts."""
 
@@ -187,7 +167,11 @@ def run_ours(
         profile,
     )
     run = Run(cfg, RunSettings.of(cfg.ppo), tokenizer=_BenchTokenizer())
-    ptx = _FixedPtx(ptx_rows(len(prompts))) if profile == "ppo_sh" else None
+    ptx = None
+    if profile == "ppo_sh":  # the baseline's rows as LM windows (all positions in the loss)
+        from hpc_rlhf.data.lm import LMWindows
+
+        ptx = LMWindows.of_windows(ptx_rows(len(prompts)))
     trainer = PPOTrainer(cfg, run.state, run.tokenizer, _FixedPrompts(prompts), ptx)
     it = trainer.iterate(prompts, max_new_tokens=lengths)
     assert [len(r) for r in it.rollout.response_ids] == list(lengths)

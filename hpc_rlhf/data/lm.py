@@ -41,10 +41,25 @@ class LMWindows:
         if n_windows < 1:
             raise InputError(f"{path}: {len(ids)} tokens is shorter than one window")
         tokens_NS = torch.tensor(ids[: n_windows * seq_length + 1])
-        self.windows_NS1 = torch.stack(
-            [tokens_NS[i * seq_length : (i + 1) * seq_length + 1] for i in range(n_windows)]
+        self._set_windows(
+            torch.stack(
+                [tokens_NS[i * seq_length : (i + 1) * seq_length + 1] for i in range(n_windows)]
+            ),
+            seed,
         )
+
+    def _set_windows(self, windows_NS1: torch.Tensor, seed: int) -> None:
+        self.windows_NS1 = windows_NS1
+        n_windows = windows_NS1.shape[0]
         self.order = torch.randperm(n_windows, generator=torch.Generator().manual_seed(seed))
+
+    @classmethod
+    def of_windows(cls, windows_NS1: torch.Tensor, seed: int = 0) -> LMWindows:
+        """Windows given as token ids ``[N, seq_length + 1]`` (no text file), in the same
+        seeded order (the PPO benchmark's ptx rows)."""
+        windows = cls.__new__(cls)
+        windows._set_windows(windows_NS1, seed)
+        return windows
 
     def __len__(self) -> int:
         return len(self.order)

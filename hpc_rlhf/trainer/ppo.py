@@ -61,9 +61,9 @@ from hpc_rlhf.trainer.losses import (
     actor_loss_fn,
     critic_loss_fn,
 )
-from hpc_rlhf.trainer.ppo_scoring import ExperienceScorer, row_trim
+from hpc_rlhf.trainer.ppo_scoring import ExperienceScorer
 from hpc_rlhf.trainer.score_sources import NonFiniteRewardError, load_rules_first
-from hpc_rlhf.trainer.self_sampling import sampling_seed
+from hpc_rlhf.trainer.self_sampling import row_trim, sampling_seed
 from hpc_rlhf.trainer.trainable_model import TrainableModel, is_max_metric
 
 logger = logging.getLogger(__name__)

@@ -21,16 +21,10 @@ from hpc_rlhf.algorithms.rewards import overlong_penalty
 from hpc_rlhf.config import PPORunConfig
 from hpc_rlhf.parallel.comm import group_max, group_sum
 from hpc_rlhf.parallel.state import ParallelState
-from hpc_rlhf.trainer.experience import ExperienceBatch, Rollout, build_experience
+from hpc_rlhf.trainer.experience import ExperienceBatch, Rollout
 from hpc_rlhf.trainer.losses import logprobs_fn, values_fn
 from hpc_rlhf.trainer.ppo_setup import PPOModels
-from hpc_rlhf.trainer.self_sampling import infer_rows, score_rollout
-
-
-def row_trim(state: ParallelState) -> int | None:
-    """Micro-batches trimmed to their own longest row (a multiple of this), which needs
-    PP=1: pipeline p2p shapes are fixed per schedule."""
-    return state.sequence_multiple if state.pp_size == 1 else None
+from hpc_rlhf.trainer.self_sampling import infer_rows, score_rollout, scoring_microbatches
 
 
 @dataclass
@@ -43,14 +37,8 @@ class ExperienceScorer:
     models: PPOModels = field(repr=False)
 
     def _scoring_batch(self, rollout: Rollout) -> tuple[ExperienceBatch, torch.Tensor, list]:
-        """The rollout as an experience batch, its length order and its forward-only
-        micro-batches."""
-        exp = build_experience(rollout, self.tokenizer.pad_id, self.state.sequence_multiple)
-        order = exp.length_order()
-        return (
-            exp,
-            order,
-            exp.microbatches(self.cfg.ppo.score_micro_batch, order, row_trim(self.state)),
+        return scoring_microbatches(
+            rollout, self.tokenizer.pad_id, self.state, self.cfg.ppo.score_micro_batch
         )
 
     def reward_scores(self, rollout: Rollout) -> torch.Tensor:

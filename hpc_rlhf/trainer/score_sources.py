@@ -79,8 +79,8 @@ class ScoreSources:
 
     def rule_scores(self, rollout, tokenizer) -> torch.Tensor:
         """``[R, B]``: each rule's score of each sample. The first rank of the
-        model-parallel group ``mp_group`` runs the rules and hands the scores (or the error a rule raised) to the others:
-        every rank of a data-parallel replica trains on the same scores even when a rule is
+        model-parallel group ``mp_group`` runs the rules and hands the scores (or the error
+        a rule raised) to the others: every rank of a data-parallel replica trains on the same scores even when a rule is
         not deterministic (a program that times out on one rank only), and programs run
         once per replica."""
         mp_group = self.mp_group

@@ -21,6 +21,20 @@ from hpc_rlhf.trainer.score_sources import ScoreSources
 from hpc_rlhf.trainer.trainable_model import TrainableModel
 
 
+def row_trim(state: ParallelState) -> int | None:
+    """Micro-batches trimmed to their own longest row (a multiple of this), which needs
+    PP=1: pipeline p2p shapes are fixed per schedule."""
+    return state.sequence_multiple if state.pp_size == 1 else None
+
+
+def scoring_microbatches(rollout: Rollout, pad_id: int, state: ParallelState, rows: int):
+    """``rollout`` as an experience batch, its length order and its forward-only
+    micro-batches of ``rows`` rows (what ``infer_rows`` and ``score_rollout`` read)."""
+    exp = build_experience(rollout, pad_id, state.sequence_multiple)
+    order = exp.length_order()
+    return exp, order, exp.microbatches(rows, order, row_trim(state))
+
+
 def infer_rows(model: TrainableModel, fn, key: str, exp, mbs: list, order: torch.Tensor):
     """``fn``'s ``key`` output of ``model`` over an experience batch's micro-batches (built
     in ``order``), back in the batch's row order: ``[B]`` for one value per row, else
@@ -118,10 +132,9 @@ class PolicySampler:
                 self.engine, self.tokenizer, prompt_ids, self.generation, n, seed, self.version
             )
         self.engine.release_weights()
-        exp = build_experience(rollout, self.tokenizer.pad_id, self.state.sequence_multiple)
-        order = exp.length_order()
-        trim = self.state.sequence_multiple if self.state.pp_size == 1 else None
-        mbs = exp.microbatches(self.score_micro_batch, order, trim)
+        exp, order, mbs = scoring_microbatches(
+            rollout, self.tokenizer.pad_id, self.state, self.score_micro_batch
+        )
         score_B = score_rollout(
             self.rewards, rollout, exp, mbs, order, self.tokenizer, self.state.dp_group
         )

@@ -324,7 +324,7 @@ class TrainableModel:
         """Zero grads, accumulate over ``microbatches``, step optimizer and LR schedule.
         Afterwards the heap's free pages go back to the OS (``release_free_memory``: a CPU
         run's caching allocator otherwise keeps the step's freed activations resident, and
-        the next step's other shapes land beside them; SFT bench: peak 1.71 -> 1.61 GB)."""
+        the next step's other shapes land beside them; SFT bench: peak 1.71 -> 1.62 GB)."""
         if not self.trainable:
             raise RuntimeError(f"the {self.role} model is frozen; it has no optimizer")
         try:

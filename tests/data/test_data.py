@@ -85,6 +85,11 @@ def test_lm_windows_cover_the_corpus_in_a_seeded_order():
     assert (mb.labels_BS[:, :-1] == mb.input_ids_BS[:, 1:]).all()
     again = LMWindows(default_corpus_path(), tok, seq_length=32, seed=1).microbatch(0, 4)
     assert (again.input_ids_BS == mb.input_ids_BS).all()
+    # the same windows given as token ids: the same seeded order, the same micro-batches
+    given = LMWindows.of_windows(data.windows_NS1.clone(), seed=1).microbatch(3, 4)
+    want = data.microbatch(3, 4)
+    assert (given.input_ids_BS == want.input_ids_BS).all()
+    assert (given.labels_BS == want.labels_BS).all() and given.loss_mask_BS.all()
 
 
 TEMPLATE = "<|user|> {prompt} <|assistant|>"
