@@ -441,6 +441,9 @@ class TrainConfig:
     eval_interval: int = 0  # held-out loss every N steps and at the end (0: at the end only)
     # run padded micro-batches as one packed row of their real tokens (THD format)
     pack_sequences: bool = True
+    # packed rows whose first 16+ tokens equal an earlier row's (a pair's prompt, a
+    # group's prompt) run those tokens once (models.packing, shared prefixes)
+    share_prefixes: bool = True
     hf_export_dir: str | None = None  # write the trained model in HF format here
 
     def validate(self, model: ModelConfig) -> None:
@@ -1014,6 +1017,9 @@ class PPOConfig:
     recompute_old_logprobs: bool = False  # else reuse the engine's (identical) log-probs
     # run padded micro-batches as one packed row of their real tokens (THD format)
     pack_sequences: bool = True
+    # packed rows whose first 16+ tokens equal an earlier row's (a pair's prompt, a
+    # group's prompt) run those tokens once (models.packing, shared prefixes)
+    share_prefixes: bool = True
     seed: int = 1234
     log_interval: int = 1
     save_dir: str | None = None

@@ -9,11 +9,24 @@ to itself, no padding computed) go through ``hpc_rlhf.ops.causal_attention`` (th
 kernel for fp32 on CPU, torch SDPA otherwise); batches with a padding mask through
 ``torch.nn.functional.scaled_dot_product_attention`` with that mask. A sliding window
 (``TransformerConfig.window_size``, Mistral) limits every path the same way.
+
+``SharedPrefixSelfAttention`` is megatron's ``SelfAttention`` for packed rows whose rows
+share leading tokens (``models.packing``): right after the query/key/value projection it
+lays q, k and v out as the attention stream (every row whole), so RoPE and the core
+attention (this module's, or transformer-engine's THD attention) see each row as without
+sharing, and right after the core attention it takes each packed position's output back
+out of the stream, before the output projection. Without ``SharedPrefixSeqParams`` it is
+``SelfAttention``.
 """
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
+import torch
 import torch.nn.functional as F
+from megatron.core.packed_seq_params import PackedSeqParams
+from megatron.core.transformer.attention import SelfAttention
 from megatron.core.transformer.dot_product_attention import DotProductAttention
 
 from hpc_rlhf.ops.causal_attention import causal_attention, repeat_kv_heads, window_mask
@@ -78,3 +91,52 @@ class SDPAttention(DotProductAttention):
             scale=self.softmax_scale,
         )
         return ctx_BNSD.permute(2, 0, 1, 3).reshape(sq, b, n_heads * d)
+
+
+@dataclass
+class SharedPrefixSeqParams(PackedSeqParams):
+    """``PackedSeqParams`` of a packed row with shared prefixes (``models.packing``):
+    ``cu_seqlens_*`` / ``max_seqlen_*`` describe the attention stream (every row whole, then
+    the tail), ``expand_index`` ``[T_stream]`` is the packed position of each stream token
+    and ``collapse_index`` ``[T]`` the stream position that computes each packed one."""
+
+    expand_index: torch.Tensor | None = None
+    collapse_index: torch.Tensor | None = None
+
+
+class SharedPrefixSelfAttention(SelfAttention):
+    """``SelfAttention`` that runs packed rows with shared prefixes (module docstring)."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self._stream: SharedPrefixSeqParams | None = None
+        # a hook, not a wrapper module: the core attention's state-dict keys stay megatron's
+        self.core_attention.register_forward_hook(self._collapse_stream)
+
+    def forward(self, hidden_states, attention_mask, *args, packed_seq_params=None, **kwargs):
+        """``SelfAttention.forward``; q/k/v and the core attention's output go through the
+        attention stream of ``SharedPrefixSeqParams``."""
+        if isinstance(packed_seq_params, SharedPrefixSeqParams):
+            if self.config.context_parallel_size > 1:
+                raise NotImplementedError("shared prefixes with context parallelism")
+            self._stream = packed_seq_params
+        try:
+            return super().forward(
+                hidden_states, attention_mask, *args, packed_seq_params=packed_seq_params, **kwargs
+            )
+        finally:
+            self._stream = None
+
+    def get_query_key_value_tensors(self, *args, **kwargs):
+        """q, k, v ``[T, 1, heads, D]`` in the attention stream ``[T_stream, ...]`` (an
+        output gate, when the model has one, stays per packed position)."""
+        qkv = super().get_query_key_value_tensors(*args, **kwargs)
+        if self._stream is None:
+            return qkv
+        index = self._stream.expand_index
+        return (*(t.index_select(0, index) for t in qkv[:3]), *qkv[3:])
+
+    def _collapse_stream(self, module, args, output):
+        if self._stream is None:
+            return output
+        return output.index_select(0, self._stream.collapse_index)

@@ -96,7 +96,11 @@ def layer_spec(model: ModelConfig):
             get_gpt_layer_with_transformer_engine_spec,
         )
 
-        return get_gpt_layer_with_transformer_engine_spec(qk_layernorm=model.qk_norm)
+        from hpc_rlhf.models.overrides.spec import shared_prefix_attention
+
+        return shared_prefix_attention(
+            get_gpt_layer_with_transformer_engine_spec(qk_layernorm=model.qk_norm)
+        )
     return overrides.layer_spec(model.overrides, qk_norm=model.qk_norm)
 
 

@@ -10,7 +10,7 @@ Everything a trainer needs to run a megatron-core chunk on a batch lives here:
 * ``MicroBatch``: the typed ``[B, S]`` tensors of one micro-batch (trainers subclass it
   to carry their loss inputs, e.g. ``trainer.losses.RolloutMicroBatch``);
 * ``PackPlan`` / ``plan_packing``: whether and how the micro-batches of one schedule run
-  packed (``models.packing``: one row of their real tokens, THD);
+  packed (``models.packing``: one row of their real tokens, THD, shared prefixes once);
 * ``output_selection``: the positions whose outputs a model's callers read (response
   positions, each row's last token, or all), so the head and the last layer's MLP run on
   those rows only (``models.overrides``);
@@ -116,33 +116,55 @@ class PackPlan:
     ``multiple``: packed lengths are rounded up to it (TP under sequence parallelism, the
     packed row is split over TP ranks). ``length``: one packed length for every
     micro-batch (a pipeline's stages exchange fixed shapes), or ``None``: each its own.
+    ``min_shared``: rows whose first ``min_shared`` or more tokens equal an earlier row's
+    run them once (``models.packing``, shared prefixes); ``None``: every row whole.
     """
 
     multiple: int
     length: int | None = None
+    min_shared: int | None = None
+
+    def packed_length(self, mb: MicroBatch, must_save: bool = True) -> int | None:
+        """``models.packing.packed_length`` of ``mb`` under this plan's sharing."""
+        ids_BS = None if self.min_shared is None else mb.input_ids_BS
+        return packed_length(
+            mb.attention_mask_BS, self.multiple, must_save, ids_BS, self.min_shared
+        )
+
+    def layout(self, mb: MicroBatch) -> PackedLayout | None:
+        """``mb``'s packed layout under this plan (``None``: it runs padded)."""
+        ids_BS = None if self.min_shared is None else mb.input_ids_BS
+        return PackedLayout.from_mask(
+            mb.attention_mask_BS, self.multiple, self.length, ids_BS, self.min_shared
+        )
 
     def tokens(self, mb: MicroBatch) -> int:
         """Positions ``mb`` occupies when run under this plan."""
         if self.length is not None:
             return self.length
-        return packed_length(mb.attention_mask_BS, self.multiple) or mb.input_ids_BS.numel()
+        return self.packed_length(mb) or mb.input_ids_BS.numel()
 
 
 def plan_packing(
-    microbatches: Sequence[MicroBatch], multiple: int, pipelined: bool
+    microbatches: Sequence[MicroBatch],
+    multiple: int,
+    pipelined: bool,
+    min_shared: int | None = None,
 ) -> PackPlan | None:
     """The packing plan of one schedule: each micro-batch its own packed length, or with
     ``pipelined`` the longest one's for all; ``None`` (run padded) when a micro-batch of a
-    pipelined schedule cannot be packed (its rows are not real tokens then padding)."""
+    pipelined schedule cannot be packed (its rows are not real tokens then padding).
+    ``min_shared``: see ``PackPlan``."""
+    plan = PackPlan(multiple, min_shared=min_shared)
     if not pipelined:
-        return PackPlan(multiple)
+        return plan
     longest = 0
     for mb in microbatches:
-        T = packed_length(mb.attention_mask_BS, multiple, must_save=False)
+        T = plan.packed_length(mb, must_save=False)
         if T is None:
             return None
         longest = max(longest, T)
-    return PackPlan(multiple, longest)
+    return PackPlan(multiple, longest, min_shared)
 
 
 def output_selection(mb: MicroBatch, output_positions: str) -> torch.Tensor | None:
@@ -180,9 +202,13 @@ def model_forward(
     from hpc_rlhf.models.overrides import output_rows
 
     mask_BS = mb.attention_mask_BS
-    layout = None
-    if plan is not None:
-        layout = PackedLayout.from_mask(mask_BS, plan.multiple, plan.length)
+    layout = None if plan is None else plan.layout(mb)
+    if layout is not None and layout.expand_index is not None:
+        if not getattr(getattr(model, "module", model), "shares_prefixes", False):
+            raise ValueError(
+                "model_forward: a packed micro-batch with shared prefixes needs the chunk's "
+                "SharedPrefixSelfAttention (models.overrides, core_attention on)"
+            )
     rows = None
     if select_BS is not None:
         rows = select_BS.t().contiguous() if layout is None else layout.selected_index(select_BS)

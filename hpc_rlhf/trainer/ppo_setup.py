@@ -87,9 +87,15 @@ def build_models(cfg: PPORunConfig, state: ParallelState, tokenizer=None) -> PPO
     ``tokenizer`` when given, ``check_vocabularies``)."""
     check_vocabularies(cfg, tokenizer)
     actor_state = initial_actor_state(cfg)
-    pack = cfg.ppo.pack_sequences
     actor = _trained_model(cfg, state, "actor", cfg.actor_optimizer, actor_state)
-    reference = TrainableModel(cfg.model, None, state, "reference", pack_sequences=pack)
+    reference = TrainableModel(
+        cfg.model,
+        None,
+        state,
+        "reference",
+        pack_sequences=cfg.ppo.pack_sequences,
+        share_prefixes=cfg.ppo.share_prefixes,
+    )
     reference.load_hf_state(actor_state)
     rewards, reward_states = _score_sources(cfg, state, cfg.reward, "reward")
     critic = None
@@ -114,7 +120,15 @@ def _trained_model(cfg: PPORunConfig, state, role: str, optimizer, hf_state: dic
     the decoder of an actor or the decoder and score head of a reward / cost model; its
     value head starts at zero from an actor); ``None``: seeded random weights."""
     updates = _total_updates(cfg)
-    model = TrainableModel(cfg.model, optimizer, state, role, updates, cfg.ppo.pack_sequences)
+    model = TrainableModel(
+        cfg.model,
+        optimizer,
+        state,
+        role,
+        updates,
+        cfg.ppo.pack_sequences,
+        share_prefixes=cfg.ppo.share_prefixes,
+    )
     if hf_state is not None:
         model.load_hf_state(hf_state)
     return model
@@ -123,18 +137,27 @@ def _trained_model(cfg: PPORunConfig, state, role: str, optimizer, hf_state: dic
 def _score_sources(cfg: PPORunConfig, state, section, kind: str) -> tuple[ScoreSources, list]:
     """The frozen models of PPO's ``reward`` / ``cost`` section with its rules, and the
     models' HF states (a critic may start from the first)."""
-    return load_score_sources(section, kind, cfg.model, cfg.parallel, state, cfg.ppo.pack_sequences)
+    ppo = cfg.ppo
+    return load_score_sources(
+        section, kind, cfg.model, cfg.parallel, state, ppo.pack_sequences, ppo.share_prefixes
+    )
 
 
 def load_score_sources(
-    section, kind: str, model_cfg: ModelConfig, parallel, state, pack: bool
+    section,
+    kind: str,
+    model_cfg: ModelConfig,
+    parallel,
+    state,
+    pack: bool,
+    share_prefixes: bool = True,
 ) -> tuple[ScoreSources, list]:
     """The frozen models of a ``reward`` / ``cost`` section (``config.RewardConfig``) in
     this run's dtype, layout and packing, with its rules, and the models' HF states."""
     models, hf_states, calibrations = [], [], []
     for spec in section.models:
         model, hf_state, calibration = load_score_model(
-            spec.path, model_cfg, parallel, state, pack, kind
+            spec.path, model_cfg, parallel, state, pack, kind, share_prefixes
         )
         models.append(model)
         hf_states.append(hf_state)
@@ -150,6 +173,7 @@ def load_score_model(
     state: ParallelState,
     pack: bool,
     kind: str = "reward",
+    share_prefixes: bool = True,
 ):
     """A frozen reward or cost model (an HF checkpoint with a ``score`` head), in this run's
     dtype, layout and packing, read at each row's last token; returns it with its HF state
@@ -164,7 +188,13 @@ def load_score_model(
     )
     parallel.validate(rm_cfg)
     scorer = TrainableModel(
-        rm_cfg, None, state, "reward", pack_sequences=pack, output_positions="last_token"
+        rm_cfg,
+        None,
+        state,
+        "reward",
+        pack_sequences=pack,
+        output_positions="last_token",
+        share_prefixes=share_prefixes,
     )
     scorer.load_hf_state(hf_state)
     return scorer, hf_state, read_score_normalization(path)

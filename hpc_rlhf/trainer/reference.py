@@ -35,8 +35,14 @@ def frozen_reference(cfg: DPORunConfig, run: Run, init_state: dict) -> Trainable
         from hpc_rlhf.models.hf_io import load_hf_checkpoint_for
 
         state = load_hf_checkpoint_for(cfg.model, cfg.dpo.reference)
+    t = cfg.train
     reference = TrainableModel(
-        cfg.model, None, run.state, "reference", pack_sequences=cfg.train.pack_sequences
+        cfg.model,
+        None,
+        run.state,
+        "reference",
+        pack_sequences=t.pack_sequences,
+        share_prefixes=t.share_prefixes,
     )
     reference.load_hf_state(state)
     return reference

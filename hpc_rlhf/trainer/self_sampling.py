@@ -84,6 +84,7 @@ class PolicySampler:
         tokenizer,
         pack: bool,
         score_micro_batch: int,
+        share_prefixes: bool = True,
     ):
         from hpc_rlhf.inference.engine import GenerationEngine
         from hpc_rlhf.trainer.ppo_setup import load_score_sources
@@ -94,7 +95,9 @@ class PolicySampler:
             state,
             tokenizer,
         )
-        self.rewards, _ = load_score_sources(reward, "reward", model_cfg, parallel, state, pack)
+        self.rewards, _ = load_score_sources(
+            reward, "reward", model_cfg, parallel, state, pack, share_prefixes
+        )
         self.engine = GenerationEngine(policy, model_cfg, state, generation.engine)
         self.score_micro_batch = score_micro_batch
         self.version = 0
@@ -115,6 +118,7 @@ class PolicySampler:
             run.tokenizer,
             t.pack_sequences,
             t.micro_batch_size_per_rank * samples_per_prompt,
+            t.share_prefixes,
         )
 
     def sample(

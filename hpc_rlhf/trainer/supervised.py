@@ -44,6 +44,7 @@ def build_trained_model(
         role,
         t.steps,
         pack_sequences=t.pack_sequences,
+        share_prefixes=t.share_prefixes,
         output_positions="last_token" if role == "reward" else "head_mask",
     )
     if init_state is not None:

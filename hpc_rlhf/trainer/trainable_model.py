@@ -31,6 +31,7 @@ import torch
 
 from hpc_rlhf.config import ModelConfig, OptimizerConfig
 from hpc_rlhf.models.build import build_model_chunks
+from hpc_rlhf.models.packing import SHARED_PREFIX_MIN_TOKENS
 from hpc_rlhf.models.runner import (
     OUTPUT_POSITIONS,
     MicroBatch,
@@ -98,6 +99,7 @@ class TrainableModel:
         total_steps: int = 1,
         pack_sequences: bool = False,
         output_positions: str = "head_mask",
+        share_prefixes: bool = True,
     ):
         if output_positions not in OUTPUT_POSITIONS:
             raise ValueError(
@@ -108,6 +110,9 @@ class TrainableModel:
         self.state = state
         self.role = role
         self.pack_sequences = pack_sequences
+        # packed rows whose leading tokens equal an earlier row's run them once
+        # (models.packing: shared prefixes); None: every row whole
+        self.min_shared_prefix = SHARED_PREFIX_MIN_TOKENS if share_prefixes else None
         self.output_positions = output_positions
         # built on the host (one initialisation for every device), then placed where this
         # rank computes (its CUDA device under nccl) before DDP allocates grad buffers
@@ -208,13 +213,15 @@ class TrainableModel:
 
     # ------------------------------------------------------------------ running
     def _pack_plan(self, microbatches: Sequence[MicroBatch]) -> PackPlan | None:
-        """How this schedule's micro-batches run packed (``models.runner.plan_packing``);
-        ``None``: padded. Packed rows are split over TP under sequence parallelism, so
-        their lengths are multiples of TP there."""
+        """How this schedule's micro-batches run packed (``models.runner.plan_packing``,
+        with shared prefixes unless ``share_prefixes`` was off); ``None``: padded. Packed
+        rows are split over TP under sequence parallelism, so their lengths are multiples
+        of TP there."""
         if not self.pack_sequences:
             return None
         multiple = self.state.sequence_multiple
-        return plan_packing(microbatches, multiple, pipelined=self.state.pp_size > 1)
+        pipelined = self.state.pp_size > 1
+        return plan_packing(microbatches, multiple, pipelined, self.min_shared_prefix)
 
     def forward_backward(
         self,

@@ -1,13 +1,14 @@
-"""Packed (THD) micro-batches: the layout's bookkeeping, and a packed forward/backward that
-matches the padded one (log-probs, values, gradients) at 1 process, TP=2 (with and without
-sequence parallelism), and under pipelining (PP=2, virtual PP, TP=2 x PP=2)."""
+"""Packed (THD) micro-batches: the layout's bookkeeping (shared prefixes included), and a
+packed forward/backward, with and without shared prefixes, that matches the padded one
+(log-probs, values, end scores, gradients) at 1 process, TP=2 (with and without sequence
+parallelism), and under pipelining (PP=2, virtual PP, TP=2 x PP=2)."""
 
 from __future__ import annotations
 
 import pytest
 import torch
 
-from hpc_rlhf.models.packing import PackedLayout
+from hpc_rlhf.models.packing import PackedLayout, packed_length, row_sharing
 from hpc_rlhf.models.runner import MicroBatch
 from hpc_rlhf.ops.rope import segment_positions
 from tests.dist import run_world
@@ -61,6 +62,52 @@ def test_layout_declines(mask_BS):
     assert PackedLayout.from_mask(mask_BS) is None
 
 
+def test_shared_prefix_layout_runs_equal_leading_tokens_once():
+    # rows 0 and 2 share 3 leading tokens, row 3 shares 4 with row 1; row 4 equals row 0's
+    # first 3 tokens exactly and so keeps its last token
+    ids = [[5, 6, 7, 1, 2], [8, 9, 4, 4, 0], [5, 6, 7, 3, 0], [8, 9, 4, 4, 6], [5, 6, 7, 0, 0]]
+    ids_BS = torch.tensor(ids)
+    mask_BS = _mask([5, 4, 4, 5, 3], 5)
+    sharing = row_sharing(mask_BS, ids_BS, min_shared=2)
+    assert sharing.root == [0, 1, 0, 1, 0] and sharing.shared == [0, 0, 3, 4, 2]
+    layout = PackedLayout.from_mask(mask_BS, multiple=8, ids_BS=ids_BS, min_shared=2)
+    packed = [5, 6, 7, 1, 2, 8, 9, 4, 4, 3, 6, 7]
+    assert layout.pack(ids_BS)[0].tolist() == packed + [0] * 4  # the tail rounds to 8
+    assert packed_length(mask_BS, 8, True, ids_BS, 2) == layout.packed_length == 16
+    assert layout.positions_1T[0].tolist() == [0, 1, 2, 3, 4, 0, 1, 2, 3, 3, 4, 2, 0, 1, 2, 3]
+    # every real token's output is read where a token equal to it, in the same context, sits
+    packed_T = torch.tensor(packed + [0] * 4)
+    assert torch.equal(packed_T[layout.packed_pos_BS.clamp(min=0)] * mask_BS, ids_BS * mask_BS)
+    back_BS = layout.unpack(layout.pack(ids_BS))
+    assert torch.equal(back_BS, ids_BS * mask_BS)
+    select_BS = mask_BS.clone()
+    select_BS[:, 0] = False
+    assert torch.equal(packed_T[layout.selected_index(select_BS)], ids_BS.t()[select_BS.t()])
+    # the attention stream: each row whole, then the tail
+    rows = [r[:n] for r, n in zip(ids, [5, 4, 4, 5, 3])]
+    assert packed_T[layout.expand_index].tolist() == sum(rows, []) + [0] * 4
+    assert layout.expand_index[21:].tolist() == [12, 13, 14, 15]
+    assert layout.cu_seqlens.tolist() == [0, 5, 9, 13, 18, 21, 25]
+    assert layout.max_seqlen == 5
+    # each packed position is computed at a stream position holding it, in its own row
+    assert torch.equal(layout.expand_index[layout.collapse_index], torch.arange(16))
+    assert layout.collapse_index.tolist() == [0, 1, 2, 3, 4, 5, 6, 7, 8, 12, 17, 20, 21, 22, 23, 24]
+
+
+def test_shared_prefix_needs_min_tokens_and_unshared_roots():
+    ids_BS = torch.tensor([[1, 2, 3, 4], [1, 2, 3, 5], [1, 2, 3, 6], [1, 9, 9, 9]])
+    mask_BS = torch.ones(4, 4, dtype=torch.bool)
+    assert row_sharing(mask_BS, ids_BS, min_shared=3).shared == [0, 3, 3, 0]
+    assert row_sharing(mask_BS, ids_BS, min_shared=3).root == [0, 0, 0, 3]
+    assert row_sharing(mask_BS, ids_BS, min_shared=4).shared == [0, 0, 0, 0]
+    assert row_sharing(mask_BS, ids_BS).shared == [0, 0, 0, 0]  # off without min_shared
+    # no padding and no sharing: packing saves nothing; with sharing it does
+    assert PackedLayout.from_mask(mask_BS) is None
+    assert PackedLayout.from_mask(mask_BS, ids_BS=ids_BS, min_shared=3).packed_length == 10
+    unshared = PackedLayout.from_mask(_mask([4, 2], 4), ids_BS=ids_BS[:2], min_shared=3)
+    assert unshared.expand_index is None and unshared.collapse_index is None
+
+
 def _batches(B: int, S: int, vocab: int, seed: int) -> list[MicroBatch]:
     """Right-padded micro-batches with response (head) positions, lengths 3..S."""
     gen = torch.Generator().manual_seed(seed)
@@ -69,7 +116,11 @@ def _batches(B: int, S: int, vocab: int, seed: int) -> list[MicroBatch]:
         lengths = torch.randint(3, S + 1, (B,), generator=gen)
         lengths[0] = S
         mask_BS = torch.arange(S)[None, :] < lengths[:, None]
-        ids_BS = torch.randint(1, vocab, (B, S), generator=gen) * mask_BS
+        ids_BS = torch.randint(1, vocab, (B, S), generator=gen)
+        for row, root, k in ((1, 0, 6), (3, 2, 5)):  # rows beginning as an earlier row does
+            k = min(k, int(lengths[row]) - 1, int(lengths[root]))
+            ids_BS[row, :k] = ids_BS[root, :k]
+        ids_BS = ids_BS * mask_BS
         head_BS = mask_BS.clone()
         head_BS[:, :2] = False
         head_BS[torch.arange(B), lengths - 1] = False  # the last token has no label
@@ -103,6 +154,13 @@ def _value_loss(batch, values_BS1):
     return (values_BS * values_BS * mask_BS).sum(), mask_BS.sum(), {"v": values_BS.detach()}
 
 
+def _end_score_loss(batch, scores_BS1):
+    from hpc_rlhf.models.runner import last_token_mask
+
+    end_B = scores_BS1.squeeze(-1)[last_token_mask(batch.attention_mask_BS)]
+    return (end_B * end_B).sum(), torch.tensor(end_B.numel()), {"end": end_B.detach()}
+
+
 def _local_grads(model) -> dict[str, torch.Tensor]:
     """This rank's gradient shards (megatron's fp32 ``main_grad``) by parameter name."""
     return {
@@ -122,19 +180,31 @@ def _packed_vs_padded(rank, world_size, parallel):
     critic_state = {k: v for k, v in actor_state.items() if k != "lm_head.weight"}
     critic_state["score.weight"] = 0.1 * torch.randn(1, TINY.hidden_size)
     hf_states = {"actor": actor_state, "critic": critic_state}
+    hf_states["reward"] = critic_state
     batches = _batches(4, 12, TINY.vocab_size, seed=3)  # S divisible by TP (SP)
+    roles = {  # role: (loss, output name, positions read)
+        "actor": (_logp_loss(state.tp_group), "logp", "head_mask"),
+        "critic": (_value_loss, "v", "all"),
+        "reward": (_end_score_loss, "end", "last_token"),
+    }
     out = {}
-    for role, loss_fn in (("actor", _logp_loss(state.tp_group)), ("critic", _value_loss)):
-        for pack in (False, True):
-            model = TrainableModel(TINY, OptimizerConfig(lr=1e-2), state, role, 1, pack)
+    for role, (loss_fn, key, positions) in roles.items():
+        for mode in ("padded", "packed", "shared"):
+            model = TrainableModel(
+                TINY, OptimizerConfig(lr=1e-2), state, role, 1, mode != "padded", positions
+            )
+            model.min_shared_prefix = 3 if mode == "shared" else None
             model.load_hf_state(hf_states[role])
             for chunk in model.model:
                 chunk.zero_grad_buffer()
             results = model.forward_backward(batches, loss_fn, keep_tensors=True)
-            key = "logp" if role == "actor" else "v"
-            mask = [b.head_mask_BS if role == "actor" else b.attention_mask_BS for b in batches]
-            out[(role, pack)] = {  # outputs on the last pipeline stage only
-                "out": torch.cat([r[key][m] for r, m in zip(results, mask)]) if results else None,
+            masks = [b.head_mask_BS if role == "actor" else b.attention_mask_BS for b in batches]
+            if role == "reward":
+                outputs = [r[key] for r in results]
+            else:
+                outputs = [r[key][m] for r, m in zip(results, masks)]
+            out[(role, mode)] = {  # outputs on the last pipeline stage only
+                "out": torch.cat(outputs) if results else None,
                 "grads": _local_grads(model),
                 "tokens": model.work["train_tokens"],
             }
@@ -160,16 +230,21 @@ def test_packed_forward_backward_matches_padded(layout):
 
 
 def _assert_same(out: dict) -> None:
-    for role in ("actor", "critic"):
-        padded, packed = out[(role, False)], out[(role, True)]
-        if padded["out"] is not None:
-            assert padded["out"].abs().max() > 0
-            torch.testing.assert_close(packed["out"], padded["out"], atol=2e-5, rtol=1e-4)
-        assert packed["tokens"] < padded["tokens"]  # the padding was not run
-        assert padded["grads"].keys() == packed["grads"].keys()
-        for name, grad in padded["grads"].items():
-            assert grad.abs().max() > 0 or "score" in name, name
-            torch.testing.assert_close(packed["grads"][name], grad, atol=2e-5, rtol=1e-4)
+    for role in ("actor", "critic", "reward"):
+        padded = out[(role, "padded")]
+        for mode in ("packed", "shared"):
+            packed = out[(role, mode)]
+            if padded["out"] is not None:
+                assert padded["out"].abs().max() > 0
+                torch.testing.assert_close(packed["out"], padded["out"], atol=2e-5, rtol=1e-4)
+            assert padded["grads"].keys() == packed["grads"].keys()
+            for name, grad in padded["grads"].items():
+                assert grad.abs().max() > 0 or "score" in name, name
+                torch.testing.assert_close(packed["grads"][name], grad, atol=2e-5, rtol=1e-4)
+        # the padding was not run, and with shared prefixes fewer positions still (a
+        # pipeline runs every micro-batch at its schedule's longest packed length)
+        assert out[(role, "shared")]["tokens"] < out[(role, "packed")]["tokens"]
+        assert out[(role, "packed")]["tokens"] < padded["tokens"]
 
 
 def test_segment_positions_restart_at_every_segment():

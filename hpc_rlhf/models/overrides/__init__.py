@@ -5,7 +5,9 @@ substitution             scope      what it replaces                            
 =======================  =========  ==================================================  ==========
 torch RMSNorm            spec       ``WrappedTorchNorm`` (refuses sequence parallel)    ``spec``
 ``swiglu_mlp``           spec       the local MLP's activation (``ops.swiglu``)         ``spec``
-``core_attention``       spec       ``DotProductAttention`` (fused, packed THD)         ``spec``
+``core_attention``       spec       ``DotProductAttention`` (fused, packed THD), and    ``spec``
+                                    ``SelfAttention`` (packed rows sharing prefixes;
+                                    also in transformer-engine's spec)
 ``selective_outputs``    model      the LM head's and the last layer's forward: only    ``selective``
                                     the rows a caller reads
 ``onednn_gemm``          process    the TP linear layers' GEMM function (oneDNN)        ``cpu_kernels``
@@ -70,7 +72,17 @@ def install_model_overrides(gpt: Any, flags: MegatronOverrides) -> OutputRows:
         if not selection.scalar_head:
             install_selective_head(head, selection, config.sequence_parallel)
     gpt.output_rows = selection
+    gpt.shares_prefixes = _runs_shared_prefixes(gpt)
     return selection
+
+
+def _runs_shared_prefixes(gpt: Any) -> bool:
+    """Whether every attention layer of the chunk runs packed rows with shared prefixes
+    (``models.attention.SharedPrefixSelfAttention``); a runner must not share otherwise."""
+    from hpc_rlhf.models.attention import SharedPrefixSelfAttention
+
+    layers = gpt.decoder.layers
+    return all(isinstance(layer.self_attention, SharedPrefixSelfAttention) for layer in layers)
 
 
 def apply_process_overrides(flags: MegatronOverrides) -> list[str]:

@@ -6,7 +6,8 @@
 * ``swiglu_mlp``: the MLP's gated activation as one fused op (``models.mlp.SwiGLUMLP``,
   ``ops.swiglu``).
 * ``core_attention``: the core attention runs fused and takes packed THD micro-batches
-  (``models.attention.SDPAttention``, ``ops.causal_attention``).
+  (``models.attention.SDPAttention``, ``ops.causal_attention``), and the self-attention
+  takes packed rows with shared prefixes (``models.attention.SharedPrefixSelfAttention``).
 """
 
 from __future__ import annotations
@@ -48,6 +49,16 @@ def local_layer_spec(swiglu_mlp: bool = True, core_attention: bool = True, qk_no
         from hpc_rlhf.models.attention import SDPAttention
 
         spec.submodules.self_attention.submodules.core_attention = SDPAttention
+        shared_prefix_attention(spec)
+    return spec
+
+
+def shared_prefix_attention(spec):
+    """``spec`` (a GPT layer spec, local or transformer-engine) with the self-attention
+    that runs packed rows with shared prefixes (``SelfAttention`` otherwise)."""
+    from hpc_rlhf.models.attention import SharedPrefixSelfAttention
+
+    spec.submodules.self_attention.module = SharedPrefixSelfAttention
     return spec
 
 
