@@ -1028,6 +1028,12 @@ class PPOConfig:
     hf_export_dir: str | None = None  # write the final actor in HF format here
 
     @property
+    def groups_prompts(self) -> bool:
+        """Whether micro-batches keep a prompt's samples together: they share its tokens
+        when packed with ``share_prefixes``."""
+        return self.pack_sequences and self.share_prefixes
+
+    @property
     def score_micro_batch(self) -> int:
         """Rows per forward-only scoring micro-batch."""
         return self.score_micro_batch_size_per_rank or self.micro_batch_size_per_rank

@@ -83,9 +83,24 @@ class ExperienceBatch:
             values[f.name] = value[index] if isinstance(value, torch.Tensor) else value
         return ExperienceBatch(**values)
 
-    def length_order(self) -> torch.Tensor:
-        """Row indices sorted by real length (microbatches of similar lengths pad less)."""
-        return torch.argsort(self.attention_mask_BS.sum(dim=1), stable=True)
+    def length_order(self, by_prompt: bool = False) -> torch.Tensor:
+        """Row indices sorted by real length (microbatches of similar lengths pad less).
+        ``by_prompt``: the rows answering one prompt stay consecutive (so a packed
+        micro-batch runs their shared prompt once, ``models.packing``), prompts in the
+        order of their longest row, rows by length within one."""
+        lengths_B = self.attention_mask_BS.sum(dim=1)
+        if not by_prompt:
+            return torch.argsort(lengths_B, stable=True)
+        # the prompt is what precedes the first action position's label
+        prompt_B = (self.action_mask_BS.long().cumsum(dim=1) == 0).sum(dim=1) + 1
+        prompt_B = torch.minimum(prompt_B, lengths_B)
+        groups: dict[tuple[int, ...], list[int]] = {}
+        for b, (ids, n) in enumerate(zip(self.input_ids_BS.tolist(), prompt_B.tolist())):
+            groups.setdefault(tuple(ids[:n]), []).append(b)
+        lengths = lengths_B.tolist()
+        rows = [sorted(g, key=lambda b: lengths[b]) for g in groups.values()]
+        rows.sort(key=lambda g: lengths[g[-1]])
+        return torch.tensor([b for g in rows for b in g], dtype=torch.long)
 
     def microbatches(
         self, size: int, order: torch.Tensor | None = None, trim_multiple: int | None = None

@@ -387,7 +387,7 @@ class PPOTrainer:
     def _update_minibatch(self, mini: ExperienceBatch) -> dict[str, float]:
         p = self.cfg.ppo
         mbs = mini.microbatches(
-            p.micro_batch_size_per_rank, mini.length_order(), row_trim(self.state)
+            p.micro_batch_size_per_rank, mini.length_order(p.groups_prompts), row_trim(self.state)
         )
         ptx_mbs = self._ptx_microbatches(len(mbs), mini.input_ids_BS.shape[1])
         if self.state.pp_size > 1 and ptx_mbs:  # a pipeline's micro-batches share one shape

@@ -37,8 +37,9 @@ class ExperienceScorer:
     models: PPOModels = field(repr=False)
 
     def _scoring_batch(self, rollout: Rollout) -> tuple[ExperienceBatch, torch.Tensor, list]:
+        p = self.cfg.ppo
         return scoring_microbatches(
-            rollout, self.tokenizer.pad_id, self.state, self.cfg.ppo.score_micro_batch
+            rollout, self.tokenizer.pad_id, self.state, p.score_micro_batch, p.groups_prompts
         )
 
     def reward_scores(self, rollout: Rollout) -> torch.Tensor:

@@ -27,11 +27,14 @@ def row_trim(state: ParallelState) -> int | None:
     return state.sequence_multiple if state.pp_size == 1 else None
 
 
-def scoring_microbatches(rollout: Rollout, pad_id: int, state: ParallelState, rows: int):
-    """``rollout`` as an experience batch, its length order and its forward-only
+def scoring_microbatches(
+    rollout: Rollout, pad_id: int, state: ParallelState, rows: int, by_prompt: bool = False
+):
+    """``rollout`` as an experience batch, its length order (``by_prompt``: a prompt's
+    samples together, see ``ExperienceBatch.length_order``) and its forward-only
     micro-batches of ``rows`` rows (what ``infer_rows`` and ``score_rollout`` read)."""
     exp = build_experience(rollout, pad_id, state.sequence_multiple)
-    order = exp.length_order()
+    order = exp.length_order(by_prompt)
     return exp, order, exp.microbatches(rows, order, row_trim(state))
 
 
@@ -100,6 +103,7 @@ class PolicySampler:
         )
         self.engine = GenerationEngine(policy, model_cfg, state, generation.engine)
         self.score_micro_batch = score_micro_batch
+        self.by_prompt = pack and share_prefixes  # a prompt's samples share a micro-batch
         self.version = 0
 
     @classmethod
@@ -137,7 +141,7 @@ class PolicySampler:
             )
         self.engine.release_weights()
         exp, order, mbs = scoring_microbatches(
-            rollout, self.tokenizer.pad_id, self.state, self.score_micro_batch
+            rollout, self.tokenizer.pad_id, self.state, self.score_micro_batch, self.by_prompt
         )
         score_B = score_rollout(
             self.rewards, rollout, exp, mbs, order, self.tokenizer, self.state.dp_group

@@ -158,6 +158,24 @@ def test_experience_layout_puts_logprobs_on_action_positions():
     assert exp.labels_BS[1, 3].item() == 24 and exp.old_logp_BS[1, 3].item() == pytest.approx(-0.3)
 
 
+def test_length_order_by_prompt_keeps_a_prompts_samples_together():
+    # two prompts, three samples each, interleaved by length; a third prompt alone
+    prompts = [[2, 10, 11], [2, 12], [2, 10, 11], [2, 12], [2, 10, 11], [2, 12], [2, 13]]
+    responses = [[20] * n for n in (5, 1, 2, 7, 3, 2, 4)]
+    rollout = Rollout(
+        prompt_ids=prompts,
+        response_ids=responses,
+        response_logprobs=[[-0.1] * len(r) for r in responses],
+        finish_reasons=["length"] * 7,
+        prompt_index=[0, 1, 0, 1, 0, 1, 2],
+    )
+    exp = build_experience(rollout, pad_id=0)
+    lengths = [len(p) + len(r) for p, r in zip(prompts, responses)]
+    assert exp.length_order().tolist() == sorted(range(7), key=lambda b: lengths[b])
+    # prompts in the order of their longest sample (6, 8, 9 tokens), samples by length
+    assert exp.length_order(by_prompt=True).tolist() == [6, 2, 4, 0, 1, 5, 3]
+
+
 def _schulman_kl(logp: float, ref_logp: float, estimator: str) -> float:
     """Schulman's estimators of KL(q || p), one sample x of the policy q, r = p(x) / q(x)
     (http://joschu.net/blog/kl-approx.html): k1 = -log r, k2 = (log r)^2 / 2,

@@ -7,6 +7,8 @@ formulas themselves are tested in tests/algorithms/test_grpo_family.py."""
 
 from __future__ import annotations
 
+import dataclasses
+
 import pytest
 
 from tests.dist import run_world
@@ -70,3 +72,43 @@ def test_grpo_kl_in_the_loss_holds_the_policy_near_the_reference():
     assert "kl_loss" not in free[-1] and abs(held[0]["kl_loss"]) < 1e-6
     assert held[-1]["kl_loss"] > 0
     assert held[-1]["kl"] < 0.5 * free[-1]["kl"], (held[-1]["kl"], free[-1]["kl"])
+
+
+def _first_step(rank, world, cfg, share: bool):
+    """One PPO step with shared prefixes on or off; its metrics and the positions the
+    reference, the critic and the actor ran."""
+    import hpc_rlhf.trainer.trainable_model as trainable_model
+    from hpc_rlhf.trainer.ppo_run import build_trainer
+
+    trainable_model.SHARED_PREFIX_MIN_TOKENS = 4  # the toy prompts are a few tokens long
+    cfg = dataclasses.replace(cfg, ppo=dataclasses.replace(cfg.ppo, share_prefixes=share))
+    run, trainer = build_trainer(cfg)
+    try:
+        metrics = trainer.step()
+    finally:
+        run.close()
+    work = {
+        "reference": trainer.reference.work["infer_tokens"],
+        "critic": trainer.critic.work["train_tokens"],
+        "actor": trainer.actor.work["train_tokens"],
+    }
+    return metrics, work
+
+
+def test_a_prompts_samples_share_its_tokens_with_the_same_step():
+    """4 samples per prompt: with shared prefixes the reference, critic and actor passes
+    run each prompt once per micro-batch (10%+ fewer positions here), and the step's
+    metrics (KL to the reference, values, losses, gradient norms) are the unshared step's
+    to rounding. (Which rows share a micro-batch: tests/algorithms/test_rl_math.py.)"""
+    cfg = make_cfg(ppo={"steps": 1, "mini_batches_per_rollout": 1})
+    (whole, whole_work), (shared, shared_work) = (
+        run_world(_first_step, 1, cfg, share)[0] for share in (False, True)
+    )
+    for model in ("reference", "critic", "actor"):
+        assert shared_work[model] < 0.9 * whole_work[model], (model, shared_work, whole_work)
+    assert shared["reward_mean"] == whole["reward_mean"]  # the same rollouts
+    compared = [k for k in whole if not k.startswith(("time_", "tokens_per_s"))]
+    missing = {"kl", "value_mean", "pg_loss", "value_loss", "actor_grad_norm"} - set(compared)
+    assert not missing, (missing, compared)
+    for key in compared:
+        assert shared[key] == pytest.approx(whole[key], rel=1e-4, abs=1e-6), key
