@@ -110,8 +110,10 @@ class SharedPrefixSelfAttention(SelfAttention):
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
         self._stream: SharedPrefixSeqParams | None = None
-        # a hook, not a wrapper module: the core attention's state-dict keys stay megatron's
-        self.core_attention.register_forward_hook(self._collapse_stream)
+        # a hook, not a wrapper module: the core attention's state-dict keys stay megatron's;
+        # it reads the call's own packed_seq_params, so a recomputed core attention (megatron's
+        # selective recompute, after this forward returned) collapses the same way
+        self.core_attention.register_forward_hook(_collapse_stream, with_kwargs=True)
 
     def forward(self, hidden_states, attention_mask, *args, packed_seq_params=None, **kwargs):
         """``SelfAttention.forward``; q/k/v and the core attention's output go through the
@@ -136,7 +138,11 @@ class SharedPrefixSelfAttention(SelfAttention):
         index = self._stream.expand_index
         return (*(t.index_select(0, index) for t in qkv[:3]), *qkv[3:])
 
-    def _collapse_stream(self, module, args, output):
-        if self._stream is None:
-            return output
-        return output.index_select(0, self._stream.collapse_index)
+
+def _collapse_stream(module, args, kwargs, output):
+    """The core attention's output ``[T_stream, ...]`` -> ``[T, ...]`` (each packed
+    position's row of the attention stream) for a call with ``SharedPrefixSeqParams``."""
+    params = kwargs.get("packed_seq_params")
+    if not isinstance(params, SharedPrefixSeqParams):
+        return output
+    return output.index_select(0, params.collapse_index)
