@@ -460,6 +460,7 @@ class TrainConfig:
             ),
         )
         _non_negative(self, "train.", ("save_interval", "eval_interval"))
+        check_packing_runs(model, self.pack_sequences, "train.pack_sequences")
         if self.seq_length > model.max_position_embeddings:
             raise ConfigError(
                 f"train.seq_length={self.seq_length} exceeds "
@@ -1112,6 +1113,17 @@ class PPOConfig:
         return self.algorithm == "ppo_lag"
 
 
+def check_packing_runs(model: ModelConfig, pack: bool, key: str) -> None:
+    """Packed micro-batches (THD rows) need an attention that takes them: transformer-
+    engine's, or the local spec's with ``model.overrides.core_attention`` (megatron-core's
+    own ``DotProductAttention`` asserts on them at the first forward)."""
+    if pack and model.transformer_impl == "local" and not model.overrides.core_attention:
+        raise ConfigError(
+            f"{key}=true needs model.overrides.core_attention (megatron-core's local "
+            f"DotProductAttention takes no packed batches): set {key}=false or turn it on"
+        )
+
+
 def check_sequence_fits(cfg: Any, prompt_section: str = "data") -> None:
     """For a run that generates (``cfg`` with ``model``, ``parallel``, ``generation`` and
     a ``prompt_section`` with ``max_prompt_length``): the longest sequence (prompt +
@@ -1197,6 +1209,7 @@ class PPORunConfig:
         self.actor_optimizer.validate("actor_optimizer.")
         self.critic_optimizer.validate("critic_optimizer.")
         self.ppo.validate()
+        check_packing_runs(self.model, self.ppo.pack_sequences, "ppo.pack_sequences")
         self.generation.validate()
         self.reward.validate()
         self.data.validate()

@@ -141,6 +141,11 @@ def test_shipped_example_configs_load_and_fit_their_clusters():
         ),
         ("", ["optimizer.initial_loss_scale=inf"], r"optimizer.initial_loss_scale=inf"),
         ("", ["optimizer.hysteresis=0"], r"optimizer.hysteresis"),
+        (
+            "",
+            ["model.overrides.core_attention=false"],
+            r"train.pack_sequences=true needs model.overrides.core_attention",
+        ),
     ],
 )
 def test_bad_configs_name_the_key(tmp_path, text, overrides, match):
@@ -180,6 +185,20 @@ def test_score_micro_batch_defaults_to_the_training_one_and_is_checked(tmp_path)
     assert cfg.ppo.score_micro_batch == 16
     with pytest.raises(ConfigError, match="ppo.score_micro_batch_size_per_rank must be >= 1"):
         load_config(path, ["ppo.score_micro_batch_size_per_rank=-2"], PPORunConfig)
+
+
+def test_packing_without_an_attention_that_takes_it_is_refused_before_the_run(tmp_path):
+    """megatron-core's local DotProductAttention asserts on packed batches at the first
+    forward: the config names the two keys instead."""
+    from hpc_rlhf.config import PPORunConfig
+
+    rules = "reward:\n  rules:\n    - function: hpc_rlhf.algorithms.rule_rewards:target_token_fraction\n"
+    path = write(tmp_path, rules)
+    off = ["model.overrides.core_attention=false"]
+    with pytest.raises(ConfigError, match="ppo.pack_sequences=true needs model.overrides"):
+        load_config(path, off, PPORunConfig)
+    cfg = load_config(path, [*off, "ppo.pack_sequences=false"], PPORunConfig)
+    assert not cfg.ppo.pack_sequences
 
 
 def test_generation_section_reaches_every_engine_setting(tmp_path):
