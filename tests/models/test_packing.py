@@ -141,7 +141,8 @@ def _logp_loss(tp_group):
 
     def fn(batch, logits):
         logp_BS = logprobs_from_output(batch, logits, tp_group)
-        weights_BS = torch.linspace(0.5, 1.5, logp_BS.numel()).view_as(logp_BS)
+        n = logp_BS.numel()
+        weights_BS = torch.linspace(0.5, 1.5, n, device=logp_BS.device).view_as(logp_BS)
         loss = -(logp_BS * weights_BS * batch.head_mask_BS).sum()
         return loss, batch.head_mask_BS.sum(), {"logp": logp_BS.detach()}
 
@@ -158,7 +159,8 @@ def _end_score_loss(batch, scores_BS1):
     from hpc_rlhf.models.runner import last_token_mask
 
     end_B = scores_BS1.squeeze(-1)[last_token_mask(batch.attention_mask_BS)]
-    return (end_B * end_B).sum(), torch.tensor(end_B.numel()), {"end": end_B.detach()}
+    count = torch.tensor(end_B.numel(), device=end_B.device)
+    return (end_B * end_B).sum(), count, {"end": end_B.detach()}
 
 
 def _local_grads(model) -> dict[str, torch.Tensor]:

@@ -123,3 +123,31 @@ def test_a_nccl_rank_trains_and_generates_on_its_gpu_as_the_host_does():
     assert gpu[2] == {"cuda"} and cpu[2] == {"cpu"}
     assert gpu[0] == cpu[0]
     torch.testing.assert_close(torch.tensor(gpu[1]), torch.tensor(cpu[1]), rtol=1e-4, atol=0)
+
+
+def _on_host(value):
+    """``value`` (nested dicts of tensors) with every tensor copied to the host."""
+    if isinstance(value, dict):
+        return {key: _on_host(v) for key, v in value.items()}
+    return value.cpu() if isinstance(value, torch.Tensor) else value
+
+
+def _packed_and_shared_on_host(rank, world_size, parallel):
+    from tests.models.test_packing import _packed_vs_padded
+
+    return _on_host(_packed_vs_padded(rank, world_size, parallel))
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_packed_rows_with_shared_prefixes_match_the_padded_run_on_a_gpu():
+    """The packed and shared-prefix paths on the GPU's own attention (SDPA on the attention
+    stream) against the padded run there: log-probs, values, end scores and gradients, as
+    tests/models/test_packing.py checks them on the CPU."""
+    from tests.dist import run_world_on
+    from tests.models.test_packing import _assert_same
+    from tests.parallel.common import layout_parallel_config
+
+    parallel = layout_parallel_config(1, 1, None, False)
+    (out,) = run_world_on("nccl", _packed_and_shared_on_host, 1, parallel)
+    _assert_same(out)
