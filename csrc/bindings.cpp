@@ -171,6 +171,9 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         "causal attention within segments of [S, B, N, D] -> (out, row log-sum-exp [B, N, S])");
   m.def("causal_attention_bwd_cpu", &hpc_rlhf::causal_attention_bwd_cpu,
         "gradients (dq, dk, dv per query head) of causal_attention_fwd_cpu");
+  m.def("rmsnorm_fwd_cpu", &hpc_rlhf::rmsnorm_fwd_cpu,
+        "RMSNorm of rows [..., H] -> (y, fp32 rstd [rows])");
+  m.def("rmsnorm_bwd_cpu", &hpc_rlhf::rmsnorm_bwd_cpu, "gradients (dx, dweight) of RMSNorm");
   m.def("rope_cpu", &hpc_rlhf::rope_cpu,
         "rotate-half RoPE of [S, B, H, D] at table rows pos (transpose: its gradient)");
 #ifdef HPC_RLHF_WITH_CUDA

@@ -133,6 +133,13 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> causal_attention_bwd_cpu(
     const at::Tensor& lse, const at::Tensor& grad_out, const at::Tensor& cu_seqlens,
     double scale);
 
+std::tuple<at::Tensor, at::Tensor> rmsnorm_fwd_cpu(const at::Tensor& x, const at::Tensor& w,
+                                                   double eps);
+
+std::tuple<at::Tensor, at::Tensor> rmsnorm_bwd_cpu(const at::Tensor& x, const at::Tensor& w,
+                                                   const at::Tensor& rstd,
+                                                   const at::Tensor& grad_out);
+
 at::Tensor rope_cpu(const at::Tensor& t, const at::Tensor& cos, const at::Tensor& sin,
                     const at::Tensor& pos, bool transpose);
 

@@ -119,6 +119,7 @@ class MegatronOverrides:
 
     swiglu_mlp: bool = True  # local spec: fused SwiGLU MLP
     core_attention: bool = True  # local spec: fused causal attention, packed THD batches
+    fused_rmsnorm: bool = True  # local spec: RMSNorm as one fused op (ops.rms_norm)
     selective_outputs: bool = True  # LM head and last layer's MLP on the rows read only
     onednn_gemm: bool = True  # CPU: linear layers' GEMMs on oneDNN
     sparse_embedding_grad: bool = True  # CPU: sparse embedding weight gradients

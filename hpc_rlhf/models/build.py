@@ -22,7 +22,6 @@ import torch.nn.functional as F
 from hpc_rlhf.config import ModelConfig, ParallelConfig
 from hpc_rlhf.models import overrides, rotary
 from hpc_rlhf.models.heads import ScalarHead
-from hpc_rlhf.models.overrides.spec import TorchRMSNorm
 from hpc_rlhf.parallel.state import ParallelState, set_virtual_stage
 
 logger = logging.getLogger(__name__)
@@ -120,7 +119,9 @@ def _block_spec(model: ModelConfig, config, vp_stage: int | None, pp_rank: int):
     if model.transformer_impl == "transformer_engine":
         return layer
     n_layers = get_num_layers_to_build(config, vp_stage=vp_stage, pp_rank=pp_rank)
-    return TransformerBlockSubmodules(layer_specs=[layer] * n_layers, layer_norm=TorchRMSNorm)
+    return TransformerBlockSubmodules(
+        layer_specs=[layer] * n_layers, layer_norm=overrides.final_norm(model.overrides)
+    )
 
 
 def build_model(

@@ -4,6 +4,7 @@
 substitution             scope      what it replaces                                    module
 =======================  =========  ==================================================  ==========
 torch RMSNorm            spec       ``WrappedTorchNorm`` (refuses sequence parallel)    ``spec``
+``fused_rmsnorm``        spec       that norm, as one fused op (``ops.rms_norm``)       ``spec``
 ``swiglu_mlp``           spec       the local MLP's activation (``ops.swiglu``)         ``spec``
 ``core_attention``       spec       ``DotProductAttention`` (fused, packed THD), and    ``spec``
                                     ``SelfAttention`` (packed rows sharing prefixes;
@@ -52,8 +53,18 @@ def layer_spec(flags: MegatronOverrides, qk_norm: bool = False):
     from hpc_rlhf.models.overrides.spec import local_layer_spec
 
     return local_layer_spec(
-        swiglu_mlp=flags.swiglu_mlp, core_attention=flags.core_attention, qk_norm=qk_norm
+        swiglu_mlp=flags.swiglu_mlp,
+        core_attention=flags.core_attention,
+        qk_norm=qk_norm,
+        fused_rmsnorm=flags.fused_rmsnorm,
     )
+
+
+def final_norm(flags: MegatronOverrides):
+    """The local spec's final norm class (``fused_rmsnorm`` or torch's)."""
+    from hpc_rlhf.models.overrides.spec import norm_spec
+
+    return norm_spec(flags.fused_rmsnorm)
 
 
 def install_model_overrides(gpt: Any, flags: MegatronOverrides) -> OutputRows:

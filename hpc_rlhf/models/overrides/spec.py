@@ -3,6 +3,8 @@
 * ``torch_rmsnorm`` (always): megatron's ``WrappedTorchNorm`` refuses sequence parallelism;
   torch's ``RMSNorm`` with its parameters tagged ``sequence_parallel`` (megatron then sums
   their gradient over TP ranks) is exact under it.
+* ``fused_rmsnorm``: the norms run ``ops.rms_norm`` (one pass per row each way; torch's
+  CPU backward is a chain of element-wise ops) instead of ``torch.nn.RMSNorm``.
 * ``swiglu_mlp``: the MLP's gated activation as one fused op (``models.mlp.SwiGLUMLP``,
   ``ops.swiglu``).
 * ``core_attention``: the core attention runs fused and takes packed THD micro-batches
@@ -27,19 +29,47 @@ class TorchRMSNorm:
         return norm
 
 
-def local_layer_spec(swiglu_mlp: bool = True, core_attention: bool = True, qk_norm: bool = False):
+class FusedRMSNorm(torch.nn.Module):
+    """RMSNorm through ``ops.rms_norm`` as a megatron norm spec: ``torch.nn.RMSNorm``'s
+    parameter (``weight``, ones) and state-dict key, usable with sequence parallelism."""
+
+    def __init__(self, config, hidden_size: int, eps: float = 1e-5, **unused):
+        super().__init__()
+        self.eps = eps
+        self.weight = torch.nn.Parameter(torch.ones(hidden_size, dtype=config.params_dtype))
+        self.weight.sequence_parallel = config.sequence_parallel  # type: ignore[attr-defined]
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """``x`` ``[..., H]`` normalised over ``H`` and scaled by ``weight``."""
+        from hpc_rlhf.ops.rmsnorm import rms_norm
+
+        return rms_norm(x, self.weight, self.eps)
+
+
+def norm_spec(fused_rmsnorm: bool = True):
+    """The norm class of the local spec (``FusedRMSNorm`` or ``TorchRMSNorm``)."""
+    return FusedRMSNorm if fused_rmsnorm else TorchRMSNorm
+
+
+def local_layer_spec(
+    swiglu_mlp: bool = True,
+    core_attention: bool = True,
+    qk_norm: bool = False,
+    fused_rmsnorm: bool = True,
+):
     """megatron-core's local GPT layer spec with the substitutions switched on; with
-    ``qk_norm`` its per-head query and key norms are ``TorchRMSNorm`` too (megatron sums
+    ``qk_norm`` its per-head query and key norms are the spec's norm too (megatron sums
     their gradients over TP ranks: each rank normalises its own heads with the shared
     weight)."""
     from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_local_spec
 
     spec = get_gpt_layer_local_spec(normalization="RMSNorm", qk_layernorm=qk_norm)
-    spec.submodules.input_layernorm = TorchRMSNorm
-    spec.submodules.pre_mlp_layernorm = TorchRMSNorm
+    norm = norm_spec(fused_rmsnorm)
+    spec.submodules.input_layernorm = norm
+    spec.submodules.pre_mlp_layernorm = norm
     if qk_norm:
-        spec.submodules.self_attention.submodules.q_layernorm = TorchRMSNorm
-        spec.submodules.self_attention.submodules.k_layernorm = TorchRMSNorm
+        spec.submodules.self_attention.submodules.q_layernorm = norm
+        spec.submodules.self_attention.submodules.k_layernorm = norm
     if swiglu_mlp:
         from hpc_rlhf.models.mlp import SwiGLUMLP
 
