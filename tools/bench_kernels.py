@@ -158,7 +158,7 @@ def make_call(op: str, impl: str, mode: str, s: dict, device: str):
         return lambda: ops.masked_gae(r, v, mask, backend=impl)
     if op.startswith("causal_attention"):
         return _attention_call(op, impl, grad, s, device)
-    if op.startswith(("swiglu", "rope")):
+    if op.startswith(("swiglu", "rope", "rmsnorm")):
         return _elementwise_call(op, impl, grad, s, device)
     a, b, c, mask = _loss_inputs(s, device)
     x = a.clone().requires_grad_(grad)
@@ -181,9 +181,11 @@ def make_call(op: str, impl: str, mode: str, s: dict, device: str):
 
 
 def _elementwise_call(op: str, impl: str, grad: bool, s: dict, device: str):
-    """SwiGLU over [N, 2F] rows or RoPE over [N, 1, H, 64] (an MLP's and an attention's
-    activations of one micro-batch) in fp32 or bf16; the eager baseline is each op's torch
-    reference (megatron-core's unfused formula)."""
+    """SwiGLU over [N, 2F] rows, RoPE over [N, 1, H, 64] or RMSNorm over [N, 64 H] (an
+    MLP's, an attention's and a layer's activations of one micro-batch) in fp32 or bf16; the
+    eager baseline is megatron-core's unfused formula (``torch.nn.RMSNorm``'s
+    ``F.rms_norm`` for the norm, what the local spec ran before)."""
+    from hpc_rlhf.ops.rmsnorm import rms_norm
     from hpc_rlhf.ops.rope import rope, rope_reference
     from hpc_rlhf.ops.swiglu import swiglu, swiglu_reference
 
@@ -194,6 +196,15 @@ def _elementwise_call(op: str, impl: str, grad: bool, s: dict, device: str):
         x = torch.randn(s["N"], 2 * s["F"], generator=gen).to(dtype).to(device)
         tables: tuple = ()
         fn = swiglu_reference if impl == "eager" else partial(swiglu, backend=impl)
+    elif op.startswith("rmsnorm"):
+        width = 64 * s["H"]
+        x = torch.randn(s["N"], width, generator=gen).to(dtype).to(device)
+        weight = (1.0 + 0.1 * torch.randn(width, generator=gen)).to(dtype).to(device)
+        tables = (weight.requires_grad_(grad),)
+        if impl == "eager":
+            fn = partial(_eager_rms_norm, eps=1e-5)
+        else:
+            fn = partial(rms_norm, eps=1e-5, backend=impl)
     else:
         x = torch.randn(s["N"], 1, s["H"], 64, generator=gen).to(dtype).to(device)
         angles = torch.rand(s["N"], 64, generator=gen) * 6.0
@@ -210,6 +221,10 @@ def _elementwise_call(op: str, impl: str, grad: bool, s: dict, device: str):
         return out
 
     return run
+
+
+def _eager_rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    return torch.nn.functional.rms_norm(x, (x.shape[-1],), weight, eps)
 
 
 def _attention_call(op: str, impl: str, grad: bool, s: dict, device: str):
@@ -323,6 +338,10 @@ def floor_bytes(op: str, s: dict) -> dict[str, int] | None:
             return {"fwd": 3 * n * b, "fwd+bwd": 3 * n * b + 5 * n * b}
         n = s["N"] * s["H"] * 64  # t in, out; backward: g in, dt out (tables are small)
         return {"fwd": 2 * n * b, "fwd+bwd": 4 * n * b}
+    if op.startswith("rmsnorm"):  # x in, y out; backward: x, g in, dx out (weight small)
+        n = s["N"] * s["H"] * 64
+        b = 2 if op.endswith("bf16") else 4
+        return {"fwd": 2 * n * b, "fwd+bwd": 5 * n * b}
     per = s["LB"] * s["LT"] * (4 * 3 + 1 + 4)  # three fp32 inputs, mask, dcoef
     return {"fwd": per, "fwd+bwd": per + s["LB"] * s["LT"] * 8}
 
@@ -339,9 +358,15 @@ PLAN = [
     ("swiglu bf16", ("fwd", "fwd+bwd"), 10),
     ("rope fp32", ("fwd", "fwd+bwd"), 10),
     ("rope bf16", ("fwd", "fwd+bwd"), 10),
+    ("rmsnorm fp32", ("fwd", "fwd+bwd"), 10),
+    ("rmsnorm bf16", ("fwd", "fwd+bwd"), 10),
 ]
 # ops with a narrower backend set
-OP_BACKENDS = {"causal_attention": ("cpp", "torch"), "rope": ("cpp", "torch")}
+OP_BACKENDS = {
+    "causal_attention": ("cpp", "torch"),
+    "rope": ("cpp", "torch"),
+    "rmsnorm": ("cpp", "torch"),
+}
 
 
 def _fmt_mb(n: int) -> str:
