@@ -171,7 +171,7 @@ def test_first_step_of_every_paired_loss_is_the_papers_formula_on_transformers_l
     for cfg, (first, microbatches) in zip(cfgs, results):
         d = cfg.dpo
         beta = d.effective_beta()
-        total = chosen = accurate = 0.0
+        total = chosen = accurate = magnitude = 0.0
         samples = 0
         for mb in microbatches:
             pol, ref = _row_logps(policy, mb), _row_logps(reference, mb)
@@ -185,10 +185,15 @@ def test_first_step_of_every_paired_loss_is_the_papers_formula_on_transformers_l
                     rc, rr = beta * (c[0] - c[1]), beta * (r[0] - r[1])
                 chosen += weight * rc
                 accurate += weight * (rc > rr)
+                magnitude += weight * beta * (abs(c[0]) + abs(c[1]))
             samples += mb.n_samples
         label = f"{d.loss} {d.label_smoothing}"
         assert first["loss"] == pytest.approx(total / samples, rel=1e-5), label
-        assert first["rewards/chosen"] == pytest.approx(chosen / samples, rel=1e-4), label
+        # rewards/chosen is beta x a difference of two summed log-probs (each from its own
+        # fp32 kernels here and in transformers): its error scales with the terms, not with
+        # their (small, at step 0) difference
+        scale = magnitude / samples
+        assert first["rewards/chosen"] == pytest.approx(chosen / samples, abs=1e-6 * scale), label
         assert first["rewards/accuracies"] == pytest.approx(accurate / samples, abs=1e-6), label
 
 
