@@ -18,6 +18,8 @@ import logging
 
 import torch
 
+from hpc_rlhf.ops.rmsnorm import rms_norm
+
 
 class TorchRMSNorm:
     """torch ``RMSNorm`` as a megatron norm spec, usable with sequence parallelism."""
@@ -41,8 +43,6 @@ class FusedRMSNorm(torch.nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """``x`` ``[..., H]`` normalised over ``H`` and scaled by ``weight``."""
-        from hpc_rlhf.ops.rmsnorm import rms_norm
-
         return rms_norm(x, self.weight, self.eps)
 
 
